@@ -1,0 +1,9 @@
+"""edge-vlm: a quantized runtime for vision-language models on Jetson Orin and RTX GPUs."""
+
+from .errors import EdgeVLMError
+from .generate import GenerationConfig, GenerationStats
+from .loader import load_model
+from .session import ChatSession
+
+__all__ = ["load_model", "ChatSession", "GenerationConfig", "GenerationStats", "EdgeVLMError"]
+__version__ = "0.1.0"

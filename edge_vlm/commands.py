@@ -1,0 +1,161 @@
+"""The runtime's own subcommands: `chat` and `info`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+DEFAULT_MODEL = "Efficient-Large-Model/VILA1.5-3b"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model about images, video or text",
+                       description="Stream an answer to QUESTION, or open an interactive chat without one. "
+                                   "In the interactive chat: /image PATH attaches an image to the next question, "
+                                   "/video PATH a video, /reset starts over, /quit leaves.")
+    p.add_argument("question", nargs="?", help="the question; omit for an interactive chat")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
+    p.add_argument("--video", metavar="PATH", help="a video; --frames frames are sampled evenly from it")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
+    p.add_argument("--system", help="system prompt (default: the model's own)")
+    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (default: all)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same answer")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
+    _add_model_options(p)
+    p.add_argument("--quiet", action="store_true", help="do not print timing and memory after each answer")
+    p.set_defaults(func=run_chat)
+
+    p = sub.add_parser("info", help="architecture, parameters, quantization and memory of a model",
+                       description="Describe a model folder without loading its weights.")
+    p.add_argument("model", help="model folder or Hugging Face repo id")
+    p.add_argument("--max-context", type=int, default=4096, help="context to size the KV cache for (default 4096)")
+    p.set_defaults(func=run_info)
+
+
+def _add_model_options(p) -> None:
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
+                   help="compute dtype (default: float16 on GPU, float32 on CPU)")
+    p.add_argument("--max-context", type=int, help="context window in tokens (default: min(model limit, 4096))")
+    p.add_argument("--template", help="chat template: nemovision, vicuna_v1, llama_3, chatml (default: the model's)")
+
+
+def load_from_args(args):
+    import torch
+
+    from .loader import load_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    return load_model(args.model, device=args.device, dtype=dtype, max_context=args.max_context,
+                      template=args.template)
+
+
+def _gen_config(args):
+    from .generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+def _stream(session, question, images, video, args) -> None:
+    for piece in session.ask(question, images=images, video=video, frames=args.frames, gen=_gen_config(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if not args.quiet:
+        print(f"[{session.stats.summary()}]", file=sys.stderr)
+
+
+def run_chat(args) -> int:
+    from .errors import EdgeVLMError
+    from .preprocess import load_image
+    from .session import ChatSession
+
+    images = [load_image(p) for p in args.image]  # fail on a bad image before loading the model
+    if args.video and not Path(args.video).is_file():
+        raise EdgeVLMError(f"video not found: {args.video}")
+    model = load_from_args(args)
+    session = ChatSession(model, system=args.system)
+    if args.question is not None:
+        _stream(session, args.question, images, args.video, args)
+        return 0
+    return _interactive(session, images, args)
+
+
+def _interactive(session, images, args) -> int:
+    from .errors import EdgeVLMError
+
+    video = args.video
+    print("edge-vlm chat: /image PATH, /video PATH, /reset, /quit", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            session.reset()
+            images, video = [], None
+            print("(new conversation)", file=sys.stderr)
+            continue
+        if line.startswith("/image "):
+            try:
+                from .preprocess import load_image
+
+                images.append(load_image(line[7:].strip()))
+                print(f"(image attached: {len(images)} waiting for the next question)", file=sys.stderr)
+            except EdgeVLMError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        if line.startswith("/video "):
+            video = line[7:].strip()
+            continue
+        if line.startswith("/"):
+            print("commands: /image PATH, /video PATH, /reset, /quit", file=sys.stderr)
+            continue
+        try:
+            _stream(session, line, images, video, args)
+            images, video = [], None
+        except EdgeVLMError as e:  # the conversation goes on; the attachments are kept
+            print(f"error: {e}", file=sys.stderr)
+
+
+def run_info(args) -> int:
+    import torch
+
+    from .loader import load_model
+
+    model = load_model(args.model, device="meta", dtype=torch.float16, max_context=args.max_context,
+                       progress=False)
+    i, cfg = model.info, model.llm.cfg
+    mem = model.memory_estimate(args.max_context)
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    lines = [
+        f"model:         {i.path}",
+        f"layout:        {i.layout}",
+        f"language:      {cfg.arch}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}"
+        f"/{cfg.num_kv_heads} kv, vocab {cfg.vocab_size}, {i.params.get('llm', 0) / 1e6:.1f}M params",
+    ]
+    if model.vision is not None:
+        v = model.vision.cfg
+        lines.append(f"vision:        {v.arch}, {v.image_size}px, patch {v.patch_size}, {len(model.vision.layers)} "
+                     f"layers used, {i.params.get('vision', 0) / 1e6:.1f}M params")
+        lines.append(f"projector:     {i.projector}, {model.tokens_per_image} tokens per image, "
+                     f"{i.params.get('projector', 0) / 1e6:.1f}M params")
+    lines += [
+        f"quantization:  {i.quantization}",
+        f"chat template: {model.template.name}",
+        f"on disk:       {gib(i.weight_bytes)}",
+        f"memory (fp16): weights {gib(mem['weights'])} + KV cache {gib(mem['kv_cache'])} at "
+        f"{args.max_context} tokens = {gib(mem['total'])}",
+    ]
+    print("\n".join(lines))
+    return 0

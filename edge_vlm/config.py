@@ -1,0 +1,181 @@
+"""Model configuration: the few numbers our model code needs, read from Hugging Face configs.
+
+Each architecture's `config.json` spells things differently (`rope_theta` vs
+`rope_parameters`, `norm_eps` vs `rms_norm_eps`, ...); this module is the one place that
+knows those spellings, so the model code only sees plain dataclasses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UnsupportedModelError
+
+SUPPORTED_LLMS = ("llama", "qwen2", "nemotron")
+SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
+SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu", "mlp_downsample")
+
+
+@dataclass
+class LLMConfig:
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    partial_rotary_factor: float = 1.0
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def norm(self) -> str:
+        """`rms` for Llama/Qwen2, `layernorm1p` (LayerNorm with weight+1) for Nemotron."""
+        return "layernorm1p" if self.arch == "nemotron" else "rms"
+
+    @property
+    def mlp(self) -> str:
+        """`gated_silu` (gate/up/down) or `relu2` (Nemotron's up/down with squared ReLU)."""
+        return "relu2" if self.arch == "nemotron" else "gated_silu"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "LLMConfig":
+        arch = d.get("model_type")
+        if arch not in SUPPORTED_LLMS:
+            raise UnsupportedModelError(
+                f"unsupported language model type {arch!r}; supported: {', '.join(SUPPORTED_LLMS)}"
+            )
+        rope = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling") or None
+        if scaling is None and rope.get("rope_type", "default") != "default":
+            scaling = rope
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ("default", "linear", "llama3"):
+                raise UnsupportedModelError(f"unsupported RoPE scaling {kind!r}; supported: linear, llama3")
+            scaling = None if kind == "default" else {**scaling, "rope_type": kind}
+        heads = d["num_attention_heads"]
+        hidden = d["hidden_size"]
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        default_partial = 0.5 if arch == "nemotron" else 1.0
+        partial = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", default_partial))
+        if arch == "llama" and d.get("hidden_act", "silu") != "silu":
+            raise UnsupportedModelError(f"unsupported activation {d.get('hidden_act')!r} for llama")
+        return cls(
+            arch=arch,
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            norm_eps=d.get("norm_eps", d.get("rms_norm_eps", d.get("layer_norm_eps", 1e-5))),
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            rope_scaling=scaling,
+            partial_rotary_factor=float(partial),
+            qkv_bias=arch == "qwen2" or bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass
+class VisionConfig:
+    arch: str  # "siglip" or "clip"
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float
+    hidden_act: str
+    select_layer: int = -2
+    drop_cls: bool = False  # CLIP/LLaVA "patch": drop the CLS token
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def layers_used(self) -> int:
+        """How many encoder layers feed the selected hidden state (hidden_states[0] is the embedding)."""
+        n = self.select_layer if self.select_layer >= 0 else self.num_layers + 1 + self.select_layer
+        if not 0 <= n <= self.num_layers:
+            raise UnsupportedModelError(f"vision select layer {self.select_layer} out of range")
+        return n
+
+    @classmethod
+    def from_hf(cls, d: dict, select_layer: int = -2, select_feature: str = "patch") -> "VisionConfig":
+        kind = d.get("model_type")
+        if kind not in SUPPORTED_VISION:
+            raise UnsupportedModelError(
+                f"unsupported vision tower {kind!r}; supported: {', '.join(SUPPORTED_VISION)}"
+            )
+        arch = "siglip" if kind.startswith("siglip") else "clip"
+        return cls(
+            arch=arch,
+            image_size=d["image_size"],
+            patch_size=d["patch_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=d["num_attention_heads"],
+            layer_norm_eps=d.get("layer_norm_eps", 1e-5 if arch == "clip" else 1e-6),
+            hidden_act=d.get("hidden_act", "quick_gelu" if arch == "clip" else "gelu_pytorch_tanh"),
+            select_layer=select_layer,
+            drop_cls=arch == "clip" and select_feature in ("patch", "default"),
+        )
+
+
+@dataclass
+class ProjectorConfig:
+    kind: str  # "linear", "mlp2x_gelu", ... or "mlp_downsample"
+    in_dim: int
+    out_dim: int
+
+    @property
+    def depth(self) -> int:
+        if self.kind == "linear":
+            return 1
+        if self.kind == "mlp_downsample":
+            return 2
+        return int(self.kind[3:-6])  # "mlp{N}x_gelu"
+
+    def validate(self) -> None:
+        import re
+
+        if self.kind not in ("linear", "mlp_downsample") and not re.fullmatch(r"mlp\d+x_gelu", self.kind):
+            raise UnsupportedModelError(
+                f"unsupported projector {self.kind!r}; supported: linear, mlp2x_gelu (mlpNx_gelu), mlp_downsample"
+            )
+
+
+@dataclass
+class ImageConfig:
+    """How images are turned into pixel tensors (read from preprocessor_config.json)."""
+
+    size: int  # square side fed to the tower
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "resize"  # "resize" (square), "shortest_edge_crop" (CLIP), "pad" (LLaVA square pad)
+    shortest_edge: int | None = None
+    resample: int = 3  # PIL bicubic

@@ -1,0 +1,54 @@
+"""Video input: sample N frames evenly across a clip with OpenCV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import MediaError
+
+
+def sample_frames(path, num_frames: int = 8) -> list[Image.Image]:
+    """Return `num_frames` RGB frames spread evenly from first to last (fewer if the clip is shorter)."""
+    import cv2
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(f"video not found: {path}")
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            raise MediaError(f"cannot read video {path}: not a video or unsupported codec")
+        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+        if total <= 0:
+            frames = _read_all(cap)  # some containers do not report a frame count
+            if not frames:
+                raise MediaError(f"cannot read video {path}: it has no readable frames")
+            idx = np.linspace(0, len(frames) - 1, min(num_frames, len(frames))).round().astype(int)
+            return [frames[i] for i in idx]
+        idx = np.linspace(0, total - 1, min(num_frames, total)).round().astype(int)
+        frames = []
+        for i in idx:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, int(i))
+            ok, bgr = cap.read()
+            if not ok:
+                continue
+            frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+        if not frames:
+            raise MediaError(f"cannot read video {path}: no frame could be decoded")
+        return frames
+    finally:
+        cap.release()
+
+
+def _read_all(cap) -> list[Image.Image]:
+    import cv2
+
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            return frames
+        frames.append(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))

@@ -1,0 +1,83 @@
+"""The vision-language model: vision tower -> projector -> LLM, plus what it needs to talk
+(tokenizer, chat template, image preprocessing). A text-only LLM is the same object with
+no vision tower."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .chat_template import ChatTemplate
+from .config import ImageConfig
+from .llm import DecoderLM
+from .preprocess import preprocess
+from .projector import Projector
+from .tokenizer import Tokenizer
+from .vision import VisionTower
+
+
+@dataclass
+class ModelInfo:
+    """What `edge-vlm info` prints and the apps show."""
+
+    path: str
+    layout: str  # "vila", "llava", "llm"
+    llm_arch: str
+    vision_arch: str | None = None
+    projector: str | None = None
+    quantization: str = "none"
+    dtype: str = "float32"
+    device: str = "cpu"
+    params: dict[str, int] = field(default_factory=dict)
+    weight_bytes: int = 0
+
+
+class VisionLanguageModel:
+    def __init__(self, llm: DecoderLM, tokenizer: Tokenizer, template: ChatTemplate, info: ModelInfo,
+                 vision: VisionTower | None = None, projector: Projector | None = None,
+                 image_cfg: ImageConfig | None = None, max_context: int = 4096):
+        self.llm, self.tokenizer, self.template, self.info = llm, tokenizer, template, info
+        self.vision, self.projector, self.image_cfg = vision, projector, image_cfg
+        self.max_context = max_context
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.embed_tokens.weight.dtype
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.projector.num_tokens(self.vision.num_tokens) if self.vision else 0
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        ids = set(self.llm.cfg.eos_token_ids)
+        for text in [self.tokenizer.eos_token, *self.template.stop_strings]:
+            i = self.tokenizer.token_to_id(text) if text else None
+            if i is not None:
+                ids.add(i)
+        return ids
+
+    @torch.inference_mode()
+    def encode_images(self, images) -> torch.Tensor:
+        """Images -> LLM-space embeddings [N, tokens_per_image, hidden]."""
+        pixels = preprocess(images, self.image_cfg).to(self.device)
+        feats = self.vision(pixels.to(self.dtype))
+        return self.projector(feats)
+
+    def memory_estimate(self, max_context: int | None = None) -> dict[str, int]:
+        """Bytes needed: weights as loaded plus the KV cache at `max_context`."""
+        cfg = self.llm.cfg
+        ctx = max_context or self.max_context
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * self.dtype.itemsize
+        weights = sum(t.numel() * t.element_size() for m in (self.llm, self.vision, self.projector) if m is not None
+                      for t in {id(p): p for p in list(m.parameters()) + list(m.buffers())}.values())
+        return {"weights": weights, "kv_cache": kv, "total": weights + kv}
