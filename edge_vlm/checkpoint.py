@@ -164,3 +164,4 @@ def load_into(module: torch.nn.Module, store: TensorStore, rename, dtype: torch.
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"weights in {store.folder} lack {missing[0]}{more}: incomplete or wrong checkpoint")
     module.load_state_dict(state, strict=False, assign=True)
+    module.requires_grad_(False)  # inference only: no autograd bookkeeping

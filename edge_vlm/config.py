@@ -109,7 +109,7 @@ class VisionConfig:
     layer_norm_eps: float
     hidden_act: str
     select_layer: int = -2
-    drop_cls: bool = False  # CLIP/LLaVA "patch": drop the CLS token
+    drop_cls: bool = False  # "patch" / LLaVA "default": drop the first token (CLIP's CLS)
 
     @property
     def num_patches(self) -> int:
@@ -142,7 +142,7 @@ class VisionConfig:
             layer_norm_eps=d.get("layer_norm_eps", 1e-5 if arch == "clip" else 1e-6),
             hidden_act=d.get("hidden_act", "quick_gelu" if arch == "clip" else "gelu_pytorch_tanh"),
             select_layer=select_layer,
-            drop_cls=arch == "clip" and select_feature in ("patch", "default"),
+            drop_cls=select_feature in ("patch", "default"),
         )
 
 

@@ -94,7 +94,7 @@ class VisionTower(nn.Module):
 
     @property
     def num_tokens(self) -> int:
-        return self.cfg.num_patches + (0 if self.cfg.drop_cls or self.cfg.arch != "clip" else 1)
+        return self.cfg.num_patches + (1 if self.cfg.arch == "clip" else 0) - (1 if self.cfg.drop_cls else 0)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(pixels)

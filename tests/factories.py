@@ -189,8 +189,9 @@ def make_llava(folder: Path, text_kind: str = "nemotron", vision_kind: str = "cl
 
     text = llm_config(text_kind, **text_over)
     vis = vision_config(vision_kind, image_size=image_size)
+    strategy = "default" if vision_kind == "clip" else "full"  # llava-hf SigLIP models keep every patch
     cfg = LlavaConfig(vision_config=vis.to_dict(), text_config=text.to_dict(), image_token_index=VOCAB - 1,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+                      vision_feature_layer=-2, vision_feature_select_strategy=strategy)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
     _randomize(model, seed)

@@ -1,0 +1,147 @@
+"""End-to-end multimodal paths: VILA and LLaVA folders vs a composition of transformers modules,
+several images and video in one turn, and the multi-turn KV cache vs recomputation."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edge_vlm import ChatSession, GenerationConfig, load_model
+from edge_vlm.preprocess import preprocess
+from tests.factories import make_llava, make_vila
+from tests.test_vision_parity import reference_merge
+
+GREEDY = GenerationConfig(max_new_tokens=12, temperature=0)
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def random_image(seed: int, size=(57, 43)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("llm_kind,projector", [("llama", "mlp_downsample"), ("qwen2", "mlp2x_gelu"),
+                                                ("nemotron", "linear")])
+def test_vila_logits_match_transformers_composition(tmp_path, llm_kind, projector):
+    llm, vision, proj = make_vila(tmp_path / "m", llm_kind=llm_kind, projector=projector, seed=5)
+    ours = load_model(tmp_path / "m", device="cpu", progress=False)
+    img = random_image(1)
+    ids_a, ids_b = torch.tensor([[1, 40, 41, 42]]), torch.tensor([[43, 44, 45, 46, 47]])
+    with torch.no_grad():
+        pixels = preprocess([img], ours.image_cfg)
+        feats = vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        feats = proj(reference_merge(feats)) if projector == "mlp_downsample" else proj(feats)
+        emb = llm.get_input_embeddings()
+        expected = llm(inputs_embeds=torch.cat([emb(ids_a), feats, emb(ids_b)], 1)).logits
+        got_embeds = torch.cat([ours.llm.embed(ids_a), ours.encode_images([img]), ours.llm.embed(ids_b)], 1)
+        got = ours.llm(got_embeds, 0, ours.llm.new_cache(64), all_logits=True)
+    assert ours.tokens_per_image == feats.shape[1]
+    assert rel_err(got, expected) <= 1e-4
+
+
+@pytest.mark.parametrize("text_kind,vision_kind", [("nemotron", "clip"), ("llama", "siglip")])
+def test_llava_folder_matches_transformers_llava(tmp_path, text_kind, vision_kind):
+    ref = make_llava(tmp_path / "m", text_kind=text_kind, vision_kind=vision_kind, seed=2)
+    ours = load_model(tmp_path / "m", device="cpu", progress=False)
+    img = random_image(2)
+    n = ours.tokens_per_image
+    image_token = ref.config.image_token_index
+    ids_a, ids_b = [1, 40, 41], [43, 44, 45, 46]
+    with torch.no_grad():
+        pixels = preprocess([img], ours.image_cfg)
+        expected = ref(input_ids=torch.tensor([ids_a + [image_token] * n + ids_b]), pixel_values=pixels).logits
+        embeds = torch.cat([ours.llm.embed(torch.tensor([ids_a])), ours.encode_images([img]),
+                            ours.llm.embed(torch.tensor([ids_b]))], 1)
+        got = ours.llm(embeds, 0, ours.llm.new_cache(64), all_logits=True)
+    assert rel_err(got, expected) <= 1e-4
+
+
+def write_video(path, frames: int = 20, size=(64, 48)):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, size)
+    for i in range(frames):
+        frame = np.full((size[1], size[0], 3), (i * 12) % 256, dtype=np.uint8)
+        cv2.putText(frame, str(i), (5, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
+        writer.write(frame)
+    writer.release()
+    return path
+
+
+def test_several_images_and_video_in_one_turn(tiny_vila, tmp_path):
+    model = load_model(tiny_vila, device="cpu", progress=False)
+    session = ChatSession(model)
+    video = write_video(tmp_path / "clip.mp4")
+    text_only = ChatSession(model)
+    text_only.answer("Describe.", gen=GenerationConfig(max_new_tokens=1, temperature=0))
+    base = text_only.stats.prompt_tokens
+    session.answer("Describe.", images=[random_image(3), random_image(4)], video=video, frames=5, gen=GREEDY)
+    # each image adds its tokens plus the "<image>\n" text around it
+    per_image_text = len(model.tokenizer.encode("\n"))
+    assert session.stats.prompt_tokens == base + 7 * (model.tokens_per_image + per_image_text)
+    assert session.messages[0]["content"].count("<image>") == 7
+
+
+def test_images_are_placed_where_the_image_mark_stands(tiny_vila):
+    model = load_model(tiny_vila, device="cpu", progress=False)
+    session = ChatSession(model)
+    chunks, user = session.prompt_pieces("Compare <image> with <image> please", 2)
+    assert user["content"] == "Compare <image> with <image> please"
+    assert len(chunks) == 3 and model.tokenizer.decode(chunks[1]).strip() == "with"
+
+
+def test_multi_turn_cache_reuse_equals_recomputation(tiny_vila):
+    """Turn 2 runs only its own tokens on top of the cache; the logits it produces must equal a
+    from-scratch forward pass over everything fed so far."""
+    model = load_model(tiny_vila, device="cpu", progress=False)
+    session = ChatSession(model)
+    fed, produced = [], []
+    engine = session.engine
+    real_prefill, real_step = engine.prefill, engine.step
+
+    def prefill(embeds):
+        fed.append(embeds)
+        out = real_prefill(embeds)
+        produced.append((engine.position - 1, out))
+        return out
+
+    def step(token):
+        fed.append(model.llm.embed(torch.tensor([[token]])))
+        out = real_step(token)
+        produced.append((engine.position - 1, out))
+        return out
+
+    engine.prefill, engine.step = prefill, step
+    session.answer("What is this?", images=[random_image(5)], gen=GREEDY)
+    first_turn_end = engine.position
+    session.answer("And what colour is it?", gen=GREEDY)
+    assert session.stats.prompt_tokens < engine.position - first_turn_end + 2  # only the new turn was run
+    with torch.no_grad():
+        everything = torch.cat(fed, 1)
+        full = model.llm(everything, 0, model.llm.new_cache(everything.shape[1]), all_logits=True)[0]
+    for pos, logits in produced:
+        assert rel_err(logits, full[pos]) <= 1e-4
+
+
+def test_reset_starts_a_new_conversation(tiny_vila):
+    model = load_model(tiny_vila, device="cpu", progress=False)
+    session = ChatSession(model)
+    first = session.answer("Hello there", gen=GREEDY)
+    session.answer("More", gen=GREEDY)
+    session.reset()
+    assert session.answer("Hello there", gen=GREEDY) == first
+    assert len(session.messages) == 2
+
+
+def test_vila_config_fields_are_honoured(tmp_path):
+    make_vila(tmp_path / "m", seed=1)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["mm_vision_select_layer"] = -3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    model = load_model(tmp_path / "m", device="cpu", progress=False)
+    assert len(model.vision.layers) == 1  # 3-layer tower, hidden_states[-3] = after layer 1
