@@ -20,8 +20,11 @@ def sp_folder(tmp_path_factory):
     corpus.write_text("\n".join([CORPUS] * 30))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=384,
                                    model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0,
-                                   user_defined_symbols=["<extra_id_0>", "<extra_id_1>"], minloglevel=2)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+                                   user_defined_symbols=["<extra_id_0>", "<extra_id_1>"], minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    specials = {"3": {"content": "<extra_id_0>", "special": True}, "4": {"content": "<extra_id_1>", "special": True}}
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "added_tokens_decoder": specials}))
     return folder
 
 
