@@ -1,0 +1,107 @@
+"""Int4 weight layouts: AutoAWQ's GEMM layout (what checkpoints hold) -> ours (what kernels read).
+
+AutoAWQ GEMM layout (`WQLinear` buffers): `qweight` int32 [K, N/8], 8 output columns per
+int32 with nibble i holding column 8c + AWQ_ORDER[i]; `qzeros` int32 [K/G, N/8] packed the
+same way; `scales` fp16 [K/G, N]. Dequantized: w[k, n] = (q[k, n] - z[k//G, n]) * s[k//G, n].
+
+Ours (`Int4Weight`): transposed so that one output row's weights are contiguous along K:
+`qweight` int32 [N, K/8], nibble j of word w holding q[8w + j, n] in natural order. A block of
+output rows then reads BLOCK_K/2 contiguous bytes per row (16-byte vector loads, coalesced
+across the rows' threads), and the 8 nibbles of a word are 8 consecutive k, so one word
+multiplies 8 consecutive activations. Scales stay fp16 and zeros become uint8, both [N, K/G]
+so a row's group parameters are contiguous too. Repacking happens once, at load time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column 8c + AWQ_ORDER[i]
+
+
+@dataclass
+class Int4Weight:
+    qweight: torch.Tensor  # int32 [N, K/8]
+    scales: torch.Tensor  # fp16 [N, K/G]
+    zeros: torch.Tensor  # uint8 [N, K/G]
+    in_features: int  # K
+    out_features: int  # N
+    group_size: int  # G
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(self.qweight.to(device), self.scales.to(device), self.zeros.to(device),
+                          self.in_features, self.out_features, self.group_size)
+
+
+def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ-packed int32 [R, C/8] -> int32 values 0..15 of shape [R, C]."""
+    r, c8 = packed.shape
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * 4
+    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [R, C/8, 8], nibble i = column AWQ_ORDER[i]
+    out = torch.empty_like(nibbles)
+    out[..., list(AWQ_ORDER)] = nibbles
+    return out.reshape(r, c8 * 8)
+
+
+def pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """int values 0..15 [N, K] -> int32 [N, K/8], nibble j of word w = q[n, 8w + j]."""
+    n, k = q.shape
+    if k % 8:
+        raise ValueError(f"in_features {k} is not a multiple of 8")
+    q = q.to(torch.int32).reshape(n, k // 8, 8)
+    shifts = torch.arange(8, device=q.device, dtype=torch.int32) * 4
+    return _sum_nibbles(q, shifts)
+
+
+def _sum_nibbles(q: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    # OR of disjoint nibbles == their sum; do it in int64 and wrap into int32's range
+    words = (q.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_rows`: int32 [N, K/8] -> int32 values 0..15 [N, K]."""
+    n, k8 = packed.shape
+    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * 4
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(n, k8 * 8)
+
+
+def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
+    """AutoAWQ GEMM-layout buffers -> `Int4Weight` (same values, kernel-friendly layout)."""
+    q = unpack_awq(qweight)  # [K, N]
+    k, n = q.shape
+    z = unpack_awq(qzeros)[:, :n]  # [K/G, N]
+    return Int4Weight(pack_rows(q.t().contiguous()), scales[:, :n].t().contiguous().to(torch.float16),
+                      z.t().contiguous().to(torch.uint8), k, n, group_size)
+
+
+def from_ints(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
+    """Our layout straight from integer weights q [K, N], zeros and scales [K/G, N]."""
+    k, n = q.shape
+    return Int4Weight(pack_rows(q.t().contiguous()), scales.t().contiguous().to(torch.float16),
+                      zeros.t().contiguous().to(torch.uint8), k, n, group_size)
+
+
+def dequantize(w: Int4Weight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """The plain-torch meaning of the weight: [K, N] in `dtype`, (q - z) * s per group."""
+    q = unpack_rows(w.qweight).t().float()  # [K, N]
+    g = torch.arange(w.in_features, device=q.device) // w.group_size
+    s = w.scales.t().float()[g]
+    z = w.zeros.t().float()[g]
+    return ((q - z) * s).to(dtype)
+
+
+def concat_outputs(parts: list[Int4Weight]) -> Int4Weight:
+    """Stack several weights with the same K along N (e.g. gate and up into one matrix)."""
+    k, g = parts[0].in_features, parts[0].group_size
+    if any(p.in_features != k or p.group_size != g for p in parts):
+        raise ValueError("only weights with the same in_features and group_size can be concatenated")
+    return Int4Weight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]),
+                      torch.cat([p.zeros for p in parts]), k, sum(p.out_features for p in parts), g)

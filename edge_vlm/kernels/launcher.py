@@ -1,0 +1,86 @@
+"""One Triton kernel, two ways to run it: compiled on CUDA, interpreted on CPU tensors.
+
+Triton decides between JIT and interpreter when a function is decorated, from the
+TRITON_INTERPRET environment variable. Setting that variable for the tests would leak into
+everything imported afterwards, so instead each kernel is kept as a plain function and wrapped
+lazily, per device: `kernel.on(tensor.device)[grid](...)`. The interpreter then runs the very
+same kernel body on CPU tensors (slowly: tests use small shapes).
+
+Triton's own helpers (`tl.sum`, `tl.zeros`, ...) were decorated in JIT mode when Triton was
+imported, and a JIT function refuses to be called from Python. While (and only while) an
+interpreted kernel runs, `_jit_helpers_interpreted` lets such helpers run through the
+interpreter too; the patch is undone when the launch returns, so nothing outlives the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+_patch_lock = threading.Lock()
+
+
+class Kernel:
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self._compiled = None
+        self._interpreted = None
+
+    def on(self, device: torch.device | str):
+        if torch.device(device).type == "cpu":
+            if self._interpreted is None:
+                from triton.runtime.interpreter import InterpretedFunction
+
+                self._interpreted = _Interpreted(InterpretedFunction(self.fn))
+            return self._interpreted
+        if self._compiled is None:
+            import triton
+
+            self._compiled = triton.jit(self.fn)
+        return self._compiled
+
+
+def kernel(fn) -> Kernel:
+    """Decorator: a Triton kernel usable on CUDA (compiled) and CPU (interpreted) tensors."""
+    return Kernel(fn)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@contextlib.contextmanager
+def _jit_helpers_interpreted():
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    cache: dict = {}
+
+    def call(self, *args, **kwargs):
+        if self.fn not in cache:
+            cache[self.fn] = InterpretedFunction(self.fn)
+        return cache[self.fn](*args, **kwargs)
+
+    with _patch_lock:
+        saved = JITFunction.__call__
+        JITFunction.__call__ = call
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = saved
+
+
+class _Interpreted:
+    """`fn[grid](*args)` through the interpreter, with Triton's jitted helpers callable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            with _jit_helpers_interpreted():
+                return self.fn[grid](*args, **kwargs)
+        return launch
