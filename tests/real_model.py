@@ -28,6 +28,7 @@ def smollm2_folder() -> Path:
     """Build (once) and return the HF folder of SmolLM2-135M-Instruct."""
     out = CACHE / "smollm2-135m-instruct"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
+        _drop_gguf_marker(out)
         return out
     gguf = gguf_path()
     if gguf is None:
@@ -42,5 +43,16 @@ def smollm2_folder() -> Path:
     tmp = out.with_name(out.name + ".tmp")
     model.to(torch.float16).save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    _drop_gguf_marker(tmp)
     tmp.rename(out)
     return out
+
+
+def _drop_gguf_marker(folder: Path) -> None:
+    """The saved weights are plain fp16: remove the `quantization_config` (gguf) transformers carries over."""
+    import json
+
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        path.write_text(json.dumps(cfg, indent=2))

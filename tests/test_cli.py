@@ -1,0 +1,72 @@
+"""The `edge-vlm` command: one-shot and interactive chat, info, help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from edge_vlm.cli import main
+
+
+def test_chat_one_shot_streams_and_reports_stats(tiny_vila, tmp_path, capsys):
+    img = tmp_path / "cat.png"
+    from skimage import data
+
+    Image.fromarray(data.chelsea()).save(img)
+    code = main(["chat", "--model", str(tiny_vila), "--image", str(img), "--temperature", "0",
+                 "--max-new-tokens", "6", "What is this?"])
+    out, err = capsys.readouterr()
+    assert code == 0 and out.endswith("\n") and len(out) > 1
+    assert "time to first token" in err and "tok/s" in err and "peak memory" in err
+    code = main(["chat", "--model", str(tiny_vila), "--image", str(img), "--temperature", "0",
+                 "--max-new-tokens", "6", "--quiet", "What is this?"])
+    again, err = capsys.readouterr()
+    assert again == out and err == ""  # greedy is deterministic; --quiet hides the stats
+
+
+def test_seed_makes_sampling_reproducible(tiny_vila, capsys):
+    args = ["chat", "--model", str(tiny_vila), "--temperature", "1.0", "--max-new-tokens", "12", "--quiet"]
+    main(args + ["--seed", "3", "hi"])
+    a = capsys.readouterr().out
+    main(args + ["--seed", "3", "hi"])
+    assert capsys.readouterr().out == a
+
+
+def test_interactive_chat_commands(tiny_vila, tmp_path):
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(img)
+    script = f"/image {tmp_path / 'missing.png'}\n/image {img}\nWhat is it?\n/reset\nhello\n/bogus\n/quit\n"
+    proc = subprocess.run([sys.executable, "-m", "edge_vlm.cli", "chat", "--model", str(tiny_vila),
+                           "--temperature", "0", "--max-new-tokens", "4"], input=script, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "error: image not found" in proc.stderr  # a bad attachment does not end the chat
+    assert "(image attached: 1 waiting" in proc.stderr
+    assert "(new conversation)" in proc.stderr
+    assert proc.stderr.count("tok/s") == 2  # two answers
+    assert "commands: /image PATH" in proc.stderr
+
+
+def test_info_describes_without_loading(tiny_vila, capsys):
+    assert main(["info", str(tiny_vila), "--max-context", "1024"]) == 0
+    out = capsys.readouterr().out
+    for words in ["layout:        vila", "language:      llama, 2 layers", "vision:        siglip, 42px",
+                  "projector:     mlp_downsample, 4 tokens per image", "quantization:  none", "KV cache",
+                  "at 1024 tokens"]:
+        assert words in out, out
+
+
+def test_help_teaches(capsys):
+    try:
+        main(["chat", "--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    for flag in ["--image", "--video", "--temperature", "--top-p", "--seed", "--max-new-tokens", "--system",
+                 "/image PATH"]:
+        assert flag in out
+    assert main([]) == 2
+    assert "examples:" in capsys.readouterr().out
