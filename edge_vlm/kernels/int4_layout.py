@@ -24,7 +24,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column 8c
 @dataclass
 class Int4Weight:
     qweight: torch.Tensor  # int32 [N, K/8]
-    scales: torch.Tensor  # fp16 [N, K/G]
+    scales: torch.Tensor  # [N, K/G], the checkpoint's float dtype (fp16)
     zeros: torch.Tensor  # uint8 [N, K/G]
     in_features: int  # K
     out_features: int  # N
@@ -78,14 +78,14 @@ def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
     q = unpack_awq(qweight)  # [K, N]
     k, n = q.shape
     z = unpack_awq(qzeros)[:, :n]  # [K/G, N]
-    return Int4Weight(pack_rows(q.t().contiguous()), scales[:, :n].t().contiguous().to(torch.float16),
+    return Int4Weight(pack_rows(q.t().contiguous()), scales[:, :n].t().contiguous(),
                       z.t().contiguous().to(torch.uint8), k, n, group_size)
 
 
 def from_ints(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
     """Our layout straight from integer weights q [K, N], zeros and scales [K/G, N]."""
     k, n = q.shape
-    return Int4Weight(pack_rows(q.t().contiguous()), scales.t().contiguous().to(torch.float16),
+    return Int4Weight(pack_rows(q.t().contiguous()), scales.t().contiguous(),
                       zeros.t().contiguous().to(torch.uint8), k, n, group_size)
 
 

@@ -1,0 +1,66 @@
+"""CUDA-graph decode: the whole decode step recorded once, replayed per token.
+
+At batch 1 a decode step is ~10 small kernels per layer; launching them from Python costs more
+than running them. `CUDAGraphEngine` keeps the reference `Engine.prefill` (one call per prompt)
+and replaces `step`: it writes the token id and position into static device tensors and
+replays a graph of `FusedDecoder.forward`, whose kernels read the position from those tensors
+(rotary + KV write at `pos`, attention over `pos + 1` cached tokens). Nothing is allocated
+per token, and the static KV cache is the one prefill fills.
+
+Use `make_engine(llm, max_context)`: the graph engine on CUDA with Triton, the plain Engine
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .generate import Engine
+from .kernels import triton_available
+
+
+class CUDAGraphEngine(Engine):
+    def __init__(self, llm, max_context: int, warmup_steps: int = 2):
+        super().__init__(llm, max_context)
+        if self.cache.k.device.type != "cuda":
+            raise ValueError("CUDAGraphEngine needs a model on a CUDA device")
+        from .kernels.fused_decode import FusedDecoder
+
+        self.decoder = FusedDecoder(llm, self.cache)
+        self.warmup_steps = warmup_steps
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _capture(self) -> None:
+        # Warm-up runs compile the Triton kernels and settle the allocator; they compute the real
+        # step (same token, same position), so the cache slot they write is the correct one.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup_steps):
+                self.decoder.forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.decoder.forward()
+
+    @torch.inference_mode()
+    def step(self, token_id: int) -> torch.Tensor:
+        pos = self.cache.length
+        if pos >= self.cache.max_context:
+            raise ValueError(f"position {pos} exceeds the cache size {self.cache.max_context}")
+        self.decoder.token.fill_(token_id)
+        self.decoder.pos.fill_(pos)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        self.cache.length = pos + 1
+        return self.logits[0].clone()  # the graph's output buffer is overwritten by the next replay
+
+
+def make_engine(llm, max_context: int) -> Engine:
+    """The fastest engine for where `llm` lives."""
+    device = llm.embed_tokens.weight.device
+    if device.type == "cuda" and triton_available():
+        return CUDAGraphEngine(llm, max_context)
+    return Engine(llm, max_context)

@@ -1,0 +1,75 @@
+"""`optimize_for_device(model)`: pick the fast path for where the model lives.
+
+- CUDA with Triton: AWQ linears -> `TritonW4Linear` (W4A16 GEMV/GEMM), quantized MLPs -> fused
+  epilogue MLPs, norms -> fused norm kernels. Decode attention, rotary+KV write and the
+  residual-fused norms are used by the CUDA-graph decode step (edge_vlm.cuda_engine).
+- CPU: AWQ linears -> `CPUInt4Linear` (torch's int4 CPU matmul for decode-sized inputs, where it
+  measured faster than dequantize+matmul). Unquantized CPU models are left exactly as they are.
+- meta (or anything else): nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from . import triton_available
+from .modules import (CPUInt4Linear, TritonNorm, TritonReluSqMLP, TritonW4Linear, cpu_int4_available, gated_mlp,
+                      is_awq_linear)
+
+
+def choose_backend(device: torch.device) -> str | None:
+    if device.type == "cuda" and triton_available():
+        return "triton"
+    if device.type == "cpu":
+        return "cpu"
+    return None
+
+
+def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
+    """Swap modules of `model` (a VisionLanguageModel or a DecoderLM) in place for the fast path.
+
+    `backend` overrides the choice ("triton" on CPU runs the kernels through Triton's
+    interpreter: that is how the tests exercise them without a GPU). Returns how many modules
+    of each kind were swapped, and records the backend as `llm.kernel_backend`.
+    """
+    llm = getattr(model, "llm", model)
+    first = next(iter(llm.parameters()), None)
+    if first is None or first.device.type == "meta":
+        return {}
+    backend = backend or choose_backend(first.device)
+    counts: dict[str, int] = {}
+    if backend == "triton":
+        counts = _to_triton(llm)
+    elif backend == "cpu" and cpu_int4_available():
+        counts = _swap(llm, is_awq_linear, CPUInt4Linear, "cpu_int4_linear")
+    llm.kernel_backend = backend if counts or backend == "triton" else "torch"
+    return counts
+
+
+def _swap(root: nn.Module, match, make, label: str) -> dict[str, int]:
+    n = 0
+    for name, module in list(root.named_modules()):
+        if not name or not match(module):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, make(module))
+        n += 1
+    return {label: n} if n else {}
+
+
+def _to_triton(llm: nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for layer in getattr(llm, "layers", []):
+        mlp = layer.mlp
+        if getattr(mlp, "gated", False) and is_awq_linear(mlp.gate_proj) and is_awq_linear(mlp.up_proj):
+            layer.mlp = gated_mlp(mlp)
+            counts["fused_gated_mlp"] = counts.get("fused_gated_mlp", 0) + 1
+        elif not getattr(mlp, "gated", True) and is_awq_linear(mlp.up_proj):
+            down = TritonW4Linear.from_awq(mlp.down_proj) if is_awq_linear(mlp.down_proj) else mlp.down_proj
+            layer.mlp = TritonReluSqMLP(TritonW4Linear.from_awq(mlp.up_proj), down)
+            counts["fused_relu2_mlp"] = counts.get("fused_relu2_mlp", 0) + 1
+    counts.update(_swap(llm, is_awq_linear, TritonW4Linear.from_awq, "w4a16_linear"))
+    counts.update(_swap(llm, lambda m: type(m).__name__ in ("RMSNorm", "LayerNorm1P"), TritonNorm, "fused_norm"))
+    return counts
