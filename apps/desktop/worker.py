@@ -1,0 +1,146 @@
+"""The model lives in one worker thread; the window talks to it only through signals.
+
+Loading and generation take seconds to minutes, so they must never run on the UI thread.
+A request is a queued signal into this QObject (moved to a QThread); answer pieces come
+back as signals. Stop is a threading.Event the generator checks between tokens, so it is
+set directly from the UI thread and takes effect within one token.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from PySide6.QtCore import QObject, Signal, Slot
+
+from edge_vlm.errors import EdgeVLMError
+from edge_vlm.generate import GenerationConfig, GenerationStats
+
+
+@dataclass
+class LoadRequest:
+    path: str
+    device: str | None = None  # None: cuda when available
+    dtype: str | None = None  # "float16" ...; None: the device default
+    max_context: int | None = None
+    system: str | None = None
+
+
+@dataclass
+class AskRequest:
+    text: str
+    images: list = field(default_factory=list)  # PIL images / arrays
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+    regenerate: bool = False  # forget the last turn first, then ask it again
+    live: bool = False
+    tag: object = None  # handed back with the answer (e.g. the camera frame number)
+
+
+def readable_error(e: BaseException) -> str:
+    """One line a user can act on, for any failure in loading or generating."""
+    text = str(e)
+    if isinstance(e, EdgeVLMError):
+        return text
+    if isinstance(e, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text:
+        return ("out of memory: the model and its context do not fit; lower the context length, close other "
+                "programs, or use a 4-bit model")
+    first = text.splitlines()[0] if text else ""
+    return f"unexpected error ({type(e).__name__}): {first}"
+
+
+class ModelWorker(QObject):
+    loaded = Signal(object)  # the VisionLanguageModel (its .info is shown)
+    load_failed = Signal(str)
+    piece = Signal(str)  # a piece of the streaming answer
+    answered = Signal(object, object)  # GenerationStats, AskRequest
+    failed = Signal(str, object)  # message, AskRequest
+
+    def __init__(self):
+        super().__init__()
+        self.stop_event = threading.Event()
+        self.model = None
+        self.session = None
+        self._checkpoint = None  # the session state before the last question (for Regenerate)
+
+    def stop(self) -> None:
+        """Thread-safe: end the current answer after the token being computed."""
+        self.stop_event.set()
+
+    @Slot(object)
+    def load(self, req: LoadRequest) -> None:
+        import torch
+
+        from edge_vlm.loader import load_model
+        from edge_vlm.session import ChatSession
+
+        try:
+            self.session = self.model = None  # free the old model before loading the next one
+            model = load_model(req.path, device=req.device or None,
+                               dtype=getattr(torch, req.dtype) if req.dtype else None,
+                               max_context=req.max_context, progress=False)
+            session = ChatSession(model, system=req.system or None)
+            self.model, self.session, self._checkpoint = model, session, None
+            self.loaded.emit(model)
+        except BaseException as e:  # noqa: BLE001 - every failure becomes a message; the app keeps running
+            self.load_failed.emit(readable_error(e))
+
+    @Slot(object)
+    def ask(self, req: AskRequest) -> None:
+        try:
+            if self.session is None:
+                raise EdgeVLMError("no model loaded: pick a model folder and press Load")
+            s = self.session
+            if req.regenerate and self._checkpoint is not None:
+                self._rewind(*self._checkpoint)
+            before = (s.engine.position, len(s.messages), list(s.pending))
+            if not req.live:
+                self._checkpoint = before
+            self.stop_event.clear()
+            try:
+                for text in s.ask(req.text, images=req.images, gen=req.gen, stop_event=self.stop_event):
+                    self.piece.emit(text)
+            finally:
+                if req.live:  # each Live question stands alone: its frame must not fill the context
+                    self._rewind(*before)
+            self.answered.emit(s.stats, req)
+        except BaseException as e:  # noqa: BLE001
+            self.failed.emit(readable_error(e), req)
+
+    def _rewind(self, position: int, n_messages: int, pending: list[int]) -> None:
+        """Forget the last question and answer: the KV cache, the messages and the unfed tokens."""
+        s = self.session
+        s.engine.cache.truncate(position)
+        del s.messages[n_messages:]
+        s.pending = pending
+
+    @Slot(str)
+    def new_chat(self, system: str) -> None:
+        if self.session is not None:
+            self.session.reset()
+            self.session.system = system or None
+        self._checkpoint = None
+
+    @Slot()
+    def unload(self) -> None:
+        self.session = self.model = None
+
+
+def memory_in_use(device) -> str:
+    """VRAM allocated on CUDA; resident memory of the process on CPU."""
+    import torch
+
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        return f"VRAM {torch.cuda.memory_allocated(device) / 2**30:.2f} GiB"
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return f"RAM {rss / 2**30:.2f} GiB"
+
+
+__all__ = ["ModelWorker", "LoadRequest", "AskRequest", "readable_error", "memory_in_use", "GenerationStats"]
