@@ -1,0 +1,232 @@
+"""The desktop app's Qt-free parts: camera feed, saved conversations, Markdown, error messages, CLI."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from apps.desktop.camera import CameraError, CameraFeed, FakeCamera, OpenCVCamera
+from apps.desktop.conversation import Conversation
+from apps.desktop.render import markdown_to_html
+from edge_vlm.errors import EdgeVLMError, MediaError
+
+
+def write_video(path: Path, n: int, fps: int = 50) -> Path:
+    import cv2
+
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (128, 96))
+    assert out.isOpened()
+    for i in range(n):
+        out.write(FakeCamera.frame(i)[:, :, ::-1].copy())  # OpenCV writes BGR
+    out.release()
+    return path
+
+
+# ---- camera feed ---------------------------------------------------------------------------
+
+def test_feed_hands_out_only_the_newest_frame_and_counts_the_rest_as_dropped():
+    feed = CameraFeed(FakeCamera(fps=400))
+    feed.start()
+    try:
+        seen = []
+        deadline = time.monotonic() + 10
+        while len(seen) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # a slow consumer, like a model answering
+            seq, frame = feed.take()
+            if frame is not None:
+                # the frame handed out is the newest one captured, unaltered
+                assert FakeCamera.frame_number(frame) == seq - 1
+                assert np.array_equal(frame, FakeCamera.frame(seq - 1))
+                seen.append(seq)
+        assert len(seen) == 5
+        assert all(b > a + 1 for a, b in zip(seen, seen[1:]))  # frames in between were skipped
+    finally:
+        feed.stop()
+    assert not feed.running
+    seq, _ = feed.latest()
+    untaken = 0 if feed._taken_seq == seq else 1
+    assert feed.dropped + feed.taken + untaken == feed.captured  # nothing waits in a queue
+    assert feed.dropped > 10
+    feed.take()
+    assert feed.take() == (feed.captured, None)  # a frame is handed out once, never twice
+
+
+def test_feed_reports_a_camera_that_disappears():
+    feed = CameraFeed(FakeCamera(fps=200, unplug_after=3))
+    feed.start()
+    deadline = time.monotonic() + 10
+    while feed.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert feed.captured == 3
+    assert "Fake camera stopped delivering frames" in feed.error
+
+
+def test_feed_turns_a_driver_exception_into_a_message():
+    class Broken(FakeCamera):
+        def read(self):
+            raise OSError("VIDIOC_DQBUF: No such device")
+
+    feed = CameraFeed(Broken())
+    feed.start()
+    feed._thread.join(5)
+    assert feed.error == "Fake camera failed: VIDIOC_DQBUF: No such device"
+
+
+def test_opencv_camera_plays_a_video_file_in_real_time(tmp_path):
+    cam = OpenCVCamera(str(write_video(tmp_path / "clip.avi", 10, fps=50)))
+    cam.open()
+    t0 = time.monotonic()
+    frames = []
+    while (f := cam.read()) is not None:
+        frames.append(f)
+    elapsed = time.monotonic() - t0
+    cam.close()
+    assert len(frames) == 10
+    assert elapsed >= 0.15  # paced at 50 fps like a camera, not read as fast as the disk allows
+    for i, f in enumerate(frames):  # RGB order restored; MJPG is lossy, so compare on average
+        assert f.shape == (96, 128, 3)
+        assert np.abs(f.astype(int) - FakeCamera.frame(i).astype(int)).mean() < 8
+
+
+def test_opencv_camera_errors(tmp_path):
+    with pytest.raises(CameraError, match="video file not found"):
+        OpenCVCamera(str(tmp_path / "missing.mp4")).open()
+    (tmp_path / "junk.avi").write_bytes(b"not a video" * 10)
+    with pytest.raises(CameraError, match="cannot open video"):
+        OpenCVCamera(str(tmp_path / "junk.avi")).open()
+    with pytest.raises(CameraError, match="no camera found at index 9"):
+        OpenCVCamera(9).open()
+
+
+# ---- conversations --------------------------------------------------------------------------
+
+def sample_conversation() -> Conversation:
+    rng = np.random.default_rng(0)
+    conv = Conversation(model="/models/vila", system="Be brief.")
+    conv.add("user", "What is this?\nAnd that?", [rng.integers(0, 256, (30, 40, 3), dtype=np.uint8),
+                                                 rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)])
+    conv.add("assistant", "A **cat**.\n\n```python\nprint('<hi>')\n```", stats="12 tokens, TTFT 30 ms")
+    conv.add("user", "What do you see?", [rng.integers(0, 256, (10, 10, 3), dtype=np.uint8)], live=True)
+    conv.add("assistant", "A desk.", live=True)
+    return conv
+
+
+def test_save_and_load_round_trip(tmp_path):
+    conv = sample_conversation()
+    conv.save(tmp_path / "c")
+    back = Conversation.load(tmp_path / "c")
+    assert (back.model, back.system) == (conv.model, conv.system)
+    for a, b in zip(conv.turns, back.turns, strict=True):
+        assert (a.role, a.text, a.time, a.live, a.stats) == (b.role, b.text, b.time, b.live, b.stats)
+        assert len(a.images) == len(b.images)
+        for x, y in zip(a.images, b.images):
+            assert np.array_equal(np.asarray(x), np.asarray(y))  # PNG: lossless
+    assert sorted(p.name for p in (tmp_path / "c" / "images").iterdir()) == ["000-0.png", "000-1.png", "002-0.png"]
+
+    conv.turns = conv.turns[2:]  # saving again over the folder leaves no stale images
+    conv.save(tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c" / "images").iterdir()) == ["000-0.png"]
+    assert len(Conversation.load(tmp_path / "c" / "conversation.json").turns) == 2
+
+
+def test_load_errors_are_readable(tmp_path):
+    with pytest.raises(EdgeVLMError, match="no saved conversation"):
+        Conversation.load(tmp_path)
+    (tmp_path / "conversation.json").write_text("{not json")
+    with pytest.raises(EdgeVLMError, match="is not a saved conversation"):
+        Conversation.load(tmp_path)
+    (tmp_path / "conversation.json").write_text(json.dumps({"version": 99, "turns": []}))
+    with pytest.raises(EdgeVLMError, match="format version 1"):
+        Conversation.load(tmp_path)
+    sample_conversation().save(tmp_path / "c")
+    (tmp_path / "c" / "images" / "000-1.png").unlink()
+    with pytest.raises(MediaError, match="image not found"):
+        Conversation.load(tmp_path / "c")
+
+
+def test_export_markdown(tmp_path):
+    md = sample_conversation().export_markdown(tmp_path / "notes.md")
+    text = md.read_text()
+    assert "Model: `/models/vila`" in text and "System prompt: Be brief." in text
+    assert text.count("### You") == 2 and "### Assistant (live)" in text
+    assert "![image 2](notes_images/000-1.png)" in text and "![image 1](notes_images/002-0.png)" in text
+    assert "```python\nprint('<hi>')\n```" in text and "*12 tokens, TTFT 30 ms*" in text
+    assert Image.open(tmp_path / "notes_images" / "002-0.png").size == (10, 10)
+
+
+def test_answers_render_markdown_but_never_raw_html():
+    out = markdown_to_html("**bold** <script>x</script> & `<b>`\n\n```\nif a < b:\n```\n\n![x](file:///etc/passwd)")
+    assert "<strong>bold</strong>" in out
+    assert "<script>" not in out and "&lt;script&gt;" in out
+    assert "<code>&lt;b&gt;</code>" in out
+    assert "if a &lt; b:" in out and "&amp;lt;" not in out  # code escaped once, not twice
+    assert "<img" not in out  # a model cannot make the app load a file
+    assert "\x07" not in markdown_to_html("bell\x07")
+
+
+# ---- errors and CLI --------------------------------------------------------------------------
+
+def test_readable_error_messages():
+    import torch
+
+    from apps.desktop.worker import readable_error
+
+    try:  # a real allocator failure: 4 TiB cannot be had on any test machine
+        torch.empty(2**40, dtype=torch.float32)
+    except RuntimeError as e:
+        cpu_oom = e
+    assert readable_error(cpu_oom).startswith("out of memory: ")
+    assert readable_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")).startswith(
+        "out of memory: ")
+    assert readable_error(MediaError("image not found: x.png")) == "image not found: x.png"
+    assert readable_error(ValueError("bad\nsecond line")) == "unexpected error (ValueError): bad"
+
+
+def test_app_subcommand_help(capsys):
+    from edge_vlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["app", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--camera" in out and "--model" in out and "pip install 'edge-vlm[app]'" in out
+
+
+def test_app_command_opens_loads_and_starts_the_camera(qapp, tmp_path, tiny_vila):
+    """`edge-vlm app --model DIR --camera FILE` end to end; the window is closed once both are up."""
+    from PySide6.QtCore import QSettings, QTimer
+
+    from apps.desktop.window import MainWindow
+    from edge_vlm.cli import main
+
+    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    video = write_video(tmp_path / "clip.avi", 200)
+    seen = {}
+
+    def check():
+        wins = [w for w in qapp.topLevelWidgets() if isinstance(w, MainWindow)]
+        if wins and wins[0].model is not None and wins[0].feed is not None and wins[0].feed.captured > 0:
+            seen["info"] = wins[0].model_panel.info.text()
+            wins[0].close()
+            qapp.quit()
+        elif time.monotonic() > deadline:
+            for w in wins:
+                seen["error"] = w.error.text()
+                w.close()
+            qapp.quit()
+
+    deadline = time.monotonic() + 20
+    timer = QTimer(interval=20)
+    timer.timeout.connect(check)
+    timer.start()
+    code = main(["app", "--model", str(tiny_vila), "--camera", str(video), "--device", "cpu"])
+    timer.stop()
+    assert code == 0
+    assert "error" not in seen, seen
+    assert "siglip" in seen["info"]
