@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .awq_format import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
 from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
 from .config import LLMConfig, ProjectorConfig, VisionConfig
@@ -162,8 +163,7 @@ def _quant_name(q: dict | None) -> str:
 
 def _load_text_only(folder: Path, top: dict, dtype, device, show) -> VisionLanguageModel:
     cfg = _llm_config(top)
-    store = TensorStore(folder)
-    q = top.get("quantization_config")
+    store, q = open_llm_store(folder, top.get("quantization_config"))
     llm = load_llm(store, cfg, dtype, device, progress=_progress("loading LLM", show), quantization=q)
     tok = Tokenizer(folder)
     info = ModelInfo(str(folder), "llm", cfg.arch, quantization=_quant_name(q),
@@ -183,8 +183,7 @@ def _load_vila(folder: Path, top: dict, dtype, device, show) -> VisionLanguageMo
     pcfg_json = read_json(folder / "mm_projector" / "config.json")
     pcfg = ProjectorConfig(pcfg_json.get("mm_projector_type", top.get("mm_projector_type", "linear")),
                            top.get("mm_hidden_size", vcfg.hidden_size), cfg.hidden_size)
-    llm_store = TensorStore(folder / "llm")
-    q = llm_top.get("quantization_config")
+    llm_store, q = open_llm_store(folder / "llm", llm_top.get("quantization_config"))
     llm = load_llm(llm_store, cfg, dtype, device, progress=_progress("loading LLM", show), quantization=q)
     vstore, pstore = TensorStore(folder / "vision_tower"), TensorStore(folder / "mm_projector")
     vision = _build(VisionTower, vcfg)

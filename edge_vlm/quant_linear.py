@@ -1,0 +1,89 @@
+"""`WQLinear`: a 4-bit weight-only linear layer in the AutoAWQ GEMM layout, in plain torch.
+
+It is the reference every fast int4 kernel is tested against, and the CPU fallback. Its
+state-dict names and shapes are exactly AutoAWQ's (`qweight`, `qzeros`, `scales`, `bias`),
+so checkpoints load by name; GPU backends swap these modules for their own at load time and
+rely on the attributes in_features, out_features, group_size and w_bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .awq_format import dequantize_gemm
+from .errors import UnsupportedModelError
+
+
+class WQLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int, w_bit: int = 4,
+                 bias: bool = False, device=None, dtype: torch.dtype = torch.float16):
+        super().__init__()
+        if w_bit != 4:
+            raise UnsupportedModelError(f"only 4-bit AWQ weights are supported, not {w_bit}-bit")
+        if in_features % group_size or out_features % 8:
+            raise UnsupportedModelError(
+                f"a {in_features}->{out_features} layer cannot hold AWQ group-{group_size} weights "
+                f"(in_features must be a multiple of the group size, out_features of 8)")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.w_bit = group_size, w_bit
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as nn.Linear stores it: [out_features, in_features]."""
+        return dequantize_gemm(self.qweight, self.qzeros, self.scales, self.group_size).t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = dequantize_gemm(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
+        out = x @ w
+        return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bit={self.w_bit}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def quant_settings(qcfg: dict) -> tuple[int, int, list[str]]:
+    """(bits, group_size, modules_to_not_convert) from a `quantization_config` block."""
+    method = str(qcfg.get("quant_method", "awq")).lower()
+    if method != "awq":
+        raise UnsupportedModelError(f"unsupported quantization method {method!r}; supported: awq")
+    version = str(qcfg.get("version", "gemm")).lower()
+    if version != "gemm":
+        raise UnsupportedModelError(f"unsupported AWQ layout {version!r}; supported: gemm")
+    if qcfg.get("zero_point", True) is False:
+        raise UnsupportedModelError("AWQ checkpoints without zero points are not supported")
+    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
+    group = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
+    skip = list(qcfg.get("modules_to_not_convert") or [])
+    return bits, group, skip
+
+
+def prepare_quantized(llm: nn.Module, qcfg: dict) -> list[str]:
+    """Swap the quantized nn.Linear modules of `llm` for WQLinear (before the weights load).
+
+    Every linear inside the decoder layers is converted unless its name contains an entry of
+    modules_to_not_convert; lm_head stays 16-bit (AutoAWQ never quantizes it). Returns the
+    names converted.
+    """
+    bits, group, skip = quant_settings(qcfg)
+    ref = next(iter(llm.parameters()), None)
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float16
+    converted = []
+    for name, module in list(llm.named_modules()):
+        if not isinstance(module, nn.Linear) or name == "lm_head" or any(s and s in name for s in skip):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = llm.get_submodule(parent_name) if parent_name else llm
+        q = WQLinear(module.in_features, module.out_features, group, bits, module.bias is not None,
+                     device=module.weight.device, dtype=dtype)
+        setattr(parent, child, q)
+        converted.append(name)
+    return converted

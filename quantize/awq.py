@@ -1,0 +1,341 @@
+"""Activation-aware weight quantization (AWQ) of one decoder layer, and the RTN baseline.
+
+Why it works: a few input channels carry much larger activations than the rest; their weights
+matter most, yet round-to-nearest spends the same precision on them. Multiplying those weight
+columns by s > 1 (and dividing the activations by s, folded into the op before) shrinks their
+relative rounding error. The scale per channel is s = mean|x|^a / mean|w|^(1-a), with a picked
+from a grid by the error of the block's output on calibration data. Then each group's range is
+clipped (shrunk) where that lowers the output error, and the weights are rounded.
+
+Folding is exact in 16-bit: norm -> q,k,v; v -> o (per KV head, so it also works with grouped
+query attention); post-attention norm -> gate,up; up -> down (through Nemotron's squared ReLU
+the up rows take sqrt(s), since relu(u/t)^2 = relu(u)^2 / t^2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edge_vlm.config import LLMConfig
+from edge_vlm.kv_cache import StaticKVCache
+from edge_vlm.llm import DecoderLayer, LayerNorm1P
+from edge_vlm.rotary import rope_tables
+
+from .groupwise import QuantizedWeight, fake_quantize, quantize_weight
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # q·k products amplify clipping errors
+
+
+@dataclass
+class AWQOptions:
+    group_size: int = 128
+    bits: int = 4
+    n_grid: int = 20           # scale exponents a = 0, 1/20, ..., 19/20
+    duo_scaling: bool = True   # divide by the weight term mean|w|^(1-a)
+    clip: bool = True
+    clip_grid: int = 20        # shrink ratios 1, 0.95, ... down to 1 - max_shrink
+    max_shrink: float = 0.5
+    search_tokens: int = 4096  # calibration tokens kept for the scale search loss
+    clip_tokens: int = 512     # of which used for the clipping search
+    batch_tokens: int = 4096   # tokens per forward pass through the layer
+
+
+def layer_linears(layer: DecoderLayer) -> dict[str, nn.Linear]:
+    return {n: layer.get_submodule(n) for n in LINEARS if _has(layer, n)}
+
+
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+class LayerRunner:
+    """Runs one decoder layer on full calibration sequences (fresh cache, causal mask)."""
+
+    def __init__(self, cfg: LLMConfig, seqlen: int, device):
+        self.cfg, self.seqlen, self.device = cfg, seqlen, device
+        self.cos, self.sin = rope_tables(cfg, seqlen, device)
+        pos = torch.arange(seqlen, device=device)
+        self.mask = pos[None, :] <= pos[:, None]
+
+    @torch.no_grad()
+    def __call__(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        cache = StaticKVCache(1, self.cfg.num_kv_heads, t, self.cfg.head_dim, x.dtype, x.device, batch=b)
+        return layer(x, self.cos[:t], self.sin[:t], cache, 0, 0, self.mask[:t, :t])
+
+
+def _batches(n: int, seqlen: int, batch_tokens: int):
+    bs = max(1, batch_tokens // seqlen)
+    for i in range(0, n, bs):
+        yield slice(i, min(n, i + bs))
+
+
+class _Capture:
+    """Forward-hook state for one linear's input: running mean|x| and a token subsample."""
+
+    def __init__(self, per_batch: int, seed: int):
+        self.abs_sum, self.count, self.rows = None, 0, []
+        self.per_batch, self.gen = per_batch, torch.Generator().manual_seed(seed)
+
+    def __call__(self, module, args, output):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        s = x.float().abs().sum(0)
+        self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
+        self.count += x.shape[0]
+        idx = torch.randperm(x.shape[0], generator=self.gen)[: self.per_batch].to(x.device)
+        self.rows.append(x[idx].float())
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def _capture_inputs(layer, runner, x_all, opts: AWQOptions):
+    """Run the 16-bit layer; return its outputs and the inputs seen by each linear group."""
+    n, t, _ = x_all.shape
+    batches = list(_batches(n, t, opts.batch_tokens))
+    per_batch = -(-opts.search_tokens // len(batches))
+    lin = layer_linears(layer)
+    first_mlp = "mlp.gate_proj" if "mlp.gate_proj" in lin else "mlp.up_proj"
+    caps = {k: _Capture(per_batch, seed=i) for i, k in
+            enumerate(("self_attn.q_proj", "self_attn.o_proj", first_mlp, "mlp.down_proj"))}
+    hooks = [lin[k].register_forward_hook(c) for k, c in caps.items()]
+    out = torch.empty_like(x_all)
+    try:
+        for sl in batches:
+            out[sl] = runner(layer, x_all[sl])
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, {"attn": caps["self_attn.q_proj"], "o": caps["self_attn.o_proj"],
+                 "mlp": caps[first_mlp], "down": caps["mlp.down_proj"]}
+
+
+def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per input channel: mean over output rows of |w| relative to its group's max |w|."""
+    w = torch.cat(weights).float()
+    g = w.view(w.shape[0], -1, group_size).abs()
+    g = g / g.amax(-1, keepdim=True).clamp(min=1e-8)
+    return g.view(w.shape).mean(0)
+
+
+def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor],
+                  block: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], opts: AWQOptions,
+                  tie: Callable[[torch.Tensor], torch.Tensor] = lambda v: v) -> tuple[torch.Tensor, float, float]:
+    """The per-input-channel scale s minimising |block(x, Q(W*s)/s) - block(x, W)|^2.
+
+    Returns (s, best loss, loss with s = 1, i.e. plain rounding). `tie` averages statistics over
+    channels that must share one scale (GQA heads reading the same value channels).
+    """
+    ws = [w.float() for w in weights]
+    with torch.no_grad():
+        ref = block(x, ws)
+        x_stat = tie(x_mean.float()).clamp(min=1e-8)
+        w_stat = tie(_weight_mean(ws, opts.group_size)).clamp(min=1e-8)
+
+        def loss_of(s):
+            q = [fake_quantize(w * s, opts.group_size, opts.bits) / s for w in ws]
+            return float((block(x, q) - ref).pow(2).mean())
+
+        ones = torch.ones_like(x_stat)
+        best_s, best = ones, loss_of(ones)
+        rtn = best
+        for i in range(opts.n_grid):
+            a = i / opts.n_grid
+            s = x_stat.pow(a) / w_stat.pow(1 - a) if opts.duo_scaling else x_stat.pow(a)
+            s = s.clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            loss = loss_of(s)
+            if loss < best:
+                best, best_s = loss, s
+    return best_s, best, rtn
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) range [lo, hi] minimising the group's output error |x_g·(w_g - Q(w_g))|^2."""
+    g = opts.group_size
+    w = w.float()
+    n, k = w.shape
+    xg = x[: opts.clip_tokens].float().view(-1, k // g, g)  # [T, groups, G]
+    wg = w.view(n, k // g, g)
+    lo_all, hi_all = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    best_lo, best_hi = lo_all.clone(), hi_all.clone()
+    rows = max(1, (1 << 24) // max(1, (k // g) * xg.shape[0]))  # bound the [rows, groups, T] buffers
+    with torch.no_grad():
+        for r0 in range(0, n, rows):
+            sl = slice(r0, min(n, r0 + rows))
+            ref = torch.einsum("tgc,ngc->ngt", xg, wg[sl])
+            best_err = torch.full(ref.shape[:2], float("inf"), device=w.device)
+            for i in range(int(opts.max_shrink * opts.clip_grid)):
+                ratio = 1 - i / opts.clip_grid
+                lo, hi = lo_all[sl] * ratio, hi_all[sl] * ratio
+                q = fake_quantize(w[sl], g, opts.bits, lo, hi).view(-1, k // g, g)
+                err = (torch.einsum("tgc,ngc->ngt", xg, q) - ref).pow(2).mean(-1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_lo[sl] = torch.where(better, lo, best_lo[sl])
+                best_hi[sl] = torch.where(better, hi, best_hi[sl])
+    return best_lo, best_hi
+
+
+# ------------------------------------------------------------------ folding scales into weights
+
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.data.copy_(value.to(param.dtype))
+
+
+def fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
+    """norm(x) / s: RMSNorm scales its weight; LayerNorm1P's effective weight is (w + 1)."""
+    if isinstance(norm, LayerNorm1P):
+        _set(norm.weight, (norm.weight.float() + 1) / s - 1)
+        _set(norm.bias, norm.bias.float() / s)
+    else:
+        _set(norm.weight, norm.weight.float() / s)
+
+
+def fold_into_linear_rows(linear: nn.Linear, s: torch.Tensor) -> None:
+    """linear(x) / s: divide output rows (and bias) by s."""
+    _set(linear.weight, linear.weight.float() / s[:, None])
+    if linear.bias is not None:
+        _set(linear.bias, linear.bias.float() / s)
+
+
+def scale_columns(linears: list[nn.Linear], s: torch.Tensor) -> None:
+    for lin in linears:
+        _set(lin.weight, lin.weight.float() * s[None, :])
+
+
+# ------------------------------------------------------------------ one layer
+
+@dataclass
+class LayerResult:
+    weights: dict[str, QuantizedWeight]  # linear name -> integers, zeros, scales
+    loss: float                          # |out_q - out_fp|^2 / |out_fp - x|^2 over the calibration set
+    rtn_search_loss: float = 0.0         # sum over blocks of the search loss with s = 1
+    awq_search_loss: float = 0.0         # ... with the chosen scales
+
+
+def _gqa_tie(cfg: LLMConfig):
+    rep, hd = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+
+    def tie(v: torch.Tensor) -> torch.Tensor:
+        return v.view(cfg.num_kv_heads, rep, hd).mean(1, keepdim=True).expand(-1, rep, -1).reshape(-1)
+    return tie
+
+
+def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor, runner: LayerRunner,
+                       opts: AWQOptions) -> tuple[LayerResult, torch.Tensor]:
+    """AWQ one layer in place (scales folded, weights replaced by their dequantized values).
+
+    Returns the result and the layer's outputs with quantized weights (the next layer's input).
+    """
+    fp_out, caps = _capture_inputs(layer, runner, x_all, opts)
+    attn, mlp = layer.self_attn, layer.mlp
+    gated = mlp.gated
+    rtn_total = awq_total = 0.0
+
+    def linear_block(x, ws):
+        return torch.cat([x @ w.t() for w in ws], dim=-1)
+
+    # 1. input norm -> q, k, v
+    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    s, best, rtn = search_scales(caps["attn"].sample, caps["attn"].mean, [m.weight for m in qkv], linear_block, opts)
+    fold_into_norm(layer.input_layernorm, s)
+    scale_columns(qkv, s)
+    x_attn = caps["attn"].sample / s
+    awq_total, rtn_total = awq_total + best, rtn_total + rtn
+
+    # 2. v -> o, one scale per value channel shared by the query heads that read it
+    tie = _gqa_tie(cfg)
+    s, best, rtn = search_scales(caps["o"].sample, caps["o"].mean, [attn.o_proj.weight], linear_block, opts, tie)
+    s_v = s.view(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1)
+    fold_into_linear_rows(attn.v_proj, s_v)
+    scale_columns([attn.o_proj], s)
+    x_o = caps["o"].sample / s
+    awq_total, rtn_total = awq_total + best, rtn_total + rtn
+
+    # 3. post-attention norm -> gate, up (the whole MLP is the block: the nonlinearity matters)
+    down_w = mlp.down_proj.weight.float()
+    up_b = mlp.up_proj.bias.float() if mlp.up_proj.bias is not None else None
+    if gated:
+        gate_b = mlp.gate_proj.bias.float() if mlp.gate_proj.bias is not None else None
+
+        def mlp_block(x, ws):
+            g, u = x @ ws[0].t(), x @ ws[1].t()
+            if gate_b is not None:
+                g, u = g + gate_b, u + up_b
+            return (F.silu(g) * u) @ down_w.t()
+        firsts = [mlp.gate_proj, mlp.up_proj]
+    else:
+        def mlp_block(x, ws):
+            u = x @ ws[0].t()
+            if up_b is not None:
+                u = u + up_b
+            return F.relu(u).square() @ down_w.t()
+        firsts = [mlp.up_proj]
+    s, best, rtn = search_scales(caps["mlp"].sample, caps["mlp"].mean, [m.weight for m in firsts], mlp_block, opts)
+    fold_into_norm(layer.post_attention_layernorm, s)
+    scale_columns(firsts, s)
+    x_mlp = caps["mlp"].sample / s
+    awq_total, rtn_total = awq_total + best, rtn_total + rtn
+
+    # 4. up -> down (through relu^2: up takes sqrt(s))
+    s, best, rtn = search_scales(caps["down"].sample, caps["down"].mean, [mlp.down_proj.weight], linear_block, opts)
+    fold_into_linear_rows(mlp.up_proj, s if gated else s.sqrt())
+    scale_columns([mlp.down_proj], s)
+    x_down = caps["down"].sample / s
+    awq_total, rtn_total = awq_total + best, rtn_total + rtn
+
+    inputs = {"self_attn.q_proj": x_attn, "self_attn.k_proj": x_attn, "self_attn.v_proj": x_attn,
+              "self_attn.o_proj": x_o, "mlp.gate_proj": x_mlp, "mlp.up_proj": x_mlp, "mlp.down_proj": x_down}
+    weights = {}
+    for name, lin in layer_linears(layer).items():
+        lo = hi = None
+        if opts.clip and name not in NO_CLIP:
+            lo, hi = search_clip(lin.weight, inputs[name], opts)
+        qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
+        _set(lin.weight, qw.dequantize(torch.float32))
+        weights[name] = qw
+
+    out = _run_all(layer, runner, x_all, opts)
+    loss = _relative_error(out, fp_out, x_all)
+    return LayerResult(weights, loss, rtn_total, awq_total), out
+
+
+def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
+    """Round-to-nearest, no calibration: the baseline AWQ is measured against."""
+    weights = {}
+    for name, lin in layer_linears(layer).items():
+        qw = quantize_weight(lin.weight, opts.group_size, opts.bits)
+        _set(lin.weight, qw.dequantize(torch.float32))
+        weights[name] = qw
+    return LayerResult(weights, float("nan"))
+
+
+def _run_all(layer, runner, x_all, opts) -> torch.Tensor:
+    out = torch.empty_like(x_all)
+    for sl in _batches(x_all.shape[0], x_all.shape[1], opts.batch_tokens):
+        out[sl] = runner(layer, x_all[sl])
+    return out
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor, x: torch.Tensor) -> float:
+    """Error of the layer's update (out - x) relative to the 16-bit update: scale-free across layers."""
+    num = (out.float() - ref.float()).pow(2).sum()
+    den = (ref.float() - x.float()).pow(2).sum().clamp(min=1e-12)
+    return float(num / den)

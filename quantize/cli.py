@@ -1,0 +1,59 @@
+"""`edge-vlm quantize SRC OUT`: the command-line face of quantize.pipeline."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ, or with
+plain round-to-nearest (--method rtn, the baseline). The vision tower and projector stay 16-bit.
+OUT is written in the AutoAWQ GEMM layout (readable by edge-vlm, transformers and vLLM) and
+appears only when complete; an interrupted run continues with --resume.
+Runs on CUDA when present (else CPU), one decoder layer at a time."""
+
+EXAMPLES = """examples:
+  edge-vlm quantize ./VILA1.5-3b ./VILA1.5-3b-awq
+  edge-vlm quantize ./my-llm ./my-llm-awq --calib notes.txt --n-samples 64
+  edge-vlm quantize ./my-vila ./my-vila-awq --calib-images ./photos   # the LLM also sees image tokens
+  edge-vlm quantize ./my-llm ./my-llm-rtn --method rtn                  # baseline for comparison
+  edge-vlm quantize ./my-llm ./my-llm-awq --resume                      # continue an interrupted run
+"""
+
+
+def _group_size(text: str):
+    return None if text == "auto" else int(text)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="4-bit AWQ quantization of a checkpoint", description=DESCRIPTION,
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="16-bit model folder or Hugging Face repo id")
+    p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
+    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or rtn round-to-nearest")
+    p.add_argument("--w-bit", type=int, default=4, help="weight bits (only 4)")
+    p.add_argument("--group-size", type=_group_size, default="auto",
+                   help="input channels per scale: 128, 64 or 32 (default auto: 128, or 64/32 when a layer "
+                        "width is not a multiple of 128, e.g. SmolLM2's 576)")
+    p.add_argument("--calib", metavar="FILE", help="calibration text, .txt or .jsonl with {\"text\": ...} lines "
+                                                    "(default: built-in English prose)")
+    p.add_argument("--calib-images", metavar="DIR", help="images shown to a VLM during calibration")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-clip", action="store_true", help="skip the clipping search (faster, a little worse)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .pipeline import QuantizeSettings, quantize_checkpoint
+
+    settings = QuantizeSettings(method=args.method, w_bit=args.w_bit, group_size=args.group_size,
+                                n_samples=args.n_samples, seqlen=args.seqlen, calib=args.calib,
+                                calib_images=args.calib_images, device=args.device, clip=not args.no_clip)
+    summary = quantize_checkpoint(args.src, args.out, settings, resume=args.resume, force=args.force,
+                                  progress=not args.quiet)
+    print(summary.text())
+    return 0
