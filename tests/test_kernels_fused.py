@@ -1,0 +1,266 @@
+"""Fused norm, rotary + KV write, decode attention, epilogue kernels, the static decode step,
+and `optimize_for_device`, each against the plain torch path of the runtime.
+
+CPU: Triton's interpreter (kernels/launcher.py wraps each kernel per device, so
+TRITON_INTERPRET is never set and nothing leaks into the rest of the suite; a test below checks
+that). CUDA when present.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edge_vlm.kernels.activations import relu_sq, silu_mul
+from edge_vlm.kernels.decode_attention import decode_attention
+from edge_vlm.kernels.norms import LAYERNORM1P, RMS, add_norm
+from edge_vlm.kernels.rotary_kv import rotary_kv_write
+from edge_vlm.llm import LayerNorm1P, RMSNorm
+from edge_vlm.rotary import apply_rotary
+from tests.kernel_helpers import DEVICES, quantize_linear
+
+triton = pytest.importorskip("triton")
+
+
+def _rand(*shape, seed, device, dtype=torch.float16):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", [RMS, LAYERNORM1P])
+@pytest.mark.parametrize("rows,dim", [(1, 64), (3, 100)])  # 100: not a power of two (masked lanes)
+def test_add_norm_matches_the_model_norms(device, kind, rows, dim):
+    x, r = _rand(rows, dim, seed=1, device=device), _rand(rows, dim, seed=2, device=device)
+    ref_norm = RMSNorm(dim, 1e-5) if kind == RMS else LayerNorm1P(dim, 1e-5)
+    with torch.no_grad():
+        ref_norm.weight.copy_(torch.randn(dim) * 0.3)
+        if kind == LAYERNORM1P:
+            ref_norm.bias.copy_(torch.randn(dim) * 0.3)
+    ref_norm = ref_norm.half().to(device)
+    y, s = add_norm(x, r, ref_norm.weight, getattr(ref_norm, "bias", None), 1e-5, kind)
+    assert torch.equal(s, x + r)  # the residual sum is the fp16 sum, bit for bit
+    h = (x + r).float()
+    # reference in fp32 on the same fp16 values (CPU has no fp16 layer_norm everywhere)
+    ref = ref_norm.float()(h)
+    # up to two fp16 roundings (normalised value, scaled output): 2 * 2^-11 relative, doubled
+    assert ((y.float() - ref).abs() <= 2**-9 * ref.abs() + 2**-12).all()
+    y0, same = add_norm(x, None, ref_norm.weight, getattr(ref_norm, "bias", None), 1e-5, kind)
+    assert same is x and ((y0.float() - ref_norm.float()(x.float())).abs() <= 2**-9 * y0.float().abs() + 2**-12).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,tokens,start", [
+    (4, 2, 16, 16, 1, 9),   # decode, full rotary, GQA
+    (4, 4, 16, 8, 3, 0),    # prefill-like, partial rotary (Nemotron)
+    (6, 2, 24, 24, 2, 5),   # head_dim not a power of two
+])
+def test_rotary_with_kv_write_matches_apply_rotary(device, heads, kv_heads, head_dim, rotary_dim, tokens, start):
+    s_max = 32
+    q = _rand(tokens, heads * head_dim, seed=1, device=device)
+    k = _rand(tokens, kv_heads * head_dim, seed=2, device=device)
+    v = _rand(tokens, kv_heads * head_dim, seed=3, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(s_max).float(), inv)
+    cos, sin = torch.cat((freqs, freqs), -1).cos().to(device), torch.cat((freqs, freqs), -1).sin().to(device)
+    kc, vc = _rand(kv_heads, s_max, head_dim, seed=4, device=device), _rand(kv_heads, s_max, head_dim, seed=5,
+                                                                            device=device)
+    kc0, vc0 = kc.clone(), vc.clone()
+    q_out = rotary_kv_write(q, k, v, cos, sin, torch.tensor([start], dtype=torch.int32, device=device), kc, vc,
+                            heads, kv_heads)
+    sl = slice(start, start + tokens)
+    ref_q = apply_rotary(q.view(1, tokens, heads, head_dim).transpose(1, 2), cos[sl], sin[sl])[0]
+    ref_k = apply_rotary(k.view(1, tokens, kv_heads, head_dim).transpose(1, 2), cos[sl], sin[sl])[0]
+    # apply_rotary rounds 3 times in fp16 (two products, the sum), the kernel once: 4 * 2^-11 of the
+    # magnitude of the two inputs of each output element, bounded by 2 max|x|
+    assert (q_out - ref_q).abs().max() <= 2**-9 * 2 * q.abs().max()
+    assert (kc[:, sl] - ref_k).abs().max() <= 2**-9 * 2 * k.abs().max()
+    assert torch.equal(vc[:, sl], v.view(tokens, kv_heads, head_dim).transpose(0, 1))
+    outside = torch.ones(s_max, dtype=torch.bool)
+    outside[sl] = False
+    assert torch.equal(kc[:, outside], kc0[:, outside]) and torch.equal(vc[:, outside], vc0[:, outside])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,length,splits,block", [
+    (4, 2, 16, 27, 4, 4),   # ragged length vs block, GQA
+    (2, 2, 24, 5, 8, 4),    # more splits than blocks (empty splits), head_dim not a power of two
+    (4, 1, 16, 64, 2, 16),  # multi-query, whole cache
+])
+def test_decode_attention_matches_sdpa(device, heads, kv_heads, head_dim, length, splits, block):
+    s_max = 64
+    q = _rand(heads, head_dim, seed=1, device=device)
+    kc, vc = _rand(kv_heads, s_max, head_dim, seed=2, device=device), _rand(kv_heads, s_max, head_dim, seed=3,
+                                                                            device=device)
+    out = decode_attention(q, kc, vc, torch.tensor([length], dtype=torch.int32, device=device), splits, block)
+    ref = F.scaled_dot_product_attention(q.double()[None, :, None], kc[:, :length].double()[None],
+                                         vc[:, :length].double()[None], enable_gqa=True)[0, :, 0]
+    # a convex combination of v: the fp16 output rounding is <= 2^-11 max|v|; fp32 softmax adds ~1e-6
+    assert (out.double() - ref).abs().max() <= 2**-10 * vc.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_elementwise_epilogues(device):
+    both = _rand(3, 2 * 1500, seed=7, device=device)  # > one 1024-element block, ragged
+    gate, up = both[:, :1500], both[:, 1500:]  # strided views, as the prefill path passes them
+    out = silu_mul(gate, up)
+    ref = F.silu(gate.double()) * up.double()
+    assert ((out.double() - ref).abs() <= 2**-10 * ref.abs() + 1e-6).all()  # one fp16 rounding (doubled)
+    y = relu_sq(up)
+    assert torch.equal(y, F.relu(up).square())  # the fp16 square of an fp16 value rounds the same way
+
+
+# ---- the static decode step and the module swaps, on tiny real-architecture models -----------
+
+def _tiny(kind, tmp_path_factory):
+    from edge_vlm.loader import load_model
+    from tests.factories import make_llm
+
+    folder = tmp_path_factory.mktemp(f"kern-{kind}")
+    make_llm(folder, kind, seed=3)
+    return load_model(folder, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module", params=["llama", "nemotron"])
+def tiny_model(request, tmp_path_factory):
+    return _tiny(request.param, tmp_path_factory)
+
+
+def _prefill_then_step(llm, ids, step):
+    """Logits of the last token after prefilling the rest, with `step(cache, token, pos)` for it."""
+    cache = llm.new_cache(48)
+    with torch.inference_mode():
+        llm(llm.embed(ids[:, :-1]), 0, cache)
+        return step(cache, int(ids[0, -1]), ids.shape[1] - 1), cache
+
+
+def test_fused_decode_step_matches_decoder_forward(tiny_model):
+    from edge_vlm.kernels.fused_decode import FusedDecoder
+
+    llm = tiny_model.llm
+    ids = torch.randint(0, llm.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    ref, ref_cache = _prefill_then_step(llm, ids, lambda c, t, p: llm(llm.embed(torch.tensor([[t]])), p, c)[0, -1])
+    out, cache = _prefill_then_step(llm, ids, lambda c, t, p: FusedDecoder(llm, c).step(t, p))
+    # fp32 model: only fp32 reassociation differs (sums in other orders over 2 layers)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert cache.length == ref_cache.length == 9
+    assert torch.allclose(cache.k[:, :, :, :9], ref_cache.k[:, :, :, :9], atol=1e-5)
+    assert torch.allclose(cache.v[:, :, :, :9], ref_cache.v[:, :, :, :9], atol=1e-5)
+
+
+def _quantize_layers(llm, group=32):
+    seed = 0
+    for layer in llm.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, quantize_linear(child, group, seed))
+                    seed += 1
+
+
+def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
+    """The CUDA path's module swaps (W4A16 linears, fused MLP epilogues, norms), run through the
+    interpreter on a tiny int4 model: prefill (GEMM) and decode (GEMV) logits match the reference."""
+    import copy
+
+    from edge_vlm.kernels.dispatch import optimize_for_device
+
+    for kind in ("llama", "nemotron"):
+        ref = _tiny(kind, tmp_path_factory).llm
+        _quantize_layers(ref)
+        fast = copy.deepcopy(ref)
+        counts = optimize_for_device(fast, backend="triton")
+        mlp_kind = "fused_gated_mlp" if kind == "llama" else "fused_relu2_mlp"
+        # per layer: q, k, v, o as W4A16 linears; the MLP (with its down_proj) as one fused module
+        assert counts[mlp_kind] == 2 and counts["w4a16_linear"] == 2 * 4 and counts["fused_norm"] == 5
+        ids = torch.randint(0, ref.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            outs = []
+            for model in (ref, fast):
+                cache = model.new_cache(32)
+                prefill = model(model.embed(ids), 0, cache)[0, -1]
+                step = model(model.embed(ids[:, :1]), 12, cache)[0, -1]
+                outs.append((prefill, step))
+        for got, want in zip(outs[1], outs[0]):
+            # fp32 throughout: reassociated sums only
+            assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_optimize_for_device_on_cpu(tmp_path_factory):
+    import copy
+
+    from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.kernels.modules import CPUInt4Linear
+
+    model = _tiny("llama", tmp_path_factory)
+    before = dict(model.llm.named_modules())
+    assert optimize_for_device(model) == {}  # unquantized on CPU: untouched, module for module
+    assert dict(model.llm.named_modules()) == before and model.llm.kernel_backend == "torch"
+
+    ref = model.llm
+    _quantize_layers(ref)
+    fast = copy.deepcopy(ref)
+    counts = optimize_for_device(fast)
+    assert counts == {"cpu_int4_linear": 2 * 7}
+    assert isinstance(fast.layers[0].mlp.down_proj, CPUInt4Linear)
+    ids = torch.randint(0, ref.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        outs = []
+        for m in (ref, fast):
+            cache = m.new_cache(16)
+            m(m.embed(ids), 0, cache)  # 6 rows: the reference path inside CPUInt4Linear
+            outs.append(m(m.embed(ids[:, :1]), 6, cache)[0, -1])  # 1 row: torch's int4 matmul
+    # the int4 kernel rounds (8 - z) * s once in fp32: ~1e-7 relative per weight
+    assert (outs[1] - outs[0]).abs().max() <= 1e-4 * outs[0].abs().max()
+
+
+def test_optimize_for_device_skips_meta():
+    from edge_vlm.config import LLMConfig
+    from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.llm import DecoderLM
+    from tests.factories import llm_config
+
+    with torch.device("meta"):
+        llm = DecoderLM(LLMConfig.from_hf(llm_config("llama").to_dict()))
+    assert optimize_for_device(llm) == {}
+
+
+def test_interpreter_does_not_leak():
+    """Interpreted launches neither set TRITON_INTERPRET nor leave Triton's JIT patched."""
+    from triton.runtime.jit import JITFunction
+
+    call = JITFunction.__call__
+    relu_sq(torch.randn(10).half())
+    assert "TRITON_INTERPRET" not in os.environ
+    assert not triton.knobs.runtime.interpret
+    assert JITFunction.__call__ is call
+    with pytest.raises(RuntimeError, match="outside of the scope of a kernel"):
+        triton.language.zeros((2,), triton.language.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
+    from edge_vlm.cuda_engine import CUDAGraphEngine
+    from edge_vlm.generate import Engine
+    from edge_vlm.loader import load_model
+    from tests.factories import make_llm
+
+    folder = tmp_path_factory.mktemp("graph-llama")
+    make_llm(folder, "llama", seed=4)
+    llm = load_model(folder, device="cuda", progress=False).llm
+    ids = torch.randint(0, llm.cfg.vocab_size, (1, 10), device="cuda")
+    tokens = {}
+    for cls in (Engine, CUDAGraphEngine):
+        eng = cls(llm, 64)
+        logits = eng.prefill(llm.embed(ids))
+        seq = []
+        for _ in range(12):
+            t = int(logits.argmax())
+            seq.append(t)
+            logits = eng.step(t)
+        tokens[cls.__name__] = (seq, logits.float().cpu())
+    assert tokens["Engine"][0] == tokens["CUDAGraphEngine"][0]
+    a, b = tokens["Engine"][1], tokens["CUDAGraphEngine"][1]
+    assert (a - b).abs().max() <= 2e-2 * a.abs().max()  # fp16 model: a few ulps through 2 layers

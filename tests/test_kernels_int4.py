@@ -1,0 +1,124 @@
+"""Int4 layout repacking and the W4A16 GEMV/GEMM kernels vs plain torch.
+
+Runs on CPU through Triton's interpreter (small shapes: the interpreter is slow) and on CUDA
+when present. Inputs are fp16 (the runtime's GPU dtype; the interpreter handles fp16 via numpy).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_vlm.kernels.int4_layout import (concat_outputs, dequantize, from_ints, pack_rows, repack_awq, unpack_awq,
+                                          unpack_rows)
+from edge_vlm.kernels.w4a16 import ACT_RELU2, ACT_SILU_MUL, w4a16_matmul
+from tests.kernel_helpers import DEVICES, awq_pack, exact_dequant, random_int4
+
+pytest.importorskip("triton")
+
+
+def test_unpack_awq_inverts_the_spec_packer():
+    q = torch.randint(0, 16, (5, 24))
+    assert torch.equal(unpack_awq(awq_pack(q)), q.int())
+
+
+def test_awq_nibble_order_matches_the_spec():
+    # column 8c+2 lives in bits 4..7 of the word: a single nonzero value shows where
+    q = torch.zeros(1, 8, dtype=torch.long)
+    q[0, 2] = 9
+    assert awq_pack(q).item() == 9 << 4
+    assert unpack_awq(torch.tensor([[9 << 4]], dtype=torch.int32))[0].tolist() == [0, 0, 9, 0, 0, 0, 0, 0]
+
+
+def test_pack_rows_roundtrip_and_natural_order():
+    q = torch.randint(0, 16, (3, 40))
+    packed = pack_rows(q)
+    assert packed.shape == (3, 5) and packed.dtype == torch.int32
+    assert torch.equal(unpack_rows(packed), q.int())
+    assert ((packed[0, 0].item() >> 4) & 0xF) == q[0, 1].item()  # nibble j holds k = 8w + j
+
+
+@pytest.mark.parametrize("k,n,group", [(64, 16, 32), (256, 40, 128), (96, 8, 32)])
+def test_repack_awq_preserves_every_weight(k, n, group):
+    q, z, s = random_int4(k, n, group, seed=k + n)
+    w = repack_awq(awq_pack(q), awq_pack(z), s, group)
+    assert w.qweight.shape == (n, k // 8) and w.qweight.is_contiguous()
+    assert w.scales.shape == (n, k // group) and w.zeros.dtype == torch.uint8
+    assert torch.equal(unpack_rows(w.qweight).t(), q.int())
+    assert torch.equal(dequantize(w, torch.float64), exact_dequant(q, z, s, group))
+
+
+def _tolerance(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-element bound: output rounding to fp16 (2^-11 relative, doubled) plus fp32 accumulation
+    over K terms (K * 2^-24 of sum |x w|, doubled)."""
+    k = x.shape[-1]
+    return 2**-10 * ref.abs() + k * 2**-23 * (x.abs().double() @ w.abs()) + 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n,group", [
+    (1, 256, 96, 128),   # decode, one token
+    (3, 192, 40, 64),    # ragged: K not a multiple of the 512-weight K block, N of the 64-row block
+    (8, 128, 72, 32),    # the largest GEMV row count
+    (1, 1024, 24, 128),  # several K steps
+])
+def test_gemv_matches_torch(device, m, k, n, group):
+    q, z, s = random_int4(k, n, group, seed=m * 1000 + n)
+    w = repack_awq(awq_pack(q), awq_pack(z), s, group).to(device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(n)).half().to(device)
+    bias = torch.randn(n).half().to(device)
+    wd = exact_dequant(q, z, s, group).to(device)
+    ref = x.double() @ wd + bias.double()
+    y = w4a16_matmul(x, w, bias)
+    assert y.shape == (m, n) and y.dtype == torch.float16
+    assert ((y.double() - ref).abs() <= _tolerance(x, wd, ref)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m,k,n,group", [(9, 128, 48, 64), (37, 96, 40, 32)])
+def test_gemm_matches_dequantize_then_matmul(device, m, k, n, group):
+    q, z, s = random_int4(k, n, group, seed=m + k)
+    w = from_ints(q, z, s, group).to(device)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).half().to(device)
+    # the prefill GEMM rounds dequantized weights to fp16 like dequantize-then-matmul does
+    wd = exact_dequant(q, z, s, group).half().double().to(device)
+    ref = x.double() @ wd
+    y = w4a16_matmul(x.reshape(1, m, k), w)
+    assert y.shape == (1, m, n)
+    assert ((y[0].double() - ref).abs() <= _tolerance(x, wd, ref)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("m", [1, 12])  # GEMV epilogue, and GEMM + elementwise epilogue
+def test_relu_squared_and_silu_mul_epilogues(device, m):
+    k, n, group = 128, 40, 64
+    qg, zg, sg = random_int4(k, n, group, seed=1)
+    qu, zu, su = random_int4(k, n, group, seed=2)
+    gate, up = from_ints(qg, zg, sg, group), from_ints(qu, zu, su, group)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3)).half()
+    wg, wu = exact_dequant(qg, zg, sg, group), exact_dequant(qu, zu, su, group)
+    if m > 8:  # the GEMM path rounds weights to fp16 first
+        wg, wu = wg.half().double(), wu.half().double()
+    g, u = x.double() @ wg, x.double() @ wu
+    tg, tu = _tolerance(x, wg, g), _tolerance(x, wu, u)
+    x = x.to(device)
+
+    relu2 = w4a16_matmul(x, gate.to(device), act=ACT_RELU2).double().cpu()
+    ref = g.clamp_min(0) ** 2
+    # d(y^2) = 2|y| dy, plus the final fp16 rounding
+    assert ((relu2 - ref).abs() <= 2 * g.abs() * tg + tg**2 + 2**-10 * ref).all()
+
+    both = concat_outputs([gate, up]).to(device)
+    out = w4a16_matmul(x, both, act=ACT_SILU_MUL).double().cpu()
+    silu = g * torch.sigmoid(g)
+    ref = silu * u
+    # |silu'| <= 1.1: d(out) <= 1.1 dg |u| + |silu(g)| du, plus fp16 roundings of the result
+    # (and of the intermediate gate/up outputs on the GEMM path)
+    bound = 1.1 * tg * u.abs() + silu.abs() * tu + 2**-9 * ref.abs() + 2**-10 * (silu.abs() * u.abs()) + 1e-5
+    assert (out.shape == (m, n)) and ((out - ref).abs() <= bound).all()
+
+
+def test_gemv_rejects_a_mismatched_input():
+    q, z, s = random_int4(64, 16, 32, seed=0)
+    with pytest.raises(ValueError, match="features"):
+        w4a16_matmul(torch.randn(1, 32).half(), from_ints(q, z, s, 32))
