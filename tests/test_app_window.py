@@ -378,3 +378,48 @@ def test_screenshot(qtbot, tmp_path, tiny_vila):
     colors = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
     assert len(colors) > 200  # the photo, the camera preview and text are in it, not a blank window
     win.shutdown()
+
+
+def test_images_by_paste_and_drop_and_enter_sends(win, qtbot, tmp_path):
+    from PIL import Image
+    from PySide6.QtCore import QMimeData, QPointF, QUrl
+    from PySide6.QtGui import QDropEvent, QImage
+
+    rgb = np.ascontiguousarray(photo())
+    mime = QMimeData()
+    mime.setImageData(QImage(rgb.data, rgb.shape[1], rgb.shape[0], 3 * rgb.shape[1],
+                             QImage.Format.Format_RGB888).copy())
+    win.prompt.insertFromMimeData(mime)  # what Ctrl+V does with an image on the clipboard
+    assert len(win.attachments) == 1 and np.array_equal(np.asarray(win.attachments[0]), rgb)
+    assert win.prompt.toPlainText() == ""
+
+    Image.fromarray(rgb).save(tmp_path / "cat.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(tmp_path / "cat.png")), QUrl.fromLocalFile(str(tmp_path / "notes.txt"))])
+    win.dropEvent(QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                             Qt.KeyboardModifier.NoModifier))
+    assert len(win.attachments) == 2 and "2 images attached" in win.attach_label.text()
+
+    qtbot.keyClicks(win.prompt, "Two cats?")
+    qtbot.keyClick(win.prompt, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)  # a new line, not sent
+    assert not win.busy and win.prompt.toPlainText() == "Two cats?\n"
+    qtbot.keyClick(win.prompt, Qt.Key.Key_Return)
+    wait_idle(qtbot, win)
+    user = win.chat.conversation.turns[0]
+    assert user.text == "Two cats?" and len(user.images) == 2 and win.attachments == []
+
+
+def test_copy_button_and_system_prompt(qtbot, tmp_path, tiny_vila):
+    from PySide6.QtCore import QUrl
+    from PySide6.QtGui import QGuiApplication
+
+    win = make_window(qtbot, tmp_path)
+    win.model_panel.system.setPlainText("You are terse.")
+    load(qtbot, win, tiny_vila)
+    assert win.worker.session.system == "You are terse."
+    ask(qtbot, win, "Hello", max_new_tokens=6)
+    assert win.worker.session.messages[0]["content"] == "Hello"
+    win.chat.anchorClicked.emit(QUrl("copy:1"))  # the "copy" link of the answer
+    assert QGuiApplication.clipboard().text() == win.chat.conversation.turns[1].text
+    win.shutdown()

@@ -29,13 +29,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 class PromptEdit(QPlainTextEdit):
-    """The question box: Ctrl+Enter sends; pasting an image attaches it instead of inserting text."""
+    """The question box: Enter sends (Shift+Enter: new line); pasting an image attaches it."""
 
     submitted = Signal()
     image_pasted = Signal(object)  # PIL image
 
     def keyPressEvent(self, e):  # noqa: N802
-        if e.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and e.modifiers() & Qt.KeyboardModifier.ControlModifier:
+        if e.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and \
+                not e.modifiers() & Qt.KeyboardModifier.ShiftModifier:
             self.submitted.emit()
             return
         super().keyPressEvent(e)
@@ -90,7 +91,8 @@ class MainWindow(QMainWindow):
         self.clear_attach = QPushButton("Remove images")
         self.clear_attach.hide()
         self.prompt = PromptEdit()
-        self.prompt.setPlaceholderText("Ask about an image or the camera… (Ctrl+Enter sends; paste or drop images)")
+        self.prompt.setPlaceholderText("Ask about an image or the camera… "
+                                       "(Enter sends, Shift+Enter: new line; paste or drop images)")
         self.prompt.setFixedHeight(80)
         self.attach = QPushButton("Attach image…")
         self.send = QPushButton("Send")
@@ -207,6 +209,7 @@ class MainWindow(QMainWindow):
             return
         self.clear_error()
         self._set_busy(True)
+        self.model = None  # the worker frees the old model first: two may not fit in VRAM together
         self.model_panel.progress.show()
         self.model_panel.info.setText(f"Loading {req.path}…")
         self.statusBar().showMessage(f"loading {req.path}…")
@@ -494,7 +497,10 @@ class MainWindow(QMainWindow):
         self.stop_camera()
         self.worker.stop()
         self.thread_.quit()
-        self.thread_.wait(30000)
+        self.hide()
+        # An answer ends within a token of the stop; a model load cannot be interrupted, so this
+        # may wait for it to finish (destroying a running QThread would crash the process).
+        self.thread_.wait()
 
     def closeEvent(self, e):  # noqa: N802
         self.shutdown()

@@ -74,7 +74,8 @@ class ModelWorker(QObject):
         from edge_vlm.session import ChatSession
 
         try:
-            self.session = self.model = None  # free the old model before loading the next one
+            self.session = self.model = self._checkpoint = None  # free the old model before loading the next
+            _release_memory()
             model = load_model(req.path, device=req.device or None,
                                dtype=getattr(torch, req.dtype) if req.dtype else None,
                                max_context=req.max_context, progress=False)
@@ -123,6 +124,16 @@ class ModelWorker(QObject):
     @Slot()
     def unload(self) -> None:
         self.session = self.model = None
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def memory_in_use(device) -> str:
