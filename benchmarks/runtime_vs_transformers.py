@@ -1,0 +1,116 @@
+"""Runtime core vs transformers on the real SmolLM2-135M, side by side in one run.
+
+Measures, for the same chat prompt and greedy decoding: time to first token, decode
+tokens/s and peak RSS growth; optionally llama.cpp on the original GGUF file (if
+llama-cpp-python is installed). Prints a Markdown table.
+
+    python -m benchmarks.runtime_vs_transformers [--new-tokens 64] [--threads 2] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def bench_ours(folder, prompt_ids, new_tokens, repeat):
+    from edge_vlm import GenerationConfig, load_model
+    from edge_vlm.generate import Engine, GenerationStats, generate
+
+    model = load_model(folder, device="cpu", progress=False)
+    engine = Engine(model.llm, 1024)
+    runs = []
+    for _ in range(repeat + 1):  # the first run warms up
+        engine.reset()
+        stats = GenerationStats()
+        embeds = model.llm.embed(torch.tensor([prompt_ids]))
+        out = list(generate(engine, embeds, GenerationConfig(max_new_tokens=new_tokens, temperature=0), set(),
+                            stats=stats))
+        runs.append((stats.ttft_s, stats.decode_tokens_per_s, out))
+    return runs[1:]
+
+
+def bench_transformers(folder, prompt_ids, new_tokens, repeat):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt_ids])
+    runs = []
+    with torch.no_grad():
+        for _ in range(repeat + 1):
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False, min_new_tokens=1)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+                                 eos_token_id=None, pad_token_id=0)
+            total = time.perf_counter() - t0
+            runs.append((ttft, (new_tokens - 1) / max(total - ttft, 1e-9), out[0, len(prompt_ids):].tolist()))
+    return runs[1:]
+
+
+def bench_llama_cpp(gguf, prompt_ids, new_tokens, repeat, threads):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False)
+    runs = []
+    for _ in range(repeat + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        first = None
+        n = 0
+        for _tok in llm.generate(prompt_ids, temp=0.0, top_k=1, reset=True):
+            n += 1
+            if first is None:
+                first = time.perf_counter() - t0
+            if n >= new_tokens:
+                break
+        total = time.perf_counter() - t0
+        runs.append((first, (n - 1) / max(total - first, 1e-9), None))
+    return runs[1:]
+
+
+def main(argv=None) -> None:
+    from tests.real_model import gguf_path, smollm2_folder
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folder = smollm2_folder()
+    from edge_vlm.tokenizer import Tokenizer
+
+    from edge_vlm.chat_template import ChatTemplate
+
+    tok = Tokenizer(folder)
+    template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    prompt = template.render([{"role": "user", "content": "Write a short story about a robot who learns to paint. "
+                                                          "Describe its first painting in detail."}])
+    prompt_ids = tok.encode(prompt)
+    rows = [("edge-vlm (fp32, static KV cache)", bench_ours(folder, prompt_ids, args.new_tokens, args.repeat)),
+            ("transformers generate (fp32)", bench_transformers(folder, prompt_ids, args.new_tokens, args.repeat))]
+    cpp = bench_llama_cpp(gguf_path(), prompt_ids, args.new_tokens, args.repeat, args.threads)
+    if cpp:
+        rows.append(("llama.cpp (Q4_1 GGUF)", cpp))
+    base = statistics.median(r[1] for r in rows[1][1])
+    print(f"SmolLM2-135M-Instruct, CPU, {args.threads} threads, prompt {len(prompt_ids)} tokens, "
+          f"{args.new_tokens} new tokens, median of {args.repeat}\n")
+    print("| runtime | time to first token | decode tok/s | vs transformers |")
+    print("|---|---|---|---|")
+    for name, runs in rows:
+        ttft = statistics.median(r[0] for r in runs)
+        tps = statistics.median(r[1] for r in runs)
+        print(f"| {name} | {ttft * 1000:.0f} ms | {tps:.1f} | {tps / base:.2f}x |")
+    same = rows[0][1][0][2] == rows[1][1][0][2]
+    print(f"\ngreedy tokens identical (ours vs transformers): {same}")
+
+
+if __name__ == "__main__":
+    main()
