@@ -38,7 +38,7 @@ def evaluate(model_dir, ids, window: int) -> float:
 
 
 def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, eval_tokens: int,
-        window: int, out_dir: str | None, device: str | None) -> dict:
+        window: int, out_dir: str | None, device: str | None, search_tokens: int = 4096) -> dict:
     from edge_vlm.tokenizer import Tokenizer
     from quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
 
@@ -52,7 +52,7 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
     rows = {"16-bit": {"ppl": evaluate(src.llm_dir, ids, window), "seconds": 0.0}}
     for method in ("rtn", "awq"):
         settings = QuantizeSettings(method=method, group_size=group_size, n_samples=n_samples, seqlen=seqlen,
-                                    device=device)
+                                    device=device, search_tokens=search_tokens)
         t = time.perf_counter()
         summary = quantize_checkpoint(model, work / method, settings, force=True)
         rows[method.upper()] = {"ppl": evaluate(summary.out, ids, window), "seconds": time.perf_counter() - t,
@@ -83,9 +83,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=512, help="perplexity window (default 512)")
     p.add_argument("--out-dir", help="keep the quantized folders here (default: a temporary folder)")
+    p.add_argument("--search-tokens", type=int, default=4096, help="tokens scoring each AWQ scale (default 4096)")
     p.add_argument("--device", help="device for quantizing (evaluation runs on CPU in fp32)")
     a = p.parse_args(argv)
-    rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device)
+    rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, a.search_tokens)
     print(table(rows))
     return 0
 

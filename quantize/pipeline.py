@@ -45,7 +45,7 @@ class QuantizeError(EdgeVLMError):
 class QuantizeSettings:
     method: str = "awq"              # "awq" or "rtn"
     w_bit: int = 4
-    group_size: int | None = 128     # None: 128, or the largest of 64/32 that divides every layer
+    group_size: int | None = None    # None: 128, or the largest of 64/32 that divides every layer
     n_samples: int = 128
     seqlen: int = 512
     calib: str | None = None         # .txt / .jsonl; None: the built-in pydoc prose
@@ -53,6 +53,7 @@ class QuantizeSettings:
     device: str | None = None
     clip: bool = True
     duo_scaling: bool = True
+    search_tokens: int = 4096        # calibration tokens scoring each scale candidate (cost ~ linear)
 
 
 @dataclass
@@ -294,8 +295,21 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
         log("note: nothing to resume; starting from the first layer")
     llm_out.mkdir(parents=True, exist_ok=True)
 
+    try:
+        return _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, store, prefix, key,
+                    done, losses, elapsed, progress)
+    except BaseException:
+        if not state_path.is_file():  # no layer finished: nothing worth resuming, leave nothing behind
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, store, prefix, key,
+         done, losses, elapsed, progress) -> Summary:
+    state_path, acts_path = partial / "progress.json", partial / "activations.pt"
     t0 = time.perf_counter()
-    opts = AWQOptions(group_size=group, bits=settings.w_bit, clip=settings.clip, duo_scaling=settings.duo_scaling)
+    opts = AWQOptions(group_size=group, bits=settings.w_bit, clip=settings.clip, duo_scaling=settings.duo_scaling,
+                      search_tokens=settings.search_tokens)
     step = "preparing the calibration data"
     try:
         x = None
