@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = "Efficient-Large-Model/VILA1.5-3b"
+DEFAULT_MODEL = "Efficient-Large-Model/VILA1.5-3b-AWQ"  # 4-bit LLM (TinyChat .pt), 16-bit vision
 
 
 def register(sub) -> None:
