@@ -69,7 +69,6 @@ class MainWindow(QMainWindow):
         self.attachments: list[Image.Image] = []
         self.feed: CameraFeed | None = None
         self._preview_seq = -1
-        self._last_request: AskRequest | None = None
         self.live_asked: list[int] = []  # frame numbers Live mode asked about
         self.live_skipped = 0  # Live ticks that found the model still busy (nothing is queued)
         self.last_stats = None  # GenerationStats of the last answer
@@ -292,8 +291,8 @@ class MainWindow(QMainWindow):
         conv.add("assistant", "", live=req.live)
         self.chat.streaming_index = len(conv.turns) - 1
         self.chat.render()
-        self._last_request = req
         self._set_busy(True)
+        self.worker.stop_event.clear()  # here, not in the worker: a Stop pressed at once must not be lost
         self.request_ask.emit(req)
 
     def _finish_turn(self):

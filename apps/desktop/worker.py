@@ -63,7 +63,9 @@ class ModelWorker(QObject):
         self._checkpoint = None  # the session state before the last question (for Regenerate)
 
     def stop(self) -> None:
-        """Thread-safe: end the current answer after the token being computed."""
+        """Thread-safe: end the current answer after the token being computed.
+
+        The sender of a request clears `stop_event` before sending it (see MainWindow._ask)."""
         self.stop_event.set()
 
     @Slot(object)
@@ -96,7 +98,6 @@ class ModelWorker(QObject):
             before = (s.engine.position, len(s.messages), list(s.pending))
             if not req.live:
                 self._checkpoint = before
-            self.stop_event.clear()
             try:
                 for text in s.ask(req.text, images=req.images, gen=req.gen, stop_event=self.stop_event):
                     self.piece.emit(text)
