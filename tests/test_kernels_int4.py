@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_vlm.kernels.int4_layout import (concat_outputs, dequantize, from_ints, pack_rows, repack_awq, unpack_awq,
+from edge_vlm.kernels.int4_layout import (concat_outputs, dequantize, from_ints, pack_awq, pack_rows, repack_awq, unpack_awq,
                                           unpack_rows)
 from edge_vlm.kernels.w4a16 import ACT_RELU2, ACT_SILU_MUL, w4a16_matmul
 from tests.kernel_helpers import DEVICES, awq_pack, exact_dequant, random_int4
@@ -20,6 +20,11 @@ pytest.importorskip("triton")
 def test_unpack_awq_inverts_the_spec_packer():
     q = torch.randint(0, 16, (5, 24))
     assert torch.equal(unpack_awq(awq_pack(q)), q.int())
+
+
+def test_pack_awq_agrees_with_the_spec_packer():
+    q = torch.randint(0, 16, (6, 32))
+    assert torch.equal(pack_awq(q), awq_pack(q))
 
 
 def test_awq_nibble_order_matches_the_spec():

@@ -49,6 +49,16 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return out.reshape(r, c8 * 8)
 
 
+def pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """Inverse of `unpack_awq`: int values 0..15 [R, C] -> AutoAWQ int32 [R, C/8]."""
+    r, c = values.shape
+    if c % 8:
+        raise ValueError(f"cannot pack {c} columns: not a multiple of 8")
+    v = values.to(torch.int32).reshape(r, c // 8, 8)[..., list(AWQ_ORDER)]  # nibble i <- column AWQ_ORDER[i]
+    shifts = torch.arange(8, device=values.device, dtype=torch.int32) * 4
+    return _sum_nibbles(v, shifts)
+
+
 def pack_rows(q: torch.Tensor) -> torch.Tensor:
     """int values 0..15 [N, K] -> int32 [N, K/8], nibble j of word w = q[n, 8w + j]."""
     n, k = q.shape

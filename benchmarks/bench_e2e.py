@@ -1,0 +1,163 @@
+"""End-to-end speed and memory: ours (int4 + the device's fast path) vs fp16 eager torch, one run.
+
+Measures, for a model shape with random weights: vision-tower latency for one image, time to
+first token of a 1-image prompt (vision tower + prefill of image and text tokens + first
+logits), decode tokens/s at given contexts, the fraction of the bandwidth floor reached
+(bytes one decode step must read / copy bandwidth measured in the same run), and peak memory.
+
+- "float16 eager" ("float32 eager" on CPU, the CPU dtype): dense nn.Linear weights, the plain `Engine`.
+- "ours int4": AutoAWQ int4 weights (`WQLinear`), `optimize_for_device`, `make_engine`
+  (CUDA: Triton W4A16 kernels + CUDA-graph decode; CPU: torch's int4 CPU matmul).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from edge_vlm.cuda_engine import make_engine
+from edge_vlm.generate import Engine
+from edge_vlm.kernels.dispatch import optimize_for_device
+
+from .random_model import build_llm, build_vision, weight_bytes
+from .shapes import llm_config, vision_config
+from .timing import copy_bandwidth, sync
+
+IMAGE_TOKENS = 196  # VILA1.5's mlp_downsample: 27x27 SigLIP patches -> 14x14 tokens
+TEXT_TOKENS = 32
+
+
+@dataclass
+class E2EResult:
+    variant: str
+    weight_bytes: int
+    vision_ms: float | None
+    ttft_ms: float
+    decode_tps: dict[int, float] = field(default_factory=dict)
+    floor_pct: dict[int, float] = field(default_factory=dict)
+    peak_bytes: int = 0
+    peak_kind: str = ""
+
+
+def _kv_bytes_read(cfg, ctx: int, itemsize: int) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * itemsize
+
+
+def _decode_bytes(llm, ctx: int, itemsize: int) -> int:
+    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache."""
+    emb = llm.embed_tokens.weight
+    return (weight_bytes(llm) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+            + _kv_bytes_read(llm.cfg, ctx, itemsize))
+
+
+def _timed(fn, device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode_steps: int, copy_bw: float,
+                repeats: int) -> E2EResult:
+    cfg = llm.cfg
+    dtype = llm.embed_tokens.weight.dtype
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = cfg.hidden_size
+    pixels = torch.randn(1, 3, vision.cfg.image_size, vision.cfg.image_size, generator=gen).to(device, dtype) \
+        if vision is not None else None
+    text = torch.randn(1, TEXT_TOKENS, hidden, generator=gen).to(device, dtype) * 0.02
+    image = torch.randn(1, IMAGE_TOKENS, hidden, generator=gen).to(device, dtype) * 0.02
+
+    vision_ms = None
+    with torch.inference_mode():
+        if vision is not None:
+            vision(pixels)  # warm-up
+            vision_ms = 1e3 * min(_timed(lambda: vision(pixels), device) for _ in range(repeats))
+
+        def first_token():
+            engine.reset()
+            if vision is not None:
+                vision(pixels)  # its output feeds the projector; the LLM takes image-sized embeddings
+            int(engine.prefill(torch.cat([image, text], 1)).argmax())
+
+        first_token()  # warm-up (kernel compilation on CUDA)
+        ttft = min(_timed(first_token, device) for _ in range(repeats))
+
+        result = E2EResult(name, weight_bytes(llm) + (weight_bytes(vision) if vision is not None else 0),
+                           vision_ms, ttft * 1e3)
+        for ctx in contexts:
+            engine.reset()
+            prompt = torch.randn(1, ctx - 1, hidden, generator=gen).to(device, dtype) * 0.02
+            for start in range(0, ctx - 1, 512):  # chunked prefill keeps CPU memory modest
+                engine.prefill(prompt[:, start:start + 512])
+            del prompt
+            token = 1
+            for _ in range(2):  # warm-up steps (graph capture), then back to ctx - 1 cached tokens
+                engine.step(token)
+            engine.cache.length = ctx - 1
+            t = _timed(lambda: [engine.step(token) for _ in range(decode_steps)], device)
+            step_s = t / decode_steps
+            result.decode_tps[ctx] = 1.0 / step_s
+            floor_s = _decode_bytes(llm, ctx, dtype.itemsize) / copy_bw
+            result.floor_pct[ctx] = 100.0 * floor_s / step_s
+    return result
+
+
+def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, layers: int | None = None,
+        vocab: int | None = None, vision_layers: int | None = None, max_context: int = 4096, repeats: int = 3,
+        variants=("dense", "int4"), progress=print) -> tuple[list[E2EResult], float]:
+    dev = torch.device(device)
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    cfg = llm_config(model, layers, vocab, max_positions=max(max_context, max(contexts) + 8, IMAGE_TOKENS + TEXT_TOKENS + 8))
+    vcfg = vision_config(model, vision_layers)
+    copy_bw = copy_bandwidth(dev)
+    progress(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s on {dev}")
+    results = []
+    max_ctx = max(max_context, max(contexts) + 4, IMAGE_TOKENS + TEXT_TOKENS + 1)
+    for variant in variants:
+        gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        int4 = variant == "int4"
+        variant = "ours int4" if int4 else f"{str(dtype).replace('torch.', '')} eager"
+        progress(f"building {variant} ({model}, {cfg.num_layers} layers)")
+        llm = build_llm(cfg, dev, dtype, int4=int4)
+        vision = build_vision(vcfg, dev, dtype) if vcfg is not None else None
+        if int4:
+            optimize_for_device(llm)
+            engine = make_engine(llm, max_ctx)
+        else:
+            engine = Engine(llm, max_ctx)
+        progress(f"timing {variant} ({type(engine).__name__}, backend {getattr(llm, 'kernel_backend', 'torch')})")
+        r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats)
+        if dev.type == "cuda":
+            r.peak_bytes, r.peak_kind = torch.cuda.max_memory_allocated(dev), "peak allocated"
+        else:  # one process runs both variants: report what this variant holds (weights + KV cache)
+            r.peak_bytes, r.peak_kind = r.weight_bytes + engine.cache.nbytes, "weights + KV cache"
+        results.append(r)
+        del engine, llm, vision
+    return results, copy_bw
+
+
+def format_table(results: list[E2EResult], model: str, device_name: str, copy_bw: float, note: str = "") -> str:
+    ctxs = sorted(results[0].decode_tps)
+    head = ["variant", "vision ms", "TTFT ms (1 image)"] + [f"decode tok/s @{c}" for c in ctxs] + \
+        [f"% of BW floor @{c}" for c in ctxs] + ["memory GB"]
+    lines = [f"Model shape: {model}; device: {device_name}; copy bandwidth {copy_bw / 1e9:.1f} GB/s (same run). {note}",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        vis = f"{r.vision_ms:.1f}" if r.vision_ms is not None else "-"
+        cells = [r.variant, vis, f"{r.ttft_ms:.1f}"] + [f"{r.decode_tps[c]:.2f}" for c in ctxs] + \
+            [f"{r.floor_pct[c]:.0f}%" for c in ctxs] + [f"{r.peak_bytes / 1e9:.2f} ({r.peak_kind})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(results) == 2:
+        base, ours = results
+        ratio = ", ".join(f"@{c}: {ours.decode_tps[c] / base.decode_tps[c]:.2f}x" for c in ctxs)
+        lines += ["", f"Decode speed-up, ours vs {base.variant}: {ratio}; TTFT ratio "
+                      f"{base.ttft_ms / ours.ttft_ms:.2f}x; memory ratio {ours.peak_bytes / base.peak_bytes:.2f}."]
+    return "\n".join(lines)

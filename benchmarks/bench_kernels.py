@@ -1,0 +1,148 @@
+"""Kernel table: int4 GEMV (one decode token) per linear shape, against the memory floor and baselines.
+
+CUDA: our Triton W4A16 GEMV vs fp16 `torch.matmul` vs tinygemm (`torch.ops.aten._weight_int4pack_mm`,
+bf16) where this torch has it; achieved GB/s vs a device-to-device copy measured in the same run.
+CPU: the runtime's CPU path (torch's int4 CPU matmul, `_weight_int4pack_mm_for_cpu`) vs the
+reference dequantize+matmul (`WQLinear.forward`) vs a dense fp32 matmul, at 1 and 8 rows (the crossover that sets
+CPU_INT4_MAX_ROWS). The Triton kernels are not timed on CPU (the interpreter is for tests).
+
+    python -m benchmarks.bench_kernels --device cuda             # all three model shapes
+    python -m benchmarks.bench_kernels --device cpu --models vila1.5-3b
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from .random_model import GROUP, int4_weight_for_bench
+from .shapes import LLM_SHAPES, linear_shapes
+from .timing import copy_bandwidth, median_time
+
+
+def _tinygemm(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor):
+    """(packed, scales_and_zeros) for torch's CUDA int4 matmul, or None if this torch lacks it."""
+    try:
+        k, n = q.shape
+        qt = q.t().contiguous().to(torch.int32)  # [N, K]
+        u8 = ((qt[:, ::2] << 4) | qt[:, 1::2]).to(torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+        sz = torch.stack([s.float(), (8 - z.float()) * s.float()], -1).to(torch.bfloat16).contiguous()
+        x = torch.randn(1, k, device=q.device, dtype=torch.bfloat16)
+        torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz)
+        return packed, sz
+    except Exception as e:  # older/newer torch signatures, or a GPU it does not support
+        print(f"tinygemm unavailable: {str(e).splitlines()[0][:100]}", file=sys.stderr)
+        return None
+
+
+def bench_cuda(models: list[str], device: torch.device) -> tuple[list[dict], float]:
+    from edge_vlm.kernels.w4a16 import w4a16_matmul
+
+    bw = copy_bandwidth(device)
+    rows = []
+    for model in models:
+        for label, k, n in linear_shapes(model):
+            w, (q, z, s) = int4_weight_for_bench(k, n, device)
+            x = torch.randn(1, k, device=device, dtype=torch.float16)
+            out = torch.empty(1, n, device=device, dtype=torch.float16)
+            t_ours = median_time(lambda: w4a16_matmul(x, w, out=out), device)
+            dense = torch.randn(k, n, device=device, dtype=torch.float16)
+            t_fp16 = median_time(lambda: torch.matmul(x, dense), device)
+            del dense
+            tg = _tinygemm(q, z, s)
+            t_tg = None
+            if tg is not None:
+                xb = x.to(torch.bfloat16)
+                t_tg = median_time(lambda: torch.ops.aten._weight_int4pack_mm(xb, tg[0], GROUP, tg[1]), device)
+            nbytes = w.nbytes + (k + n) * 2
+            rows.append(dict(model=model, layer=label, k=k, n=n, ours_us=t_ours * 1e6, ours_gbs=nbytes / t_ours / 1e9,
+                             pct_copy=100 * nbytes / t_ours / bw, fp16_us=t_fp16 * 1e6,
+                             fp16_gbs=(k * n * 2) / t_fp16 / 1e9, tinygemm_us=t_tg * 1e6 if t_tg else None))
+            del w, q, z, s
+    return rows, bw
+
+
+def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
+    from edge_vlm.kernels.modules import CPUInt4Linear
+
+    from .random_model import random_awq_linear
+
+    device = torch.device("cpu")
+    bw = copy_bandwidth(device)
+    rows = []
+    for model in models:
+        for label, k, n in linear_shapes(model):
+            ref = random_awq_linear(k, n, device, torch.float32)
+            fast = CPUInt4Linear(ref)
+            dense = torch.randn(k, n)
+            row = dict(model=model, layer=label, k=k, n=n)
+            for m in (1, 8):
+                x = torch.randn(m, k)
+                op = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast.packed, GROUP, fast.scales_and_zeros)  # noqa: E731
+                row[f"int4mm_m{m}_ms"] = median_time(op, device, reps) * 1e3
+                row[f"dequant_m{m}_ms"] = median_time(lambda: ref(x), device, max(2, reps // 2)) * 1e3
+                row[f"fp32_m{m}_ms"] = median_time(lambda: x @ dense, device, reps) * 1e3
+            nbytes = fast.packed.numel() + fast.scales_and_zeros.numel() * 4
+            row["int4mm_gbs"] = nbytes / (row["int4mm_m1_ms"] / 1e3) / 1e9
+            rows.append(row)
+            del ref, fast, dense
+    return rows, bw
+
+
+def format_cuda(rows: list[dict], bw: float, device_name: str) -> str:
+    lines = [f"Device: {device_name}; device-to-device copy: {bw / 1e9:.0f} GB/s (same run). Batch 1, group {GROUP}.", "",
+             "| model | layer | K x N | ours int4 µs | ours GB/s | % of copy | fp16 matmul µs | tinygemm µs | vs fp16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tg = f"{r['tinygemm_us']:.1f}" if r["tinygemm_us"] else "n/a"
+        lines.append(f"| {r['model']} | {r['layer']} | {r['k']}x{r['n']} | {r['ours_us']:.1f} | {r['ours_gbs']:.0f} | "
+                     f"{r['pct_copy']:.0f}% | {r['fp16_us']:.1f} | {tg} | {r['fp16_us'] / r['ours_us']:.2f}x |")
+    return "\n".join(lines)
+
+
+def format_cpu(rows: list[dict], bw: float, device_name: str) -> str:
+    lines = [f"Device: {device_name}; memory copy: {bw / 1e9:.1f} GB/s (same run). fp32 activations, group {GROUP}.",
+             "", "| model | layer | K x N | int4 mm 1 row ms | dequant+matmul 1 row ms | fp32 dense 1 row ms | "
+                 "int4 mm 8 rows ms | dequant+matmul 8 rows ms | int4 mm GB/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layer']} | {r['k']}x{r['n']} | {r['int4mm_m1_ms']:.1f} | "
+                     f"{r['dequant_m1_ms']:.1f} | {r['fp32_m1_ms']:.2f} | {r['int4mm_m8_ms']:.1f} | "
+                     f"{r['dequant_m8_ms']:.1f} | {r['int4mm_gbs']:.2f} |")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", nargs="+", choices=sorted(LLM_SHAPES), help="model shapes (default: all on CUDA, "
+                   "vila1.5-3b on CPU)")
+    p.add_argument("--reps", type=int, default=5, help="repetitions per CPU timing (default 5)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        models = args.models or list(LLM_SHAPES)
+        rows, bw = bench_cuda(models, device)
+        print(format_cuda(rows, bw, device_name(device)))
+    else:
+        models = args.models or ["vila1.5-3b"]
+        rows, bw = bench_cpu(models, args.reps)
+        print(format_cpu(rows, bw, device_name(device)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
