@@ -427,3 +427,17 @@ def test_copy_button_and_system_prompt(qtbot, tmp_path, tiny_vila):
     win.chat.anchorClicked.emit(QUrl("copy:1"))  # the "copy" link of the answer
     assert QGuiApplication.clipboard().text() == win.chat.conversation.turns[1].text
     win.shutdown()
+
+
+def test_live_keeps_a_reduced_copy_of_large_frames(qtbot, tmp_path, tiny_vila):
+    win = make_window(qtbot, tmp_path, camera_factory=lambda s: FakeCamera(fps=30, size=(720, 1280)))
+    load(qtbot, win, tiny_vila)
+    assert "RAM" in win.model_panel.info.text()
+    assert win.start_camera(0)
+    qtbot.waitUntil(lambda: win.feed.captured > 0, timeout=WAIT_MS)
+    win.model_panel.max_new_tokens.setValue(3)
+    win.live_tick()
+    wait_idle(qtbot, win)
+    user = win.chat.conversation.turns[0]
+    assert user.live and user.images[0].size == (480, 270)  # 1280x720 kept at 480 px
+    win.shutdown()

@@ -14,7 +14,8 @@ needs the app extra: pip install 'edge-vlm[app]'
 def register(sub) -> None:
     import argparse
 
-    import PySide6  # noqa: F401 - fail here, so `edge-vlm app` says which extra to install
+    import markdown  # noqa: F401 - fail here, so `edge-vlm app` says which extra to install
+    import PySide6  # noqa: F401
 
     p = sub.add_parser("app", help="desktop chat window with webcam (needs edge-vlm[app])",
                        description="A native chat window: ask about photos (attach, drop or paste them) and "

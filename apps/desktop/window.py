@@ -26,6 +26,17 @@ from .worker import AskRequest, ModelWorker, memory_in_use
 
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif *.tif *.tiff)"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+LIVE_KEEP_PX = 480  # longest side of the Live frames kept in the conversation
+
+
+def _reduced(image, side: int) -> Image.Image:
+    from edge_vlm.preprocess import load_image
+
+    im = load_image(image)
+    if max(im.size) > side:
+        im = im.copy()
+        im.thumbnail((side, side))
+    return im
 
 
 class PromptEdit(QPlainTextEdit):
@@ -218,6 +229,7 @@ class MainWindow(QMainWindow):
         self.model = model
         self.model_panel.progress.hide()
         self.model_panel.show_model(model)
+        self.model_panel.info.setText(self.model_panel.info.text() + f"<br>{memory_in_use(model.device)} in use")
         self._set_busy(False)
         self.chat.conversation.model = model.info.path
         self.mem_label.setText(memory_in_use(model.device))
@@ -287,7 +299,9 @@ class MainWindow(QMainWindow):
         self.clear_error()
         conv = self.chat.conversation
         if not req.regenerate:
-            conv.add("user", req.text, req.images, live=req.live)
+            # Live runs for hours: keep a reduced copy of each frame (the model saw the full one).
+            kept = [_reduced(im, LIVE_KEEP_PX) for im in req.images] if req.live else req.images
+            conv.add("user", req.text, kept, live=req.live)
         conv.add("assistant", "", live=req.live)
         self.chat.streaming_index = len(conv.turns) - 1
         self.chat.render()
