@@ -232,12 +232,14 @@ def test_save_reopen_and_export_markdown(win, qtbot, tmp_path):
 
     qtbot.mouseClick(win.new_chat, Qt.MouseButton.LeftButton)
     win.open_conversation(tmp_path / "chat1")
+    wait_idle(qtbot, win)
     turns = win.chat.conversation.turns
     assert [t.text for t in turns[:4]] == [t.text for t in saved.turns]
     assert np.array_equal(np.asarray(turns[0].images[0]), photo())
     assert turns[-1].role == "note"
     shown = win.chat.toPlainText()
-    assert "Say more." in shown and shown.count("Assistant") == 2 and "not remembered" in shown
+    assert "Say more." in shown and shown.count("Assistant") == 2 and "remembers these 2 exchanges" in shown
+    assert win.worker.session.messages[2]["content"] == "Say more."
 
     md = win.export_markdown(tmp_path / "out" / "chat.md") if (tmp_path / "out").mkdir() is None else None
     text = md.read_text()
@@ -441,3 +443,43 @@ def test_live_keeps_a_reduced_copy_of_large_frames(qtbot, tmp_path, tiny_vila):
     user = win.chat.conversation.turns[0]
     assert user.live and user.images[0].size == (480, 270)  # 1280x720 kept at 480 px
     win.shutdown()
+
+
+def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path):
+    """After reopening, the model's context equals that of the whole conversation rendered at once:
+    the next greedy answer matches one computed from the full prompt by the runtime directly."""
+    from apps.desktop.conversation import Conversation
+    from edge_vlm import ChatSession
+    from edge_vlm.chat_template import IMAGE_MARK
+    from edge_vlm.generate import generate
+
+    conv = Conversation()
+    conv.add("user", "What is in this picture?", [photo()])
+    conv.add("assistant", "A cat sits on a red sofa next to a window.")
+    conv.add("user", "What do you see?", [FakeCamera.frame(3)], live=True)  # live: not replayed
+    conv.add("assistant", "A desk.", live=True)
+    conv.add("user", "Is there a car?")
+    conv.add("assistant", "no")
+    conv.save(tmp_path / "c")
+    win.open_conversation(tmp_path / "c")
+    wait_idle(qtbot, win)
+    assert "remembers these 2 exchanges" in win.chat.conversation.turns[-1].text
+    win.model_panel.temperature.setValue(0.0)
+    stats, _ = ask(qtbot, win, "Where is the person?", max_new_tokens=12)
+    answer = win.chat.conversation.turns[-1].text
+
+    model = win.worker.model
+    msgs = [{"role": "user", "content": IMAGE_MARK + "\nWhat is in this picture?"},
+            {"role": "assistant", "content": "A cat sits on a red sofa next to a window."},
+            {"role": "user", "content": "Is there a car?"}, {"role": "assistant", "content": "no"},
+            {"role": "user", "content": "Where is the person?"}]
+    ref = ChatSession(model)
+    chunks = [model.tokenizer.encode(c) for c in model.template.render(msgs).split(IMAGE_MARK)]
+    embeds = ref.build_embeddings(chunks, [photo()])
+    ids = list(generate(ref.engine, embeds, GenerationConfig(max_new_tokens=12, temperature=0.0),
+                        model.eos_token_ids))
+    assert answer == model.tokenizer.decode(ids)
+    assert win.worker.session.engine.position == ref.engine.position  # the same tokens are in the cache
+    # and the restored context matters: without it the same question gets another answer
+    greedy = GenerationConfig(max_new_tokens=12, temperature=0.0)
+    assert ChatSession(model).answer("Where is the person?", gen=greedy) != answer

@@ -66,6 +66,7 @@ class MainWindow(QMainWindow):
     request_load = Signal(object)
     request_ask = Signal(object)
     request_new_chat = Signal(str)
+    request_restore = Signal(object, str)
 
     def __init__(self, settings: QSettings | None = None,
                  camera_factory: Callable[[int | str], Camera] = OpenCVCamera):
@@ -83,6 +84,7 @@ class MainWindow(QMainWindow):
         self.live_asked: list[int] = []  # frame numbers Live mode asked about
         self.live_skipped = 0  # Live ticks that found the model still busy (nothing is queued)
         self.last_stats = None  # GenerationStats of the last answer
+        self._reopened_from: str | Path = ""
         self._build()
         self._start_worker()
 
@@ -179,6 +181,8 @@ class MainWindow(QMainWindow):
         self.request_load.connect(self.worker.load)
         self.request_ask.connect(self.worker.ask)
         self.request_new_chat.connect(self.worker.new_chat)
+        self.request_restore.connect(self.worker.restore)
+        self.worker.restored.connect(self._on_restored)
         self.worker.loaded.connect(self._on_loaded)
         self.worker.load_failed.connect(self._on_load_failed)
         self.worker.piece.connect(self.chat.append_piece)
@@ -468,14 +472,25 @@ class MainWindow(QMainWindow):
         return conv.save(folder)
 
     def open_conversation(self, path: str | Path) -> None:
-        """Show a saved chat. The model starts a fresh context (it does not remember those turns)."""
+        """Show a saved chat and put it back into the model's context (see ModelWorker.restore)."""
         if self.busy:
             return
         conv = Conversation.load(path)
-        conv.add("note", f"Reopened from {path}. The model starts a new context: earlier turns are shown "
-                         f"but not remembered.")
-        self.request_new_chat.emit(self.model_panel.system_prompt())
+        self._reopened_from = path
+        self.model_panel.system.setPlainText(conv.system)
         self.chat.set_conversation(conv)
+        exchanges, turns = [], conv.turns
+        for q, a in zip(turns, turns[1:]):  # Live exchanges stood alone, so they are not replayed
+            if q.role == "user" and a.role == "assistant" and not q.live and a.text:
+                exchanges.append((q.text, list(q.images), a.text))
+        self._set_busy(True)
+        self.statusBar().showMessage("restoring the conversation into the model's context…")
+        self.request_restore.emit(exchanges, conv.system)
+
+    def _on_restored(self, note: str) -> None:
+        self._set_busy(False)
+        self.chat.conversation.add("note", f"Reopened from {self._reopened_from}: {note}.")
+        self.chat.render()
 
     def export_markdown(self, md_path: str | Path) -> Path:
         return self.chat.conversation.export_markdown(md_path)

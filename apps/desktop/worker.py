@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from edge_vlm.errors import EdgeVLMError
+from edge_vlm.errors import ContextOverflowError, EdgeVLMError
 from edge_vlm.generate import GenerationConfig, GenerationStats
 
 
@@ -54,6 +54,7 @@ class ModelWorker(QObject):
     piece = Signal(str)  # a piece of the streaming answer
     answered = Signal(object, object)  # GenerationStats, AskRequest
     failed = Signal(str, object)  # message, AskRequest
+    restored = Signal(str)  # a note on what the model remembers of a reopened conversation
 
     def __init__(self):
         super().__init__()
@@ -114,6 +115,43 @@ class ModelWorker(QObject):
         s.engine.cache.truncate(position)
         del s.messages[n_messages:]
         s.pending = pending
+
+    @Slot(object, str)
+    def restore(self, exchanges: list, system: str) -> None:
+        """Put a reopened conversation back into the model's context, so it can be continued.
+
+        `exchanges` is [(question, images, answer), ...]. Each question is prefilled as if it had
+        just been asked, and its saved answer goes in as the tokens the model "sampled", exactly
+        where the session keeps its own unfed answer tokens. Nothing is generated.
+        """
+        import torch
+
+        from edge_vlm.preprocess import load_image
+
+        s = self.session
+        if s is None:
+            self.restored.emit("no model is loaded: load one to continue this conversation (it starts fresh)")
+            return
+        s.reset()
+        s.system = system or None
+        self._checkpoint = None
+        try:
+            with torch.inference_mode():
+                for text, images, answer in exchanges:
+                    pictures = [load_image(im) for im in images]
+                    chunks, user = s.prompt_pieces(text, len(pictures))
+                    need = sum(len(c) for c in chunks) + len(pictures) * s.model.tokens_per_image
+                    if s.engine.position + need + 1 > s.engine.max_context:
+                        raise ContextOverflowError(
+                            f"the conversation is longer than the context ({s.engine.max_context} tokens)")
+                    s.engine.prefill(s.build_embeddings(chunks, pictures))
+                    s.pending = s.model.tokenizer.encode(answer)
+                    s.messages += [user, {"role": "assistant", "content": answer}]
+            self.restored.emit(f"the model remembers these {len(exchanges)} exchanges; you can continue")
+        except BaseException as e:  # noqa: BLE001
+            s.reset()
+            self.restored.emit(f"{readable_error(e)}; the model starts a new context (earlier turns are shown "
+                               f"but not remembered)")
 
     @Slot(str)
     def new_chat(self, system: str) -> None:
