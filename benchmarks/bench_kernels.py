@@ -66,7 +66,7 @@ def bench_cuda(models: list[str], device: torch.device) -> tuple[list[dict], flo
 
 
 def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
-    from edge_vlm.kernels.modules import CPUInt4Linear
+    from edge_vlm.kernels.modules import attach_cpu_int4
 
     from .random_model import random_awq_linear
 
@@ -76,16 +76,16 @@ def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
     for model in models:
         for label, k, n in linear_shapes(model):
             ref = random_awq_linear(k, n, device, torch.float32)
-            fast = CPUInt4Linear(ref)
+            fast = attach_cpu_int4(random_awq_linear(k, n, device, torch.float32))
             dense = torch.randn(k, n)
             row = dict(model=model, layer=label, k=k, n=n)
             for m in (1, 8):
                 x = torch.randn(m, k)
-                op = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast.packed, GROUP, fast.scales_and_zeros)  # noqa: E731
+                op = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast.int4_packed, GROUP, fast.int4_scales_zeros)  # noqa: E731
                 row[f"int4mm_m{m}_ms"] = median_time(op, device, reps) * 1e3
                 row[f"dequant_m{m}_ms"] = median_time(lambda: ref(x), device, max(2, reps // 2)) * 1e3
                 row[f"fp32_m{m}_ms"] = median_time(lambda: x @ dense, device, reps) * 1e3
-            nbytes = fast.packed.numel() + fast.scales_and_zeros.numel() * 4
+            nbytes = fast.int4_packed.numel() + fast.int4_scales_zeros.numel() * 4
             row["int4mm_gbs"] = nbytes / (row["int4mm_m1_ms"] / 1e3) / 1e9
             rows.append(row)
             del ref, fast, dense

@@ -142,6 +142,10 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
         model.template = ChatTemplate.builtin(template, tok.bos_token, tok.eos_token)
     model.info.dtype = str(dtype).replace("torch.", "")
     model.info.device = str(device)
+    if str(device) != "meta":
+        from .kernels.dispatch import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
+
+        optimize_for_device(model)
     return model
 
 

@@ -192,7 +192,8 @@ def test_optimize_for_device_on_cpu(tmp_path_factory):
     import copy
 
     from edge_vlm.kernels.dispatch import optimize_for_device
-    from edge_vlm.kernels.modules import CPUInt4Linear
+    from edge_vlm.kernels.modules import has_cpu_int4
+    from tests.kernel_helpers import AwqLinearStandIn
 
     model = _tiny("llama", tmp_path_factory)
     before = dict(model.llm.named_modules())
@@ -204,13 +205,15 @@ def test_optimize_for_device_on_cpu(tmp_path_factory):
     fast = copy.deepcopy(ref)
     counts = optimize_for_device(fast)
     assert counts == {"cpu_int4_linear": 2 * 7}
-    assert isinstance(fast.layers[0].mlp.down_proj, CPUInt4Linear)
+    down = fast.layers[0].mlp.down_proj
+    assert type(down) is AwqLinearStandIn and has_cpu_int4(down)  # same class, same state dict
+    assert down.state_dict().keys() == ref.layers[0].mlp.down_proj.state_dict().keys()
     ids = torch.randint(0, ref.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         outs = []
         for m in (ref, fast):
             cache = m.new_cache(16)
-            m(m.embed(ids), 0, cache)  # 6 rows: the reference path inside CPUInt4Linear
+            m(m.embed(ids), 0, cache)  # 6 rows: the layer's own reference path
             outs.append(m(m.embed(ids[:, :1]), 6, cache)[0, -1])  # 1 row: torch's int4 matmul
     # the int4 kernel rounds (8 - z) * s once in fp32: ~1e-7 relative per weight
     assert (outs[1] - outs[0]).abs().max() <= 1e-4 * outs[0].abs().max()

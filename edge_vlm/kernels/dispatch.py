@@ -3,8 +3,9 @@
 - CUDA with Triton: AWQ linears -> `TritonW4Linear` (W4A16 GEMV/GEMM), quantized MLPs -> fused
   epilogue MLPs, norms -> fused norm kernels. Decode attention, rotary+KV write and the
   residual-fused norms are used by the CUDA-graph decode step (edge_vlm.cuda_engine).
-- CPU: AWQ linears -> `CPUInt4Linear` (torch's int4 CPU matmul for decode-sized inputs, where it
-  measured faster than dequantize+matmul). Unquantized CPU models are left exactly as they are.
+- CPU: AWQ linears gain torch's int4 CPU matmul for decode-sized inputs, where it measured faster
+  than dequantize+matmul (`attach_cpu_int4`: the layers stay WQLinear, prefill stays the
+  reference path). Unquantized CPU models are left exactly as they are.
 - meta (or anything else): nothing.
 """
 
@@ -14,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from . import triton_available
-from .modules import (CPUInt4Linear, TritonNorm, TritonReluSqMLP, TritonW4Linear, cpu_int4_available, gated_mlp,
-                      is_awq_linear)
+from .modules import (TritonNorm, TritonReluSqMLP, TritonW4Linear, attach_cpu_int4, cpu_int4_available, gated_mlp,
+                      has_cpu_int4, is_awq_linear)
 
 
 def choose_backend(device: torch.device) -> str | None:
@@ -42,7 +43,12 @@ def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
     if backend == "triton":
         counts = _to_triton(llm)
     elif backend == "cpu" and cpu_int4_available():
-        counts = _swap(llm, is_awq_linear, CPUInt4Linear, "cpu_int4_linear")
+        n = 0
+        for module in llm.modules():
+            if is_awq_linear(module) and not has_cpu_int4(module):
+                attach_cpu_int4(module)
+                n += 1
+        counts = {"cpu_int4_linear": n} if n else {}
     llm.kernel_backend = backend if counts or backend == "triton" else "torch"
     return counts
 

@@ -3,11 +3,13 @@
 - `TritonW4Linear`: an AWQ `WQLinear` repacked for the W4A16 kernels (CUDA; CPU via the interpreter).
 - `TritonGatedMLP` / `TritonReluSqMLP`: the LLM's MLP with its epilogue fused into the GEMV.
 - `TritonNorm`: RMSNorm / LayerNorm1P through the fused norm kernel.
-- `CPUInt4Linear`: torch's int4 CPU matmul for decode-sized inputs (few rows), the reference
-  dequantize+matmul otherwise (measured on this project's CPU: see benchmarks/RESULTS.md).
+- `attach_cpu_int4`: torch's int4 CPU matmul for decode-sized inputs (few rows) added to an AWQ
+  linear in place; the reference dequantize+matmul otherwise (measured: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn as nn
@@ -117,33 +119,39 @@ def cpu_int4_available() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-class CPUInt4Linear(nn.Module):
-    """An AWQ linear on CPU: torch's int4 matmul for <= CPU_INT4_MAX_ROWS rows, else the reference.
+def attach_cpu_int4(module: nn.Module) -> nn.Module:
+    """Give an AWQ linear on CPU torch's int4 matmul for <= CPU_INT4_MAX_ROWS rows (decode).
 
-    torch's CPU kernel computes w = (q - 8) * s + m with m = (8 - z) * s, which is the AWQ
-    dequantization (q - z) * s rewritten; m is rounded once to the compute dtype.
+    The module keeps its class, buffers and state dict (code and checkpoints see a plain
+    WQLinear); it gains a non-persistent int4-packed copy of its weight (K*N/2 bytes, plus
+    fp32 scales/offsets) and a forward that routes decode-sized inputs to it. Larger inputs
+    (prefill) take the module's own dequantize+matmul, which wins there on this CPU.
+    torch's kernel computes w = (q - 8) * s + m with m = (8 - z) * s: the AWQ dequantization
+    (q - z) * s rewritten, m rounded once to the compute dtype.
     """
+    q = unpack_awq(module.qweight)  # [K, N]
+    z = unpack_awq(module.qzeros)[:, :module.out_features].to(module.scales.dtype)
+    s = module.scales
+    module.register_buffer("int4_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1),
+                           persistent=False)
+    module.register_buffer("int4_scales_zeros", torch.stack([s, (8 - z) * s], dim=-1).contiguous(), persistent=False)
+    module.forward = types.MethodType(_cpu_int4_forward, module)
+    return module
 
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.reference = module  # kept for prefill-sized inputs (and as the definition)
-        self.in_features, self.out_features, self.group_size = module.in_features, module.out_features, module.group_size
-        q = unpack_awq(module.qweight)  # [K, N]
-        z = unpack_awq(module.qzeros)[:, :module.out_features].to(module.scales.dtype)
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1),
-                             persistent=False)
-        s = module.scales
-        self.register_buffer("scales_and_zeros", torch.stack([s, (8 - z) * s], dim=-1).contiguous(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > CPU_INT4_MAX_ROWS or x.dtype != self.scales_and_zeros.dtype:
-            return self.reference(x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1).contiguous(), self.packed,
-                                                      self.group_size, self.scales_and_zeros)
-        if self.reference.bias is not None:
-            y = y + self.reference.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+def _cpu_int4_forward(self, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if rows > CPU_INT4_MAX_ROWS or x.dtype != self.int4_scales_zeros.dtype:
+        return type(self).forward(self, x)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1).contiguous(), self.int4_packed,
+                                                  self.group_size, self.int4_scales_zeros)
+    if self.bias is not None:
+        y = y + self.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def has_cpu_int4(module: nn.Module) -> bool:
+    return hasattr(module, "int4_packed")
 
 
 def dense_weight(w: Int4Weight, dtype=torch.float16) -> torch.Tensor:
