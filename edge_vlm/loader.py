@@ -224,7 +224,7 @@ def _load_llava(folder: Path, top: dict, dtype, device, show) -> VisionLanguageM
     def lm_rename(key: str):
         if key.startswith("model.language_model."):  # transformers >= 4.52
             return key[len("model.language_model."):]
-        if key == "lm_head.weight":
+        if key.startswith("lm_head."):  # lm_head.weight, or qweight/qzeros/scales when int4
             return key
         if key.startswith("language_model."):  # older: language_model.model.*, language_model.lm_head.*
             return _rename_llm(("language_model.",))(key)

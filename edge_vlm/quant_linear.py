@@ -70,15 +70,16 @@ def prepare_quantized(llm: nn.Module, qcfg: dict) -> list[str]:
     """Swap the quantized nn.Linear modules of `llm` for WQLinear (before the weights load).
 
     Every linear inside the decoder layers is converted unless its name contains an entry of
-    modules_to_not_convert; lm_head stays 16-bit (AutoAWQ never quantizes it). Returns the
-    names converted.
+    modules_to_not_convert; lm_head stays 16-bit (AutoAWQ never quantizes it) unless the config
+    says `quantize_lm_head` (our extension, for large vocabularies). Returns the names converted.
     """
     bits, group, skip = quant_settings(qcfg)
     ref = next(iter(llm.parameters()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float16
     converted = []
+    head = bool(qcfg.get("quantize_lm_head"))
     for name, module in list(llm.named_modules()):
-        if not isinstance(module, nn.Linear) or name == "lm_head" or any(s and s in name for s in skip):
+        if not isinstance(module, nn.Linear) or (name == "lm_head" and not head) or any(s and s in name for s in skip):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = llm.get_submodule(parent_name) if parent_name else llm

@@ -54,6 +54,7 @@ class QuantizeSettings:
     clip: bool = True
     duo_scaling: bool = True
     search_tokens: int = 4096        # calibration tokens scoring each scale candidate (cost ~ linear)
+    quantize_lm_head: bool = False   # int4 lm_head (RTN): big vocabularies, e.g. Nemotron's 256k
 
 
 @dataclass
@@ -202,13 +203,37 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _copy_rest(store: TensorStore, prefix: str, dest: Path) -> dict[str, str]:
-    """Every tensor outside the decoder layers, unchanged, into one shard."""
+def _lm_head_source(store: TensorStore, prefix: str) -> tuple[str, str]:
+    """(key holding the output projection, name of the int4 lm_head module to write).
+
+    The key is the embedding when the two are tied; the name follows the checkpoint's layout
+    (`lm_head`, or `language_model.lm_head` in older LLaVA folders).
+    """
+    base = "language_model.lm_head" if prefix.startswith("language_model.") else "lm_head"
+    if base + ".weight" in store:
+        return base + ".weight", base
+    return prefix.replace("layers.", "embed_tokens.weight"), base
+
+
+def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int | None = None) -> dict[str, str]:
+    """Every tensor outside the decoder layers, unchanged, into one shard.
+
+    With `lm_head_group`, lm_head is written as int4 under `lm_head.{qweight,qzeros,scales}`,
+    by round-to-nearest (no AWQ scale search for it yet).
+    """
     rest = {}
+    head_key, head = _lm_head_source(store, prefix) if lm_head_group else (None, None)
     for key in store.keys():
-        if not key.startswith(prefix):
+        if not key.startswith(prefix) and key != f"{head}.weight":
             t = store.get(key)
             rest[key] = t.clone() if t.is_floating_point() else t  # clone: tied tensors share storage
+    if head_key:
+        from .groupwise import quantize_weight
+
+        qw = quantize_weight(store.get(head_key).float(), lm_head_group)
+        rest[head + ".qweight"] = pack_int4_columns(qw.q.t())
+        rest[head + ".qzeros"] = pack_int4_columns(qw.zeros.t())
+        rest[head + ".scales"] = qw.scales.t().contiguous()
     name = "model-rest.safetensors"
     _save(rest, dest / name)
     return {k: name for k in rest}
@@ -229,12 +254,15 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def quantization_config(source: Source, group_size: int, w_bit: int) -> dict:
-    skip = ["lm_head"]
+def quantization_config(source: Source, group_size: int, w_bit: int, lm_head: bool = False) -> dict:
+    skip = [] if lm_head else ["lm_head"]
     if source.layout == "llava":
         skip += ["vision_tower", "multi_modal_projector"]
-    return {"quant_method": "awq", "bits": w_bit, "group_size": group_size, "zero_point": True,
+    conf = {"quant_method": "awq", "bits": w_bit, "group_size": group_size, "zero_point": True,
             "version": "gemm", "modules_to_not_convert": skip}
+    if lm_head:
+        conf["quantize_lm_head"] = True  # our extension: AutoAWQ readers keep lm_head 16-bit
+    return conf
 
 
 # ------------------------------------------------------------------ the run
@@ -343,7 +371,7 @@ def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, sto
                                               "elapsed_s": elapsed + time.perf_counter() - t0}))
             del layer
         step = "writing the output folder"
-        _finish(source, store, prefix, cfg, llm_out, partial, group, settings.w_bit)
+        _finish(source, store, prefix, cfg, llm_out, partial, group, settings.w_bit, settings.quantize_lm_head)
     except torch.OutOfMemoryError:
         raise QuantizeError(f"out of memory on {device} while {step}; try --device cpu or fewer --n-samples "
                             f"(a finished layer is kept: rerun with --resume)") from None
@@ -368,8 +396,8 @@ def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, sto
 
 
 def _finish(source: Source, store: TensorStore, prefix: str, cfg: LLMConfig, llm_out: Path, partial: Path,
-            group: int, w_bit: int) -> None:
-    weight_map = _copy_rest(store, prefix, llm_out)
+            group: int, w_bit: int, lm_head: bool = False) -> None:
+    weight_map = _copy_rest(store, prefix, llm_out, group if lm_head else None)
     total = 0
     from safetensors import safe_open
 
@@ -385,7 +413,9 @@ def _finish(source: Source, store: TensorStore, prefix: str, cfg: LLMConfig, llm
     _copy_non_weight_files(source.llm_dir, llm_out, skip={"config.json", "llm", "vision_tower", "mm_projector"}
                            if source.layout != "vila" else {"config.json"})
     conf = read_json(source.config_path)
-    conf["quantization_config"] = quantization_config(source, group, w_bit)
+    conf["quantization_config"] = quantization_config(source, group, w_bit, lm_head)
+    if lm_head:  # an int4 lm_head no longer shares the embedding's storage
+        (conf["text_config"] if source.layout == "llava" else conf)["tie_word_embeddings"] = False
     (llm_out / "config.json").write_text(json.dumps(conf, indent=2))
     if source.layout == "vila":  # vision tower, projector and top-level files, untouched
         _copy_non_weight_files(source.folder, partial, skip={"llm", "config.json"})  # copies sub-folders whole

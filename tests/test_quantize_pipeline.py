@@ -320,3 +320,21 @@ def test_vila_keeps_vision_and_projector_and_calibrates_on_images(tiny_vila, tmp
     answer = ChatSession(model).answer("What is this?", images=[skimage.data.chelsea()],
                                        gen=GenerationConfig(max_new_tokens=4, temperature=0))
     assert isinstance(answer, str)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int4_lm_head_option(tmp_path, tied):
+    """--quantize-lm-head: lm_head becomes WQLinear (tied embeddings are untied, the embedding stays)."""
+    from edge_vlm import load_model
+    from edge_vlm.quant_linear import WQLinear
+
+    _llm(tmp_path / "src", "llama", seed=6, tie_word_embeddings=tied)
+    settings = QuantizeSettings(method="rtn", group_size=32, quantize_lm_head=True)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "out", settings, progress=False)
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert conf["quantization_config"]["quantize_lm_head"] is True and conf["tie_word_embeddings"] is False
+    model = load_model(tmp_path / "out", device="cpu", progress=False)
+    assert isinstance(model.llm.lm_head, WQLinear) and model.llm.lm_head.out_features == 384
+    ids = torch.randint(0, 380, (1, 16), generator=torch.Generator().manual_seed(3))
+    ref, got = _logits(tmp_path / "src", ids), _logits(tmp_path / "out", ids)
+    assert float((got - ref).norm() / ref.norm()) < 0.4  # 4-bit noise, not a wrong matrix (that gives ~1.4)
