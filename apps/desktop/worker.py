@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from PySide6.QtCore import QObject, Signal, Slot
 
 from edge_vlm.errors import ContextOverflowError, EdgeVLMError
-from edge_vlm.generate import GenerationConfig, GenerationStats
+from edge_vlm.generate import GenerationConfig
 
 
 @dataclass
@@ -193,4 +193,4 @@ def memory_in_use(device) -> str:
     return f"RAM {rss / 2**30:.2f} GiB"
 
 
-__all__ = ["ModelWorker", "LoadRequest", "AskRequest", "readable_error", "memory_in_use", "GenerationStats"]
+__all__ = ["ModelWorker", "LoadRequest", "AskRequest", "readable_error", "memory_in_use"]
