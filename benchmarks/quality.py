@@ -74,6 +74,42 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+# Nemotron-Mini-4B-Instruct (the LLM of Nemovision-4B), from its config.json
+NEMOTRON_MINI_4B = dict(model_type="nemotron", vocab_size=256000, hidden_size=3072, intermediate_size=9216,
+                        num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
+                        partial_rotary_factor=0.5, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def memory_projection(llm_config: dict, context: int = 4096, group_size: int = 128) -> list[tuple[str, int, int]]:
+    """(variant, weight bytes, KV-cache bytes) of an LLM, counted on the meta device (no weights needed)."""
+    from edge_vlm.config import LLMConfig
+    from edge_vlm.llm import DecoderLM
+    from edge_vlm.quant_linear import prepare_quantized
+
+    cfg = LLMConfig.from_hf(llm_config)
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * 2  # fp16 K and V
+
+    def weight_bytes(qcfg):
+        with torch.device("meta"):
+            llm = DecoderLM(cfg)
+        if qcfg:
+            prepare_quantized(llm, qcfg)
+        tensors = {id(t): t for t in list(llm.parameters()) + list(llm.buffers())}.values()
+        return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)  # fp16 floats
+
+    q = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm"}
+    return [("16-bit", weight_bytes(None), kv),
+            (f"int4 g{group_size} linears, 16-bit lm_head", weight_bytes(q), kv),
+            (f"int4 g{group_size} linears + int4 lm_head", weight_bytes({**q, "quantize_lm_head": True}), kv)]
+
+
+def memory_table(rows, context: int) -> str:
+    gb = lambda n: f"{n / 1e9:.2f} GB"  # noqa: E731
+    lines = [f"| LLM weights | weights | KV cache ({context} tokens, fp16) | total |", "|---|---|---|---|"]
+    lines += [f"| {name} | {gb(w)} | {gb(kv)} | {gb(w + kv)} |" for name, w, kv in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="16-bit LLM folder (default: the real SmolLM2-135M test model)")
@@ -85,7 +121,12 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", help="keep the quantized folders here (default: a temporary folder)")
     p.add_argument("--search-tokens", type=int, default=4096, help="tokens scoring each AWQ scale (default 4096)")
     p.add_argument("--device", help="device for quantizing (evaluation runs on CPU in fp32)")
+    p.add_argument("--memory-projection", action="store_true",
+                   help="only print the projected memory of Nemotron-Mini-4B (Nemovision-4B's LLM) at 4096 tokens")
     a = p.parse_args(argv)
+    if a.memory_projection:
+        print(memory_table(memory_projection(NEMOTRON_MINI_4B), 4096))
+        return 0
     rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, a.search_tokens)
     print(table(rows))
     return 0
