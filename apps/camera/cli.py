@@ -96,7 +96,7 @@ def _check_args(args) -> None:
         raise EdgeVLMError("--on-change THRESHOLD must be between 0 and 1 (e.g. 0.1)")
     if args.context_frames < 1:
         raise EdgeVLMError("--context-frames must be at least 1")
-    if (args.alert_cmd or args.webhook) and not args.alert:
+    if (args.alert_cmd or args.webhook) and args.alert is None:
         raise EdgeVLMError("--alert-cmd / --webhook need --alert PATTERN to know when to fire")
 
 
@@ -119,7 +119,7 @@ def run(args) -> int:
         trigger = Trigger(interval, args.on_change)
         video = AnnotatedVideo(args.output, fps=source.fps or 15.0) if args.output else None
         alerter = (Alerter(AlertRule(args.alert), args.cooldown, args.alert_cmd, args.webhook, log=_log)
-                   if args.alert else None)
+                   if args.alert is not None else None)
         from edge_vlm.commands import load_from_args
         from edge_vlm.session import ChatSession
 

@@ -1,4 +1,4 @@
-"""The camera loop: frames in, answers out.
+r"""The camera loop: frames in, answers out.
 
     source --(capture thread, live only)--> LatestFrameBuffer --> trigger --> ChatSession --> JSON line
                                                                                          \-> overlay, alerts
