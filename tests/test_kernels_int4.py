@@ -63,7 +63,7 @@ def _tolerance(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("m,k,n,group", [
     (1, 256, 96, 128),   # decode, one token
-    (3, 192, 40, 64),    # ragged: K not a multiple of the 512-weight K block, N of the 64-row block
+    (3, 192, 40, 64),    # ragged: K not a multiple of the 256-weight K step, N not of the 16-row block
     (8, 128, 72, 32),    # the largest GEMV row count
     (1, 1024, 24, 128),  # several K steps
 ])

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from .launcher import kernel, next_power_of_2
 
-NEG = -1.0e30  # "minus infinity" that keeps exp() and subtraction finite for empty splits
+# "Minus infinity" is -1e30 (written as a literal in the kernel: compiled Triton kernels may not
+# read non-constexpr globals): it keeps exp() and subtraction finite for empty splits.
 
 
 @kernel
@@ -33,7 +34,7 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, GROUP
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(q_ptr + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32) * scale
-    m = tl.full((), NEG, tl.float32)
+    m = tl.full((), -1.0e30, tl.float32)
     l_sum = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for s0 in range(lo, hi, BLOCK_S):
@@ -41,7 +42,7 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, GROUP
         s_ok = s < hi
         off = kvh * stride_kh + s[:, None] * stride_ks + d[None, :]
         kt = tl.load(k_ptr + off, mask=s_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        scores = tl.where(s_ok, tl.sum(kt * q[None, :], axis=1), NEG)
+        scores = tl.where(s_ok, tl.sum(kt * q[None, :], axis=1), -1.0e30)
         m_new = tl.maximum(m, tl.max(scores, axis=0))
         p = tl.exp(scores - m_new)
         alpha = tl.exp(m - m_new)

@@ -106,8 +106,15 @@ def _w4a16_gemm(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm
 
 
 def _gemv_blocks(n: int, k: int) -> tuple[int, int]:
-    # 128-word (512-byte, 1024-weight) K steps keep 16-byte loads in flight; narrow layers use smaller tiles
-    return min(64, next_power_of_2(n)), min(64, next_power_of_2(k // 8))
+    """(BLOCK_N rows, BLOCK_W words) per GEMV step.
+
+    32 words = 128 contiguous bytes per row per step (eight 16-byte loads); the unpacked
+    [BLOCK_N, BLOCK_W, 8] fp32 tile stays at <= 8192 values (64 registers/thread at 4 warps).
+    16 rows per program below N = 8192 gives >= 160 programs for a 2560-wide layer, enough to
+    cover an H100's 132 SMs. Not yet tuned on a GPU (see benchmarks/RESULTS.md).
+    """
+    block_n = 16 if n <= 8192 else 32
+    return min(block_n, next_power_of_2(n)), min(32, next_power_of_2(k // 8))
 
 
 def w4a16_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, act: int = ACT_NONE,
