@@ -57,7 +57,7 @@ def _decode_attention(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr, GROUP
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     splits: int = 8, block_s: int = 64) -> torch.Tensor:
+                     splits: int = 8, block_s: int = 32) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the first `length` cached positions.
 
     q [H, D] (one token, batch 1); k_cache/v_cache [Hkv, S, D]; length: int tensor [1].

@@ -147,7 +147,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = Non
             return silu_mul(both[:, :n], both[:, n:]).reshape(*x.shape[:-1], n)
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         block_n = min(64, max(16, next_power_of_2(n)))
-        block_k = min(64, max(16, next_power_of_2(k)))
+        block_k = min(32, max(16, next_power_of_2(k)))  # 64x64x32: 162 registers, no spills (aot_check)
         grid = ((m + block_m - 1) // block_m, (n + block_n - 1) // block_n)
         _w4a16_gemm.on(x.device)[grid](x2, w.qweight, w.scales, w.zeros, b, y, m, n, k, w.group_size, x2.stride(0),
                                        y.stride(0), w.qweight.stride(0), w.scales.stride(0),

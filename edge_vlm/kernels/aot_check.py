@@ -1,0 +1,104 @@
+"""Compile every kernel for real GPU targets without a GPU (Triton front end + ptxas).
+
+Triton can lower a kernel to PTX and a cubin for a named target with no device present. This
+catches what the interpreter cannot: constructs the compiler rejects (non-constexpr globals,
+type mismatches in loops), and it reports registers and spills per kernel from ptxas. Used by
+tests/test_kernels_compile.py and `python -m edge_vlm.kernels.aot_check`.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+TARGETS = {"sm_90 (H100)": 90, "sm_87 (Jetson Orin)": 87}
+
+
+def kernel_variants():
+    """(name, kernel, signature, constexprs) for every kernel and specialisation the runtime launches."""
+    from .activations import _relu_sq, _silu_mul
+    from .decode_attention import _decode_attention
+    from .norms import _add_norm
+    from .rotary_kv import _rotary_kv
+    from .w4a16 import _w4a16_gemm, _w4a16_gemv
+
+    w4 = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16"}
+    ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
+    out = []
+    for act in (0, 1, 2):
+        for bias in (False, True):
+            out.append((f"w4a16_gemv act={act} bias={bias}", _w4a16_gemv,
+                        {**w4, **ints("N", "K", "G", "stride_xm", "stride_ym", "stride_qn", "stride_sn")},
+                        dict(HAS_BIAS=bias, ACT=act, BLOCK_N=16, BLOCK_W=32)))
+    for act in (0, 1):
+        out.append((f"w4a16_gemm act={act}", _w4a16_gemm,
+                    {**w4, **ints("M", "N", "K", "G", "stride_xm", "stride_ym", "stride_qn", "stride_sn")},
+                    dict(HAS_BIAS=True, ACT=act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
+    for kind in (0, 1):
+        for res in (False, True):
+            out.append((f"add_norm kind={kind} residual={res}", _add_norm,
+                        {"x_ptr": "*fp16", "r_ptr": "*fp16", "w_ptr": "*fp16", "b_ptr": "*fp16", "y_ptr": "*fp16",
+                         "sum_ptr": "*fp16", "D": "i32", "eps": "fp32",
+                         **ints("stride_x", "stride_r", "stride_y", "stride_s")},
+                        dict(HAS_RESIDUAL=res, KIND=kind, BLOCK_D=4096)))
+    out.append(("rotary_kv", _rotary_kv,
+                {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                 "pos_ptr": "*i32", "qo_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
+                 **ints("H", "HKV", "R", "stride_qt", "stride_kt", "stride_vt", "stride_cos", "stride_qot",
+                        "stride_qoh", "stride_ch", "stride_cs")}, dict(D=128, BLOCK_D=128)))
+    out.append(("decode_attention", _decode_attention,
+                {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "len_ptr": "*i32", "m_ptr": "*fp32",
+                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "GROUP": "i32", "scale": "fp32",
+                 **ints("stride_qh", "stride_kh", "stride_ks")}, dict(SPLITS=8, D=128, BLOCK_D=128, BLOCK_S=32)))
+    out.append(("silu_mul", _silu_mul, {"g_ptr": "*fp16", "u_ptr": "*fp16", "y_ptr": "*fp16",
+                                        **ints("numel", "cols", "stride_g", "stride_u")}, dict(BLOCK=1024)))
+    out.append(("relu_sq", _relu_sq, {"x_ptr": "*fp16", "y_ptr": "*fp16", "numel": "i32"}, dict(BLOCK=1024)))
+    return out
+
+
+def compile_for(kernel, signature: dict, constexprs: dict, capability: int):
+    """The compiled kernel (PTX + cubin) of one specialisation for sm_<capability>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    return triton.compile(ASTSource(triton.jit(kernel.fn), sig, constexprs=constexprs),
+                          target=GPUTarget("cuda", capability, 32))
+
+
+def ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers per thread, spill bytes) that ptxas reports for this PTX."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(capability).path  # the ptxas Triton itself uses for this architecture
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        return _run_ptxas(ptxas, ptx, src)
+
+
+def _run_ptxas(ptxas: str, ptx: str, src: Path) -> tuple[int, int]:
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)  # e.g. sm_90a, as Triton targets it
+    res = subprocess.run([str(ptxas), "-v", f"--gpu-name={arch}", str(src), "-o", "/dev/null"],
+                         capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores", res.stderr)
+    return (int(regs.group(1)) if regs else -1), sum(int(s) for s in spills)
+
+
+def main() -> int:
+    print("| kernel | target | registers | spill bytes |\n|---|---|---|---|")
+    for name, kern, sig, consts in kernel_variants():
+        for target, cap in TARGETS.items():
+            compiled = compile_for(kern, sig, consts, cap)
+            regs, spills = ptxas_usage(compiled.asm["ptx"], cap)
+            print(f"| {name} | {target} | {regs} | {spills} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
