@@ -1,0 +1,81 @@
+"""Which Jetson Orin module fits which VLM: the table in jetson/README.md, computed, not guessed.
+
+Each model is built on the meta device from its published shapes (no download, no weights),
+in fp16 and with AWQ int4 (group 128) language-model linears, and sized with
+`VisionLanguageModel.memory_estimate`: the same figure `edge-vlm info` prints (weights plus
+the fp16 KV cache at the given context). Run: python jetson/memory_table.py [--context 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from edge_vlm.config import LLMConfig, ProjectorConfig, VisionConfig
+from edge_vlm.llm import DecoderLM
+from edge_vlm.projector import Projector
+from edge_vlm.quant_linear import prepare_quantized
+from edge_vlm.vision import VisionTower
+from edge_vlm.vlm import ModelInfo, VisionLanguageModel
+
+# SigLIP-so400m/14 at 384 px, the tower of all VILA1.5 models (feature from the second-last layer)
+SIGLIP_384 = dict(arch="siglip", image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                  num_layers=27, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+MODELS = {  # language-model shapes from each checkpoint's llm/config.json
+    "VILA1.5-3B": dict(arch="llama", vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_layers=32,
+                       num_heads=20, num_kv_heads=20, head_dim=128, norm_eps=1e-5),
+    "Llama-3-VILA1.5-8B": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                               num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, norm_eps=1e-5),
+    "VILA1.5-13B": dict(arch="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                        num_heads=40, num_kv_heads=40, head_dim=128, norm_eps=1e-5),
+}
+# Orin modules and their unified memory (CPU and GPU share it), in GB as NVIDIA states it.
+MODULES = [("Nano 4GB", 4), ("Nano 8GB / NX 8GB", 8), ("NX 16GB", 16), ("AGX 32GB", 32), ("AGX 64GB", 64)]
+# Left for L4T (headless), the CUDA context, PyTorch and activations; measure yours with tegrastats.
+RESERVE_GB = 2.0
+AWQ_INT4 = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
+
+
+def build(name: str, quantization: dict | None) -> VisionLanguageModel:
+    """The model as the loader would build it, on the meta device, in fp16."""
+    cfg = LLMConfig(**MODELS[name])
+    vcfg = VisionConfig(**SIGLIP_384)
+    with torch.device("meta"):
+        llm = DecoderLM(cfg).to(torch.float16)
+        if quantization:
+            prepare_quantized(llm, quantization)
+        vision = VisionTower(vcfg).to(torch.float16)
+        projector = Projector(ProjectorConfig("mlp_downsample", vcfg.hidden_size, cfg.hidden_size)).to(torch.float16)
+    info = ModelInfo(name, "vila", cfg.arch, vcfg.arch, "mlp_downsample")
+    return VisionLanguageModel(llm, None, None, info, vision, projector)
+
+
+def rows(context: int) -> list[tuple[str, str, float]]:
+    """(model, weights label, total GB) with memory_estimate's figure at `context` tokens."""
+    out = []
+    for name in MODELS:
+        for label, q in (("fp16", None), ("int4 AWQ", AWQ_INT4)):
+            est = build(name, q).memory_estimate(context)
+            out.append((name, label, est["total"] / 1e9))
+    return out
+
+
+def table(context: int = 4096) -> str:
+    head = "| model | weights | memory at " + f"{context} tokens | " + " | ".join(m for m, _ in MODULES) + " |"
+    lines = [head, "|" + "---|" * (3 + len(MODULES))]
+    for name, label, gb in rows(context):
+        fits = ["yes" if gb + RESERVE_GB <= mem else "no" for _, mem in MODULES]
+        lines.append(f"| {name} | {label} | {gb:.1f} GB | " + " | ".join(fits) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--context", type=int, default=4096, help="KV-cache size in tokens (default 4096)")
+    print(table(p.parse_args(argv).context))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
