@@ -125,7 +125,8 @@ class OpenCVSource(FrameSource):
         if self.spec.kind == "file" and not Path(self.spec.location).is_file():
             raise MediaError(f"video not found: {where}")
         if self.spec.kind == "v4l2" and self.backend == "opencv" and not Path(self.spec.location).exists():
-            raise MediaError(f"camera not found: {where} does not exist (is it plugged in? see `v4l2-ctl --list-devices`)")
+            raise MediaError(f"camera not found: {where} does not exist "
+                             f"(is it plugged in? see `v4l2-ctl --list-devices`)")
         if self.backend == "gstreamer":
             cap = cv2.VideoCapture(self.describe(), cv2.CAP_GSTREAMER)
         elif self.spec.kind == "v4l2":

@@ -85,7 +85,7 @@ class Alerter:
                 self.log(f"alert command failed to start: {e}")
         if self._worker:
             try:
-                self._posts.put_nowait(record)
+                self._posts.put_nowait(dict(record, alert=True))  # a copy: the caller goes on editing its own
             except queue.Full:
                 self.log("webhook is not keeping up: alert dropped")
         return True

@@ -39,7 +39,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("camera", help="answer questions about a live camera or video, continuously",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--source", required=True, help="camera, stream URL, video file or image folder (see above)")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a question asked about each chosen frame; repeat for several (default: describe the scene)")

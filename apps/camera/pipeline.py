@@ -17,7 +17,7 @@ import datetime as dt
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
