@@ -105,9 +105,11 @@ class OpenCVSource(FrameSource):
         self.codec, self.flip = codec, flip
         self.live = spec.live
         self.backend = ("gstreamer" if opencv_has_gstreamer() else "opencv") if backend == "auto" else backend
-        if spec.kind == "csi" and self.backend != "gstreamer":
-            raise MediaError(f"{spec}: CSI cameras need OpenCV built with GStreamer (JetPack's python3-opencv); "
-                             f"this OpenCV has no GStreamer")
+        no_gst = self.backend != "gstreamer" or not opencv_has_gstreamer()
+        if no_gst and (spec.kind == "csi" or backend == "gstreamer"):
+            need = "CSI cameras need" if spec.kind == "csi" else "--backend gstreamer needs"
+            raise MediaError(f"{spec}: {need} OpenCV's GStreamer backend (Ubuntu/JetPack python3-opencv has it, "
+                             f"pip's opencv-python-headless does not)")
         self._cap = None
 
     def describe(self) -> str:
@@ -137,7 +139,8 @@ class OpenCVSource(FrameSource):
             cap.release()
             what = {"file": "not a video or an unsupported codec", "rtsp": "stream unreachable or refused",
                     "v4l2": "device busy or not a camera", "csi": "camera not detected by nvargus-daemon"}
-            raise MediaError(f"cannot open {where}: {what[self.spec.kind]}")
+            how = f" (GStreamer pipeline: {self.describe()})" if self.backend == "gstreamer" else ""
+            raise MediaError(f"cannot open {where}: {what[self.spec.kind]}{how}")
         if self.backend == "opencv" and self.live:
             for prop, value in ((cv2.CAP_PROP_FRAME_WIDTH, self.width), (cv2.CAP_PROP_FRAME_HEIGHT, self.height),
                                 (cv2.CAP_PROP_FPS, self.requested_fps)):

@@ -39,8 +39,23 @@ def test_parse_source_folder_and_empty(tmp_path):
 
 def test_csi_needs_gstreamer_opencv():
     # pip's opencv-python-headless has no GStreamer: asking for CSI must say so in one line.
-    with pytest.raises(MediaError, match="GStreamer"):
+    with pytest.raises(MediaError, match="CSI cameras need OpenCV's GStreamer backend"):
         open_source("csi://0", backend="opencv")
+
+
+def test_gstreamer_backend_uses_the_pipeline_builder(monkeypatch):
+    import edge_vlm.frame_sources as fs
+
+    monkeypatch.setattr(fs, "opencv_has_gstreamer", lambda: False)
+    with pytest.raises(MediaError, match="--backend gstreamer needs OpenCV's GStreamer backend"):
+        open_source("rtsp://cam/x", backend="gstreamer")
+    monkeypatch.setattr(fs, "opencv_has_gstreamer", lambda: True)
+    monkeypatch.setattr(fs, "is_jetson", lambda: True)
+    src = open_source("rtsp://cam/x", backend="auto", codec="h265", width=640, height=480)
+    assert src.backend == "gstreamer"
+    assert src.describe() == source_pipeline("rtsp", "rtsp://cam/x", jetson=True, codec="h265", width=640, height=480)
+    assert "nvv4l2decoder" in src.describe()
+    assert open_source("csi://1", flip=2).describe().startswith("nvarguscamerasrc sensor-id=1 ")
 
 
 def test_image_folder_reads_in_name_order_and_skips_junk(tmp_path):
