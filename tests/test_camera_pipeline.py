@@ -23,7 +23,7 @@ from apps.camera.pipeline import CameraPipeline
 from apps.camera.triggers import Trigger
 from edge_vlm.cli import main
 from edge_vlm.errors import MediaError
-from edge_vlm.frame_sources import FrameSource, open_source
+from edge_vlm.frame_sources import FrameSource, open_source, opencv_has_gstreamer
 
 FPS = 10
 W, H = 64, 48
@@ -200,7 +200,8 @@ def test_bad_source_is_one_clear_line(capsys, tiny_vila, tmp_path, make_source, 
 def test_bad_options_are_one_clear_line(capsys, tiny_vila, clip, tmp_path):
     for extra, message in [(["--alert-cmd", "true"], "need --alert"), (["--on-change", "3"], "between 0 and 1"),
                            (["--output", str(tmp_path / "x.gif")], "use one of"),
-                           (["--alert", "(bad"], "not a valid regular expression")]:
+                           (["--alert", "(bad"], "not a valid regular expression")] + (
+                           [] if opencv_has_gstreamer() else [(["--output", "udp://127.0.0.1:5000"], "needs OpenCV")]):
         code, lines, err = run_cli(capsys, *common(tiny_vila, clip), *extra)
         assert code == 1 and not lines and err.count("\n") == 1 and message in err, (extra, err)
 
