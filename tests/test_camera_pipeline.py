@@ -121,6 +121,24 @@ def test_max_frames_and_context_frames(capsys, tiny_vila, clip):
     assert [r["images"] for r in lines] == [1, 2, 3, 3, 3]  # the rolling window fills, then slides
 
 
+def test_image_folder_source_runs_on_its_own_pace(capsys, tiny_vila, tmp_path):
+    import cv2
+
+    rng = np.random.default_rng(3)
+    for i in range(6):
+        cv2.imwrite(str(tmp_path / f"shot_{i:02d}.jpg"), scene_frame(i * 10, rng))
+    code, lines, _ = run_cli(capsys, "--model", str(tiny_vila), "--source", str(tmp_path), "--fps", "2",
+                             "--interval", "1", "--max-new-tokens", "2")
+    assert code == 0
+    assert [(r["frame"], r["stream_time_s"]) for r in lines] == [(0, 0.0), (2, 1.0), (4, 2.0)]
+
+
+def test_context_that_does_not_fit_is_one_clear_line(capsys, tiny_vila, clip):
+    code, lines, err = run_cli(capsys, "--model", str(tiny_vila), "--source", str(clip), "--max-context", "24",
+                               "--context-frames", "4", "--interval", "0.1", "--prompt", "Describe the scene.")
+    assert code == 1 and err.count("\n") == 1 and "fit in the context" in err
+
+
 class Hooks(BaseHTTPRequestHandler):
     received: list = []
 
