@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -53,9 +52,8 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
     for method in ("rtn", "awq"):
         settings = QuantizeSettings(method=method, group_size=group_size, n_samples=n_samples, seqlen=seqlen,
                                     device=device, search_tokens=search_tokens)
-        t = time.perf_counter()
         summary = quantize_checkpoint(model, work / method, settings, force=True)
-        rows[method.upper()] = {"ppl": evaluate(summary.out, ids, window), "seconds": time.perf_counter() - t,
+        rows[method.upper()] = {"ppl": evaluate(summary.out, ids, window), "seconds": summary.seconds,
                                 "group": summary.group_size, "mib": summary.bytes_after / 2**20}
     return rows
 
