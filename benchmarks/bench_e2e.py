@@ -47,10 +47,18 @@ def _kv_bytes_read(cfg, ctx: int, itemsize: int) -> int:
 
 
 def _decode_bytes(llm, ctx: int, itemsize: int) -> int:
-    """Bytes one decode step reads: every weight except the embedding table (one row), plus the KV cache."""
+    """Bytes one decode step must read: every weight the step uses (one row of the embedding
+    table; for CPU int4 layers their packed copy, not the AWQ buffers kept for prefill), plus
+    the KV cache up to `ctx`."""
+    unused = set()
+    for m in llm.modules():
+        if hasattr(m, "int4_packed"):
+            unused |= {id(m.qweight), id(m.qzeros), id(m.scales)}
     emb = llm.embed_tokens.weight
-    return (weight_bytes(llm) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
-            + _kv_bytes_read(llm.cfg, ctx, itemsize))
+    unused.add(id(emb))
+    seen = {id(t): t for t in list(llm.parameters()) + list(llm.buffers()) if id(t) not in unused}
+    weights = sum(t.numel() * t.element_size() for t in seen.values())
+    return weights + emb.shape[1] * emb.element_size() + _kv_bytes_read(llm.cfg, ctx, itemsize)
 
 
 def _timed(fn, device) -> float:
