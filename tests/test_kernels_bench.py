@@ -48,3 +48,14 @@ def test_bench_command_writes_table_and_plot(tmp_path, capsys):
     png = tmp_path / "tiny-cpu.png"
     assert Image.open(png).size == (1000, 420)
     assert "ours int4" in (tmp_path / "tiny-cpu.md").read_text()
+
+
+def test_bench_on_a_missing_gpu_is_a_one_line_error(capsys):
+    import pytest
+
+    from edge_vlm.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["bench", "--device", "cuda", "--model-shape", "tiny"]) == 1
+    assert capsys.readouterr().err.strip() == "edge-vlm: error: --device cuda asked for, but this torch sees no CUDA GPU"

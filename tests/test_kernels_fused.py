@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+triton = pytest.importorskip("triton")  # the kernels need it (the `gpu`/`test` extras)
+
 from edge_vlm.kernels.activations import relu_sq, silu_mul
 from edge_vlm.kernels.decode_attention import decode_attention
 from edge_vlm.kernels.norms import LAYERNORM1P, RMS, add_norm
@@ -22,7 +24,6 @@ from edge_vlm.llm import LayerNorm1P, RMSNorm
 from edge_vlm.rotary import apply_rotary
 from tests.kernel_helpers import DEVICES, quantize_linear
 
-triton = pytest.importorskip("triton")
 
 
 def _rand(*shape, seed, device, dtype=torch.float16):
@@ -162,10 +163,12 @@ def _quantize_layers(llm, group=32):
 
 def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
     """The CUDA path's module swaps (W4A16 linears, fused MLP epilogues, norms), run through the
-    interpreter on a tiny int4 model: prefill (GEMM) and decode (GEMV) logits match the reference."""
+    interpreter on a tiny int4 model: prefill (GEMM), decode (GEMV) and the fused static decode
+    step all match the reference model's logits."""
     import copy
 
     from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.kernels.fused_decode import FusedDecoder
 
     for kind in ("llama", "nemotron"):
         ref = _tiny(kind, tmp_path_factory).llm
@@ -183,6 +186,11 @@ def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
                 prefill = model(model.embed(ids), 0, cache)[0, -1]
                 step = model(model.embed(ids[:, :1]), 12, cache)[0, -1]
                 outs.append((prefill, step))
+            # what the CUDA graph replays: the static decode step over the swapped int4 modules
+            cache = fast.new_cache(32)
+            fast(fast.embed(ids), 0, cache)
+            outs[1] += (FusedDecoder(fast, cache).step(int(ids[0, 0]), 12),)
+            outs[0] += (outs[0][1],)
         for got, want in zip(outs[1], outs[0]):
             # fp32 throughout: reassociated sums only
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("triton")  # the kernels need it (the `gpu`/`test` extras)
+
 from edge_vlm.kernels.int4_layout import (concat_outputs, dequantize, from_ints, pack_awq, pack_rows, repack_awq, unpack_awq,
                                           unpack_rows)
 from edge_vlm.kernels.w4a16 import ACT_RELU2, ACT_SILU_MUL, w4a16_matmul
 from tests.kernel_helpers import DEVICES, awq_pack, exact_dequant, random_int4
 
-pytest.importorskip("triton")
 
 
 def test_unpack_awq_inverts_the_spec_packer():
