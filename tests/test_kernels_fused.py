@@ -275,3 +275,15 @@ def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
     assert tokens["Engine"][0] == tokens["CUDAGraphEngine"][0]
     a, b = tokens["Engine"][1], tokens["CUDAGraphEngine"][1]
     assert (a - b).abs().max() <= 2e-2 * a.abs().max()  # fp16 model: a few ulps through 2 layers
+
+
+def test_make_engine_picks_the_plain_engine_off_gpu(tmp_path_factory):
+    from edge_vlm.cuda_engine import CUDAGraphEngine, make_engine
+    from edge_vlm.generate import Engine
+
+    llm = _tiny("llama", tmp_path_factory).llm
+    engine = make_engine(llm, 32)
+    assert type(engine) is Engine and engine.max_context == 32
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            CUDAGraphEngine(llm, 32)
