@@ -60,6 +60,11 @@ def test_output_config_and_tensor_layout(tiny_pair):
     conf = json.loads((out / "config.json").read_text())
     assert conf["quantization_config"] == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                            "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+    # transformers parses it as AWQ GEMM (loading the weights there needs gptqmodel, not installable here)
+    from transformers import AwqConfig
+
+    parsed = AwqConfig.from_dict(conf["quantization_config"])
+    assert (parsed.format, parsed.bits, parsed.group_size, parsed.zero_point) == ("gemm", 4, 32, True)
     from edge_vlm.checkpoint import TensorStore
 
     store = TensorStore(out)
