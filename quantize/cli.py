@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ, or with
@@ -56,7 +58,14 @@ def run(args) -> int:
                                 n_samples=args.n_samples, seqlen=args.seqlen, calib=args.calib,
                                 calib_images=args.calib_images, device=args.device, clip=not args.no_clip,
                                 quantize_lm_head=args.quantize_lm_head)
-    summary = quantize_checkpoint(args.src, args.out, settings, resume=args.resume, force=args.force,
-                                  progress=not args.quiet)
+    try:
+        summary = quantize_checkpoint(args.src, args.out, settings, resume=args.resume, force=args.force,
+                                      progress=not args.quiet)
+    except KeyboardInterrupt:
+        partial = Path(args.out).expanduser().with_name(Path(args.out).name + ".partial")
+        hint = f"finished layers are kept in {partial}; add --resume to continue" if partial.exists() else \
+            "nothing was written"
+        print(f"\nedge-vlm: interrupted; {hint}", file=sys.stderr)
+        return 130
     print(summary.text())
     return 0
