@@ -239,11 +239,24 @@ def test_optimize_for_device_skips_meta():
 
 
 def test_interpreter_does_not_leak():
-    """Interpreted launches neither set TRITON_INTERPRET nor leave Triton's JIT patched."""
+    """Interpreted launches neither set TRITON_INTERPRET, nor leave Triton's JIT patched, nor add
+    names to the modules whose kernels the compiler will later read."""
     from triton.runtime.jit import JITFunction
 
+    import edge_vlm.kernels.activations as kernels_module
+
     call = JITFunction.__call__
-    relu_sq(torch.randn(10).half())
+    tl = triton.language
+    spaces = (kernels_module, tl, tl.core, tl.math, tl.standard, tl.tensor, tl.dtype)
+
+    def snapshot():
+        return [{k: id(v) for k, v in vars(space).items()} for space in spaces]
+
+    before = snapshot()
+    relu_sq(torch.randn(10).half())  # no Triton helpers
+    add_norm(torch.randn(2, 8).half(), None, torch.randn(8).half(), None, 1e-5)  # tl.sum: a jitted helper
+    # nothing added to or replaced in the kernel module or triton.language
+    assert snapshot() == before
     assert "TRITON_INTERPRET" not in os.environ
     assert not triton.knobs.runtime.interpret
     assert JITFunction.__call__ is call

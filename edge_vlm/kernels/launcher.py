@@ -10,12 +10,16 @@ Triton's own helpers (`tl.sum`, `tl.zeros`, ...) were decorated in JIT mode when
 imported, and a JIT function refuses to be called from Python. While (and only while) an
 interpreted kernel runs, `_jit_helpers_interpreted` lets such helpers run through the
 interpreter too; the patch is undone when the launch returns, so nothing outlives the call.
+The interpreter also writes its own names into the globals of the functions it runs, so it
+is given copies with private globals (`_isolated`): kernels compiled later in the same
+process (CUDA tests after CPU ones) see their modules untouched.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import types
 
 import torch
 
@@ -34,7 +38,7 @@ class Kernel:
             if self._interpreted is None:
                 from triton.runtime.interpreter import InterpretedFunction
 
-                self._interpreted = _Interpreted(InterpretedFunction(self.fn))
+                self._interpreted = _Interpreted(InterpretedFunction(_isolated(self.fn)))
             return self._interpreted
         if self._compiled is None:
             import triton
@@ -52,17 +56,38 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _isolated(fn):
+    """A copy of `fn` with its own globals dict.
+
+    The interpreter copies its own module's names into the globals of every function it runs;
+    on the real function that would pollute the kernel's module (and Triton's standard library),
+    and the compiler, which resolves names in those globals, then fails on the same kernels.
+    """
+    clone = types.FunctionType(fn.__code__, dict(fn.__globals__), fn.__name__, fn.__defaults__, fn.__closure__)
+    clone.__annotations__ = dict(getattr(fn, "__annotations__", {}))
+    clone.__kwdefaults__ = fn.__kwdefaults__
+    clone.__module__, clone.__qualname__, clone.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    return clone
+
+
 @contextlib.contextmanager
 def _jit_helpers_interpreted():
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
     from triton.runtime.jit import JITFunction
 
     cache: dict = {}
 
     def call(self, *args, **kwargs):
+        # InterpretedFunction.__call__ would patch triton.language for good (it never restores:
+        # under TRITON_INTERPRET nothing else runs); patch for the call only, then restore
         if self.fn not in cache:
-            cache[self.fn] = InterpretedFunction(self.fn)
-        return cache[self.fn](*args, **kwargs)
+            cache[self.fn] = InterpretedFunction(_isolated(self.fn))
+        helper = cache[self.fn]
+        scope = _patch_lang(helper.fn)
+        try:
+            return helper.rewrite()(*args, **kwargs)
+        finally:
+            scope.restore()
 
     with _patch_lock:
         saved = JITFunction.__call__
