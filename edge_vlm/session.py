@@ -14,7 +14,8 @@ import torch
 
 from .chat_template import IMAGE_MARK
 from .errors import ContextOverflowError, EdgeVLMError
-from .generate import Engine, GenerationConfig, GenerationStats, generate
+from .cuda_engine import make_engine
+from .generate import GenerationConfig, GenerationStats, generate
 from .preprocess import load_image
 from .tokenizer import StreamDecoder
 from .video import sample_frames
@@ -25,7 +26,7 @@ class ChatSession:
     def __init__(self, model: VisionLanguageModel, system: str | None = None, max_context: int | None = None):
         self.model = model
         self.system = system
-        self.engine = Engine(model.llm, max_context or model.max_context)
+        self.engine = make_engine(model.llm, max_context or model.max_context)  # CUDA graphs on GPU
         self.messages: list[dict] = []  # the conversation as text (images as <image> marks)
         self.pending: list[int] = []  # sampled tokens not yet fed to the model
         self.stats = GenerationStats()
