@@ -360,10 +360,19 @@ def test_closing_while_generating_stops_cleanly(qtbot, tmp_path, tiny_vila):
 
 def test_screenshot(qtbot, tmp_path, tiny_vila):
     """Render the window with a real streamed answer; docs/screenshot.png when asked to."""
+    want = os.environ.get("EDGE_VLM_WRITE_SCREENSHOT") == "1"
+    model_dir = tiny_vila
+    if want:  # the README's picture: a real LLM (SmolLM2) writes the text; the vision tower is random
+        from tests.factories import make_vila
+        from tests.real_model import smollm2_folder
+
+        model_dir = tmp_path / "vila-smollm2"
+        make_vila(model_dir, llm_folder=smollm2_folder(), image_size=384, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=3)
     win = make_window(qtbot, tmp_path)
     win.resize(1280, 760)
     win.show()
-    load(qtbot, win, tiny_vila)
+    load(qtbot, win, model_dir)
     assert win.start_camera(0)
     qtbot.waitUntil(lambda: win.camera_panel.preview.pixmap() is not None
                     and not win.camera_panel.preview.pixmap().isNull(), timeout=WAIT_MS)
@@ -375,7 +384,6 @@ def test_screenshot(qtbot, tmp_path, tiny_vila):
     win.prompt.setPlainText("Is there a cat on the sofa?")
     qtbot.wait(100)
     image = win.grab().toImage()
-    want = os.environ.get("EDGE_VLM_WRITE_SCREENSHOT") == "1"
     out = Path(__file__).resolve().parent.parent / "docs" / "screenshot.png" if want else tmp_path / "shot.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     assert image.save(str(out))
