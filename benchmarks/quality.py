@@ -37,7 +37,8 @@ def evaluate(model_dir, ids, window: int) -> float:
 
 
 def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, eval_tokens: int,
-        window: int, out_dir: str | None, device: str | None, search_tokens: int = 4096) -> dict:
+        window: int, out_dir: str | None, device: str | None, search_tokens: int = 4096,
+        clip: bool = True) -> dict:
     from edge_vlm.tokenizer import Tokenizer
     from quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
 
@@ -51,7 +52,7 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
     rows = {"16-bit": {"ppl": evaluate(src.llm_dir, ids, window), "seconds": 0.0}}
     for method in ("rtn", "awq"):
         settings = QuantizeSettings(method=method, group_size=group_size, n_samples=n_samples, seqlen=seqlen,
-                                    device=device, search_tokens=search_tokens)
+                                    device=device, search_tokens=search_tokens, clip=clip)
         summary = quantize_checkpoint(model, work / method, settings, force=True)
         rows[method.upper()] = {"ppl": evaluate(summary.out, ids, window), "seconds": summary.seconds,
                                 "group": summary.group_size, "mib": summary.bytes_after / 2**20}
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512, help="perplexity window (default 512)")
     p.add_argument("--out-dir", help="keep the quantized folders here (default: a temporary folder)")
     p.add_argument("--search-tokens", type=int, default=4096, help="tokens scoring each AWQ scale (default 4096)")
+    p.add_argument("--no-clip", action="store_true", help="AWQ without the clipping search (ablation)")
     p.add_argument("--device", help="device for quantizing (evaluation runs on CPU in fp32)")
     p.add_argument("--memory-projection", action="store_true",
                    help="only print the projected memory of Nemotron-Mini-4B (Nemovision-4B's LLM) at 4096 tokens")
@@ -125,7 +127,8 @@ def main(argv=None) -> int:
     if a.memory_projection:
         print(memory_table(memory_projection(NEMOTRON_MINI_4B), 4096))
         return 0
-    rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, a.search_tokens)
+    rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, a.search_tokens,
+               not a.no_clip)
     print(table(rows))
     return 0
 
