@@ -342,7 +342,10 @@ def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, sto
     try:
         x = None
         if settings.method == "awq":
-            if done and acts_path.is_file():
+            if done:
+                if not acts_path.is_file():
+                    raise QuantizeError(f"{partial} lacks the calibration state of layer {done}; "
+                                        f"pass --force to start over")
                 x = torch.load(acts_path, map_location=device, weights_only=True)
             else:
                 x = calibration_inputs(source, store, settings, device, dtype)
@@ -374,10 +377,12 @@ def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, sto
         _finish(source, store, prefix, cfg, llm_out, partial, group, settings.w_bit, settings.quantize_lm_head)
     except torch.OutOfMemoryError:
         raise QuantizeError(f"out of memory on {device} while {step}; try --device cpu or fewer --n-samples "
-                            f"(a finished layer is kept: rerun with --resume)") from None
-    except MemoryError:
+                            f"(finished layers are kept: rerun with --resume)") from None
+    except (MemoryError, RuntimeError) as e:  # CPU allocation failures arrive as RuntimeError
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in ("can't allocate memory", "out of memory")):
+            raise
         raise QuantizeError(f"out of memory while {step}; try fewer --n-samples or a shorter --seqlen "
-                            f"(rerun with --resume to keep finished layers)") from None
+                            f"(finished layers are kept: rerun with --resume)") from None
     for p in (state_path, acts_path):
         p.unlink(missing_ok=True)
     if out.exists():  # --force: the old folder goes only once the new one is complete

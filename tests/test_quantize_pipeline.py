@@ -343,3 +343,17 @@ def test_int4_lm_head_option(tmp_path, tied):
     ids = torch.randint(0, 380, (1, 16), generator=torch.Generator().manual_seed(3))
     ref, got = _logits(tmp_path / "src", ids), _logits(tmp_path / "out", ids)
     assert float((got - ref).norm() / ref.norm()) < 0.4  # 4-bit noise, not a wrong matrix (that gives ~1.4)
+
+
+def test_out_of_memory_names_the_step_and_suggests_a_fix(tiny_pair, tmp_path, monkeypatch):
+    import quantize.pipeline as pipeline
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "quantize_layer_awq", oom)
+    with pytest.raises(QuantizeError, match="out of memory on cpu while quantizing layer 0; try --device cpu or "
+                                            "fewer --n-samples") as e:
+        quantize_checkpoint(tiny_pair[0], tmp_path / "out", QuantizeSettings(group_size=32, **FAST), progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
