@@ -54,11 +54,12 @@ def _decode_bytes(llm, ctx: int, itemsize: int) -> int:
     for m in llm.modules():
         if hasattr(m, "int4_packed"):
             unused |= {id(m.qweight), id(m.qzeros), id(m.scales)}
-    emb = llm.embed_tokens.weight
-    unused.add(id(emb))
+    emb = list(llm.embed_tokens.parameters()) + list(llm.embed_tokens.buffers())  # fp16 or int8 + scales
+    unused |= {id(t) for t in emb}
     seen = {id(t): t for t in list(llm.parameters()) + list(llm.buffers()) if id(t) not in unused}
     weights = sum(t.numel() * t.element_size() for t in seen.values())
-    return weights + emb.shape[1] * emb.element_size() + _kv_bytes_read(llm.cfg, ctx, itemsize)
+    one_row = sum(t[0].numel() * t.element_size() for t in emb)
+    return weights + one_row + _kv_bytes_read(llm.cfg, ctx, itemsize)
 
 
 def _timed(fn, device) -> float:
@@ -72,7 +73,7 @@ def _timed(fn, device) -> float:
 def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode_steps: int, copy_bw: float,
                 repeats: int) -> E2EResult:
     cfg = llm.cfg
-    dtype = llm.embed_tokens.weight.dtype
+    dtype = llm.dtype
     gen = torch.Generator(device="cpu").manual_seed(0)
     hidden = cfg.hidden_size
     pixels = torch.randn(1, 3, vision.cfg.image_size, vision.cfg.image_size, generator=gen).to(device, dtype) \

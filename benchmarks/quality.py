@@ -99,7 +99,9 @@ def memory_projection(llm_config: dict, context: int = 4096, group_size: int = 1
     q = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm"}
     return [("16-bit", weight_bytes(None), kv),
             (f"int4 g{group_size} linears, 16-bit lm_head", weight_bytes(q), kv),
-            (f"int4 g{group_size} linears + int4 lm_head", weight_bytes({**q, "quantize_lm_head": True}), kv)]
+            (f"int4 g{group_size} linears + int4 lm_head", weight_bytes({**q, "quantize_lm_head": True}), kv),
+            (f"int4 g{group_size} linears + int4 lm_head + int8 embeddings",
+             weight_bytes({**q, "quantize_lm_head": True, "quantize_embedding": True}), kv)]
 
 
 def memory_table(rows, context: int) -> str:

@@ -60,7 +60,7 @@ class CUDAGraphEngine(Engine):
 
 def make_engine(llm, max_context: int) -> Engine:
     """The fastest engine for where `llm` lives."""
-    device = llm.embed_tokens.weight.device
+    device = llm.device
     if device.type == "cuda" and triton_available():
         return CUDAGraphEngine(llm, max_context)
     return Engine(llm, max_context)

@@ -77,7 +77,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
-        ids = torch.tensor([[token_id]], device=self.llm.embed_tokens.weight.device)
+        ids = torch.tensor([[token_id]], device=self.llm.device)
         return self.llm(self.llm.embed(ids), self.cache.length, self.cache)[0, -1]
 
     def reset(self) -> None:
@@ -92,7 +92,7 @@ def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig,
     Fills `stats` as it goes: TTFT from `t0` (default: now) to the first sampled token.
     """
     stats = stats if stats is not None else GenerationStats()
-    device = engine.llm.embed_tokens.weight.device
+    device = engine.llm.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter() if t0 is None else t0

@@ -114,14 +114,23 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device  # the final norm is never quantized
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
     def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
+        """Share the embedding with lm_head, when both are still plain 16-bit modules."""
+        if self.cfg.tie_word_embeddings and isinstance(self.lm_head, nn.Linear) \
+                and isinstance(self.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
 
     def new_cache(self, max_context: int, dtype: torch.dtype | None = None) -> StaticKVCache:
-        p = self.embed_tokens.weight
         return StaticKVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_context, self.cfg.head_dim,
-                             dtype or p.dtype, p.device)
+                             dtype or self.dtype, self.device)
 
     def rope(self, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < max_positions or self._rope[0].device != torch.device(device):

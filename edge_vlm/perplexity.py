@@ -18,7 +18,7 @@ def perplexity(llm: DecoderLM, ids, window: int = 512) -> float:
     text runs before it; the first token of each window is context only.
     """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    device = llm.embed_tokens.weight.device
+    device = llm.device
     cache = llm.new_cache(window)
     total, count = 0.0, 0
     for start in range(0, ids.numel() - 1, window):

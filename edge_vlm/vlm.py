@@ -43,11 +43,11 @@ class VisionLanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return self.llm.embed_tokens.weight.device
+        return self.llm.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.embed_tokens.weight.dtype
+        return self.llm.dtype
 
     @property
     def is_multimodal(self) -> bool:

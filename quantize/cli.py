@@ -44,6 +44,9 @@ def register(sub) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quantize-lm-head", action="store_true",
                    help="also store lm_head in 4 bits (saves memory with big vocabularies; our runtime only)")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="also store the token embeddings in int8 (halves the largest 16-bit table of "
+                        "big-vocabulary models such as Nemotron; our runtime only)")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search (faster, a little worse)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -57,7 +60,8 @@ def run(args) -> int:
     settings = QuantizeSettings(method=args.method, w_bit=args.w_bit, group_size=args.group_size,
                                 n_samples=args.n_samples, seqlen=args.seqlen, calib=args.calib,
                                 calib_images=args.calib_images, device=args.device, clip=not args.no_clip,
-                                quantize_lm_head=args.quantize_lm_head)
+                                quantize_lm_head=args.quantize_lm_head,
+                                quantize_embedding=args.quantize_embedding)
     try:
         summary = quantize_checkpoint(args.src, args.out, settings, resume=args.resume, force=args.force,
                                       progress=not args.quiet)

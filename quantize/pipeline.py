@@ -55,6 +55,7 @@ class QuantizeSettings:
     duo_scaling: bool = True
     search_tokens: int = 4096        # calibration tokens scoring each scale candidate (cost ~ linear)
     quantize_lm_head: bool = False   # int4 lm_head (RTN): big vocabularies, e.g. Nemotron's 256k
+    quantize_embedding: bool = False  # int8 token embeddings (per-row scale)
 
 
 @dataclass
@@ -215,16 +216,24 @@ def _lm_head_source(store: TensorStore, prefix: str) -> tuple[str, str]:
     return prefix.replace("layers.", "embed_tokens.weight"), base
 
 
-def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int | None = None) -> dict[str, str]:
+def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int | None = None,
+               embedding: bool = False) -> dict[str, str]:
     """Every tensor outside the decoder layers, unchanged, into one shard.
 
     With `lm_head_group`, lm_head is written as int4 under `lm_head.{qweight,qzeros,scales}`,
-    by round-to-nearest (no AWQ scale search for it yet).
+    by round-to-nearest (no AWQ scale search for it yet). With `embedding`, the token
+    embeddings are written as int8 under `embed_tokens.{qweight,scales}`.
     """
+    from edge_vlm.quant_linear import quantize_embedding_int8
+
     rest = {}
     head_key, head = _lm_head_source(store, prefix) if lm_head_group else (None, None)
+    emb_key = prefix.replace("layers.", "embed_tokens.weight")
     for key in store.keys():
-        if not key.startswith(prefix) and key != f"{head}.weight":
+        if embedding and key == emb_key:
+            q, scales = quantize_embedding_int8(store.get(key))
+            rest[key[:-len("weight")] + "qweight"], rest[key[:-len("weight")] + "scales"] = q, scales
+        elif not key.startswith(prefix) and key != f"{head}.weight":
             t = store.get(key)
             rest[key] = t.clone() if t.is_floating_point() else t  # clone: tied tensors share storage
     if head_key:
@@ -254,7 +263,8 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def quantization_config(source: Source, group_size: int, w_bit: int, lm_head: bool = False) -> dict:
+def quantization_config(source: Source, group_size: int, w_bit: int, lm_head: bool = False,
+                        embedding: bool = False) -> dict:
     skip = [] if lm_head else ["lm_head"]
     if source.layout == "llava":
         skip += ["vision_tower", "multi_modal_projector"]
@@ -262,6 +272,8 @@ def quantization_config(source: Source, group_size: int, w_bit: int, lm_head: bo
             "version": "gemm", "modules_to_not_convert": skip}
     if lm_head:
         conf["quantize_lm_head"] = True  # our extension: AutoAWQ readers keep lm_head 16-bit
+    if embedding:
+        conf["quantize_embedding"] = True  # our extension: int8 embed_tokens.{qweight,scales}
     return conf
 
 
@@ -301,6 +313,9 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     if partial.exists() and not resume:
         shutil.rmtree(partial)
     cfg = LLMConfig.from_hf(source.llm_config)
+    if settings.quantize_embedding and cfg.tie_word_embeddings and not settings.quantize_lm_head:
+        raise QuantizeError("this model's lm_head shares the embedding table: --quantize-embedding needs "
+                            "--quantize-lm-head too")
     group = _pick_group_size(cfg, settings.group_size)
     if settings.group_size is None and group != 128:
         log(f"note: layer widths are not multiples of 128; using group size {group}")
@@ -374,7 +389,8 @@ def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, sto
                                               "elapsed_s": elapsed + time.perf_counter() - t0}))
             del layer
         step = "writing the output folder"
-        _finish(source, store, prefix, cfg, llm_out, partial, group, settings.w_bit, settings.quantize_lm_head)
+        _finish(source, store, prefix, cfg, llm_out, partial, group, settings.w_bit, settings.quantize_lm_head,
+                settings.quantize_embedding)
     except torch.OutOfMemoryError:
         raise QuantizeError(f"out of memory on {device} while {step}; try --device cpu or fewer --n-samples "
                             f"(finished layers are kept: rerun with --resume)") from None
@@ -401,8 +417,8 @@ def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, sto
 
 
 def _finish(source: Source, store: TensorStore, prefix: str, cfg: LLMConfig, llm_out: Path, partial: Path,
-            group: int, w_bit: int, lm_head: bool = False) -> None:
-    weight_map = _copy_rest(store, prefix, llm_out, group if lm_head else None)
+            group: int, w_bit: int, lm_head: bool = False, embedding: bool = False) -> None:
+    weight_map = _copy_rest(store, prefix, llm_out, group if lm_head else None, embedding)
     total = 0
     from safetensors import safe_open
 
@@ -418,7 +434,7 @@ def _finish(source: Source, store: TensorStore, prefix: str, cfg: LLMConfig, llm
     _copy_non_weight_files(source.llm_dir, llm_out, skip={"config.json", "llm", "vision_tower", "mm_projector"}
                            if source.layout != "vila" else {"config.json"})
     conf = read_json(source.config_path)
-    conf["quantization_config"] = quantization_config(source, group, w_bit, lm_head)
+    conf["quantization_config"] = quantization_config(source, group, w_bit, lm_head, embedding)
     if lm_head:  # an int4 lm_head no longer shares the embedding's storage
         (conf["text_config"] if source.layout == "llava" else conf)["tie_word_embeddings"] = False
     (llm_out / "config.json").write_text(json.dumps(conf, indent=2))

@@ -357,3 +357,48 @@ def test_out_of_memory_names_the_step_and_suggests_a_fix(tiny_pair, tmp_path, mo
         quantize_checkpoint(tiny_pair[0], tmp_path / "out", QuantizeSettings(group_size=32, **FAST), progress=False)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_int8_embedding_rounds_each_row_within_half_a_step():
+    """Symmetric per-row int8: every entry is within scale/2 = max|row|/254 of the original."""
+    from edge_vlm.quant_linear import Int8Embedding, quantize_embedding_int8
+
+    w = torch.randn(300, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 300)[:, None]
+    q, scales = quantize_embedding_int8(w)
+    emb = Int8Embedding(300, 48, dtype=torch.float32)
+    emb.qweight.copy_(q)
+    emb.scales.copy_(scales.float())
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(1))
+    got, want = emb(ids), w[ids]
+    bound = (w.abs().amax(1) / 254)[ids].unsqueeze(-1) * 1.01 + 1e-6  # fp16 scales: 1% headroom
+    assert q.dtype == torch.int8 and bool(((got - want).abs() <= bound).all())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_int8_embedding_option(tmp_path, tied):
+    """--quantize-embedding: the table is stored int8 (+ one scale per row) and loads as Int8Embedding;
+    with tied embeddings it needs an lm_head of its own (--quantize-lm-head)."""
+    from edge_vlm import load_model
+    from edge_vlm.quant_linear import Int8Embedding
+
+    _llm(tmp_path / "src", "nemotron", seed=7, tie_word_embeddings=tied)
+    if tied:
+        with pytest.raises(QuantizeError, match="needs --quantize-lm-head"):
+            quantize_checkpoint(tmp_path / "src", tmp_path / "bad", QuantizeSettings(
+                method="rtn", group_size=32, quantize_embedding=True), progress=False)
+        assert not (tmp_path / "bad").exists()
+    settings = dict(method="rtn", group_size=32, quantize_lm_head=True)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "base", QuantizeSettings(**settings), progress=False)
+    quantize_checkpoint(tmp_path / "src", tmp_path / "out", QuantizeSettings(**settings, quantize_embedding=True),
+                        progress=False)
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert conf["quantization_config"]["quantize_embedding"] is True
+    model = load_model(tmp_path / "out", device="cpu", progress=False)
+    assert isinstance(model.llm.embed_tokens, Int8Embedding) and model.llm.embed_tokens.qweight.dtype == torch.int8
+    ids = torch.randint(0, 380, (1, 16), generator=torch.Generator().manual_seed(3))
+    base, got = _logits(tmp_path / "base", ids), _logits(tmp_path / "out", ids)
+    # the two differ only by int8 rounding of the input embeddings (<= 0.4% of each row's max)
+    assert 0 < float((got - base).norm() / base.norm()) < 0.05
+    from edge_vlm import ChatSession, GenerationConfig
+
+    assert isinstance(ChatSession(model).answer("hi", gen=GenerationConfig(max_new_tokens=3, temperature=0)), str)

@@ -26,7 +26,7 @@ class FusedDecoder:
         if cache.k.shape[1] != 1:
             raise ValueError("the fused decode step serves batch 1")
         self.llm, self.cache = llm, cache
-        device = llm.embed_tokens.weight.device
+        device = llm.device
         self.cos, self.sin = llm.rope(cache.max_context, device)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=device)
         self.pos = torch.zeros((1,), dtype=torch.int32, device=device)
