@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -197,36 +198,53 @@ def test_app_subcommand_help(capsys):
     assert "--camera" in out and "--model" in out and "pip install 'edge-vlm[app]'" in out
 
 
-def test_app_command_opens_loads_and_starts_the_camera(qapp, tmp_path, tiny_vila):
-    """`edge-vlm app --model DIR --camera FILE` end to end; the window is closed once both are up."""
-    from PySide6.QtCore import QSettings, QTimer
+APP_SMOKE = """
+import json, sys, time
+from PySide6.QtCore import QSettings, QTimer
+from PySide6.QtWidgets import QApplication
+from apps.desktop.window import MainWindow
+from edge_vlm.cli import main
 
-    from apps.desktop.window import MainWindow
-    from edge_vlm.cli import main
+model, video, settings = sys.argv[1:4]
+app = QApplication.instance() or QApplication(sys.argv[:1])
+QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, settings)
+QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings)
+seen, deadline = {}, time.monotonic() + 40
 
-    QSettings.setPath(QSettings.Format.NativeFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+def check():
+    wins = [w for w in app.topLevelWidgets() if isinstance(w, MainWindow)]
+    if wins and wins[0].model is not None and wins[0].feed is not None and wins[0].feed.captured > 0:
+        seen["info"] = wins[0].model_panel.info.text()
+        wins[0].close()
+        app.quit()
+    elif time.monotonic() > deadline:
+        for w in wins:
+            seen["error"] = w.error.text()
+            w.close()
+        app.quit()
+
+timer = QTimer(interval=20)
+timer.timeout.connect(check)
+timer.start()
+seen["code"] = main(["app", "--model", model, "--camera", video, "--device", "cpu"])
+print(json.dumps(seen))
+"""
+
+
+def test_app_command_opens_loads_and_starts_the_camera(tmp_path, tiny_vila):
+    """`edge-vlm app --model DIR --camera FILE` end to end; the window is closed once both are up.
+
+    It runs in its own process: once a QApplication's event loop has run and quit, Qt does not
+    start event loops in new threads of that process, which would break the other app tests."""
+    import subprocess
+    import sys
+
     video = write_video(tmp_path / "clip.avi", 200)
-    seen = {}
-
-    def check():
-        wins = [w for w in qapp.topLevelWidgets() if isinstance(w, MainWindow)]
-        if wins and wins[0].model is not None and wins[0].feed is not None and wins[0].feed.captured > 0:
-            seen["info"] = wins[0].model_panel.info.text()
-            wins[0].close()
-            qapp.quit()
-        elif time.monotonic() > deadline:
-            for w in wins:
-                seen["error"] = w.error.text()
-                w.close()
-            qapp.quit()
-
-    deadline = time.monotonic() + 20
-    timer = QTimer(interval=20)
-    timer.timeout.connect(check)
-    timer.start()
-    code = main(["app", "--model", str(tiny_vila), "--camera", str(video), "--device", "cpu"])
-    timer.stop()
-    assert code == 0
+    proc = subprocess.run([sys.executable, "-c", APP_SMOKE, str(tiny_vila), str(video), str(tmp_path / "settings")],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["code"] == 0
     assert "error" not in seen, seen
     assert "siglip" in seen["info"]
