@@ -31,6 +31,16 @@ def make_window(qtbot, tmp_path, camera_factory=None) -> MainWindow:
     return win
 
 
+@pytest.fixture(autouse=True)
+def collect_on_the_gui_thread():
+    """Collect each test's dead widgets here, on the GUI thread, so that no garbage collection the
+    worker thread happens to trigger ever finalizes a Qt object (which crashes Qt)."""
+    yield
+    import gc
+
+    gc.collect()
+
+
 # Waits watch the window's own state (set by its slots on the UI thread) rather than the
 # worker's signals, which are emitted from the worker thread.
 def wait_idle(qtbot, win) -> None:

@@ -166,11 +166,11 @@ class ModelWorker(QObject):
 
 
 def _release_memory() -> None:
-    import gc
-
+    """Hand freed GPU memory back. No gc.collect() here: this runs on the worker thread, and a
+    collection would also destroy unreachable Qt objects of the GUI thread (a crash); dropping
+    the references frees the model's tensors already."""
     import torch
 
-    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
