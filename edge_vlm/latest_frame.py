@@ -68,6 +68,15 @@ class LatestFrameBuffer:
     def frames_put(self) -> int:
         return self._count
 
+    def peek(self) -> Frame | None:
+        """The newest frame (a copy) without taking it: for previews, it does not stop it counting as dropped."""
+        with self._cond:
+            if self._count == 0:
+                return None
+            i = (self._count - 1) % self.capacity
+            index, ts = self._meta[i]
+            return Frame(self._slots[i].copy(), index, ts)
+
     def latest(self, after: int = -1, timeout: float | None = None, out: np.ndarray | None = None) -> Frame | None:
         """The newest frame with index > `after`, copied into `out` when it fits (reused storage).
 

@@ -199,7 +199,7 @@ def test_live_mode_asks_about_the_newest_frame_and_drops_stale_ones(win, qtbot):
     assert all(b > a + 1 for a, b in zip(asked, asked[1:]))  # frames in between were skipped
     feed = win.feed
     seq, _ = feed.latest()
-    untaken = 0 if feed._taken_seq == seq else 1
+    untaken = 0 if feed._taken_index + 1 == seq else 1
     assert feed.dropped + feed.taken + untaken == feed.captured  # every frame taken once, or dropped
     assert feed.dropped > 0
     live = [t for t in win.chat.conversation.turns if t.live]

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_vlm.errors import EdgeVLMError
+from edge_vlm.latest_frame import LatestFrameBuffer
 
 
 class CameraError(EdgeVLMError):
@@ -125,11 +126,8 @@ class CameraFeed:
 
     def __init__(self, camera: Camera):
         self.camera = camera
-        self._lock = threading.Lock()
-        self._frame: np.ndarray | None = None
-        self._seq = 0  # frames captured so far; the slot holds frame number _seq
-        self._taken_seq = 0  # the last frame handed out by take()
-        self.dropped = 0  # frames overwritten before anyone took them
+        self._buffer = LatestFrameBuffer(capacity=1)  # frames overwritten before anyone took them: dropped
+        self._taken_index = -1  # the last frame handed out by take()
         self.taken = 0
         self.error: str | None = None
         self._stop = threading.Event()
@@ -150,11 +148,7 @@ class CameraFeed:
                         self.error = (f"{self.camera.name} stopped delivering frames (unplugged, or the video "
                                       f"ended); pick a camera and press Start again")
                     return
-                with self._lock:
-                    if self._frame is not None and self._taken_seq != self._seq:
-                        self.dropped += 1
-                    self._frame = img
-                    self._seq += 1
+                self._buffer.put(img)
         except Exception as e:  # a driver error must reach the window as a message, not kill the app
             self.error = f"{self.camera.name} failed: {e}"
         finally:
@@ -162,7 +156,11 @@ class CameraFeed:
 
     @property
     def captured(self) -> int:
-        return self._seq
+        return self._buffer.frames_put
+
+    @property
+    def dropped(self) -> int:
+        return self._buffer.dropped
 
     @property
     def running(self) -> bool:
@@ -170,17 +168,17 @@ class CameraFeed:
 
     def latest(self) -> tuple[int, np.ndarray | None]:
         """Peek at the newest frame (for the preview); does not count as taking it."""
-        with self._lock:
-            return self._seq, self._frame
+        frame = self._buffer.peek()
+        return (0, None) if frame is None else (frame.index + 1, frame.image)
 
     def take(self) -> tuple[int, np.ndarray | None]:
         """The newest frame for a question; (seq, None) if no new frame arrived since the last take."""
-        with self._lock:
-            if self._frame is None or self._seq == self._taken_seq:
-                return self._seq, None
-            self._taken_seq = self._seq
-            self.taken += 1
-            return self._seq, self._frame.copy()
+        frame = self._buffer.latest(after=self._taken_index, timeout=0)
+        if frame is None:
+            return self.captured, None
+        self._taken_index = frame.index
+        self.taken += 1
+        return frame.index + 1, frame.image
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
