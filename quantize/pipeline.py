@@ -325,7 +325,7 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     prefix = _layer_prefix(store)
     llm_out = partial / "llm" if source.layout == "vila" else partial
     key = _settings_key(source, settings, group)
-    state_path, acts_path = partial / "progress.json", partial / "activations.pt"
+    state_path = partial / "progress.json"
 
     done, losses, elapsed = 0, [], 0.0
     if resume and state_path.is_file():
