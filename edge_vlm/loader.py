@@ -42,9 +42,18 @@ def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
-def _progress(desc: str, enabled: bool):
-    if not enabled:
+def _progress(desc: str, report):
+    """Wrap the tensor names being loaded: a tqdm bar when `report` is True, calls of
+    `report(stage, done, total)` when it is a function (the desktop app's progress bar)."""
+    if not report:
         return None
+    if callable(report):
+        def each(keys):
+            for i, key in enumerate(keys):
+                report(desc, i, len(keys))
+                yield key
+            report(desc, len(keys), len(keys))
+        return each
     return lambda keys: tqdm(keys, desc=desc, unit="tensor", leave=False, file=sys.stderr)
 
 
@@ -119,8 +128,12 @@ def _llm_config(d: dict) -> LLMConfig:
 
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, template: str | None = None,
-               progress: bool | None = None) -> VisionLanguageModel:
-    """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU."""
+               progress=None) -> VisionLanguageModel:
+    """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
+
+    `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
+    function `(stage, done, total)` receives the progress instead (for GUIs).
+    """
     folder = resolve_model_path(name_or_path)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -194,7 +207,8 @@ def _load_vila(folder: Path, top: dict, dtype, device, show) -> VisionLanguageMo
     load_into(vision, vstore, _rename_vision("", vcfg.layers_used), dtype, device,
               _progress("loading vision tower", show))
     projector = _build(Projector, pcfg)
-    load_into(projector, pstore, _rename_projector("", pcfg.kind), dtype, device)
+    load_into(projector, pstore, _rename_projector("", pcfg.kind), dtype, device,
+              _progress("loading projector", show))
     image_cfg = image_config_from_hf(read_preprocessor_config(folder / "vision_tower"), vcfg.image_size,
                                      top.get("image_aspect_ratio"))
     tok = Tokenizer(folder / "llm")
@@ -234,7 +248,8 @@ def _load_llava(folder: Path, top: dict, dtype, device, show) -> VisionLanguageM
     vprefix = "model.vision_tower." if new_layout else "vision_tower."
     pprefix = "model.multi_modal_projector." if new_layout else "multi_modal_projector."
     vision = _build(VisionTower, vcfg)
-    load_into(vision, store, _rename_vision(vprefix, vcfg.layers_used), dtype, device)
+    load_into(vision, store, _rename_vision(vprefix, vcfg.layers_used), dtype, device,
+              _progress("loading vision tower", show))
     projector = _build(Projector, pcfg)
     load_into(projector, store, _rename_projector(pprefix, pcfg.kind), dtype, device)
     image_cfg = image_config_from_hf(read_preprocessor_config(folder), vcfg.image_size, top.get("image_aspect_ratio"))

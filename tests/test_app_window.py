@@ -87,6 +87,8 @@ def photo():
 
 
 def test_load_shows_model_info_and_remembers_it(win, tiny_vila):
+    bar = win.model_panel.progress  # the last stage reported is the projector, complete
+    assert bar.maximum() > 0 and bar.value() == bar.maximum() and bar.format().startswith("loading projector")
     info = win.model_panel.info.text()
     assert "vila" in info and "llama" in info and "siglip" in info and "cpu" in info
     assert win.settings.value("recent_models", [], list)[0] == str(tiny_vila)

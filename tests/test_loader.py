@@ -75,3 +75,13 @@ def test_meta_device_reads_headers_only(reference):
     meta = load_model(folder, device="meta", progress=False)
     assert meta.llm.embed_tokens.weight.is_meta
     assert meta.info.params == single.info.params
+
+
+def test_progress_callback_reports_every_stage(tiny_vila):
+    seen: dict[str, list[tuple[int, int]]] = {}
+    load_model(tiny_vila, device="cpu", progress=lambda stage, done, total: seen.setdefault(stage, []).append(
+        (done, total)))
+    assert list(seen) == ["loading LLM", "loading vision tower", "loading projector"]
+    for calls in seen.values():
+        dones = [d for d, _ in calls]
+        assert dones == sorted(dones) and calls[-1][0] == calls[-1][1] > 0  # rises to done == total

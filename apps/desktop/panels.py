@@ -46,8 +46,7 @@ class ModelPanel(QGroupBox):
         self.load = QPushButton("Load")
         lay.addWidget(self.load)
         self.progress = QProgressBar()
-        self.progress.setRange(0, 0)  # the loader reports no fractions: an indeterminate bar
-        self.progress.setTextVisible(False)
+        self.progress.setRange(0, 0)  # indeterminate until the loader reports its first stage
         self.progress.hide()
         lay.addWidget(self.progress)
         self.info = QLabel("No model loaded.")

@@ -185,6 +185,7 @@ class MainWindow(QMainWindow):
         self.worker.restored.connect(self._on_restored)
         self.worker.loaded.connect(self._on_loaded)
         self.worker.load_failed.connect(self._on_load_failed)
+        self.worker.load_progress.connect(self._on_load_progress)
         self.worker.piece.connect(self.chat.append_piece)
         self.worker.answered.connect(self._on_answered)
         self.worker.failed.connect(self._on_failed)
@@ -224,10 +225,17 @@ class MainWindow(QMainWindow):
         self.clear_error()
         self._set_busy(True)
         self.model = None  # the worker frees the old model first: two may not fit in VRAM together
+        self.model_panel.progress.setRange(0, 0)
         self.model_panel.progress.show()
         self.model_panel.info.setText(f"Loading {req.path}…")
         self.statusBar().showMessage(f"loading {req.path}…")
         self.request_load.emit(req)
+
+    def _on_load_progress(self, stage: str, done: int, total: int) -> None:
+        bar = self.model_panel.progress
+        bar.setRange(0, max(total, 1))
+        bar.setValue(done)
+        bar.setFormat(f"{stage}: %v/%m tensors")
 
     def _on_loaded(self, model) -> None:
         self.model = model

@@ -51,6 +51,7 @@ def readable_error(e: BaseException) -> str:
 class ModelWorker(QObject):
     loaded = Signal(object)  # the VisionLanguageModel (its .info is shown)
     load_failed = Signal(str)
+    load_progress = Signal(str, int, int)  # stage ("loading LLM", ...), tensors done, tensors in the stage
     piece = Signal(str)  # a piece of the streaming answer
     answered = Signal(object, object)  # GenerationStats, AskRequest
     failed = Signal(str, object)  # message, AskRequest
@@ -81,7 +82,7 @@ class ModelWorker(QObject):
             _release_memory()
             model = load_model(req.path, device=req.device or None,
                                dtype=getattr(torch, req.dtype) if req.dtype else None,
-                               max_context=req.max_context, progress=False)
+                               max_context=req.max_context, progress=self.load_progress.emit)
             session = ChatSession(model, system=req.system or None)
             self.model, self.session, self._checkpoint = model, session, None
             self.loaded.emit(model)
