@@ -192,6 +192,9 @@ def _load_vila(folder: Path, top: dict, dtype, device, show) -> VisionLanguageMo
     for sub in ("llm", "vision_tower", "mm_projector"):
         if not (folder / sub).is_dir():
             raise CheckpointError(f"VILA checkpoint {folder} lacks the {sub}/ folder")
+    if top.get("s2") or top.get("dynamic_s2") or top.get("image_aspect_ratio") == "dynamic_s2":
+        raise UnsupportedModelError("VILA checkpoints with S2 multi-scale image tiling (NVILA, *-s2) are not "
+                                    "supported yet; supported: VILA1.5 (image_aspect_ratio resize or pad)")
     llm_top = read_json(folder / "llm" / "config.json")
     cfg = _llm_config(llm_top)
     vcfg = VisionConfig.from_hf(read_json(folder / "vision_tower" / "config.json"),

@@ -154,3 +154,19 @@ def test_images_for_a_text_only_model(tiny_vila, capsys):
     session = ChatSession(load_model(tiny_vila / "llm", device="cpu", progress=False))
     with pytest.raises(Exception, match="text-only"):
         session.answer("hi", images=[np.zeros((8, 8, 3), np.uint8)])
+
+
+@pytest.mark.parametrize("field", [{"s2": True}, {"dynamic_s2": True, "image_aspect_ratio": "dynamic_s2"}])
+def test_vila_s2_tiling_is_refused_clearly(tiny_vila, tmp_path, field):
+    m = copy_model(tiny_vila, tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, **field}))
+    with pytest.raises(UnsupportedModelError, match="S2 multi-scale image tiling .* not supported"):
+        load_model(m, device="cpu", progress=False)
+
+
+def test_unknown_projector_is_refused_clearly(tiny_vila, tmp_path):
+    m = copy_model(tiny_vila, tmp_path / "m")
+    (m / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp_downsample_3x3_fix"}))
+    with pytest.raises(UnsupportedModelError, match="unsupported projector 'mlp_downsample_3x3_fix'; supported"):
+        load_model(m, device="cpu", progress=False)
