@@ -15,27 +15,12 @@ import time
 
 import torch
 
-
-def copy_bandwidth(nbytes: int = 512 * 2**20, repeat: int = 5) -> float:
-    """Bytes/s of a large tensor copy (read + write counted once each), the CPU's practical bandwidth."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
-
-
-def weight_bytes(folder) -> int:
-    from edge_vlm import load_model
-
-    llm = load_model(folder, device="cpu", progress=False).llm
-    return sum(t.numel() * t.element_size() for t in {id(p): p for p in llm.parameters()}.values())
+from .random_model import weight_bytes
+from .timing import copy_bandwidth
 
 
 def bench_ours(folder, prompt_ids, new_tokens, repeat):
+    """Runs after a warm-up, and the bytes of weights one decode step reads."""
     from edge_vlm import GenerationConfig, load_model
     from edge_vlm.generate import Engine, GenerationStats, generate
 
@@ -49,7 +34,7 @@ def bench_ours(folder, prompt_ids, new_tokens, repeat):
         out = list(generate(engine, embeds, GenerationConfig(max_new_tokens=new_tokens, temperature=0), set(),
                             stats=stats))
         runs.append((stats.ttft_s, stats.decode_tokens_per_s, out))
-    return runs[1:]
+    return runs[1:], weight_bytes(model.llm)
 
 
 def bench_transformers(folder, prompt_ids, new_tokens, repeat):
@@ -113,16 +98,15 @@ def main(argv=None) -> None:
     prompt = template.render([{"role": "user", "content": "Write a short story about a robot who learns to paint. "
                                                           "Describe its first painting in detail."}])
     prompt_ids = tok.encode(prompt)
-    fp32_bytes = weight_bytes(folder)
-    rows = [("edge-vlm (fp32, static KV cache)", bench_ours(folder, prompt_ids, args.new_tokens, args.repeat),
-             fp32_bytes),
+    ours, fp32_bytes = bench_ours(folder, prompt_ids, args.new_tokens, args.repeat)
+    rows = [("edge-vlm (fp32, static KV cache)", ours, fp32_bytes),
             ("transformers generate (fp32)", bench_transformers(folder, prompt_ids, args.new_tokens, args.repeat),
              fp32_bytes)]
     cpp = bench_llama_cpp(gguf_path(), prompt_ids, args.new_tokens, args.repeat, args.threads)
     if cpp:  # it reads the 4-bit file, so its own floor is the file size
         rows.append(("llama.cpp (Q4_1 GGUF)", cpp, gguf_path().stat().st_size))
     base = statistics.median(r[1] for r in rows[1][1])
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cpu"), mib=512)
     print(f"SmolLM2-135M-Instruct, CPU, {args.threads} threads, prompt {len(prompt_ids)} tokens, "
           f"{args.new_tokens} new tokens, median of {args.repeat}\n")
     print("| runtime | time to first token | decode tok/s | vs transformers | weights read per token "
