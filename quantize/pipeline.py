@@ -204,6 +204,11 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _embedding_key(prefix: str) -> str:
+    """The token-embedding key beside the layers under `prefix`: model.layers. -> model.embed_tokens.weight."""
+    return prefix.replace("layers.", "embed_tokens.weight")
+
+
 def _lm_head_source(store: TensorStore, prefix: str) -> tuple[str, str]:
     """(key holding the output projection, name of the int4 lm_head module to write).
 
@@ -213,7 +218,7 @@ def _lm_head_source(store: TensorStore, prefix: str) -> tuple[str, str]:
     base = "language_model.lm_head" if prefix.startswith("language_model.") else "lm_head"
     if base + ".weight" in store:
         return base + ".weight", base
-    return prefix.replace("layers.", "embed_tokens.weight"), base
+    return _embedding_key(prefix), base
 
 
 def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int | None = None,
@@ -228,7 +233,7 @@ def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int |
 
     rest = {}
     head_key, head = _lm_head_source(store, prefix) if lm_head_group else (None, None)
-    emb_key = prefix.replace("layers.", "embed_tokens.weight")
+    emb_key = _embedding_key(prefix)
     for key in store.keys():
         if embedding and key == emb_key:
             q, scales = quantize_embedding_int8(store.get(key))
