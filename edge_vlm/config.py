@@ -165,8 +165,7 @@ class ProjectorConfig:
 
         if self.kind not in ("linear", "mlp_downsample") and not re.fullmatch(r"mlp\d+x_gelu", self.kind):
             raise UnsupportedModelError(
-                f"unsupported projector {self.kind!r}; supported: linear, mlp2x_gelu (mlpNx_gelu), mlp_downsample"
-            )
+                f"unsupported projector {self.kind!r}; supported: {', '.join(SUPPORTED_PROJECTORS)}")
 
 
 @dataclass

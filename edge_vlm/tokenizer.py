@@ -54,10 +54,6 @@ class Tokenizer:
         else:
             raise CheckpointError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
 
-    @property
-    def vocab_size(self) -> int:
-        return self._hf.get_vocab_size() if self._hf else self._sp.get_piece_size()
-
     def token_to_id(self, token: str) -> int | None:
         if self._hf:
             return self._hf.token_to_id(token)
