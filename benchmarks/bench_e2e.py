@@ -48,12 +48,12 @@ def _kv_bytes_read(cfg, ctx: int, itemsize: int) -> int:
 
 def _decode_bytes(llm, ctx: int, itemsize: int) -> int:
     """Bytes one decode step must read: every weight the step uses (one row of the embedding
-    table; for CPU int4 layers their packed copy, not the AWQ buffers kept for prefill), plus
+    table; for CPU int4 layers their packed copy, not the AWQ layer kept for prefill), plus
     the KV cache up to `ctx`."""
     unused = set()
     for m in llm.modules():
-        if hasattr(m, "int4_packed"):
-            unused |= {id(m.qweight), id(m.qzeros), id(m.scales)}
+        if getattr(m, "reference", None) is not None:  # CpuInt4Linear's prefill fallback
+            unused |= {id(t) for t in m.reference.buffers()}
     emb = list(llm.embed_tokens.parameters()) + list(llm.embed_tokens.buffers())  # fp16 or int8 + scales
     unused |= {id(t) for t in emb}
     seen = {id(t): t for t in list(llm.parameters()) + list(llm.buffers()) if id(t) not in unused}

@@ -2,9 +2,9 @@
 
 CUDA: our Triton W4A16 GEMV vs fp16 `torch.matmul` vs tinygemm (`torch.ops.aten._weight_int4pack_mm`,
 bf16) where this torch has it; achieved GB/s vs a device-to-device copy measured in the same run.
-CPU: the runtime's CPU path (torch's int4 CPU matmul, `_weight_int4pack_mm_for_cpu`) vs the
-reference dequantize+matmul (`WQLinear.forward`) vs a dense fp32 matmul, at 1 and 8 rows (the crossover that sets
-CPU_INT4_MAX_ROWS). The Triton kernels are not timed on CPU (the interpreter is for tests).
+CPU: the runtime's CPU path (torch's int4 CPU matmul, `_weight_int4pack_mm_for_cpu`, with bf16 and with fp32
+activations) vs the reference dequantize+matmul (`WQLinear.forward`) vs a dense fp32 matmul, at 1 row (decode) and
+128 rows (a prompt): what `CpuInt4Linear` chooses between. The Triton kernels are not timed on CPU (the interpreter is for tests).
 
     python -m benchmarks.bench_kernels --device cuda             # all three model shapes
     python -m benchmarks.bench_kernels --device cpu --models vila1.5-3b
@@ -66,7 +66,9 @@ def bench_cuda(models: list[str], device: torch.device) -> tuple[list[dict], flo
 
 
 def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
-    from edge_vlm.kernels.modules import attach_cpu_int4
+    """Per layer: torch's int4 CPU matmul with bf16 and with fp32 activations, the reference
+    dequantize+matmul, and a dense fp32 matmul, at 1 row (decode) and 128 rows (a prompt)."""
+    from edge_vlm.kernels.modules import CpuInt4Linear
 
     from .random_model import random_awq_linear
 
@@ -76,17 +78,22 @@ def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
     for model in models:
         for label, k, n in linear_shapes(model):
             ref = random_awq_linear(k, n, device, torch.float32)
-            fast = attach_cpu_int4(random_awq_linear(k, n, device, torch.float32))
+            fast = {dt: CpuInt4Linear(ref, dt)
+                    for dt in (torch.bfloat16, torch.float32)}
             dense = torch.randn(k, n)
             row = dict(model=model, layer=label, k=k, n=n)
-            for m in (1, 8):
+            for m in (1, 128):
                 x = torch.randn(m, k)
-                op = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, fast.int4_packed, GROUP, fast.int4_scales_zeros)  # noqa: E731
-                row[f"int4mm_m{m}_ms"] = median_time(op, device, reps) * 1e3
-                row[f"dequant_m{m}_ms"] = median_time(lambda: ref(x), device, max(2, reps // 2)) * 1e3
-                row[f"fp32_m{m}_ms"] = median_time(lambda: x @ dense, device, reps) * 1e3
-            nbytes = fast.int4_packed.numel() + fast.int4_scales_zeros.numel() * 4
-            row["int4mm_gbs"] = nbytes / (row["int4mm_m1_ms"] / 1e3) / 1e9
+                for dt, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+                    layer, xc = fast[dt], x.to(dt)
+                    op = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                        xc, layer.int4_packed, GROUP, layer.int4_scales_zeros)
+                    row[f"int4_{name}_m{m}_ms"] = median_time(op, device, reps if m == 1 else 2) * 1e3
+                if m == 1:
+                    row["dequant_m1_ms"] = median_time(lambda: ref(x), device, max(2, reps // 2)) * 1e3
+                row[f"dense_m{m}_ms"] = median_time(lambda: x @ dense, device, reps if m == 1 else 2) * 1e3
+            nbytes = fast[torch.bfloat16].int4_packed.numel() + fast[torch.bfloat16].int4_scales_zeros.nbytes
+            row["int4_bf16_gbs"] = nbytes / (row["int4_bf16_m1_ms"] / 1e3) / 1e9
             rows.append(row)
             del ref, fast, dense
     return rows, bw
@@ -104,14 +111,16 @@ def format_cuda(rows: list[dict], bw: float, device_name: str) -> str:
 
 
 def format_cpu(rows: list[dict], bw: float, device_name: str) -> str:
-    lines = [f"Device: {device_name}; memory copy: {bw / 1e9:.1f} GB/s (same run). fp32 activations, group {GROUP}.",
-             "", "| model | layer | K x N | int4 mm 1 row ms | dequant+matmul 1 row ms | fp32 dense 1 row ms | "
-                 "int4 mm 8 rows ms | dequant+matmul 8 rows ms | int4 mm GB/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Device: {device_name}; memory copy: {bw / 1e9:.1f} GB/s (same run). Group {GROUP}; times in ms.", "",
+             "| model | layer | K x N | int4 bf16-act, 1 row | int4 fp32-act, 1 row | dequant+matmul, 1 row | "
+             "fp32 dense, 1 row | int4 bf16-act, 128 rows | int4 fp32-act, 128 rows | fp32 dense, 128 rows | "
+             "int4 bf16-act GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['layer']} | {r['k']}x{r['n']} | {r['int4mm_m1_ms']:.1f} | "
-                     f"{r['dequant_m1_ms']:.1f} | {r['fp32_m1_ms']:.2f} | {r['int4mm_m8_ms']:.1f} | "
-                     f"{r['dequant_m8_ms']:.1f} | {r['int4mm_gbs']:.2f} |")
+        lines.append(f"| {r['model']} | {r['layer']} | {r['k']}x{r['n']} | {r['int4_bf16_m1_ms']:.2f} | "
+                     f"{r['int4_fp32_m1_ms']:.2f} | {r['dequant_m1_ms']:.1f} | {r['dense_m1_ms']:.2f} | "
+                     f"{r['int4_bf16_m128_ms']:.1f} | {r['int4_fp32_m128_ms']:.1f} | {r['dense_m128_ms']:.1f} | "
+                     f"{r['int4_bf16_gbs']:.1f} |")
     return "\n".join(lines)
 
 

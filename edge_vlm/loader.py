@@ -128,8 +128,11 @@ def _llm_config(d: dict) -> LLMConfig:
 
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, template: str | None = None,
-               progress=None) -> VisionLanguageModel:
+               progress=None, fast_path: bool = True) -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
+
+    `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
+    against) instead of swapping in the device's kernels.
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
@@ -155,7 +158,7 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
         model.template = ChatTemplate.builtin(template, tok.bos_token, tok.eos_token)
     model.info.dtype = str(dtype).replace("torch.", "")
     model.info.device = str(device)
-    if str(device) != "meta":
+    if fast_path and str(device) != "meta":
         from .kernels.dispatch import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
 
         optimize_for_device(model)

@@ -155,7 +155,7 @@ def test_vila_with_tinychat_llm_loads_and_matches_dequantized_reference(tmp_path
     (llm_dir / "model.safetensors").unlink()
     torch.save(packed, llm_dir / "tiny-w4-g32-awq-v2.pt")
 
-    model = load_model(tmp_path / "vila", device="cpu", progress=False)
+    model = load_model(tmp_path / "vila", device="cpu", progress=False, fast_path=False)
     assert model.info.quantization == "awq w4 g32"
     assert type(model.llm.layers[0].mlp.down_proj).__name__ == "WQLinear"
     assert (tmp_path / "vila" / "vision_tower").is_dir() and model.vision is not None

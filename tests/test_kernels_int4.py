@@ -128,3 +128,79 @@ def test_gemv_rejects_a_mismatched_input():
     q, z, s = random_int4(64, 16, 32, seed=0)
     with pytest.raises(ValueError, match="features"):
         w4a16_matmul(torch.randn(1, 32).half(), from_ints(q, z, s, 32))
+
+
+# ---- CPU: torch's int4 CPU matmul, as the runtime attaches it to AWQ linears -------------------
+
+needs_cpu_int4 = pytest.mark.skipif(
+    not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="this torch has no int4 CPU matmul")
+
+
+@needs_cpu_int4
+@pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k,n,group", [(1, 256, 48, 64), (3, 160, 32, 32), (9, 384, 16, 128)])
+def test_cpu_int4_matches_the_spec_dequantization(compute, rows, k, n, group):
+    from edge_vlm.kernels.modules import CpuInt4Linear
+    from tests.kernel_helpers import AwqLinearStandIn
+
+    q, z, s = random_int4(k, n, group, seed=rows + k, scale_dtype=torch.float32)
+    ref_layer = AwqLinearStandIn(q, z, s, group, torch.randn(n))
+    fast = CpuInt4Linear(ref_layer, compute)
+    x = torch.randn(2, rows, k, generator=torch.Generator().manual_seed(k))
+    with torch.inference_mode():
+        want, got = ref_layer(x), fast(x)
+    assert got.dtype == x.dtype and got.shape == want.shape
+    w = exact_dequant(q, z, s, group).float()
+    offsets = (8 - z.double()).abs()[torch.arange(k) // group] * s.double()[torch.arange(k) // group]
+    # |x| (|w| + |(8 - z) s|): what the roundings of x, s and (8 - z) s are relative to
+    magnitude = (x.abs().double() @ (w.abs().double() + offsets)).float()
+    if compute == torch.bfloat16:
+        # x, s and (8 - z) s each rounded to bf16 (2^-9 relative), the result rounded to bf16 once
+        bound = 1.1 * 2**-9 * magnitude + 2**-9 * want.abs() + 1e-6
+    else:
+        # fp32: (8 - z) s rounded once, plus fp32 accumulation over k terms
+        bound = (2**-23 + k * 2**-24) * magnitude + 1e-6
+    assert ((got - want).abs() <= bound).all()
+
+
+@needs_cpu_int4
+def test_cpu_int4_routes_by_rows_in_fp32_and_takes_every_size_in_bf16():
+    from edge_vlm.kernels.modules import CPU_INT4_MAX_ROWS_FP32, CpuInt4Linear
+    from tests.kernel_helpers import AwqLinearStandIn
+
+    q, z, s = random_int4(128, 32, 64, seed=3, scale_dtype=torch.float32)
+    ref_layer = AwqLinearStandIn(q, z, s, 64)
+    fp32, bf16 = CpuInt4Linear(ref_layer, torch.float32), CpuInt4Linear(ref_layer, torch.bfloat16)
+    big = torch.randn(CPU_INT4_MAX_ROWS_FP32 + 1, 128)
+    with torch.inference_mode():
+        assert torch.equal(fp32(big), ref_layer(big))  # prefill-sized: the AWQ layer's own forward, bit for bit
+        assert not torch.equal(bf16(big), ref_layer(big))  # the int4 kernel, in bf16
+        assert (bf16(big) - ref_layer(big)).abs().max() <= 2**-6 * ref_layer(big).abs().max()
+    # bf16 needs no fallback, so the AWQ buffers are not kept: the packed copy is the only weight
+    assert bf16.reference is None and fp32.reference is ref_layer
+    assert sum(b.nbytes for b in bf16.buffers()) < 1.2 * sum(b.nbytes for b in ref_layer.buffers())
+
+
+@needs_cpu_int4
+def test_cpu_int4_is_attached_only_to_shapes_the_kernel_takes():
+    from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.kernels.modules import CpuInt4Linear
+    from tests.kernel_helpers import AwqLinearStandIn
+
+    model = torch.nn.ModuleDict({name: AwqLinearStandIn(*random_int4(128, n, group, seed=n), group)
+                                 for name, n, group in (("fits", 32, 64), ("odd_n", 24, 64), ("small_group", 32, 16))})
+    model.norm = torch.nn.LayerNorm(4)  # gives the dispatcher a float parameter to read the device from
+    assert optimize_for_device(model) == {"cpu_int4_linear": 1}
+    assert [name for name, m in model.items() if isinstance(m, CpuInt4Linear)] == ["fits"]
+    assert optimize_for_device(model) == {}  # already done: a second call swaps nothing
+    x = torch.randn(1, 128)
+    assert torch.equal(model["odd_n"](x), model["odd_n"].forward(x))  # untouched: still the plain path
+
+
+@needs_cpu_int4
+def test_cpu_int4_compute_dtype_is_measured_once():
+    from edge_vlm.kernels.modules import cpu_int4_compute_dtype
+
+    first = cpu_int4_compute_dtype()
+    assert first in (torch.float32, torch.bfloat16)
+    assert cpu_int4_compute_dtype() is first  # cached: the timing runs once per process

@@ -3,9 +3,10 @@
 - CUDA with Triton: AWQ linears -> `TritonW4Linear` (W4A16 GEMV/GEMM), quantized MLPs -> fused
   epilogue MLPs, norms -> fused norm kernels. Decode attention, rotary+KV write and the
   residual-fused norms are used by the CUDA-graph decode step (edge_vlm.cuda_engine).
-- CPU: AWQ linears gain torch's int4 CPU matmul for decode-sized inputs, where it measured faster
-  than dequantize+matmul (`attach_cpu_int4`: the layers stay WQLinear, prefill stays the
-  reference path). Unquantized CPU models are left exactly as they are.
+- CPU: AWQ linears -> `CpuInt4Linear` (torch's int4 CPU matmul), with bfloat16 activations
+  where this CPU runs that fastest (then it beats even dense fp32 at every size), else fp32
+  activations for decode-sized inputs only. Layers whose shape that kernel does not take stay as
+  they are, and so do unquantized CPU models.
 - meta (or anything else): nothing.
 """
 
@@ -15,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import triton_available
-from .modules import (TritonNorm, TritonReluSqMLP, TritonW4Linear, attach_cpu_int4, cpu_int4_available, gated_mlp,
-                      has_cpu_int4, is_awq_linear)
+from .modules import (CpuInt4Linear, TritonNorm, TritonReluSqMLP, TritonW4Linear, cpu_int4_available, cpu_int4_fits,
+                      gated_mlp, is_awq_linear)
 
 
 def choose_backend(device: torch.device) -> str | None:
@@ -43,12 +44,7 @@ def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
     if backend == "triton":
         counts = _to_triton(llm)
     elif backend == "cpu" and cpu_int4_available():
-        n = 0
-        for module in llm.modules():
-            if is_awq_linear(module) and not has_cpu_int4(module):
-                attach_cpu_int4(module)
-                n += 1
-        counts = {"cpu_int4_linear": n} if n else {}
+        counts = _swap(llm, lambda m: is_awq_linear(m) and cpu_int4_fits(m), CpuInt4Linear, "cpu_int4_linear")
     llm.kernel_backend = backend if counts or backend == "triton" else "torch"
     return counts
 
@@ -56,10 +52,12 @@ def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
 def _swap(root: nn.Module, match, make, label: str) -> dict[str, int]:
     n = 0
     for name, module in list(root.named_modules()):
-        if not name or not match(module):
+        if not name:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
+        if isinstance(parent, CpuInt4Linear) or not match(module):  # a fast module's own fallback stays as it is
+            continue
         setattr(parent, child, make(module))
         n += 1
     return {label: n} if n else {}

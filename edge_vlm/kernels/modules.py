@@ -3,12 +3,14 @@
 - `TritonW4Linear`: an AWQ `WQLinear` repacked for the W4A16 kernels (CUDA; CPU via the interpreter).
 - `TritonGatedMLP` / `TritonReluSqMLP`: the LLM's MLP with its epilogue fused into the GEMV.
 - `TritonNorm`: RMSNorm / LayerNorm1P through the fused norm kernel.
-- `attach_cpu_int4`: torch's int4 CPU matmul for decode-sized inputs (few rows) added to an AWQ
-  linear in place; the reference dequantize+matmul otherwise (measured: benchmarks/RESULTS.md).
+- `CpuInt4Linear`: an AWQ linear repacked for torch's int4 CPU matmul, in the activation dtype
+  measured fastest on this CPU (measured: benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import functools
+import time
 import types
 
 import torch
@@ -111,7 +113,7 @@ def gated_mlp(mlp: nn.Module) -> TritonGatedMLP:
 
 # ---- CPU -----------------------------------------------------------------------------------
 
-CPU_INT4_MAX_ROWS = 4  # int4 CPU matmul wins at 1 row (~9x), loses from ~8 rows on (RESULTS.md)
+CPU_INT4_MAX_ROWS_FP32 = 4  # with fp32 activations the int4 CPU matmul loses from ~8 rows on (RESULTS.md)
 
 
 def cpu_int4_available() -> bool:
@@ -119,39 +121,78 @@ def cpu_int4_available() -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-def attach_cpu_int4(module: nn.Module) -> nn.Module:
-    """Give an AWQ linear on CPU torch's int4 matmul for <= CPU_INT4_MAX_ROWS rows (decode).
+def cpu_int4_fits(module: nn.Module) -> bool:
+    """Whether torch's int4 CPU kernel takes this layer's shape (N a multiple of 16, group 32-256)."""
+    return module.out_features % 16 == 0 and module.group_size in (32, 64, 128, 256)
 
-    The module keeps its class, buffers and state dict (code and checkpoints see a plain
-    WQLinear); it gains a non-persistent int4-packed copy of its weight (K*N/2 bytes, plus
-    fp32 scales/offsets) and a forward that routes decode-sized inputs to it. Larger inputs
-    (prefill) take the module's own dequantize+matmul, which wins there on this CPU.
-    torch's kernel computes w = (q - 8) * s + m with m = (8 - z) * s: the AWQ dequantization
-    (q - z) * s rewritten, m rounded once to the compute dtype.
+
+@functools.cache
+def cpu_int4_compute_dtype() -> torch.dtype:
+    """The activation dtype torch's int4 CPU matmul runs fastest with on this CPU, timed once.
+
+    With bfloat16 activations it uses the AVX512-BF16 / AMX paths where the CPU has them and
+    measured ~25x faster than with float32 (RESULTS.md); on CPUs without them bfloat16 can be
+    the slower one, hence a measurement (two ~1 MB matmuls, a few ms) rather than a guess.
     """
-    q = unpack_awq(module.qweight)  # [K, N]
-    z = unpack_awq(module.qzeros)[:, :module.out_features].to(module.scales.dtype)
-    s = module.scales
-    module.register_buffer("int4_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1),
-                           persistent=False)
-    module.register_buffer("int4_scales_zeros", torch.stack([s, (8 - z) * s], dim=-1).contiguous(), persistent=False)
-    module.forward = types.MethodType(_cpu_int4_forward, module)
-    return module
+    k, n, group = 1024, 1024, 128
+    gen = torch.Generator().manual_seed(0)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
+    best, best_time = torch.float32, float("inf")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1, k, generator=gen).to(dtype)
+        sz = torch.rand(k // group, n, 2, generator=gen).to(dtype)
+        torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        elapsed = time.perf_counter() - start
+        if elapsed < best_time:
+            best, best_time = dtype, elapsed
+    return best
 
 
-def _cpu_int4_forward(self, x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if rows > CPU_INT4_MAX_ROWS or x.dtype != self.int4_scales_zeros.dtype:
-        return type(self).forward(self, x)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1).contiguous(), self.int4_packed,
-                                                  self.group_size, self.int4_scales_zeros)
-    if self.bias is not None:
-        y = y + self.bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], self.out_features)
+class CpuInt4Linear(nn.Module):
+    """An AWQ linear repacked for torch's int4 CPU matmul (`_weight_int4pack_mm_for_cpu`).
 
+    Activations are cast to `compute_dtype` (default: the one `cpu_int4_compute_dtype`
+    measured fastest here), multiplied, and cast back. With bfloat16 the int4 matmul beats even
+    dense fp32 at every prompt size measured (1-128 rows), so every input takes it and the AWQ
+    buffers are dropped (the packed copy is the layer's only weight). With float32 only
+    decode-sized inputs (<= CPU_INT4_MAX_ROWS_FP32 rows) do; larger ones go to the original
+    module, kept as `reference`, whose dequantize+matmul wins there.
+    bfloat16 activations add a rounding of 2^-9 relative per element, well inside the int4
+    weights' own error (a step of 1/15 of each group's range). torch's kernel computes
+    w = (q - 8) * s + m with m = (8 - z) * s: the AWQ dequantization (q - z) * s rewritten, s and
+    m rounded once to the compute dtype.
+    """
 
-def has_cpu_int4(module: nn.Module) -> bool:
-    return hasattr(module, "int4_packed")
+    def __init__(self, awq: nn.Module, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        dtype = compute_dtype or cpu_int4_compute_dtype()
+        self.in_features, self.out_features, self.group_size = awq.in_features, awq.out_features, awq.group_size
+        q = unpack_awq(awq.qweight)  # [K, N]
+        z = unpack_awq(awq.qzeros)[:, :awq.out_features].float()
+        s = awq.scales.float()
+        self.register_buffer("int4_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1))
+        self.register_buffer("int4_scales_zeros", torch.stack([s, (8 - z) * s], dim=-1).to(dtype).contiguous())
+        self.register_buffer("bias", awq.bias)
+        self.max_rows = None if dtype == torch.bfloat16 else CPU_INT4_MAX_ROWS_FP32
+        self.reference = awq if self.max_rows is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.max_rows is not None and rows > self.max_rows:
+            return self.reference(x)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1).to(self.int4_scales_zeros.dtype), self.int4_packed,
+                                                      self.group_size, self.int4_scales_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"compute={str(self.int4_scales_zeros.dtype).replace('torch.', '')}")
 
 
 def dense_weight(w: Int4Weight, dtype=torch.float16) -> torch.Tensor:
