@@ -46,7 +46,7 @@ def _kv_bytes_read(cfg, ctx: int, itemsize: int) -> int:
     return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * itemsize
 
 
-def _decode_bytes(llm, ctx: int, itemsize: int) -> int:
+def decode_bytes(llm, ctx: int, itemsize: int) -> int:
     """Bytes one decode step must read: every weight the step uses (one row of the embedding
     table; for CPU int4 layers their packed copy, not the AWQ layer kept for prefill), plus
     the KV cache up to `ctx`."""
@@ -55,10 +55,11 @@ def _decode_bytes(llm, ctx: int, itemsize: int) -> int:
         if getattr(m, "reference", None) is not None:  # CpuInt4Linear's prefill fallback
             unused |= {id(t) for t in m.reference.buffers()}
     emb = list(llm.embed_tokens.parameters()) + list(llm.embed_tokens.buffers())  # fp16 or int8 + scales
-    unused |= {id(t) for t in emb}
+    head = {id(t) for t in list(llm.lm_head.parameters()) + list(llm.lm_head.buffers())}
+    unused |= {id(t) for t in emb} - head  # a tied table is read whole, as the lm_head
     seen = {id(t): t for t in list(llm.parameters()) + list(llm.buffers()) if id(t) not in unused}
     weights = sum(t.numel() * t.element_size() for t in seen.values())
-    one_row = sum(t[0].numel() * t.element_size() for t in emb)
+    one_row = sum(t[0].numel() * t.element_size() for t in emb if id(t) not in head)
     return weights + one_row + _kv_bytes_read(llm.cfg, ctx, itemsize)
 
 
@@ -111,7 +112,7 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
             t = _timed(lambda: [engine.step(token) for _ in range(decode_steps)], device)
             step_s = t / decode_steps
             result.decode_tps[ctx] = 1.0 / step_s
-            floor_s = _decode_bytes(llm, ctx, dtype.itemsize) / copy_bw
+            floor_s = decode_bytes(llm, ctx, dtype.itemsize) / copy_bw
             result.floor_pct[ctx] = 100.0 * floor_s / step_s
     return result
 

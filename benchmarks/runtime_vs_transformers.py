@@ -1,8 +1,10 @@
 """Runtime core vs transformers on the real SmolLM2-135M, side by side in one run.
 
 Measures, for the same chat prompt and greedy decoding: time to first token, decode
-tokens/s and peak RSS growth; optionally llama.cpp on the original GGUF file (if
-llama-cpp-python is installed). Prints a Markdown table.
+tokens/s and the share of the bandwidth floor. Rows: our runtime in fp32 and on 4-bit
+copies of the same weights (quantized here in a second with RTN: AWQ checkpoints have the
+same layout and speed; with and without a 4-bit lm_head), transformers in fp32, and
+llama.cpp on the original Q4_1 GGUF file if llama-cpp-python is installed. Prints a Markdown table.
 
     python -m benchmarks.runtime_vs_transformers [--new-tokens 64] [--threads 2] [--repeat 3]
 """
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from .random_model import weight_bytes
+from .bench_e2e import decode_bytes
 from .timing import copy_bandwidth
 
 
@@ -34,7 +36,27 @@ def bench_ours(folder, prompt_ids, new_tokens, repeat):
         out = list(generate(engine, embeds, GenerationConfig(max_new_tokens=new_tokens, temperature=0), set(),
                             stats=stats))
         runs.append((stats.ttft_s, stats.decode_tokens_per_s, out))
-    return runs[1:], weight_bytes(model.llm)
+    return runs[1:], decode_bytes(model.llm, 0, 4)
+
+
+def bench_ours_int4(folder, prompt_ids, new_tokens, repeat) -> list[tuple]:
+    """Our runtime on 4-bit copies of the model (group 64: SmolLM2's 576 is not a multiple of 128)."""
+    import tempfile
+
+    from edge_vlm.kernels.modules import cpu_int4_compute_dtype
+    from quantize.pipeline import QuantizeSettings, quantize_checkpoint
+
+    act = str(cpu_int4_compute_dtype()).replace("torch.", "")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for head in (False, True):
+            out = f"{tmp}/int4-head{int(head)}"
+            quantize_checkpoint(folder, out, QuantizeSettings(method="rtn", quantize_lm_head=head), progress=False,
+                                log=lambda _msg: None)
+            runs, nbytes = bench_ours(out, prompt_ids, new_tokens, repeat)
+            what = "int4 linears + int4 lm_head" if head else "int4 linears, fp32 lm_head"
+            rows.append((f"edge-vlm ({what}; {act} activations)", runs, nbytes))
+    return rows
 
 
 def bench_transformers(folder, prompt_ids, new_tokens, repeat):
@@ -102,6 +124,7 @@ def main(argv=None) -> None:
     rows = [("edge-vlm (fp32, static KV cache)", ours, fp32_bytes),
             ("transformers generate (fp32)", bench_transformers(folder, prompt_ids, args.new_tokens, args.repeat),
              fp32_bytes)]
+    rows += bench_ours_int4(folder, prompt_ids, args.new_tokens, args.repeat)
     cpp = bench_llama_cpp(gguf_path(), prompt_ids, args.new_tokens, args.repeat, args.threads)
     if cpp:  # it reads the 4-bit file, so its own floor is the file size
         rows.append(("llama.cpp (Q4_1 GGUF)", cpp, gguf_path().stat().st_size))

@@ -3,6 +3,7 @@ harness, not speed), and the random-int4 model builder produces a working AWQ mo
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -59,3 +60,23 @@ def test_bench_on_a_missing_gpu_is_a_one_line_error(capsys):
         pytest.skip("this machine has a GPU")
     assert main(["bench", "--device", "cuda", "--model-shape", "tiny"]) == 1
     assert capsys.readouterr().err.strip() == "edge-vlm: error: --device cuda asked for, but this torch sees no CUDA GPU"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_bytes_counts_what_a_step_reads(tied):
+    from benchmarks.bench_e2e import decode_bytes
+    from benchmarks.random_model import weight_bytes
+    from edge_vlm.config import LLMConfig
+    from edge_vlm.llm import DecoderLM
+    from tests.factories import llm_config as hf_config
+
+    llm = DecoderLM(LLMConfig.from_hf(hf_config("llama", tie_word_embeddings=tied).to_dict()))
+    llm.tie_weights()
+    table = llm.embed_tokens.weight
+    assert (llm.lm_head.weight is table) == tied
+    if tied:  # the table is the lm_head: read whole every step
+        assert decode_bytes(llm, 0, 4) == weight_bytes(llm)
+    else:  # one embedding row, not the table
+        assert decode_bytes(llm, 0, 4) == weight_bytes(llm) - table.nbytes + table[0].nbytes
+    cfg = llm.cfg
+    assert decode_bytes(llm, 10, 4) - decode_bytes(llm, 0, 4) == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 10 * 4
