@@ -119,7 +119,10 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
 
 def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, layers: int | None = None,
         vocab: int | None = None, vision_layers: int | None = None, max_context: int = 4096, repeats: int = 3,
-        variants=("dense", "int4"), progress=print) -> tuple[list[E2EResult], float]:
+        variants=("dense", "int4"), progress=print, int4_lm_head: bool = False,
+        int8_embedding: bool = False) -> tuple[list[E2EResult], float]:
+    """Both variants in one process, one after the other; `int4_lm_head` / `int8_embedding` apply
+    to ours (what `edge-vlm quantize --quantize-lm-head / --quantize-embedding` writes)."""
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     cfg = llm_config(model, layers, vocab, max_positions=max(max_context, max(contexts) + 8, IMAGE_TOKENS + TEXT_TOKENS + 8))
@@ -136,7 +139,8 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         int4 = variant == "int4"
         variant = "ours int4" if int4 else f"{str(dtype).replace('torch.', '')} eager"
         progress(f"building {variant} ({model}, {cfg.num_layers} layers)")
-        llm = build_llm(cfg, dev, dtype, int4=int4)
+        llm = build_llm(cfg, dev, dtype, int4=int4, int4_lm_head=int4 and int4_lm_head,
+                        int8_embedding=int4 and int8_embedding)
         vision = build_vision(vcfg, dev, dtype) if vcfg is not None else None
         if int4:
             optimize_for_device(llm)

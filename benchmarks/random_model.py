@@ -48,23 +48,37 @@ def _init_(module: nn.Module, seed: int) -> None:
             p.data.zero_()
 
 
-def build_llm(cfg: LLMConfig, device, dtype, int4: bool, seed: int = 0) -> DecoderLM:
-    """A DecoderLM of `cfg` with random weights; decoder linears int4 (AWQ buffers) when `int4`."""
+def build_llm(cfg: LLMConfig, device, dtype, int4: bool, seed: int = 0, int4_lm_head: bool = False,
+              int8_embedding: bool = False) -> DecoderLM:
+    """A DecoderLM of `cfg` with random weights; decoder linears int4 (AWQ buffers) when `int4`.
+
+    `int4_lm_head` / `int8_embedding` build what `edge-vlm quantize --quantize-lm-head /
+    --quantize-embedding` writes (the big-vocabulary settings, e.g. Nemotron's 256k).
+    """
+    from edge_vlm.quant_linear import Int8Embedding
+
     with torch.device("meta"):
         llm = DecoderLM(cfg)
     targets = [(parent, name, child) for layer in llm.layers for parent in (layer.self_attn, layer.mlp)
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    if int4:  # drop the dense weights before materialising, so they never take memory
-        for parent, name, child in targets:
-            setattr(parent, name, nn.Identity())
+               for name, child in parent.named_children() if isinstance(child, nn.Linear)] if int4 else []
+    if int4_lm_head:
+        targets.append((llm, "lm_head", llm.lm_head))
+    for parent, name, child in targets:  # drop the dense weights before materialising: they never take memory
+        setattr(parent, name, nn.Identity())
+    if int8_embedding:
+        llm.embed_tokens = nn.Identity()
     llm.to_empty(device=device)
     for mod in llm.modules():
         _init_(mod, seed)
-    if int4:
-        for i, (parent, name, child) in enumerate(targets):
-            group = GROUP if child.in_features % GROUP == 0 else 32  # 32: the tiny test shape
-            setattr(parent, name, random_awq_linear(child.in_features, child.out_features, device, dtype, group,
-                                                    seed + i))
+    for i, (parent, name, child) in enumerate(targets):
+        group = GROUP if child.in_features % GROUP == 0 else 32  # 32: the tiny test shape
+        setattr(parent, name, random_awq_linear(child.in_features, child.out_features, device, dtype, group, seed + i))
+    if int8_embedding:
+        emb = Int8Embedding(cfg.vocab_size, cfg.hidden_size, device, dtype)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        emb.qweight.copy_(torch.randint(-127, 128, emb.qweight.shape, device=device, generator=gen, dtype=torch.int8))
+        emb.scales.copy_(torch.rand(emb.scales.shape, device=device, generator=gen) * (0.02 / 127) + 1e-4)
+        llm.embed_tokens = emb
     llm.to(dtype)
     llm._rope = None  # rope tables were built (if at all) on meta
     return llm.eval()

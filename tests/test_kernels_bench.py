@@ -80,3 +80,26 @@ def test_decode_bytes_counts_what_a_step_reads(tied):
         assert decode_bytes(llm, 0, 4) == weight_bytes(llm) - table.nbytes + table[0].nbytes
     cfg = llm.cfg
     assert decode_bytes(llm, 10, 4) - decode_bytes(llm, 0, 4) == 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 10 * 4
+
+
+def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
+    from benchmarks.random_model import weight_bytes
+    from edge_vlm.cli import main
+    from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.quant_linear import Int8Embedding, WQLinear
+
+    cfg = llm_config("tiny")
+    plain = build_llm(cfg, "cpu", torch.float32, int4=True)
+    small = build_llm(cfg, "cpu", torch.float32, int4=True, int4_lm_head=True, int8_embedding=True)
+    assert isinstance(small.lm_head, WQLinear) and isinstance(small.embed_tokens, Int8Embedding)
+    table = plain.embed_tokens.weight.nbytes + plain.lm_head.weight.nbytes
+    assert weight_bytes(plain) - weight_bytes(small) > 0.6 * table  # int8 + int4 instead of two fp32 tables
+    assert optimize_for_device(small) == {"cpu_int4_linear": 14 + 1}  # the lm_head too
+    with torch.inference_mode():
+        logits = small(small.embed(torch.tensor([[3, 4, 5]])), 0, small.new_cache(8))
+    assert torch.isfinite(logits).all() and logits.std() > 0
+
+    rc = main(["bench", "--device", "cpu", "--model-shape", "tiny", "--layers", "2", "--contexts", "16",
+               "--decode-steps", "2", "--repeats", "1", "--max-context", "32", "--out", str(tmp_path),
+               "--quantize-lm-head", "--quantize-embedding"])
+    assert rc == 0 and "Ours with int4 lm_head and int8 embeddings." in capsys.readouterr().out

@@ -196,6 +196,31 @@ def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
             assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 
 
+def test_triton_path_with_int4_lm_head_and_int8_embeddings():
+    """The big-vocabulary settings (what `quantize --quantize-lm-head --quantize-embedding`
+    writes) through the CUDA path's swaps and the static decode step, via the interpreter."""
+    import copy
+
+    from benchmarks.random_model import build_llm
+    from benchmarks.shapes import llm_config
+    from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.kernels.fused_decode import FusedDecoder
+    from edge_vlm.kernels.modules import TritonW4Linear
+
+    ref = build_llm(llm_config("tiny"), "cpu", torch.float32, int4=True, int4_lm_head=True, int8_embedding=True)
+    fast = copy.deepcopy(ref)
+    optimize_for_device(fast, backend="triton")
+    assert isinstance(fast.lm_head, TritonW4Linear)
+    ids = torch.randint(0, ref.cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        cache_ref, cache_fast = ref.new_cache(16), fast.new_cache(16)
+        want = (ref(ref.embed(ids), 0, cache_ref)[0, -1], ref(ref.embed(ids[:, :1]), 10, cache_ref)[0, -1])
+        fast(fast.embed(ids), 0, cache_fast)
+        got = (fast(fast.embed(ids), 0, fast.new_cache(16))[0, -1], FusedDecoder(fast, cache_fast).step(int(ids[0, 0]), 10))
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-4 * w.abs().max()  # fp32 throughout: reassociated sums only
+
+
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
 def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
     import copy

@@ -204,3 +204,22 @@ def test_cpu_int4_compute_dtype_is_measured_once():
     first = cpu_int4_compute_dtype()
     assert first in (torch.float32, torch.bfloat16)
     assert cpu_int4_compute_dtype() is first  # cached: the timing runs once per process
+
+
+def test_module_swaps_free_each_old_layer_before_making_the_next():
+    """Converting a model must not hold all its old weights at once (peak VRAM at load)."""
+    import weakref
+
+    from edge_vlm.kernels.dispatch import _swap
+    from tests.kernel_helpers import AwqLinearStandIn
+
+    model = torch.nn.Sequential(*[AwqLinearStandIn(*random_int4(64, 16, 32, seed=i), 32) for i in range(4)])
+    old = [weakref.ref(m) for m in model]
+    alive_when_making = []
+
+    def make(module):
+        alive_when_making.append(sum(ref() is not None for ref in old))
+        return torch.nn.Identity()
+
+    assert _swap(model, lambda m: isinstance(m, AwqLinearStandIn), make, "swapped") == {"swapped": 4}
+    assert alive_when_making == [4, 3, 2, 1]  # the one being converted and those not yet reached

@@ -50,17 +50,22 @@ def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
 
 
 def _swap(root: nn.Module, match, make, label: str) -> dict[str, int]:
-    n = 0
-    for name, module in list(root.named_modules()):
-        if not name:
-            continue
+    """Replace every submodule that `match`es with `make(module)`, one at a time.
+
+    Only names are collected up front: each replaced module is freed before the next is made, so
+    converting a model costs one layer of extra memory, not a second copy of all its weights.
+    """
+    names = []
+    for name, module in root.named_modules():
+        parent_name = name.rpartition(".")[0]
+        parent = root.get_submodule(parent_name) if parent_name else root
+        if name and not isinstance(parent, CpuInt4Linear) and match(module):  # a fast module's own fallback stays
+            names.append(name)
+    for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = root.get_submodule(parent_name) if parent_name else root
-        if isinstance(parent, CpuInt4Linear) or not match(module):  # a fast module's own fallback stays as it is
-            continue
-        setattr(parent, child, make(module))
-        n += 1
-    return {label: n} if n else {}
+        setattr(parent, child, make(getattr(parent, child)))
+    return {label: len(names)} if names else {}
 
 
 def _to_triton(llm: nn.Module) -> dict[str, int]:
