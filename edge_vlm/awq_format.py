@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import load_torch_file
 from .errors import CheckpointError
 
 # Column c of each block of 8 lives at nibble _NIBBLE_OF_COLUMN[c] of the int32.
@@ -126,10 +127,7 @@ class TinyChatStore:
     def __init__(self, path: Path, group_size: int | None = None):
         self.path = Path(path)
         self.folder = self.path.parent
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise CheckpointError(f"cannot read {self.path} (corrupt or truncated): {e}") from None
+        state = load_torch_file(self.path)
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if state and all(k.startswith("llm.") for k in state):  # saved from the whole VILA model

@@ -54,6 +54,26 @@ def test_repack_awq_preserves_every_weight(k, n, group):
     assert torch.equal(dequantize(w, torch.float64), exact_dequant(q, z, s, group))
 
 
+def test_repacks_in_column_chunks_equal_whole_repacks(monkeypatch):
+    """Big layers are repacked a block of columns at a time (bounded memory): with tiny chunks
+    (64 columns; 200 = 3 full chunks and a ragged one) the results equal one-shot repacks."""
+    from edge_vlm.kernels import int4_layout
+    from edge_vlm.kernels.modules import CpuInt4Linear, cpu_int4_available
+    from tests.kernel_helpers import AwqLinearStandIn
+
+    k, n, group = 128, 208, 32
+    q, z, s = random_int4(k, n, group, seed=11, scale_dtype=torch.float32)
+    whole = repack_awq(awq_pack(q), awq_pack(z), s, group)
+    layer = AwqLinearStandIn(q, z, s, group)
+    whole_cpu = CpuInt4Linear(layer, torch.float32).int4_packed if cpu_int4_available() else None
+    monkeypatch.setattr(int4_layout, "REPACK_CHUNK_WEIGHTS", 64 * k)
+    assert int4_layout.column_chunks(k, n) == [(0, 64), (64, 128), (128, 192), (192, 208)]
+    chunked = repack_awq(awq_pack(q), awq_pack(z), s, group)
+    assert torch.equal(chunked.qweight, whole.qweight) and torch.equal(unpack_rows(chunked.qweight).t(), q.int())
+    if whole_cpu is not None:
+        assert torch.equal(CpuInt4Linear(layer, torch.float32).int4_packed, whole_cpu)
+
+
 def _tolerance(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-element bound: output rounding to fp16 (2^-11 relative, doubled) plus fp32 accumulation
     over K terms (K * 2^-24 of sum |x w|, doubled)."""

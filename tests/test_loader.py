@@ -38,11 +38,12 @@ def test_sharded_safetensors_load_the_same_weights(reference, tmp_path):
         load_model(tmp_path / "sharded", device="cpu", progress=False)
 
 
-def test_pytorch_bin_fallback(reference, tmp_path):
+@pytest.mark.parametrize("zipped", [True, False])  # mapped from the file / the legacy format, read whole
+def test_pytorch_bin_fallback(reference, tmp_path, zipped):
     folder, single = reference
     ref = make_llm(tmp_path / "bin", "qwen2", seed=4)
     (tmp_path / "bin" / "model.safetensors").unlink()
-    torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    torch.save(ref.state_dict(), tmp_path / "bin" / "pytorch_model.bin", _use_new_zipfile_serialization=zipped)
     model = load_model(tmp_path / "bin", device="cpu", progress=False)
     ids = torch.randint(0, 384, (1, 12))
     assert torch.equal(logits(model, ids), logits(single, ids))

@@ -20,6 +20,17 @@ import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column 8c + AWQ_ORDER[i]
 
+# Weights unpacked at a time while repacking. Unpacked, a weight takes ~20 bytes on its way
+# through int32/int64 temporaries, so a whole 256k-vocabulary lm_head (786M weights) would need
+# ~16 GB at once: on a Jetson, more than the board has. 4M weights per chunk bound it to ~80 MB.
+REPACK_CHUNK_WEIGHTS = 1 << 22
+
+
+def column_chunks(k: int, n: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of output columns, multiples of 64 wide, ~REPACK_CHUNK_WEIGHTS weights each."""
+    step = max(64, REPACK_CHUNK_WEIGHTS // max(k, 1) // 64 * 64)
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
 
 @dataclass
 class Int4Weight:
@@ -84,12 +95,17 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
 
 
 def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
-    """AutoAWQ GEMM-layout buffers -> `Int4Weight` (same values, kernel-friendly layout)."""
-    q = unpack_awq(qweight)  # [K, N]
-    k, n = q.shape
-    z = unpack_awq(qzeros)[:, :n]  # [K/G, N]
-    return Int4Weight(pack_rows(q.t().contiguous()), scales[:, :n].t().contiguous(),
-                      z.t().contiguous().to(torch.uint8), k, n, group_size)
+    """AutoAWQ GEMM-layout buffers -> `Int4Weight` (same values, kernel-friendly layout).
+
+    Done a block of output columns at a time (`column_chunks`), so the temporary memory stays
+    small whatever the layer's size.
+    """
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    packed = torch.empty((n, k // 8), dtype=torch.int32, device=qweight.device)
+    for a, b in column_chunks(k, n):
+        packed[a:b] = pack_rows(unpack_awq(qweight[:, a // 8:b // 8]).t().contiguous())
+    z = unpack_awq(qzeros)[:, :n]  # [K/G, N]: 1/G of the weights, small
+    return Int4Weight(packed, scales[:, :n].t().contiguous(), z.t().contiguous().to(torch.uint8), k, n, group_size)
 
 
 def from_ints(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:

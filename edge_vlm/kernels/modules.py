@@ -16,7 +16,7 @@ import types
 import torch
 import torch.nn as nn
 
-from .int4_layout import Int4Weight, concat_outputs, dequantize, repack_awq, unpack_awq
+from .int4_layout import Int4Weight, column_chunks, concat_outputs, dequantize, repack_awq, unpack_awq
 
 RMS, LAYERNORM1P = 0, 1
 
@@ -171,10 +171,14 @@ class CpuInt4Linear(nn.Module):
         super().__init__()
         dtype = compute_dtype or cpu_int4_compute_dtype()
         self.in_features, self.out_features, self.group_size = awq.in_features, awq.out_features, awq.group_size
-        q = unpack_awq(awq.qweight)  # [K, N]
-        z = unpack_awq(awq.qzeros)[:, :awq.out_features].float()
+        k, n = awq.in_features, awq.out_features
+        packed = torch.empty((n, k // 2), dtype=torch.uint8)
+        for a, b in column_chunks(k, n):  # bounded temporaries; torch packs in blocks of 64 rows of N
+            q = unpack_awq(awq.qweight[:, a // 8:b // 8])  # [K, b - a]
+            packed[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1)
+        z = unpack_awq(awq.qzeros)[:, :n].float()
         s = awq.scales.float()
-        self.register_buffer("int4_packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1))
+        self.register_buffer("int4_packed", packed)
         self.register_buffer("int4_scales_zeros", torch.stack([s, (8 - z) * s], dim=-1).to(dtype).contiguous())
         self.register_buffer("bias", awq.bias)
         self.max_rows = None if dtype == torch.bfloat16 else CPU_INT4_MAX_ROWS_FP32
