@@ -6,7 +6,7 @@ CPU: the runtime's CPU path (torch's int4 CPU matmul, `_weight_int4pack_mm_for_c
 activations) vs the reference dequantize+matmul (`WQLinear.forward`) vs a dense fp32 matmul, at 1 row (decode) and
 128 rows (a prompt): what `CpuInt4Linear` chooses between. The Triton kernels are not timed on CPU (the interpreter is for tests).
 
-    python -m benchmarks.bench_kernels --device cuda             # all three model shapes
+    python -m benchmarks.bench_kernels --device cuda             # all three model shapes, + decode attention vs SDPA
     python -m benchmarks.bench_kernels --device cpu --models vila1.5-3b
 """
 
@@ -99,6 +99,46 @@ def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
     return rows, bw
 
 
+def bench_attention(models: list[str], device: torch.device, contexts=(128, 2048, 4096), reps: int = 20) -> list[dict]:
+    """Decode attention (one new token over `ctx` cached ones, one layer): our split-K Triton
+    kernel, which reads the valid length from a device tensor (what the CUDA graph needs), vs
+    PyTorch SDPA over the same prefix, which needs the length on the host. Off CUDA our kernel
+    runs through Triton's interpreter: that checks the harness, not speed."""
+    import torch.nn.functional as F
+
+    from edge_vlm.kernels.decode_attention import decode_attention
+
+    from .shapes import llm_config
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = []
+    for model in models:
+        cfg = llm_config(model)
+        h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        for ctx in contexts:
+            gen = torch.Generator(device="cpu").manual_seed(ctx)
+            q = torch.randn(h, d, generator=gen).to(device, dtype)
+            k = torch.randn(hkv, max(contexts), d, generator=gen).to(device, dtype)
+            v = torch.randn(hkv, max(contexts), d, generator=gen).to(device, dtype)
+            length = torch.tensor([ctx], dtype=torch.int32, device=device)
+            ours = median_time(lambda: decode_attention(q, k, v, length), device, reps)
+            q4, k4, v4 = q[None, :, None], k[None, :, :ctx], v[None, :, :ctx]
+            sdpa = median_time(lambda: F.scaled_dot_product_attention(q4, k4, v4, enable_gqa=h != hkv), device, reps)
+            nbytes = 2 * hkv * ctx * d * k.element_size()
+            rows.append(dict(model=model, ctx=ctx, ours_us=ours * 1e6, sdpa_us=sdpa * 1e6, kv_mb=nbytes / 1e6,
+                             ours_gbs=nbytes / ours / 1e9))
+    return rows
+
+
+def format_attention(rows: list[dict], device_name: str) -> str:
+    lines = [f"Decode attention, one layer, batch 1; device: {device_name}.", "",
+             "| model | context | KV read MB | ours µs | ours GB/s | SDPA µs | SDPA / ours |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['ctx']} | {r['kv_mb']:.1f} | {r['ours_us']:.1f} | {r['ours_gbs']:.0f} | "
+                     f"{r['sdpa_us']:.1f} | {r['sdpa_us'] / r['ours_us']:.2f}x |")
+    return "\n".join(lines)
+
+
 def format_cuda(rows: list[dict], bw: float, device_name: str) -> str:
     lines = [f"Device: {device_name}; device-to-device copy: {bw / 1e9:.0f} GB/s (same run). Batch 1, group {GROUP}.", "",
              "| model | layer | K x N | ours int4 µs | ours GB/s | % of copy | fp16 matmul µs | tinygemm µs | vs fp16 |",
@@ -146,6 +186,8 @@ def main(argv=None) -> int:
         models = args.models or list(LLM_SHAPES)
         rows, bw = bench_cuda(models, device)
         print(format_cuda(rows, bw, device_name(device)))
+        print()
+        print(format_attention(bench_attention(models, device), device_name(device)))
     else:
         models = args.models or ["vila1.5-3b"]
         rows, bw = bench_cpu(models, args.reps)

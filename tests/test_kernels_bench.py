@@ -103,3 +103,14 @@ def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
                "--decode-steps", "2", "--repeats", "1", "--max-context", "32", "--out", str(tmp_path),
                "--quantize-lm-head", "--quantize-embedding"])
     assert rc == 0 and "Ours with int4 lm_head and int8 embeddings." in capsys.readouterr().out
+
+
+def test_attention_benchmark_harness_runs():
+    """The decode-attention table (ours vs SDPA): on CPU ours runs through the interpreter, so
+    this checks the harness and that both sides got the same shapes, not speed."""
+    from benchmarks.bench_kernels import bench_attention, format_attention
+
+    rows = bench_attention(["tiny"], torch.device("cpu"), contexts=(8, 24), reps=1)
+    assert [r["ctx"] for r in rows] == [8, 24] and all(r["ours_us"] > 0 and r["sdpa_us"] > 0 for r in rows)
+    assert rows[1]["kv_mb"] == 3 * rows[0]["kv_mb"]
+    assert "| tiny | 24 |" in format_attention(rows, "cpu")
