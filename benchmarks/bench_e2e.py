@@ -7,7 +7,8 @@ logits), decode tokens/s at given contexts, the fraction of the bandwidth floor 
 
 - "float16 eager" ("float32 eager" on CPU, the CPU dtype): dense nn.Linear weights, the plain `Engine`.
 - "ours int4": AutoAWQ int4 weights (`WQLinear`), `optimize_for_device`, `make_engine`
-  (CUDA: Triton W4A16 kernels + CUDA-graph decode; CPU: torch's int4 CPU matmul).
+  (CUDA: Triton W4A16 kernels + CUDA-graph decode; CPU: torch's int4 CPU matmul, and the vision
+  tower in bf16 where that is faster).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 
@@ -142,8 +144,8 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         llm = build_llm(cfg, dev, dtype, int4=int4, int4_lm_head=int4 and int4_lm_head,
                         int8_embedding=int4 and int8_embedding)
         vision = build_vision(vcfg, dev, dtype) if vcfg is not None else None
-        if int4:
-            optimize_for_device(llm)
+        if int4:  # the runtime's own dispatch, on the LLM and the vision tower (bf16 on some CPUs)
+            optimize_for_device(SimpleNamespace(llm=llm, vision=vision))
             engine = make_engine(llm, max_ctx)
         else:
             engine = Engine(llm, max_ctx)

@@ -70,8 +70,9 @@ class VisionLanguageModel:
     def encode_images(self, images) -> torch.Tensor:
         """Images -> LLM-space embeddings [N, tokens_per_image, hidden]."""
         pixels = preprocess(images, self.image_cfg).to(self.device)
-        feats = self.vision(pixels.to(self.dtype))
-        return self.projector(feats)
+        # the tower may run in another dtype than the LLM (bf16 on CPUs where that is faster)
+        feats = self.vision(pixels.to(_param_dtype(self.vision)))
+        return self.projector(feats.to(_param_dtype(self.projector))).to(self.dtype)
 
     def memory_estimate(self, max_context: int | None = None) -> dict[str, int]:
         """Bytes needed: weights as loaded plus the KV cache at `max_context`."""
@@ -81,3 +82,7 @@ class VisionLanguageModel:
         weights = sum(t.numel() * t.element_size() for m in (self.llm, self.vision, self.projector) if m is not None
                       for t in {id(p): p for p in list(m.parameters()) + list(m.buffers())}.values())
         return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def _param_dtype(module: torch.nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype

@@ -114,3 +114,14 @@ def test_attention_benchmark_harness_runs():
     assert [r["ctx"] for r in rows] == [8, 24] and all(r["ours_us"] > 0 and r["sdpa_us"] > 0 for r in rows)
     assert rows[1]["kv_mb"] == 3 * rows[0]["kv_mb"]
     assert "| tiny | 24 |" in format_attention(rows, "cpu")
+
+
+def test_vision_dtype_benchmark_runs(capsys):
+    import re
+
+    from benchmarks.vision_dtype import main
+
+    main(["--model-shape", "tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
+    rel = float(re.search(r"\| bfloat16 \| \d+ \| ([\d.]+) \|", out).group(1))
+    assert 0 < rel < 2**-4  # bf16 rounding of a 2-layer tower: small but not zero

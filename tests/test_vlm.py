@@ -31,7 +31,7 @@ def random_image(seed: int, size=(57, 43)) -> Image.Image:
                                                 ("nemotron", "linear")])
 def test_vila_logits_match_transformers_composition(tmp_path, llm_kind, projector):
     llm, vision, proj = make_vila(tmp_path / "m", llm_kind=llm_kind, projector=projector, seed=5)
-    ours = load_model(tmp_path / "m", device="cpu", progress=False)
+    ours = load_model(tmp_path / "m", device="cpu", progress=False, fast_path=False)
     img = random_image(1)
     ids_a, ids_b = torch.tensor([[1, 40, 41, 42]]), torch.tensor([[43, 44, 45, 46, 47]])
     with torch.no_grad():
@@ -49,7 +49,7 @@ def test_vila_logits_match_transformers_composition(tmp_path, llm_kind, projecto
 @pytest.mark.parametrize("text_kind,vision_kind", [("nemotron", "clip"), ("llama", "siglip")])
 def test_llava_folder_matches_transformers_llava(tmp_path, text_kind, vision_kind):
     ref = make_llava(tmp_path / "m", text_kind=text_kind, vision_kind=vision_kind, seed=2)
-    ours = load_model(tmp_path / "m", device="cpu", progress=False)
+    ours = load_model(tmp_path / "m", device="cpu", progress=False, fast_path=False)
     img = random_image(2)
     n = ours.tokens_per_image
     image_token = ref.config.image_token_index
@@ -145,3 +145,26 @@ def test_vila_config_fields_are_honoured(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     model = load_model(tmp_path / "m", device="cpu", progress=False)
     assert len(model.vision.layers) == 1  # 3-layer tower, hidden_states[-3] = after layer 1
+
+
+@pytest.mark.parametrize("bf16_faster", [True, False])
+def test_cpu_vision_runs_in_bf16_only_where_that_is_faster(tiny_vila, monkeypatch, bf16_faster):
+    """On CPU the vision tower and projector run in bf16 when dense bf16 matmuls are the faster
+    ones here (timed once); the LLM keeps its dtype and receives its own dtype back."""
+    from edge_vlm.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "cpu_bf16_matmul_is_faster", lambda: bf16_faster)
+    fast = load_model(tiny_vila, device="cpu", progress=False)
+    ref = load_model(tiny_vila, device="cpu", progress=False, fast_path=False)
+    tower = torch.bfloat16 if bf16_faster else torch.float32
+    assert next(fast.vision.parameters()).dtype == next(fast.projector.parameters()).dtype == tower
+    assert fast.llm.dtype == ref.llm.dtype == torch.float32
+    images = [random_image(3), random_image(4, size=(40, 70))]
+    got, want = fast.encode_images(images), ref.encode_images(images)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    if bf16_faster:
+        # bf16 weights and activations: 2^-9 relative per rounding, a few dozen roundings deep
+        # (2 tower layers + projector) -> a few percent of the largest feature at most
+        assert 0 < rel_err(got, want) <= 2**-4
+    else:
+        assert torch.equal(got, want)

@@ -6,7 +6,7 @@
 - CPU: AWQ linears -> `CpuInt4Linear` (torch's int4 CPU matmul), with bfloat16 activations
   where this CPU runs that fastest (then it beats even dense fp32 at every size), else fp32
   activations for decode-sized inputs only. Layers whose shape that kernel does not take stay as
-  they are, and so do unquantized CPU models.
+  they are. Where dense bf16 matmuls beat fp32, the vision tower and projector run in bf16.
 - meta (or anything else): nothing.
 """
 
@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 
 from . import triton_available
-from .modules import (CpuInt4Linear, TritonNorm, TritonReluSqMLP, TritonW4Linear, cpu_int4_available, cpu_int4_fits,
-                      gated_mlp, is_awq_linear)
+from .modules import (CpuInt4Linear, TritonNorm, TritonReluSqMLP, TritonW4Linear, cpu_bf16_matmul_is_faster,
+                      cpu_int4_available, cpu_int4_fits, gated_mlp, is_awq_linear)
 
 
 def choose_backend(device: torch.device) -> str | None:
@@ -43,10 +43,25 @@ def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
     counts: dict[str, int] = {}
     if backend == "triton":
         counts = _to_triton(llm)
-    elif backend == "cpu" and cpu_int4_available():
-        counts = _swap(llm, lambda m: is_awq_linear(m) and cpu_int4_fits(m), CpuInt4Linear, "cpu_int4_linear")
+    elif backend == "cpu":
+        if cpu_int4_available():
+            counts = _swap(llm, lambda m: is_awq_linear(m) and cpu_int4_fits(m), CpuInt4Linear, "cpu_int4_linear")
+        counts.update(_vision_to_bf16(model))
     llm.kernel_backend = backend if counts or backend == "triton" else "torch"
     return counts
+
+
+def _vision_to_bf16(model) -> dict[str, int]:
+    """CPU: the vision tower and projector in bfloat16 where dense bf16 matmuls are the faster
+    ones. The tower is pure matmul work (a 384 px image is 729 tokens through 27 layers), and
+    the towers were trained in bf16; the LLM stays as loaded (`encode_images` casts between)."""
+    vision = getattr(model, "vision", None)
+    if vision is None or next(vision.parameters()).dtype != torch.float32 or not cpu_bf16_matmul_is_faster():
+        return {}
+    vision.to(torch.bfloat16)
+    if getattr(model, "projector", None) is not None:
+        model.projector.to(torch.bfloat16)
+    return {"bf16_vision": 1}
 
 
 def _swap(root: nn.Module, match, make, label: str) -> dict[str, int]:

@@ -126,30 +126,48 @@ def cpu_int4_fits(module: nn.Module) -> bool:
     return module.out_features % 16 == 0 and module.group_size in (32, 64, 128, 256)
 
 
+def _fastest(runs: dict) -> object:
+    """The key of `runs` (key -> zero-argument callable) whose call took least, after a warm-up."""
+    best, best_time = None, float("inf")
+    for key, run in runs.items():
+        run()  # warm-up
+        start = time.perf_counter()
+        for _ in range(3):
+            run()
+        elapsed = time.perf_counter() - start
+        if elapsed < best_time:
+            best, best_time = key, elapsed
+    return best
+
+
 @functools.cache
 def cpu_int4_compute_dtype() -> torch.dtype:
     """The activation dtype torch's int4 CPU matmul runs fastest with on this CPU, timed once.
 
     With bfloat16 activations it uses the AVX512-BF16 / AMX paths where the CPU has them and
-    measured ~25x faster than with float32 (RESULTS.md); on CPUs without them bfloat16 can be
+    measured ~30x faster than with float32 (RESULTS.md); on CPUs without them bfloat16 can be
     the slower one, hence a measurement (two ~1 MB matmuls, a few ms) rather than a guess.
     """
     k, n, group = 1024, 1024, 128
     gen = torch.Generator().manual_seed(0)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen), 1)
-    best, best_time = torch.float32, float("inf")
-    for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(1, k, generator=gen).to(dtype)
-        sz = torch.rand(k // group, n, 2, generator=gen).to(dtype)
-        torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # warm-up
-        start = time.perf_counter()
-        for _ in range(3):
-            torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
-        elapsed = time.perf_counter() - start
-        if elapsed < best_time:
-            best, best_time = dtype, elapsed
-    return best
+    x, sz = torch.randn(1, k, generator=gen), torch.rand(k // group, n, 2, generator=gen)
+    return _fastest({dtype: functools.partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x.to(dtype), packed, group,
+                                              sz.to(dtype)) for dtype in (torch.float32, torch.bfloat16)})
+
+
+@functools.cache
+def cpu_bf16_matmul_is_faster() -> bool:
+    """Whether dense bfloat16 matmuls beat float32 ones on this CPU (AVX512-BF16 / AMX), timed once.
+
+    Decides whether the vision tower runs in bfloat16 on CPU: measured 2.4x faster on its
+    shapes here (RESULTS.md); on CPUs without those instructions bfloat16 is emulated and slower.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 512, generator=gen), torch.randn(512, 1024, generator=gen)
+    return _fastest({dtype: functools.partial(torch.matmul, a.to(dtype), b.to(dtype))
+                     for dtype in (torch.float32, torch.bfloat16)}) == torch.bfloat16
 
 
 class CpuInt4Linear(nn.Module):
