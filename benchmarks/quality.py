@@ -32,7 +32,8 @@ def evaluate(model_dir, ids, window: int) -> float:
     from edge_vlm import load_model
     from edge_vlm.perplexity import perplexity
 
-    model = load_model(str(model_dir), device="cpu", dtype=torch.float32, progress=False)
+    # the reference modules: quality is a property of the weights, not of a fast path's roundings
+    model = load_model(str(model_dir), device="cpu", dtype=torch.float32, progress=False, fast_path=False)
     return perplexity(model.llm, ids, window=window)
 
 
