@@ -56,18 +56,19 @@ def test_repack_awq_preserves_every_weight(k, n, group):
 
 def test_repacks_in_column_chunks_equal_whole_repacks(monkeypatch):
     """Big layers are repacked a block of columns at a time (bounded memory): with tiny chunks
-    (64 columns; 200 = 3 full chunks and a ragged one) the results equal one-shot repacks."""
+    (64 columns; 200 = 3 full chunks and a ragged one, padded to 16 for the CPU kernel) the
+    results equal one-shot repacks."""
     from edge_vlm.kernels import int4_layout
     from edge_vlm.kernels.modules import CpuInt4Linear, cpu_int4_available
     from tests.kernel_helpers import AwqLinearStandIn
 
-    k, n, group = 128, 208, 32
+    k, n, group = 128, 200, 32
     q, z, s = random_int4(k, n, group, seed=11, scale_dtype=torch.float32)
     whole = repack_awq(awq_pack(q), awq_pack(z), s, group)
     layer = AwqLinearStandIn(q, z, s, group)
     whole_cpu = CpuInt4Linear(layer, torch.float32).int4_packed if cpu_int4_available() else None
     monkeypatch.setattr(int4_layout, "REPACK_CHUNK_WEIGHTS", 64 * k)
-    assert int4_layout.column_chunks(k, n) == [(0, 64), (64, 128), (128, 192), (192, 208)]
+    assert int4_layout.column_chunks(k, n) == [(0, 64), (64, 128), (128, 192), (192, 200)]
     chunked = repack_awq(awq_pack(q), awq_pack(z), s, group)
     assert torch.equal(chunked.qweight, whole.qweight) and torch.equal(unpack_rows(chunked.qweight).t(), q.int())
     if whole_cpu is not None:
@@ -158,7 +159,7 @@ needs_cpu_int4 = pytest.mark.skipif(
 
 @needs_cpu_int4
 @pytest.mark.parametrize("compute", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows,k,n,group", [(1, 256, 48, 64), (3, 160, 32, 32), (9, 384, 16, 128)])
+@pytest.mark.parametrize("rows,k,n,group", [(1, 256, 48, 64), (3, 160, 40, 32), (9, 384, 24, 128)])
 def test_cpu_int4_matches_the_spec_dequantization(compute, rows, k, n, group):
     from edge_vlm.kernels.modules import CpuInt4Linear
     from tests.kernel_helpers import AwqLinearStandIn
@@ -202,19 +203,25 @@ def test_cpu_int4_routes_by_rows_in_fp32_and_takes_every_size_in_bf16():
 
 
 @needs_cpu_int4
-def test_cpu_int4_is_attached_only_to_shapes_the_kernel_takes():
+def test_cpu_int4_takes_every_awq_width_and_skips_group_sizes_the_kernel_lacks():
     from edge_vlm.kernels.dispatch import optimize_for_device
     from edge_vlm.kernels.modules import CpuInt4Linear
     from tests.kernel_helpers import AwqLinearStandIn
 
-    model = torch.nn.ModuleDict({name: AwqLinearStandIn(*random_int4(128, n, group, seed=n), group)
-                                 for name, n, group in (("fits", 32, 64), ("odd_n", 24, 64), ("small_group", 32, 16))})
+    shapes = (("fits", 32, 64), ("n_not_multiple_of_16", 24, 64), ("small_group", 32, 16))
+    model = torch.nn.ModuleDict({name: AwqLinearStandIn(*random_int4(128, n, group, seed=n, scale_dtype=torch.float32),
+                                                        group) for name, n, group in shapes})
+    reference = {name: model[name] for name, _, _ in shapes}
     model.norm = torch.nn.LayerNorm(4)  # gives the dispatcher a float parameter to read the device from
-    assert optimize_for_device(model) == {"cpu_int4_linear": 1}
-    assert [name for name, m in model.items() if isinstance(m, CpuInt4Linear)] == ["fits"]
+    assert optimize_for_device(model) == {"cpu_int4_linear": 2}
+    assert [name for name, m in model.items() if isinstance(m, CpuInt4Linear)] == ["fits", "n_not_multiple_of_16"]
+    assert model["small_group"] is reference["small_group"]  # untouched: still the plain path
     assert optimize_for_device(model) == {}  # already done: a second call swaps nothing
-    x = torch.randn(1, 128)
-    assert torch.equal(model["odd_n"](x), model["odd_n"].forward(x))  # untouched: still the plain path
+    x = torch.randn(3, 128)
+    with torch.inference_mode():
+        got, want = model["n_not_multiple_of_16"](x), reference["n_not_multiple_of_16"](x)
+    assert got.shape == (3, 24)  # padded to 32 inside, cut back
+    assert (got - want).abs().max() <= 2**-6 * want.abs().max()
 
 
 @needs_cpu_int4

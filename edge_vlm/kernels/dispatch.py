@@ -5,8 +5,8 @@
   residual-fused norms are used by the CUDA-graph decode step (edge_vlm.cuda_engine).
 - CPU: AWQ linears -> `CpuInt4Linear` (torch's int4 CPU matmul), with bfloat16 activations
   where this CPU runs that fastest (then it beats even dense fp32 at every size), else fp32
-  activations for decode-sized inputs only. Layers whose shape that kernel does not take stay as
-  they are. Where dense bf16 matmuls beat fp32, the vision tower and projector run in bf16.
+  activations for decode-sized inputs only. Layers with a group size that kernel lacks (not
+  32-256) stay as they are. Where dense bf16 matmuls beat fp32, the vision tower and projector run in bf16.
 - meta (or anything else): nothing.
 """
 

@@ -122,8 +122,8 @@ def cpu_int4_available() -> bool:
 
 
 def cpu_int4_fits(module: nn.Module) -> bool:
-    """Whether torch's int4 CPU kernel takes this layer's shape (N a multiple of 16, group 32-256)."""
-    return module.out_features % 16 == 0 and module.group_size in (32, 64, 128, 256)
+    """Whether torch's int4 CPU kernel takes this layer's group size (32-256; N is padded to 16)."""
+    return module.group_size in (32, 64, 128, 256)
 
 
 def _fastest(runs: dict) -> object:
@@ -190,14 +190,18 @@ class CpuInt4Linear(nn.Module):
         dtype = compute_dtype or cpu_int4_compute_dtype()
         self.in_features, self.out_features, self.group_size = awq.in_features, awq.out_features, awq.group_size
         k, n = awq.in_features, awq.out_features
-        packed = torch.empty((n, k // 2), dtype=torch.uint8)
+        n_pad = -(-n // 16) * 16  # the kernel wants N % 16 == 0; AWQ guarantees only N % 8
+        packed = torch.empty((n_pad, k // 2), dtype=torch.uint8)
         for a, b in column_chunks(k, n):  # bounded temporaries; torch packs in blocks of 64 rows of N
-            q = unpack_awq(awq.qweight[:, a // 8:b // 8])  # [K, b - a]
-            packed[a:b] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.t().contiguous(), 1)
+            q = unpack_awq(awq.qweight[:, a // 8:b // 8]).t()  # [b - a, K]
+            if b == n and n_pad > n:  # the last chunk carries the padding rows (their scales are 0)
+                q = torch.cat([q, q.new_zeros(n_pad - n, k)])
+            packed[a:a + q.shape[0]] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
         z = unpack_awq(awq.qzeros)[:, :n].float()
         s = awq.scales.float()
+        sz = torch.nn.functional.pad(torch.stack([s, (8 - z) * s], dim=-1), (0, 0, 0, n_pad - n))  # zero weights
         self.register_buffer("int4_packed", packed)
-        self.register_buffer("int4_scales_zeros", torch.stack([s, (8 - z) * s], dim=-1).to(dtype).contiguous())
+        self.register_buffer("int4_scales_zeros", sz.to(dtype).contiguous())
         self.register_buffer("bias", awq.bias)
         self.max_rows = None if dtype == torch.bfloat16 else CPU_INT4_MAX_ROWS_FP32
         self.reference = awq if self.max_rows is not None else None
@@ -207,7 +211,8 @@ class CpuInt4Linear(nn.Module):
         if self.max_rows is not None and rows > self.max_rows:
             return self.reference(x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1).to(self.int4_scales_zeros.dtype), self.int4_packed,
-                                                      self.group_size, self.int4_scales_zeros).to(x.dtype)
+                                                      self.group_size, self.int4_scales_zeros)
+        y = y[:, :self.out_features].to(x.dtype)  # drops the padding columns, if any
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
