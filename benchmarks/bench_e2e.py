@@ -25,10 +25,10 @@ from edge_vlm.generate import Engine
 from edge_vlm.kernels.dispatch import optimize_for_device
 
 from .random_model import build_llm, build_vision, weight_bytes
-from .shapes import llm_config, vision_config
+from .shapes import IMAGE_TOKENS, llm_config, vision_config
 from .timing import copy_bandwidth, sync
 
-IMAGE_TOKENS = 196  # VILA1.5's mlp_downsample: 27x27 SigLIP patches -> 14x14 tokens
+DEFAULT_IMAGE_TOKENS = 196
 TEXT_TOKENS = 32
 
 
@@ -74,7 +74,7 @@ def _timed(fn, device) -> float:
 
 
 def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode_steps: int, copy_bw: float,
-                repeats: int) -> E2EResult:
+                repeats: int, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> E2EResult:
     cfg = llm.cfg
     dtype = llm.dtype
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -82,7 +82,7 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
     pixels = torch.randn(1, 3, vision.cfg.image_size, vision.cfg.image_size, generator=gen).to(device, dtype) \
         if vision is not None else None
     text = torch.randn(1, TEXT_TOKENS, hidden, generator=gen).to(device, dtype) * 0.02
-    image = torch.randn(1, IMAGE_TOKENS, hidden, generator=gen).to(device, dtype) * 0.02
+    image = torch.randn(1, image_tokens, hidden, generator=gen).to(device, dtype) * 0.02
 
     vision_ms = None
     with torch.inference_mode():
@@ -127,12 +127,13 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
     to ours (what `edge-vlm quantize --quantize-lm-head / --quantize-embedding` writes)."""
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    cfg = llm_config(model, layers, vocab, max_positions=max(max_context, max(contexts) + 8, IMAGE_TOKENS + TEXT_TOKENS + 8))
+    image_tokens = IMAGE_TOKENS.get(model, DEFAULT_IMAGE_TOKENS)
+    cfg = llm_config(model, layers, vocab, max_positions=max(max_context, max(contexts) + 8, image_tokens + TEXT_TOKENS + 8))
     vcfg = vision_config(model, vision_layers)
     copy_bw = copy_bandwidth(dev)
     progress(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s on {dev}")
     results = []
-    max_ctx = max(max_context, max(contexts) + 4, IMAGE_TOKENS + TEXT_TOKENS + 1)
+    max_ctx = max(max_context, max(contexts) + 4, image_tokens + TEXT_TOKENS + 1)
     for variant in variants:
         gc.collect()
         if dev.type == "cuda":
@@ -150,7 +151,7 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         else:
             engine = Engine(llm, max_ctx)
         progress(f"timing {variant} ({type(engine).__name__}, backend {getattr(llm, 'kernel_backend', 'torch')})")
-        r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats)
+        r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens)
         if dev.type == "cuda":
             r.peak_bytes, r.peak_kind = torch.cuda.max_memory_allocated(dev), "peak allocated"
         else:  # one process runs both variants: report what this variant holds (weights + KV cache)

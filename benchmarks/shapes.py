@@ -19,14 +19,14 @@ LLM_SHAPES: dict[str, dict] = {
                  num_kv_heads=2, head_dim=16, norm_eps=1e-5),
 }
 
-# The vision tower each VLM pairs with (SigLIP-so400m/14 at 384 px for VILA1.5-3B; Nemovision
-# also uses a SigLIP-so400m tower). Llama-3-8B is text-only here.
+# The vision tower each VLM pairs with: SigLIP-so400m/14 at 384 px for VILA1.5-3B, CLIP ViT-L/14
+# at 336 px for Nemovision-4B (NeVA / LLaVA style). Llama-3-8B is text-only here.
 VISION_SHAPES: dict[str, dict] = {
     "vila1.5-3b": dict(arch="siglip", image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
                        num_layers=27, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
-    "nemotron-mini-4b": dict(arch="siglip", image_size=384, patch_size=14, hidden_size=1152,
-                             intermediate_size=4304, num_layers=27, num_heads=16, layer_norm_eps=1e-6,
-                             hidden_act="gelu_pytorch_tanh"),
+    "nemotron-mini-4b": dict(arch="clip", image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                             num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+                             drop_cls=True),
     "tiny": dict(arch="siglip", image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=2,
                  num_heads=2, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
 }
@@ -39,6 +39,11 @@ def llm_config(name: str, layers: int | None = None, vocab: int | None = None, m
     if vocab:
         d["vocab_size"] = vocab
     return LLMConfig(max_position_embeddings=max_positions, **d)
+
+
+# LLM tokens one image becomes: VILA1.5's mlp_downsample merges 27x27 SigLIP patches into 14x14;
+# a LLaVA-style mlp2x_gelu keeps CLIP-L/336's 24x24 patches.
+IMAGE_TOKENS = {"vila1.5-3b": 196, "nemotron-mini-4b": 576}
 
 
 def vision_config(name: str, layers: int | None = None) -> VisionConfig | None:

@@ -149,3 +149,7 @@ def test_readme_memory_table_is_what_memory_estimate_gives():
     # int4 linears shrink the weights by more than half; fp16 VILA1.5-3B is ~3.2B params x 2 bytes + KV
     assert rows[("VILA1.5-3B", "int4 AWQ")] < rows[("VILA1.5-3B", "fp16")] / 1.8
     assert 7.0 < rows[("VILA1.5-3B", "fp16")] < 8.0
+    # Nemovision's 256k vocabulary: int8 embeddings + int4 lm_head save ~2 GB of its two 1.57 GB tables
+    big = "int4 AWQ + int4 lm_head + int8 embeddings"
+    assert rows[("Nemovision-4B", "int4 AWQ")] - rows[("Nemovision-4B", big)] > 1.5
+    assert ("VILA1.5-3B", big) not in rows  # 32k vocabulary: not worth it, not listed

@@ -125,3 +125,17 @@ def test_vision_dtype_benchmark_runs(capsys):
     out = capsys.readouterr().out
     rel = float(re.search(r"\| bfloat16 \| \d+ \| ([\d.]+) \|", out).group(1))
     assert 0 < rel < 2**-4  # bf16 rounding of a 2-layer tower: small but not zero
+
+
+def test_vision_shapes_give_the_image_token_counts_the_bench_prefills():
+    from benchmarks.random_model import build_vision
+    from benchmarks.shapes import IMAGE_TOKENS, vision_config
+
+    clip = vision_config("nemotron-mini-4b", layers=1)  # Nemovision: CLIP ViT-L/14-336, CLS dropped
+    tower = build_vision(clip, "cpu", torch.float32)
+    with torch.inference_mode():
+        feats = tower(torch.randn(1, 3, 336, 336))
+    assert feats.shape == (1, IMAGE_TOKENS["nemotron-mini-4b"], 1024)  # mlp2x_gelu keeps every patch
+    siglip = vision_config("vila1.5-3b")
+    side = siglip.image_size // siglip.patch_size  # 27
+    assert IMAGE_TOKENS["vila1.5-3b"] == ((side + 1) // 2) ** 2  # mlp_downsample merges 2x2 (padded) patches
