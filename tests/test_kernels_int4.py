@@ -225,6 +225,24 @@ def test_cpu_int4_takes_every_awq_width_and_skips_group_sizes_the_kernel_lacks()
 
 
 @needs_cpu_int4
+@pytest.mark.parametrize("value,bf16", [("1", True), ("0", False), ("off", False)])
+def test_cpu_bf16_choices_can_be_forced_from_the_environment(monkeypatch, value, bf16):
+    from edge_vlm.kernels import modules
+
+    def clear():
+        modules.cpu_int4_compute_dtype.cache_clear()
+        modules.cpu_bf16_matmul_is_faster.cache_clear()
+
+    clear()
+    monkeypatch.setenv("EDGE_VLM_CPU_BF16", value)
+    try:
+        assert modules.cpu_int4_compute_dtype() == (torch.bfloat16 if bf16 else torch.float32)
+        assert modules.cpu_bf16_matmul_is_faster() is bf16
+    finally:
+        clear()  # the next caller measures again, without the override
+
+
+@needs_cpu_int4
 def test_cpu_int4_compute_dtype_is_measured_once():
     from edge_vlm.kernels.modules import cpu_int4_compute_dtype
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 import types
 
@@ -140,6 +141,13 @@ def _fastest(runs: dict) -> object:
     return best
 
 
+def _bf16_forced() -> bool | None:
+    """EDGE_VLM_CPU_BF16=1 / 0 forces the CPU bf16 choices below on / off (reproducible runs, or
+    a machine too busy to time fairly); unset, they are measured."""
+    value = os.environ.get("EDGE_VLM_CPU_BF16", "").strip().lower()
+    return None if not value else value not in ("0", "false", "no", "off")
+
+
 @functools.cache
 def cpu_int4_compute_dtype() -> torch.dtype:
     """The activation dtype torch's int4 CPU matmul runs fastest with on this CPU, timed once.
@@ -148,6 +156,8 @@ def cpu_int4_compute_dtype() -> torch.dtype:
     measured ~30x faster than with float32 (RESULTS.md); on CPUs without them bfloat16 can be
     the slower one, hence a measurement (two ~1 MB matmuls, a few ms) rather than a guess.
     """
+    if _bf16_forced() is not None:
+        return torch.bfloat16 if _bf16_forced() else torch.float32
     k, n, group = 1024, 1024, 128
     gen = torch.Generator().manual_seed(0)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
@@ -164,6 +174,8 @@ def cpu_bf16_matmul_is_faster() -> bool:
     Decides whether the vision tower runs in bfloat16 on CPU: measured 2.4x faster on its
     shapes here (RESULTS.md); on CPUs without those instructions bfloat16 is emulated and slower.
     """
+    if _bf16_forced() is not None:
+        return _bf16_forced()
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(256, 512, generator=gen), torch.randn(512, 1024, generator=gen)
     return _fastest({dtype: functools.partial(torch.matmul, a.to(dtype), b.to(dtype))
