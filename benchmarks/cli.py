@@ -69,6 +69,12 @@ def run(args) -> int:
                                       (args.quantize_embedding, "int8 embeddings")) if flag]
     if extras:
         note += f" Ours with {' and '.join(extras)}."
+    if device.type == "cpu":  # what the runtime chose on this CPU (timed at load; EDGE_VLM_CPU_BF16 forces it)
+        from edge_vlm.kernels.modules import cpu_bf16_matmul_is_faster, cpu_int4_available, cpu_int4_compute_dtype
+
+        act = str(cpu_int4_compute_dtype()).replace("torch.", "") if cpu_int4_available() else "n/a"
+        note += f" Ours on this CPU: int4 matmul with {act} activations, vision tower in " \
+                f"{'bfloat16' if cpu_bf16_matmul_is_faster() else 'float32'}."
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr)  # noqa: E731
     results, bw = run_e2e(args.model_shape, str(device), contexts, steps, layers, vocab, vision_layers,
                           args.max_context, args.repeats, progress=log, int4_lm_head=args.quantize_lm_head,

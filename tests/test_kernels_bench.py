@@ -46,6 +46,7 @@ def test_bench_command_writes_table_and_plot(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "| float32 eager |" in out and "| ours int4 |" in out and "decode tok/s @32" in out
+    assert "Ours on this CPU: int4 matmul with " in out  # the choices the numbers depend on
     png = tmp_path / "tiny-cpu.png"
     assert Image.open(png).size == (1000, 420)
     assert "ours int4" in (tmp_path / "tiny-cpu.md").read_text()
