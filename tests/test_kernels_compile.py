@@ -66,3 +66,22 @@ SOME_GLOBAL = 1.5
 
 def _good_body(x_ptr, BLOCK: tl.constexpr):  # the same kernel with the value written in place
     tl.store(x_ptr + tl.arange(0, BLOCK), tl.full((BLOCK,), 1.5, tl.float32))
+
+
+@pytest.mark.parametrize("capability", [90, 87])
+def test_gemv_reads_int4_weights_in_16_byte_vector_loads(capability):
+    """The packed layout exists so that weight loads are 16 bytes wide and coalesced: check the
+    compiled GEMV really issues them (8 threads x 16 bytes = 128 contiguous bytes per row)."""
+    from edge_vlm.kernels.aot_check import LAUNCH_VALUES, compile_for, global_loads, load_bytes
+
+    assert [load_bytes(op) for op in ("ld.global.v4.b32", "ld.global.v2.b32", "ld.global.b16", "ld.global.b8")] == \
+        [16, 8, 2, 1]
+    gemvs = [v for v in _variants() if v[0].startswith("w4a16_gemv")]
+    assert len(gemvs) == 6
+    for name, kernel, signature, constexprs in gemvs:
+        loads = global_loads(compile_for(kernel, signature, constexprs, capability, LAUNCH_VALUES).asm["ptx"])
+        matrices = 2 if "act=2" in name else 1  # the gate+up epilogue reads two weight tiles per step
+        assert loads["ld.global.v4.b32"] == matrices, (name, loads)
+    # without the launch's divisibility the same kernel falls back to 4-byte loads: the check has teeth
+    name, kernel, signature, constexprs = gemvs[0]
+    assert global_loads(compile_for(kernel, signature, constexprs, capability).asm["ptx"])["ld.global.v4.b32"] == 0

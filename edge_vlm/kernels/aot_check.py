@@ -12,9 +12,18 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 TARGETS = {"sm_90 (H100)": 90, "sm_87 (Jetson Orin)": 87}
+# Integer arguments as a VILA1.5-3B decode step passes them (K = N = 2560, group 128, head dim 128,
+# 4096-token cache): what Triton's JIT specialises on at run time (multiples of 16).
+LAUNCH_VALUES = dict(N=2560, K=2560, KW=320, M=64, G=128, stride_xm=2560, stride_ym=2560, stride_qn=320,
+                     stride_sn=20, D=2560, stride_x=2560, stride_r=2560, stride_y=2560, stride_s=2560, H=20,
+                     HKV=20, R=128, stride_qt=2560, stride_kt=2560, stride_vt=2560, stride_cos=64,
+                     stride_qot=2560, stride_qoh=128, stride_ch=4096 * 128, stride_cs=128, GROUP=1,
+                     stride_qh=128, stride_kh=4096 * 128, stride_ks=128, numel=6912, cols=6912,
+                     stride_g=13824, stride_u=13824)
 
 
 def kernel_variants():
@@ -31,11 +40,11 @@ def kernel_variants():
     for act in (0, 1, 2):
         for bias in (False, True):
             out.append((f"w4a16_gemv act={act} bias={bias}", _w4a16_gemv,
-                        {**w4, **ints("N", "K", "G", "stride_xm", "stride_ym", "stride_qn", "stride_sn")},
+                        {**w4, **ints("N", "KW", "G", "stride_xm", "stride_ym", "stride_qn", "stride_sn")},
                         dict(HAS_BIAS=bias, ACT=act, BLOCK_N=16, BLOCK_W=32)))
     for act in (0, 1):
         out.append((f"w4a16_gemm act={act}", _w4a16_gemm,
-                    {**w4, **ints("M", "N", "K", "G", "stride_xm", "stride_ym", "stride_qn", "stride_sn")},
+                    {**w4, **ints("M", "N", "K", "KW", "G", "stride_xm", "stride_ym", "stride_qn", "stride_sn")},
                     dict(HAS_BIAS=True, ACT=act, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)))
     for kind in (0, 1):
         for res in (False, True):
@@ -59,15 +68,38 @@ def kernel_variants():
     return out
 
 
-def compile_for(kernel, signature: dict, constexprs: dict, capability: int):
-    """The compiled kernel (PTX + cubin) of one specialisation for sm_<capability>."""
+def compile_for(kernel, signature: dict, constexprs: dict, capability: int, values: dict | None = None):
+    """The compiled kernel (PTX + cubin) of one specialisation for sm_<capability>.
+
+    `values` (argument name -> the integer a launch passes) adds the specialisation Triton's
+    JIT makes at run time: pointers (torch allocates them 16-byte aligned) and integers that are
+    multiples of 16 are marked divisible by 16, which is what lets loads become vectors.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    fn = triton.jit(kernel.fn)
     sig = {**signature, **{k: "constexpr" for k in constexprs}}
-    return triton.compile(ASTSource(triton.jit(kernel.fn), sig, constexprs=constexprs),
-                          target=GPUTarget("cuda", capability, 32))
+    attrs = {}
+    if values is not None:
+        for i, name in enumerate(fn.arg_names):
+            kind = signature.get(name, "")  # constexprs are not arguments of the compiled kernel
+            if kind.startswith("*") or (kind == "i32" and name in values and values[name] % 16 == 0):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, sig, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", capability, 32))
+
+
+def load_bytes(op: str) -> int:
+    """Bytes one thread reads with a PTX load, e.g. 'ld.global.v4.b32' -> 16."""
+    vec = re.search(r"\.v(\d)", op)
+    bits = re.search(r"\.[bfsu](\d+)$", op)
+    return (int(vec.group(1)) if vec else 1) * int(bits.group(1)) // 8
+
+
+def global_loads(ptx: str) -> Counter:
+    """How many global loads of each width the PTX issues (e.g. 'ld.global.v4.b32' = 16 bytes)."""
+    return Counter(re.findall(r"ld\.global(?:\.\w+)+", ptx))
 
 
 def ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
@@ -91,12 +123,17 @@ def _run_ptxas(ptxas: str, ptx: str, src: Path) -> tuple[int, int]:
 
 
 def main() -> int:
-    print("| kernel | target | registers | spill bytes |\n|---|---|---|---|")
+    print("Specialised as a VILA1.5-3B decode launch (LAUNCH_VALUES).\n")
+    print("| kernel | target | registers | spill bytes | global load instructions, bytes x count |\n|---|---|---|---|---|")
     for name, kern, sig, consts in kernel_variants():
         for target, cap in TARGETS.items():
-            compiled = compile_for(kern, sig, consts, cap)
-            regs, spills = ptxas_usage(compiled.asm["ptx"], cap)
-            print(f"| {name} | {target} | {regs} | {spills} |")
+            ptx = compile_for(kern, sig, consts, cap, LAUNCH_VALUES).asm["ptx"]
+            regs, spills = ptxas_usage(ptx, cap)
+            widths = Counter()
+            for op, n in global_loads(ptx).items():
+                widths[load_bytes(op)] += n
+            loads = ", ".join(f"{b} x {n}" for b, n in sorted(widths.items(), reverse=True))
+            print(f"| {name} | {target} | {regs} | {spills} | {loads} |")
     return 0
 
 

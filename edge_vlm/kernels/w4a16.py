@@ -25,7 +25,7 @@ GEMV_MAX_ROWS = 8
 
 
 @kernel
-def _w4a16_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, stride_xm, stride_ym, stride_qn, stride_sn,
+def _w4a16_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, KW, G, stride_xm, stride_ym, stride_qn, stride_sn,
                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
     pid_n = tl.program_id(0)
     m = tl.program_id(1)
@@ -33,7 +33,7 @@ def _w4a16_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, stride_xm, s
     n_ok = n < N
     nib = tl.arange(0, 8)
     shifts = nib * 4
-    kw = K // 8
+    kw = KW  # K / 8 words per row, passed whole: its divisibility lets the compiler vectorise the masked loads
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)  # the "up" half when ACT == 2
     for w0 in range(0, kw, BLOCK_W):
@@ -71,7 +71,7 @@ def _w4a16_gemv(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, G, stride_xm, s
 
 
 @kernel
-def _w4a16_gemm(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm, stride_ym, stride_qn, stride_sn,
+def _w4a16_gemm(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, KW, G, stride_xm, stride_ym, stride_qn, stride_sn,
                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -85,7 +85,7 @@ def _w4a16_gemm(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, G, stride_xm
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        w_ok = w < K // 8
+        w_ok = w < KW
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=m_ok[:, None] & (rk[None, :] < K), other=0.0)
         tile_ok = n_ok[:, None] & w_ok[None, :]
         g = (w * 8) // G
@@ -136,7 +136,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = Non
     if m <= GEMV_MAX_ROWS:
         block_n, block_w = _gemv_blocks(n, k)
         grid = ((n + block_n - 1) // block_n, m)
-        _w4a16_gemv.on(x.device)[grid](x2, w.qweight, w.scales, w.zeros, b, y, n, k, w.group_size, x2.stride(0),
+        _w4a16_gemv.on(x.device)[grid](x2, w.qweight, w.scales, w.zeros, b, y, n, k // 8, w.group_size, x2.stride(0),
                                        y.stride(0), w.qweight.stride(0), w.scales.stride(0),
                                        HAS_BIAS=bias is not None, ACT=act, BLOCK_N=block_n, BLOCK_W=block_w)
     else:
@@ -149,7 +149,7 @@ def w4a16_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = Non
         block_n = min(64, max(16, next_power_of_2(n)))
         block_k = min(32, max(16, next_power_of_2(k)))  # 64x64x32: 162 registers, no spills (aot_check)
         grid = ((m + block_m - 1) // block_m, (n + block_n - 1) // block_n)
-        _w4a16_gemm.on(x.device)[grid](x2, w.qweight, w.scales, w.zeros, b, y, m, n, k, w.group_size, x2.stride(0),
+        _w4a16_gemm.on(x.device)[grid](x2, w.qweight, w.scales, w.zeros, b, y, m, n, k, k // 8, w.group_size, x2.stride(0),
                                        y.stride(0), w.qweight.stride(0), w.scales.stride(0),
                                        HAS_BIAS=bias is not None, ACT=act, BLOCK_M=block_m, BLOCK_N=block_n,
                                        BLOCK_K=block_k)
