@@ -85,3 +85,15 @@ def test_gemv_reads_int4_weights_in_16_byte_vector_loads(capability):
     # without the launch's divisibility the same kernel falls back to 4-byte loads: the check has teeth
     name, kernel, signature, constexprs = gemvs[0]
     assert global_loads(compile_for(kernel, signature, constexprs, capability).asm["ptx"])["ld.global.v4.b32"] == 0
+
+
+@pytest.mark.parametrize("capability,instruction", [(90, "wgmma"), (87, "mma.sync")])
+def test_gemm_runs_on_tensor_cores(capability, instruction):
+    """Prefill's W4A16 GEMM feeds fp16 tiles to tl.dot: the compiled kernel must use the tensor-core
+    instruction of the target (Hopper's wgmma, Ampere/Orin's mma.sync), not fp32 FMAs."""
+    from edge_vlm.kernels.aot_check import LAUNCH_VALUES, compile_for
+
+    for name, kernel, signature, constexprs in _variants():
+        if name.startswith("w4a16_gemm"):
+            ptx = compile_for(kernel, signature, constexprs, capability, LAUNCH_VALUES).asm["ptx"]
+            assert instruction in ptx, name
