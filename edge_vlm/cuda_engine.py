@@ -8,10 +8,14 @@ replays a graph of `FusedDecoder.forward`, whose kernels read the position from 
 per token, and the static KV cache is the one prefill fills.
 
 Use `make_engine(llm, max_context)`: the graph engine on CUDA with Triton, the plain Engine
-elsewhere.
+elsewhere. Should capture fail (a driver or Triton version that cannot record some launch),
+the engine warns once and keeps decoding with the plain step over the same fused modules:
+slower, never wrong.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -28,7 +32,7 @@ class CUDAGraphEngine(Engine):
 
         self.decoder = FusedDecoder(llm, self.cache)
         self.warmup_steps = warmup_steps
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None | bool = None  # False: capture failed, plain steps
         self.logits: torch.Tensor | None = None
 
     def _capture(self) -> None:
@@ -46,13 +50,21 @@ class CUDAGraphEngine(Engine):
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
+        if self.graph is False:
+            return super().step(token_id)
         pos = self.cache.length
         if pos >= self.cache.max_context:
             raise ValueError(f"position {pos} exceeds the cache size {self.cache.max_context}")
         self.decoder.token.fill_(token_id)
         self.decoder.pos.fill_(pos)
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except Exception as e:  # noqa: BLE001 - whatever the cause, answering slower beats failing
+                warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "decoding without CUDA graphs", RuntimeWarning, stacklevel=2)
+                self.graph = False
+                return super().step(token_id)  # rewrites slot `pos` the warm-up may have filled
         self.graph.replay()
         self.cache.length = pos + 1
         return self.logits[0].clone()  # the graph's output buffer is overwritten by the next replay

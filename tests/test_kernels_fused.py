@@ -338,3 +338,39 @@ def test_make_engine_picks_the_plain_engine_off_gpu(tmp_path_factory):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             CUDAGraphEngine(llm, 32)
+
+
+def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path_factory):
+    """If a GPU stack cannot capture the decode step, chat goes on (slower) with the plain step:
+    same logits as the reference engine, one warning, and no second capture attempt. Runs on CPU
+    with the capture replaced by a failure (the rest of the engine is device-independent)."""
+    from edge_vlm.cuda_engine import CUDAGraphEngine
+    from edge_vlm.generate import Engine
+    from edge_vlm.kernels.fused_decode import FusedDecoder
+
+    class CaptureFails(CUDAGraphEngine):
+        def __init__(self, llm, max_context):
+            Engine.__init__(self, llm, max_context)  # the CUDA check is all the parent adds before this
+            self.decoder, self.warmup_steps, self.graph, self.logits = FusedDecoder(llm, self.cache), 1, None, None
+            self.attempts = 0
+
+        def _capture(self):
+            self.attempts += 1
+            self.decoder.forward()  # the warm-up writes the cache slot, as the real one does
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    llm = _tiny("llama", tmp_path_factory).llm
+    ids = torch.randint(0, llm.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    outs = []
+    for engine in (Engine(llm, 32), CaptureFails(llm, 32)):
+        with torch.inference_mode():
+            engine.prefill(llm.embed(ids))
+        if isinstance(engine, CaptureFails):
+            with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+                first = engine.step(3)
+        else:
+            first = engine.step(3)
+        outs.append((first, engine.step(4), engine.cache.length))
+    (want1, want2, want_len), (got1, got2, got_len) = outs
+    assert torch.equal(got1, want1) and torch.equal(got2, want2) and got_len == want_len == 9
+    assert engine.attempts == 1 and engine.graph is False
