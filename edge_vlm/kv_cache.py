@@ -1,29 +1,59 @@
-"""Static (preallocated) key/value cache.
+"""Static (preallocated) key/value cache, 16/32-bit or int8.
 
 Sized once for `max_context` tokens, so decoding allocates nothing per token and the same
 buffers serve every turn of a chat (and can be captured in a CUDA graph).
+
+`quantized=True` stores each cached key and value vector (one token, one kv head) as int8 with
+one float32 scale: symmetric, scale = max|x| / 127, rounded half away from zero (the rule the
+Triton write kernel uses too). That halves the cache of a fp16 model (D + 4 bytes per vector
+instead of 2 D) at an error of at most half a step, max|x| / 254, per element.
 """
 
 from __future__ import annotations
 
 import torch
 
+INT8_MAX = 127.0
+
+
+def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] float -> (int8 [..., D], float32 scales [...]), symmetric per vector."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / INT8_MAX
+    y = x / scale[..., None]
+    q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # half away from zero, as the kernel rounds
+    return q.clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_vectors(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale[..., None]).to(dtype)
+
 
 class StaticKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, max_context: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, batch: int = 1):
+                 dtype: torch.dtype, device: torch.device | str, batch: int = 1, quantized: bool = False):
         shape = (num_layers, batch, num_kv_heads, max_context, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.quantized = quantized
+        self.k = torch.zeros(shape, dtype=torch.int8 if quantized else dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        # one scale per cached vector (quantized caches only); [L, B, Hkv, S]
+        self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device) if quantized else None
+        self.v_scale = torch.ones_like(self.k_scale) if quantized else None
         self.max_context = max_context
         self.length = 0  # tokens currently valid
 
     def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v ([B, Hkv, T, D]) at positions start..start+T-1; return the valid prefix incl. them."""
+        """Store k/v ([B, Hkv, T, D]) at positions start..start+T-1; return the valid prefix incl. them
+        (dequantized to k's dtype for a quantized cache: attention then sees what later steps will)."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if not self.quantized:
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        for data, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            data[layer, :, :, start:end], scales[layer, :, :, start:end] = quantize_vectors(new)
+        return (dequantize_vectors(self.k[layer, :, :, :end], self.k_scale[layer, :, :, :end], k.dtype),
+                dequantize_vectors(self.v[layer, :, :, :end], self.v_scale[layer, :, :, :end], v.dtype))
 
     def truncate(self, length: int) -> None:
         """Forget everything after `length` tokens (the buffers are reused, not cleared)."""
@@ -31,4 +61,12 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        scales = 2 * self.k_scale.numel() * 4 if self.quantized else 0
+        return self.k.numel() * self.k.element_size() * 2 + scales
+
+
+def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, context: int, itemsize: int,
+                   quantized: bool = False) -> int:
+    """What a StaticKVCache of this shape holds, without building it (memory estimates)."""
+    per_vector = head_dim + 4 if quantized else head_dim * itemsize
+    return 2 * num_layers * num_kv_heads * context * per_vector

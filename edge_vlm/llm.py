@@ -113,6 +113,7 @@ class DecoderLM(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.kv_cache_int8 = False  # what new_cache builds by default (load_model(kv_cache="int8"))
 
     @property
     def device(self) -> torch.device:
@@ -128,9 +129,11 @@ class DecoderLM(nn.Module):
                 and isinstance(self.embed_tokens, nn.Embedding):
             self.lm_head.weight = self.embed_tokens.weight
 
-    def new_cache(self, max_context: int, dtype: torch.dtype | None = None) -> StaticKVCache:
+    def new_cache(self, max_context: int, dtype: torch.dtype | None = None,
+                  quantized: bool | None = None) -> StaticKVCache:
         return StaticKVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_context, self.cfg.head_dim,
-                             dtype or self.dtype, self.device)
+                             dtype or self.dtype, self.device,
+                             quantized=self.kv_cache_int8 if quantized is None else quantized)
 
     def rope(self, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < max_positions or self._rope[0].device != torch.device(device):

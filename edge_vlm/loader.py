@@ -23,7 +23,7 @@ from .awq_format import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
 from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
 from .config import LLMConfig, ProjectorConfig, VisionConfig
-from .errors import CheckpointError, UnsupportedModelError
+from .errors import CheckpointError, EdgeVLMError, UnsupportedModelError
 from .llm import DecoderLM
 from .preprocess import image_config_from_hf, read_preprocessor_config
 from .projector import Projector
@@ -128,15 +128,18 @@ def _llm_config(d: dict) -> LLMConfig:
 
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, template: str | None = None,
-               progress=None, fast_path: bool = True) -> VisionLanguageModel:
+               progress=None, fast_path: bool = True, kv_cache: str | None = None) -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
 
     `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
-    against) instead of swapping in the device's kernels.
+    against) instead of swapping in the device's kernels. `kv_cache="int8"` makes the KV caches
+    the model's engines build int8 (half the memory of fp16; see kv_cache.py).
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
     """
+    if kv_cache not in (None, "model", "int8"):
+        raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
     folder = resolve_model_path(name_or_path)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
@@ -156,6 +159,7 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     tok = model.tokenizer
     if template:
         model.template = ChatTemplate.builtin(template, tok.bos_token, tok.eos_token)
+    model.llm.kv_cache_int8 = kv_cache == "int8"
     model.info.dtype = str(dtype).replace("torch.", "")
     model.info.device = str(device)
     if fast_path and str(device) != "meta":

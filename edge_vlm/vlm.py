@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .chat_template import ChatTemplate
+from .kv_cache import kv_cache_bytes
 from .config import ImageConfig
 from .llm import DecoderLM
 from .preprocess import preprocess
@@ -78,7 +79,8 @@ class VisionLanguageModel:
         """Bytes needed: weights as loaded plus the KV cache at `max_context`."""
         cfg = self.llm.cfg
         ctx = max_context or self.max_context
-        kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * self.dtype.itemsize
+        kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, self.dtype.itemsize,
+                            self.llm.kv_cache_int8)
         weights = sum(t.numel() * t.element_size() for m in (self.llm, self.vision, self.projector) if m is not None
                       for t in {id(p): p for p in list(m.parameters()) + list(m.buffers())}.values())
         return {"weights": weights, "kv_cache": kv, "total": weights + kv}

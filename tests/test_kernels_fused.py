@@ -103,6 +103,62 @@ def test_decode_attention_matches_sdpa(device, heads, kv_heads, head_dim, length
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,tokens,start", [
+    (4, 2, 16, 16, 1, 9),   # decode, full rotary, GQA
+    (4, 4, 24, 12, 2, 3),   # partial rotary (Nemotron), head_dim not a power of two
+])
+def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_heads, head_dim, rotary_dim, tokens,
+                                                           start):
+    """The int8 write stores what kv_cache.quantize_vectors makes of the reference's rotated
+    fp16 key and of the value: the same int8 codes (one step apart at most, where the kernel's
+    fp32 rotation rounds to a different fp16 neighbour than apply_rotary) and the same scales."""
+    from edge_vlm.kv_cache import quantize_vectors
+
+    s_max = 16
+    q = _rand(tokens, heads * head_dim, seed=11, device=device)
+    k = _rand(tokens, kv_heads * head_dim, seed=12, device=device)
+    v = _rand(tokens, kv_heads * head_dim, seed=13, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.outer(torch.arange(s_max).float(), inv)
+    cos, sin = torch.cat((freqs, freqs), -1).cos().to(device), torch.cat((freqs, freqs), -1).sin().to(device)
+    kc = torch.zeros(kv_heads, s_max, head_dim, dtype=torch.int8, device=device)
+    vc = torch.zeros_like(kc)
+    ks, vs = torch.ones(kv_heads, s_max, device=device), torch.ones(kv_heads, s_max, device=device)
+    rotary_kv_write(q, k, v, cos, sin, torch.tensor([start], dtype=torch.int32, device=device), kc, vc, heads,
+                    kv_heads, ks, vs)
+    sl = slice(start, start + tokens)
+    ref_k = apply_rotary(k.view(1, tokens, kv_heads, head_dim).transpose(1, 2), cos[sl], sin[sl])[0]
+    want_k, want_ks = quantize_vectors(ref_k)
+    want_v, want_vs = quantize_vectors(v.view(tokens, kv_heads, head_dim).transpose(0, 1))
+    assert torch.equal(vc[:, sl], want_v) and torch.allclose(vs[:, sl], want_vs, rtol=1e-6)
+    assert (kc[:, sl].int() - want_k.int()).abs().max() <= 1
+    assert torch.allclose(ks[:, sl], want_ks, rtol=2**-10)  # max|k| itself may round to the other fp16 neighbour
+    assert kc[:, sl].abs().max() == 127 and (ks[:, :start] == 1).all()  # full range used; other slots untouched
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attention_over_an_int8_cache_matches_sdpa_on_its_values(device):
+    """With an int8 cache the kernel scales each cached vector in registers: the result is
+    attention over exactly the dequantized cache."""
+    from edge_vlm.kv_cache import dequantize_vectors
+
+    heads, kv_heads, head_dim, s_max, length = 4, 2, 16, 40, 29
+    gen = torch.Generator().manual_seed(21)
+    kc = torch.randint(-127, 128, (kv_heads, s_max, head_dim), generator=gen, dtype=torch.int8).to(device)
+    vc = torch.randint(-127, 128, (kv_heads, s_max, head_dim), generator=gen, dtype=torch.int8).to(device)
+    ks = (torch.rand(kv_heads, s_max, generator=gen) * 0.02 + 0.001).to(device)
+    vs = (torch.rand(kv_heads, s_max, generator=gen) * 0.02 + 0.001).to(device)
+    q = _rand(heads, head_dim, seed=22, device=device)
+    out = decode_attention(q, kc, vc, torch.tensor([length], dtype=torch.int32, device=device), 4, 8,
+                           k_scale=ks, v_scale=vs)
+    kd = dequantize_vectors(kc[:, :length], ks[:, :length], torch.float64)
+    vd = dequantize_vectors(vc[:, :length], vs[:, :length], torch.float64)
+    ref = F.scaled_dot_product_attention(q.double()[None, :, None], kd[None], vd[None], enable_gqa=True)[0, :, 0]
+    # as for the fp16 cache: the fp16 output rounding, <= 2^-11 max|v|, plus fp32 softmax noise
+    assert (out.double() - ref).abs().max() <= 2**-10 * vd.abs().max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_elementwise_epilogues(device):
     both = _rand(3, 2 * 1500, seed=7, device=device)  # > one 1024-element block, ragged
     gate, up = both[:, :1500], both[:, 1500:]  # strided views, as the prefill path passes them
@@ -149,6 +205,30 @@ def test_fused_decode_step_matches_decoder_forward(tiny_model):
     assert cache.length == ref_cache.length == 9
     assert torch.allclose(cache.k[:, :, :, :9], ref_cache.k[:, :, :, :9], atol=1e-5)
     assert torch.allclose(cache.v[:, :, :, :9], ref_cache.v[:, :, :, :9], atol=1e-5)
+
+
+def test_fused_decode_step_over_an_int8_cache_matches_decoder_forward(tiny_model):
+    """What the CUDA graph replays, with an int8 KV cache: the step writes and reads the cache as
+    the reference model does (kv_cache.quantize_vectors), so logits and cache agree."""
+    from edge_vlm.kernels.fused_decode import FusedDecoder
+
+    llm = tiny_model.llm
+    ids = torch.randint(0, llm.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
+
+    def run(step):
+        cache = llm.new_cache(48, quantized=True)
+        with torch.inference_mode():
+            llm(llm.embed(ids[:, :-1]), 0, cache)
+            return step(cache, int(ids[0, -1]), 8), cache
+
+    ref, ref_cache = run(lambda c, t, p: llm(llm.embed(torch.tensor([[t]])), p, c)[0, -1])
+    out, cache = run(lambda c, t, p: FusedDecoder(llm, c).step(t, p))
+    # fp32 model: reassociated sums, plus the odd int8 code one step away where a rotated key
+    # lands within rounding of a half step (each such flip moves that key by 1/254 of its max)
+    assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
+    assert (cache.k[:, :, :, :9].int() - ref_cache.k[:, :, :, :9].int()).abs().max() <= 1
+    assert torch.equal(cache.v[:, :, :, :9], ref_cache.v[:, :, :, :9])
+    assert torch.allclose(cache.k_scale[:, :, :, :9], ref_cache.k_scale[:, :, :, :9], rtol=1e-5)
 
 
 def _quantize_layers(llm, group=32):

@@ -22,7 +22,7 @@ LAUNCH_VALUES = dict(N=2560, K=2560, KW=320, M=64, G=128, stride_xm=2560, stride
                      stride_sn=20, D=2560, stride_x=2560, stride_r=2560, stride_y=2560, stride_s=2560, H=20,
                      HKV=20, R=128, stride_qt=2560, stride_kt=2560, stride_vt=2560, stride_cos=64,
                      stride_qot=2560, stride_qoh=128, stride_ch=4096 * 128, stride_cs=128, GROUP=1,
-                     stride_qh=128, stride_kh=4096 * 128, stride_ks=128, numel=6912, cols=6912,
+                     stride_qh=128, stride_kh=4096 * 128, stride_ks=128, stride_sh=4096, numel=6912, cols=6912,
                      stride_g=13824, stride_u=13824)
 
 
@@ -53,15 +53,19 @@ def kernel_variants():
                          "sum_ptr": "*fp16", "D": "i32", "eps": "fp32",
                          **ints("stride_x", "stride_r", "stride_y", "stride_s")},
                         dict(HAS_RESIDUAL=res, KIND=kind, BLOCK_D=4096)))
-    out.append(("rotary_kv", _rotary_kv,
-                {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-                 "pos_ptr": "*i32", "qo_ptr": "*fp16", "kc_ptr": "*fp16", "vc_ptr": "*fp16",
-                 **ints("H", "HKV", "R", "stride_qt", "stride_kt", "stride_vt", "stride_cos", "stride_qot",
-                        "stride_qoh", "stride_ch", "stride_cs")}, dict(D=128, BLOCK_D=128)))
-    out.append(("decode_attention", _decode_attention,
-                {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "len_ptr": "*i32", "m_ptr": "*fp32",
-                 "l_ptr": "*fp32", "acc_ptr": "*fp32", "GROUP": "i32", "scale": "fp32",
-                 **ints("stride_qh", "stride_kh", "stride_ks")}, dict(SPLITS=8, D=128, BLOCK_D=128, BLOCK_S=32)))
+    for quant in (False, True):
+        cache = "*i8" if quant else "*fp16"
+        out.append((f"rotary_kv int8={quant}", _rotary_kv,
+                    {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                     "pos_ptr": "*i32", "qo_ptr": "*fp16", "kc_ptr": cache, "vc_ptr": cache, "ks_ptr": "*fp32",
+                     "vs_ptr": "*fp32", **ints("H", "HKV", "R", "stride_qt", "stride_kt", "stride_vt", "stride_cos",
+                                               "stride_qot", "stride_qoh", "stride_ch", "stride_cs", "stride_sh")},
+                    dict(D=128, BLOCK_D=128, QUANT=quant)))
+        out.append((f"decode_attention int8={quant}", _decode_attention,
+                    {"q_ptr": "*fp16", "k_ptr": cache, "v_ptr": cache, "ks_ptr": "*fp32", "vs_ptr": "*fp32",
+                     "len_ptr": "*i32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "GROUP": "i32",
+                     "scale": "fp32", **ints("stride_qh", "stride_kh", "stride_ks", "stride_sh")},
+                    dict(SPLITS=8, D=128, BLOCK_D=128, BLOCK_S=32, QUANT=quant)))
     out.append(("silu_mul", _silu_mul, {"g_ptr": "*fp16", "u_ptr": "*fp16", "y_ptr": "*fp16",
                                         **ints("numel", "cols", "stride_g", "stride_u")}, dict(BLOCK=1024)))
     out.append(("relu_sq", _relu_sq, {"x_ptr": "*fp16", "y_ptr": "*fp16", "numel": "i32"}, dict(BLOCK=1024)))

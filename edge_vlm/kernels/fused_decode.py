@@ -46,8 +46,9 @@ class FusedDecoder:
             attn = layer.self_attn
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             kc, vc = self.cache.k[i, 0], self.cache.v[i, 0]
-            q = rotary_kv_write(q, k, v, self.cos, self.sin, self.pos, kc, vc, cfg.num_heads, cfg.num_kv_heads)
-            o = decode_attention(q[:, 0], kc, vc, length)  # [H, D]
+            ks, vs = (self.cache.k_scale[i, 0], self.cache.v_scale[i, 0]) if self.cache.quantized else (None, None)
+            q = rotary_kv_write(q, k, v, self.cos, self.sin, self.pos, kc, vc, cfg.num_heads, cfg.num_kv_heads, ks, vs)
+            o = decode_attention(q[:, 0], kc, vc, length, k_scale=ks, v_scale=vs)  # [H, D]
             a = attn.o_proj(o.reshape(1, -1))
             h, residual = self._norm(layer.post_attention_layernorm, a, residual)
             h_add = layer.mlp(h)
