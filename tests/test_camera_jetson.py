@@ -153,3 +153,6 @@ def test_readme_memory_table_is_what_memory_estimate_gives():
     big = "int4 AWQ + int4 lm_head + int8 embeddings"
     assert rows[("Nemovision-4B", "int4 AWQ")] - rows[("Nemovision-4B", big)] > 1.5
     assert ("VILA1.5-3B", big) not in rows  # 32k vocabulary: not worth it, not listed
+    # an int8 KV cache halves the fp16 cache: 32 layers x 8 kv heads x 4096 x 2 x (2 x 128 - 132) bytes
+    saved = rows[("Nemovision-4B", big)] - rows[("Nemovision-4B", "the same + int8 KV cache")]
+    assert saved == pytest.approx(2 * 32 * 8 * 4096 * (256 - 132) / 1e9)

@@ -59,6 +59,29 @@ def test_info_describes_without_loading(tiny_vila, capsys):
         assert words in out, out
 
 
+def test_kv_cache_option_in_chat_and_info(tiny_vila, capsys, monkeypatch):
+    import re
+
+    from edge_vlm import generate
+
+    built = []
+    original = generate.Engine.__init__
+
+    def spy(self, llm, max_context):
+        original(self, llm, max_context)
+        built.append(self.cache.quantized)
+
+    monkeypatch.setattr(generate.Engine, "__init__", spy)
+    assert main(["chat", "--model", str(tiny_vila), "--kv-cache", "int8", "--temperature", "0",
+                 "--max-new-tokens", "4", "--quiet", "hi"]) == 0
+    assert built == [True] and capsys.readouterr().out.strip()  # an answer, from an int8-cache engine
+    gib = {}
+    for kind in ("model", "int8"):
+        assert main(["info", str(tiny_vila), "--max-context", "2000000", "--kv-cache", kind]) == 0  # a tiny model: big context
+        gib[kind] = float(re.search(r"KV cache ([\d.]+) GiB", capsys.readouterr().out).group(1))
+    assert gib["int8"] < 0.7 * gib["model"]  # info sizes fp16: (D + 4) bytes a vector against 2 D
+
+
 def test_help_teaches(capsys):
     try:
         main(["chat", "--help"])

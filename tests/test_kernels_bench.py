@@ -102,8 +102,17 @@ def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
 
     rc = main(["bench", "--device", "cpu", "--model-shape", "tiny", "--layers", "2", "--contexts", "16",
                "--decode-steps", "2", "--repeats", "1", "--max-context", "32", "--out", str(tmp_path),
-               "--quantize-lm-head", "--quantize-embedding"])
-    assert rc == 0 and "Ours with int4 lm_head and int8 embeddings." in capsys.readouterr().out
+               "--quantize-lm-head", "--quantize-embedding", "--kv-cache", "int8"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Ours with int4 lm_head and int8 embeddings and an int8 KV cache." in out
+    # the memory figure counts the int8 cache: (D + 4) bytes a vector against 4 D for fp32
+    from benchmarks.bench_e2e import run as run_e2e
+
+    ours = {kv: run_e2e("tiny", "cpu", (16,), 2, 2, None, None, 512, 1, variants=("int4",), progress=lambda m: None,
+                        kv_int8=kv)[0][0] for kv in (False, True)}
+    d = cfg.head_dim
+    saved = 2 * cfg.num_layers * cfg.num_kv_heads * 512 * (4 * d - (d + 4))
+    assert ours[False].peak_bytes - ours[True].peak_bytes == saved
 
 
 def test_attention_benchmark_harness_runs():
