@@ -52,6 +52,16 @@ def test_add_norm_matches_the_model_norms(device, kind, rows, dim):
     assert same is x and ((y0.float() - ref_norm.float()(x.float())).abs() <= 2**-9 * y0.float().abs() + 2**-12).all()
 
 
+def _rotary_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, s_max, seed, device):
+    """q, k, v rows of one step's projections (fp16) and fp32 rope tables of s_max positions."""
+    q = _rand(tokens, heads * head_dim, seed=seed, device=device)
+    k = _rand(tokens, kv_heads * head_dim, seed=seed + 1, device=device)
+    v = _rand(tokens, kv_heads * head_dim, seed=seed + 2, device=device)
+    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = torch.cat([torch.outer(torch.arange(s_max).float(), inv)] * 2, -1)
+    return q, k, v, freqs.cos().to(device), freqs.sin().to(device)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,rotary_dim,tokens,start", [
     (4, 2, 16, 16, 1, 9),   # decode, full rotary, GQA
@@ -60,12 +70,7 @@ def test_add_norm_matches_the_model_norms(device, kind, rows, dim):
 ])
 def test_rotary_with_kv_write_matches_apply_rotary(device, heads, kv_heads, head_dim, rotary_dim, tokens, start):
     s_max = 32
-    q = _rand(tokens, heads * head_dim, seed=1, device=device)
-    k = _rand(tokens, kv_heads * head_dim, seed=2, device=device)
-    v = _rand(tokens, kv_heads * head_dim, seed=3, device=device)
-    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    freqs = torch.outer(torch.arange(s_max).float(), inv)
-    cos, sin = torch.cat((freqs, freqs), -1).cos().to(device), torch.cat((freqs, freqs), -1).sin().to(device)
+    q, k, v, cos, sin = _rotary_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, s_max, 1, device)
     kc, vc = _rand(kv_heads, s_max, head_dim, seed=4, device=device), _rand(kv_heads, s_max, head_dim, seed=5,
                                                                             device=device)
     kc0, vc0 = kc.clone(), vc.clone()
@@ -115,12 +120,7 @@ def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_he
     from edge_vlm.kv_cache import quantize_vectors
 
     s_max = 16
-    q = _rand(tokens, heads * head_dim, seed=11, device=device)
-    k = _rand(tokens, kv_heads * head_dim, seed=12, device=device)
-    v = _rand(tokens, kv_heads * head_dim, seed=13, device=device)
-    inv = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
-    freqs = torch.outer(torch.arange(s_max).float(), inv)
-    cos, sin = torch.cat((freqs, freqs), -1).cos().to(device), torch.cat((freqs, freqs), -1).sin().to(device)
+    q, k, v, cos, sin = _rotary_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, s_max, 11, device)
     kc = torch.zeros(kv_heads, s_max, head_dim, dtype=torch.int8, device=device)
     vc = torch.zeros_like(kc)
     ks, vs = torch.ones(kv_heads, s_max, device=device), torch.ones(kv_heads, s_max, device=device)
