@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-import types
 
 import torch
 import torch.nn as nn
