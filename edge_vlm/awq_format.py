@@ -26,9 +26,8 @@ import torch
 from .checkpoint import load_torch_file
 from .errors import CheckpointError
 
-# Column c of each block of 8 lives at nibble _NIBBLE_OF_COLUMN[c] of the int32.
-_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i holds column _PACK_ORDER[i]
-_NIBBLE_OF_COLUMN = tuple(_PACK_ORDER.index(c) for c in range(8))
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of each AutoAWQ int32 holds column 8j + AWQ_ORDER[i]
+NATURAL_ORDER = tuple(range(8))       # nibble i holds column 8j + i
 
 
 def _to_int32(x: torch.Tensor) -> torch.Tensor:
@@ -37,21 +36,34 @@ def _to_int32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
 
+def _nibble_shifts(order: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Bit offset of column c's nibble inside its int32, for c = 0..7."""
+    return 4 * torch.tensor([order.index(c) for c in range(8)], dtype=dtype, device=device)
+
+
+def pack_nibbles(values: torch.Tensor, order: tuple[int, ...] = NATURAL_ORDER) -> torch.Tensor:
+    """[R, C] ints in 0..15 -> int32 [R, C/8], nibble i of word j holding column 8j + order[i]."""
+    r, c = values.shape
+    if c % 8:
+        raise ValueError(f"cannot pack {c} columns: not a multiple of 8")
+    v = values.to(torch.int64).reshape(r, c // 8, 8)
+    return _to_int32((v << _nibble_shifts(order, torch.int64, values.device)).sum(-1))  # disjoint nibbles: sum = OR
+
+
+def unpack_nibbles(packed: torch.Tensor, order: tuple[int, ...] = NATURAL_ORDER) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: int32 [R, C/8] -> int32 values 0..15 [R, C]."""
+    v = (packed[:, :, None] >> _nibble_shifts(order, torch.int32, packed.device)) & 0xF
+    return v.reshape(packed.shape[0], -1)
+
+
 def pack_int4_columns(values: torch.Tensor) -> torch.Tensor:
     """[R, N] ints in 0..15 -> int32 [R, N/8] in the AutoAWQ GEMM nibble order."""
-    r, n = values.shape
-    if n % 8:
-        raise ValueError(f"cannot pack {n} columns: not a multiple of 8")
-    v = values.to(torch.int64).reshape(r, n // 8, 8)
-    shifts = 4 * torch.tensor(_NIBBLE_OF_COLUMN, dtype=torch.int64, device=values.device)
-    return _to_int32((v << shifts).sum(-1))
+    return pack_nibbles(values, AWQ_ORDER)
 
 
 def unpack_int4_columns(packed: torch.Tensor) -> torch.Tensor:
     """int32 [R, N/8] (AutoAWQ GEMM order) -> uint8 [R, N] in 0..15."""
-    shifts = 4 * torch.tensor(_NIBBLE_OF_COLUMN, dtype=torch.int32, device=packed.device)
-    v = (packed[:, :, None] >> shifts) & 0xF
-    return v.reshape(packed.shape[0], -1).to(torch.uint8)
+    return unpack_nibbles(packed, AWQ_ORDER).to(torch.uint8)
 
 
 def pack_gemm(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:

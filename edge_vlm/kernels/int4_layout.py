@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column 8c + AWQ_ORDER[i]
+from ..awq_format import AWQ_ORDER, pack_int4_columns, pack_nibbles, unpack_nibbles
 
 # Weights unpacked at a time while repacking. Unpacked, a weight takes ~20 bytes on its way
 # through int32/int64 temporaries, so a whole 256k-vocabulary lm_head (786M weights) would need
@@ -52,46 +52,20 @@ class Int4Weight:
 
 def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     """AutoAWQ-packed int32 [R, C/8] -> int32 values 0..15 of shape [R, C]."""
-    r, c8 = packed.shape
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * 4
-    nibbles = (packed.unsqueeze(-1) >> shifts) & 0xF  # [R, C/8, 8], nibble i = column AWQ_ORDER[i]
-    out = torch.empty_like(nibbles)
-    out[..., list(AWQ_ORDER)] = nibbles
-    return out.reshape(r, c8 * 8)
+    return unpack_nibbles(packed, AWQ_ORDER)
 
 
-def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """Inverse of `unpack_awq`: int values 0..15 [R, C] -> AutoAWQ int32 [R, C/8]."""
-    r, c = values.shape
-    if c % 8:
-        raise ValueError(f"cannot pack {c} columns: not a multiple of 8")
-    v = values.to(torch.int32).reshape(r, c // 8, 8)[..., list(AWQ_ORDER)]  # nibble i <- column AWQ_ORDER[i]
-    shifts = torch.arange(8, device=values.device, dtype=torch.int32) * 4
-    return _sum_nibbles(v, shifts)
+pack_awq = pack_int4_columns  # inverse of `unpack_awq`: int values 0..15 [R, C] -> AutoAWQ int32 [R, C/8]
 
 
 def pack_rows(q: torch.Tensor) -> torch.Tensor:
     """int values 0..15 [N, K] -> int32 [N, K/8], nibble j of word w = q[n, 8w + j]."""
-    n, k = q.shape
-    if k % 8:
-        raise ValueError(f"in_features {k} is not a multiple of 8")
-    q = q.to(torch.int32).reshape(n, k // 8, 8)
-    shifts = torch.arange(8, device=q.device, dtype=torch.int32) * 4
-    return _sum_nibbles(q, shifts)
-
-
-def _sum_nibbles(q: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    # OR of disjoint nibbles == their sum; do it in int64 and wrap into int32's range
-    words = (q.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32)
+    return pack_nibbles(q)
 
 
 def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of `pack_rows`: int32 [N, K/8] -> int32 values 0..15 [N, K]."""
-    n, k8 = packed.shape
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32) * 4
-    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(n, k8 * 8)
+    return unpack_nibbles(packed)
 
 
 def repack_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> Int4Weight:
