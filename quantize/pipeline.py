@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edge_vlm.awq_format import pack_int4_columns
+from edge_vlm.awq_format import pack_gemm
 from edge_vlm.checkpoint import TensorStore, load_into, read_json, resolve_model_path
 from edge_vlm.config import SUPPORTED_LLMS, LLMConfig
 from edge_vlm.errors import EdgeVLMError, UnsupportedModelError
@@ -32,6 +32,7 @@ from edge_vlm.llm import DecoderLayer
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
 from .calibration import calibration_blocks, default_calibration_text, list_images, read_calibration_file
+from .groupwise import QuantizedWeight, quantize_weight
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -179,15 +180,17 @@ def calibration_inputs(source: Source, store: TensorStore, settings: QuantizeSet
 
 # ------------------------------------------------------------------ writing
 
+def _gemm_tensors(module: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """`module`.qweight [K, N/8], .qzeros [K/G, N/8], .scales [K/G, N] fp16: the AutoAWQ GEMM layout."""
+    return {f"{module}.{name}": t for name, t in pack_gemm(qw.q.t(), qw.zeros.t(), qw.scales.t()).items()}
+
+
 def _layer_tensors(prefix: str, i: int, layer: DecoderLayer, result: LayerResult) -> dict[str, torch.Tensor]:
     """The shard of layer i: packed int4 linears (+bias) and the (scale-folded) norms, in fp16."""
     out = {}
     quantized = set(result.weights)
     for name, qw in result.weights.items():
-        base = f"{prefix}{i}.{name}"
-        out[base + ".qweight"] = pack_int4_columns(qw.q.t())        # [K, N/8]
-        out[base + ".qzeros"] = pack_int4_columns(qw.zeros.t())     # [K/G, N/8]
-        out[base + ".scales"] = qw.scales.t().contiguous()          # [K/G, N] fp16
+        out.update(_gemm_tensors(f"{prefix}{i}.{name}", qw))
     for pname, p in layer.named_parameters():
         module = pname.rsplit(".", 1)[0]
         if module in quantized and pname.endswith(".weight"):
@@ -242,12 +245,7 @@ def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int |
             t = store.get(key)
             rest[key] = t.clone() if t.is_floating_point() else t  # clone: tied tensors share storage
     if head_key:
-        from .groupwise import quantize_weight
-
-        qw = quantize_weight(store.get(head_key).float(), lm_head_group)
-        rest[head + ".qweight"] = pack_int4_columns(qw.q.t())
-        rest[head + ".qzeros"] = pack_int4_columns(qw.zeros.t())
-        rest[head + ".scales"] = qw.scales.t().contiguous()
+        rest.update(_gemm_tensors(head, quantize_weight(store.get(head_key).float(), lm_head_group)))
     name = "model-rest.safetensors"
     _save(rest, dest / name)
     return {k: name for k in rest}
