@@ -4,29 +4,17 @@ Sized once for `max_context` tokens, so decoding allocates nothing per token and
 buffers serve every turn of a chat (and can be captured in a CUDA graph).
 
 `quantized=True` stores each cached key and value vector (one token, one kv head) as int8 with
-one float32 scale: symmetric, scale = max|x| / 127, rounded half away from zero (the rule the
-Triton write kernel uses too). That halves the cache of a fp16 model (D + 4 bytes per vector
-instead of 2 D) at an error of at most half a step, max|x| / 254, per element.
+one float32 scale (`quant_linear.quantize_int8_rows`: symmetric, scale = max|x| / 127, rounded
+half away from zero, the rule the Triton write kernel uses too). That halves the cache of a
+fp16 model (D + 4 bytes per vector instead of 2 D) at an error of at most half a step,
+max|x| / 254, per element.
 """
 
 from __future__ import annotations
 
 import torch
 
-INT8_MAX = 127.0
-
-
-def quantize_vectors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., D] float -> (int8 [..., D], float32 scales [...]), symmetric per vector."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1).clamp(min=1e-8) / INT8_MAX
-    y = x / scale[..., None]
-    q = torch.sign(y) * torch.floor(y.abs() + 0.5)  # half away from zero, as the kernel rounds
-    return q.clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
-
-
-def dequantize_vectors(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale[..., None]).to(dtype)
+from .quant_linear import dequantize_int8_rows, quantize_int8_rows
 
 
 class StaticKVCache:
@@ -51,9 +39,9 @@ class StaticKVCache:
             self.v[layer, :, :, start:end] = v
             return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         for data, scales, new in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
-            data[layer, :, :, start:end], scales[layer, :, :, start:end] = quantize_vectors(new)
-        return (dequantize_vectors(self.k[layer, :, :, :end], self.k_scale[layer, :, :, :end], k.dtype),
-                dequantize_vectors(self.v[layer, :, :, :end], self.v_scale[layer, :, :, :end], v.dtype))
+            data[layer, :, :, start:end], scales[layer, :, :, start:end] = quantize_int8_rows(new)
+        return (dequantize_int8_rows(self.k[layer, :, :, :end], self.k_scale[layer, :, :, :end], k.dtype),
+                dequantize_int8_rows(self.v[layer, :, :, :end], self.v_scale[layer, :, :, :end], v.dtype))
 
     def truncate(self, length: int) -> None:
         """Forget everything after `length` tokens (the buffers are reused, not cleared)."""

@@ -65,15 +65,31 @@ class Int8Embedding(nn.Module):
         self.register_buffer("scales", torch.zeros(num_embeddings, dtype=dtype, device=device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.qweight[ids].to(self.scales.dtype) * self.scales[ids].unsqueeze(-1)
+        return dequantize_int8_rows(self.qweight[ids], self.scales[ids], self.scales.dtype)
+
+
+def quantize_int8_rows(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., D] float -> (int8 [..., D], scales [...] in `scale_dtype`): symmetric per row (last dim).
+
+    scale = max|row| / 127, rounded to `scale_dtype` before the integers are computed (they are
+    exact for the scale as stored); integers rounded half away from zero, the rule the Triton
+    KV-cache write uses too. Error per entry: at most half a step, max|row| / 254. Used for int8
+    token embeddings (fp16 scales) and the int8 KV cache (fp32 scales).
+    """
+    x = x.float()
+    scale = (x.abs().amax(dim=-1).clamp(min=1e-8) / 127).to(scale_dtype)
+    y = x / scale.float()[..., None]
+    q = torch.sign(y) * torch.floor(y.abs() + 0.5)
+    return q.clamp(-127, 127).to(torch.int8), scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * scale.float()[..., None]).to(dtype)
 
 
 def quantize_embedding_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[V, D] float -> (int8 [V, D], fp16 scales [V]), symmetric per row, round to nearest."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).half()
-    q = torch.round(w / scales.float().unsqueeze(1)).clamp(-127, 127).to(torch.int8)
-    return q, scales
+    """[V, D] float -> (int8 [V, D], fp16 scales [V]): what `--quantize-embedding` stores."""
+    return quantize_int8_rows(weight, torch.float16)
 
 
 def quant_settings(qcfg: dict) -> tuple[int, int, list[str]]:

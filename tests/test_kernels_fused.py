@@ -114,10 +114,10 @@ def test_decode_attention_matches_sdpa(device, heads, kv_heads, head_dim, length
 ])
 def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_heads, head_dim, rotary_dim, tokens,
                                                            start):
-    """The int8 write stores what kv_cache.quantize_vectors makes of the reference's rotated
+    """The int8 write stores what quant_linear.quantize_int8_rows makes of the reference's rotated
     fp16 key and of the value: the same int8 codes (one step apart at most, where the kernel's
     fp32 rotation rounds to a different fp16 neighbour than apply_rotary) and the same scales."""
-    from edge_vlm.kv_cache import quantize_vectors
+    from edge_vlm.quant_linear import quantize_int8_rows
 
     s_max = 16
     q, k, v, cos, sin = _rotary_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, s_max, 11, device)
@@ -128,8 +128,8 @@ def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_he
                     kv_heads, ks, vs)
     sl = slice(start, start + tokens)
     ref_k = apply_rotary(k.view(1, tokens, kv_heads, head_dim).transpose(1, 2), cos[sl], sin[sl])[0]
-    want_k, want_ks = quantize_vectors(ref_k)
-    want_v, want_vs = quantize_vectors(v.view(tokens, kv_heads, head_dim).transpose(0, 1))
+    want_k, want_ks = quantize_int8_rows(ref_k)
+    want_v, want_vs = quantize_int8_rows(v.view(tokens, kv_heads, head_dim).transpose(0, 1))
     assert torch.equal(vc[:, sl], want_v) and torch.allclose(vs[:, sl], want_vs, rtol=1e-6)
     assert (kc[:, sl].int() - want_k.int()).abs().max() <= 1
     assert torch.allclose(ks[:, sl], want_ks, rtol=2**-10)  # max|k| itself may round to the other fp16 neighbour
@@ -140,7 +140,7 @@ def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_he
 def test_decode_attention_over_an_int8_cache_matches_sdpa_on_its_values(device):
     """With an int8 cache the kernel scales each cached vector in registers: the result is
     attention over exactly the dequantized cache."""
-    from edge_vlm.kv_cache import dequantize_vectors
+    from edge_vlm.quant_linear import dequantize_int8_rows
 
     heads, kv_heads, head_dim, s_max, length = 4, 2, 16, 40, 29
     gen = torch.Generator().manual_seed(21)
@@ -151,8 +151,8 @@ def test_decode_attention_over_an_int8_cache_matches_sdpa_on_its_values(device):
     q = _rand(heads, head_dim, seed=22, device=device)
     out = decode_attention(q, kc, vc, torch.tensor([length], dtype=torch.int32, device=device), 4, 8,
                            k_scale=ks, v_scale=vs)
-    kd = dequantize_vectors(kc[:, :length], ks[:, :length], torch.float64)
-    vd = dequantize_vectors(vc[:, :length], vs[:, :length], torch.float64)
+    kd = dequantize_int8_rows(kc[:, :length], ks[:, :length], torch.float64)
+    vd = dequantize_int8_rows(vc[:, :length], vs[:, :length], torch.float64)
     ref = F.scaled_dot_product_attention(q.double()[None, :, None], kd[None], vd[None], enable_gqa=True)[0, :, 0]
     # as for the fp16 cache: the fp16 output rounding, <= 2^-11 max|v|, plus fp32 softmax noise
     assert (out.double() - ref).abs().max() <= 2**-10 * vd.abs().max()
@@ -209,7 +209,7 @@ def test_fused_decode_step_matches_decoder_forward(tiny_model):
 
 def test_fused_decode_step_over_an_int8_cache_matches_decoder_forward(tiny_model):
     """What the CUDA graph replays, with an int8 KV cache: the step writes and reads the cache as
-    the reference model does (kv_cache.quantize_vectors), so logits and cache agree."""
+    the reference model does (quant_linear.quantize_int8_rows), so logits and cache agree."""
     from edge_vlm.kernels.fused_decode import FusedDecoder
 
     llm = tiny_model.llm

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_vlm.kv_cache import StaticKVCache, dequantize_vectors, kv_cache_bytes, quantize_vectors
+from edge_vlm.kv_cache import StaticKVCache, kv_cache_bytes
+from edge_vlm.quant_linear import dequantize_int8_rows, quantize_int8_rows
 
 
 def test_quantized_vectors_are_within_half_a_step():
     x = torch.randn(3, 5, 7, 64, generator=torch.Generator().manual_seed(0)) * torch.rand(3, 5, 7, 1) * 10
-    q, scale = quantize_vectors(x)
+    q, scale = quantize_int8_rows(x)
     assert q.dtype == torch.int8 and scale.shape == x.shape[:-1]
     assert (q.abs().amax(-1) == 127).all()  # each vector's largest element uses the full range
     step = x.abs().amax(-1, keepdim=True) / 127
-    assert ((dequantize_vectors(q, scale, torch.float32) - x).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert ((dequantize_int8_rows(q, scale, torch.float32) - x).abs() <= step / 2 * (1 + 1e-6)).all()
 
 
 def test_int8_cache_returns_what_it_stored_and_halves_the_bytes():
