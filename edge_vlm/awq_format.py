@@ -146,6 +146,7 @@ class TinyChatStore:
             state = {k[len("llm."):]: v for k, v in state.items()}
         self._raw: dict[str, torch.Tensor] = state
         self.layers = sorted(k[: -len(".scaled_zeros")] for k in state if k.endswith(".scaled_zeros"))
+        self._layer_set = set(self.layers)
         if not self.layers:
             raise CheckpointError(f"{self.path} has no TinyChat AWQ layers (no *.scaled_zeros tensors)")
         self.group_size = group_size or self._infer_group_size()
@@ -173,10 +174,6 @@ class TinyChatStore:
         if layer in self._layer_set and what in ("qweight", "qzeros", "scales"):
             return layer, what
         return None, None
-
-    @property
-    def _layer_set(self) -> set[str]:
-        return set(self.layers)
 
     def keys(self) -> list[str]:
         out = []

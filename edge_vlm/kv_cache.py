@@ -49,8 +49,8 @@ class StaticKVCache:
 
     @property
     def nbytes(self) -> int:
-        scales = 2 * self.k_scale.numel() * 4 if self.quantized else 0
-        return self.k.numel() * self.k.element_size() * 2 + scales
+        layers, batch, heads, context, head_dim = self.k.shape
+        return batch * kv_cache_bytes(layers, heads, head_dim, context, self.k.element_size(), self.quantized)
 
 
 def kv_cache_bytes(num_layers: int, num_kv_heads: int, head_dim: int, context: int, itemsize: int,

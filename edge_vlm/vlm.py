@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .chat_template import ChatTemplate
-from .kv_cache import kv_cache_bytes
 from .config import ImageConfig
+from .kv_cache import kv_cache_bytes
 from .llm import DecoderLM
 from .preprocess import preprocess
 from .projector import Projector
