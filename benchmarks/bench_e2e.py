@@ -24,8 +24,9 @@ from edge_vlm.cuda_engine import make_engine
 from edge_vlm.generate import Engine
 from edge_vlm.kernels.dispatch import optimize_for_device
 from edge_vlm.kv_cache import kv_cache_bytes
+from edge_vlm.vlm import weight_bytes
 
-from .random_model import build_llm, build_vision, weight_bytes
+from .random_model import build_llm, build_vision
 from .shapes import IMAGE_TOKENS, llm_config, vision_config
 from .timing import copy_bandwidth, sync
 
@@ -98,7 +99,7 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
         first_token()  # warm-up (kernel compilation on CUDA)
         ttft = min(_timed(first_token, device) for _ in range(repeats))
 
-        result = E2EResult(name, weight_bytes(llm) + (weight_bytes(vision) if vision is not None else 0),
+        result = E2EResult(name, weight_bytes(*(m for m in (llm, vision) if m is not None)),
                            vision_ms, ttft * 1e3)
         for ctx in contexts:
             engine.reset()

@@ -83,26 +83,27 @@ NEMOTRON_MINI_4B = dict(model_type="nemotron", vocab_size=256000, hidden_size=30
 def memory_projection(llm_config: dict, context: int = 4096, group_size: int = 128) -> list[tuple[str, int, int]]:
     """(variant, weight bytes, KV-cache bytes) of an LLM, counted on the meta device (no weights needed)."""
     from edge_vlm.config import LLMConfig
+    from edge_vlm.kv_cache import kv_cache_bytes
     from edge_vlm.llm import DecoderLM
     from edge_vlm.quant_linear import prepare_quantized
+    from edge_vlm.vlm import weight_bytes
 
     cfg = LLMConfig.from_hf(llm_config)
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * 2  # fp16 K and V
+    kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, context, 2)  # fp16 K and V
 
-    def weight_bytes(qcfg):
+    def fp16_weight_bytes(qcfg):
         with torch.device("meta"):
-            llm = DecoderLM(cfg)
+            llm = DecoderLM(cfg).to(torch.float16)
         if qcfg:
-            prepare_quantized(llm, qcfg)
-        tensors = {id(t): t for t in list(llm.parameters()) + list(llm.buffers())}.values()
-        return sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in tensors)  # fp16 floats
+            prepare_quantized(llm, qcfg)  # quantized layers take the model's dtype for their scales
+        return weight_bytes(llm)
 
     q = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm"}
-    return [("16-bit", weight_bytes(None), kv),
-            (f"int4 g{group_size} linears, 16-bit lm_head", weight_bytes(q), kv),
-            (f"int4 g{group_size} linears + int4 lm_head", weight_bytes({**q, "quantize_lm_head": True}), kv),
+    return [("16-bit", fp16_weight_bytes(None), kv),
+            (f"int4 g{group_size} linears, 16-bit lm_head", fp16_weight_bytes(q), kv),
+            (f"int4 g{group_size} linears + int4 lm_head", fp16_weight_bytes({**q, "quantize_lm_head": True}), kv),
             (f"int4 g{group_size} linears + int4 lm_head + int8 embeddings",
-             weight_bytes({**q, "quantize_lm_head": True, "quantize_embedding": True}), kv)]
+             fp16_weight_bytes({**q, "quantize_lm_head": True, "quantize_embedding": True}), kv)]
 
 
 def memory_table(rows, context: int) -> str:

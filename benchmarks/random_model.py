@@ -93,13 +93,6 @@ def build_vision(cfg: VisionConfig, device, dtype, seed: int = 0) -> VisionTower
     return tower.to(dtype).eval()
 
 
-def weight_bytes(module: nn.Module) -> int:
-    seen = {}
-    for t in list(module.parameters()) + list(module.buffers()):
-        seen[id(t)] = t.numel() * t.element_size()
-    return sum(seen.values())
-
-
 def int4_weight_for_bench(k: int, n: int, device, seed: int = 0):
     """An `Int4Weight` of random integers (the kernel benchmark's input)."""
     gen = torch.Generator(device=device).manual_seed(seed)

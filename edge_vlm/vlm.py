@@ -81,9 +81,14 @@ class VisionLanguageModel:
         ctx = max_context or self.max_context
         kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, self.dtype.itemsize,
                             self.llm.kv_cache_int8)
-        weights = sum(t.numel() * t.element_size() for m in (self.llm, self.vision, self.projector) if m is not None
-                      for t in {id(p): p for p in list(m.parameters()) + list(m.buffers())}.values())
+        weights = weight_bytes(*(m for m in (self.llm, self.vision, self.projector) if m is not None))
         return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+
+
+def weight_bytes(*modules: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of `modules`, each tensor once (tied weights share one)."""
+    tensors = {id(t): t for m in modules for t in list(m.parameters()) + list(m.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _param_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -66,7 +66,7 @@ def test_bench_on_a_missing_gpu_is_a_one_line_error(capsys):
 @pytest.mark.parametrize("tied", [False, True])
 def test_decode_bytes_counts_what_a_step_reads(tied):
     from benchmarks.bench_e2e import decode_bytes
-    from benchmarks.random_model import weight_bytes
+    from edge_vlm.vlm import weight_bytes
     from edge_vlm.config import LLMConfig
     from edge_vlm.llm import DecoderLM
     from tests.factories import llm_config as hf_config
@@ -84,7 +84,7 @@ def test_decode_bytes_counts_what_a_step_reads(tied):
 
 
 def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
-    from benchmarks.random_model import weight_bytes
+    from edge_vlm.vlm import weight_bytes
     from edge_vlm.cli import main
     from edge_vlm.kernels.dispatch import optimize_for_device
     from edge_vlm.quant_linear import Int8Embedding, WQLinear
