@@ -108,17 +108,14 @@ class _Capture:
 def _capture_inputs(layer, runner, x_all, opts: AWQOptions):
     """Run the 16-bit layer; return its outputs and the inputs seen by each linear group."""
     n, t, _ = x_all.shape
-    batches = list(_batches(n, t, opts.batch_tokens))
-    per_batch = -(-opts.search_tokens // len(batches))
+    per_batch = -(-opts.search_tokens // len(list(_batches(n, t, opts.batch_tokens))))
     lin = layer_linears(layer)
     first_mlp = "mlp.gate_proj" if "mlp.gate_proj" in lin else "mlp.up_proj"
     caps = {k: _Capture(per_batch, seed=i) for i, k in
             enumerate(("self_attn.q_proj", "self_attn.o_proj", first_mlp, "mlp.down_proj"))}
     hooks = [lin[k].register_forward_hook(c) for k, c in caps.items()]
-    out = torch.empty_like(x_all)
     try:
-        for sl in batches:
-            out[sl] = runner(layer, x_all[sl])
+        out = _run_all(layer, runner, x_all, opts)
     finally:
         for h in hooks:
             h.remove()
