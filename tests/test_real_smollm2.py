@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from edge_vlm import ChatSession, GenerationConfig, load_model
 from edge_vlm.generate import Engine, generate
 from edge_vlm.perplexity import perplexity
+from quantize.calibration import held_out_text
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 
@@ -30,13 +31,6 @@ def reference(smollm2):
 
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(smollm2)
-
-
-def heldout_text() -> str:
-    from pydoc_data.topics import topics
-
-    keys = sorted(topics)
-    return "\n\n".join(topics[k] for k in keys[len(keys) // 2:])  # the second half: never used to calibrate
 
 
 def test_prompt_and_greedy_answer_match_transformers(ours, reference):
@@ -61,7 +55,7 @@ def test_prompt_and_greedy_answer_match_transformers(ours, reference):
 
 def test_perplexity_matches_transformers(ours, reference):
     ref, _ = reference
-    ids = ours.tokenizer.encode(heldout_text())[:2048]
+    ids = ours.tokenizer.encode(held_out_text())[:2048]  # text the quantizer never calibrates on
     ppl = perplexity(ours.llm, ids, window=512)
     nll, count = 0.0, 0
     with torch.no_grad():
