@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .int4_layout import Int4Weight, column_chunks, concat_outputs, dequantize, repack_awq, unpack_awq
+from .int4_layout import Int4Weight, column_chunks, concat_outputs, repack_awq, unpack_awq
 
 RMS, LAYERNORM1P = 0, 1
 
@@ -231,8 +231,3 @@ class CpuInt4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"compute={str(self.int4_scales_zeros.dtype).replace('torch.', '')}")
-
-
-def dense_weight(w: Int4Weight, dtype=torch.float16) -> torch.Tensor:
-    """[K, N] dequantized (for baselines and tests)."""
-    return dequantize(w, dtype)
