@@ -110,7 +110,7 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
             token = 1
             for _ in range(2):  # warm-up steps (graph capture), then back to ctx - 1 cached tokens
                 engine.step(token)
-            engine.cache.length = ctx - 1
+            engine.rewind(ctx - 1)
             t = _timed(lambda: [engine.step(token) for _ in range(decode_steps)], device)
             step_s = t / decode_steps
             result.decode_tps[ctx] = 1.0 / step_s

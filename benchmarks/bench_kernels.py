@@ -6,8 +6,8 @@ CPU: the runtime's CPU path (torch's int4 CPU matmul, `_weight_int4pack_mm_for_c
 activations) vs the reference dequantize+matmul (`WQLinear.forward`) vs a dense fp32 matmul, at 1 row (decode) and
 128 rows (a prompt): what `CpuInt4Linear` chooses between. The Triton kernels are not timed on CPU (the interpreter is for tests).
 
-    python -m benchmarks.bench_kernels --device cuda             # all three model shapes, + decode attention vs SDPA
-    python -m benchmarks.bench_kernels --device cpu --models vila1.5-3b
+    python -m edge_vlm.benchmarks.bench_kernels --device cuda             # all three model shapes, + decode attention vs SDPA
+    python -m edge_vlm.benchmarks.bench_kernels --device cpu --models vila1.5-3b
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def device_name(device: torch.device) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_kernels", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m edge_vlm.benchmarks.bench_kernels", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=sorted(LLM_SHAPES), help="model shapes (default: all on CUDA, "

@@ -5,8 +5,8 @@ Calibration uses the first 80% of the built-in pydoc prose, evaluation the first
 are written to disk by the real pipeline and loaded back by the runtime (WQLinear), so the
 numbers are those of the checkpoints a user would get.
 
-    python -m benchmarks.quality                      # the real SmolLM2-135M (group 64)
-    python -m benchmarks.quality --model ./my-llm --group-size 128 --n-samples 128
+    python -m edge_vlm.benchmarks.quality                      # the real SmolLM2-135M (group 64)
+    python -m edge_vlm.benchmarks.quality --model ./my-llm --group-size 128 --n-samples 128
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 
 def held_out_ids(tokenizer, n_tokens: int) -> list[int]:
-    from quantize.calibration import held_out_text
+    from edge_vlm.quantize.calibration import held_out_text
 
     ids = tokenizer.encode(held_out_text())
     if len(ids) < n_tokens:
@@ -41,7 +41,7 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
         window: int, out_dir: str | None, device: str | None, search_tokens: int = 4096,
         clip: bool = True) -> dict:
     from edge_vlm.tokenizer import Tokenizer
-    from quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
+    from edge_vlm.quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
 
     if model is None:
         from tests.real_model import smollm2_folder
@@ -82,7 +82,7 @@ NEMOTRON_MINI_4B = dict(model_type="nemotron", vocab_size=256000, hidden_size=30
 
 def memory_projection(llm_config: dict, context: int = 4096, group_size: int = 128) -> list[tuple[str, int, int]]:
     """(variant, weight bytes, KV-cache bytes) of an LLM, counted on the meta device (no weights needed)."""
-    from edge_vlm.config import LLMConfig
+    from edge_vlm.config import LLMConfig, QuantConfig
     from edge_vlm.kv_cache import kv_cache_bytes
     from edge_vlm.llm import DecoderLM
     from edge_vlm.quant_linear import prepare_quantized
@@ -95,7 +95,7 @@ def memory_projection(llm_config: dict, context: int = 4096, group_size: int = 1
         with torch.device("meta"):
             llm = DecoderLM(cfg).to(torch.float16)
         if qcfg:
-            prepare_quantized(llm, qcfg)  # quantized layers take the model's dtype for their scales
+            prepare_quantized(llm, QuantConfig.from_hf(qcfg))  # quantized layers take the model's dtype for their scales
         return weight_bytes(llm)
 
     q = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm"}

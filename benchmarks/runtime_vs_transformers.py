@@ -6,7 +6,7 @@ copies of the same weights (quantized here in a second with RTN: AWQ checkpoints
 same layout and speed; with and without a 4-bit lm_head), transformers in fp32, and
 llama.cpp on the original Q4_1 GGUF file if llama-cpp-python is installed. Prints a Markdown table.
 
-    python -m benchmarks.runtime_vs_transformers [--new-tokens 64] [--threads 2] [--repeat 3]
+    python -m edge_vlm.benchmarks.runtime_vs_transformers [--new-tokens 64] [--threads 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def bench_ours_int4(folder, prompt_ids, new_tokens, repeat) -> list[tuple]:
     import tempfile
 
     from edge_vlm.kernels.modules import cpu_int4_compute_dtype
-    from quantize.pipeline import QuantizeSettings, quantize_checkpoint
+    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     act = str(cpu_int4_compute_dtype()).replace("torch.", "")
     rows = []

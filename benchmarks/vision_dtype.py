@@ -3,7 +3,7 @@
 What `optimize_for_device` decides on CPU (bf16 where dense bf16 matmuls are the faster ones),
 measured on a random-weight tower of a real shape, both dtypes in one run.
 
-    python -m benchmarks.vision_dtype [--model-shape vila1.5-3b] [--repeats 3]
+    python -m edge_vlm.benchmarks.vision_dtype [--model-shape vila1.5-3b] [--repeats 3]
 """
 
 from __future__ import annotations

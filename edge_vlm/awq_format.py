@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_torch_file
+from .config import QuantConfig
 from .errors import CheckpointError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of each AutoAWQ int32 holds column 8j + AWQ_ORDER[i]
@@ -228,6 +229,6 @@ def open_llm_store(folder: Path, quantization: dict | None):
 
     pt = find_tinychat_checkpoint(folder)
     if pt is not None:
-        store = TinyChatStore(pt, (quantization or {}).get("group_size") or (quantization or {}).get("q_group_size"))
+        store = TinyChatStore(pt, QuantConfig.group_size_of(quantization))
         return store, store.quantization_config()
     return TensorStore(folder), quantization

@@ -168,6 +168,47 @@ class ProjectorConfig:
                 f"unsupported projector {self.kind!r}; supported: {', '.join(SUPPORTED_PROJECTORS)}")
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """A checkpoint's `quantization_config` (AutoAWQ GEMM, TinyChat's `w_bit`/`q_group_size`, our extensions)."""
+
+    bits: int = 4
+    group_size: int = 128
+    modules_to_not_convert: tuple[str, ...] = ()
+    quantize_lm_head: bool = False  # edge-vlm extension: int4 lm_head (large vocabularies)
+    quantize_embedding: bool = False  # edge-vlm extension: int8 token embeddings
+    method: str = "awq"
+
+    @classmethod
+    def from_hf(cls, d: dict | None) -> "QuantConfig | None":
+        """None for an unquantized checkpoint; raises UnsupportedModelError for what we cannot run."""
+        if not d:
+            return None
+        method = str(d.get("quant_method", "awq")).lower()
+        if method != "awq":
+            raise UnsupportedModelError(f"unsupported quantization method {method!r}; supported: awq")
+        version = str(d.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise UnsupportedModelError(f"unsupported AWQ layout {version!r}; supported: gemm")
+        if d.get("zero_point", True) is False:
+            raise UnsupportedModelError("AWQ checkpoints without zero points are not supported")
+        return cls(bits=int(d.get("bits", d.get("w_bit", 4))),
+                   group_size=int(d.get("group_size", d.get("q_group_size", 128))),
+                   modules_to_not_convert=tuple(d.get("modules_to_not_convert") or ()),
+                   quantize_lm_head=bool(d.get("quantize_lm_head")),
+                   quantize_embedding=bool(d.get("quantize_embedding")), method=method)
+
+    @staticmethod
+    def group_size_of(d: dict | None) -> int | None:
+        """The group size a config names, if any (TinyChat checkpoints infer it otherwise)."""
+        d = d or {}
+        value = d.get("group_size") or d.get("q_group_size")
+        return int(value) if value else None
+
+    def describe(self) -> str:
+        return f"{self.method} w{self.bits} g{self.group_size}"
+
+
 @dataclass
 class ImageConfig:
     """How images are turned into pixel tensors (read from preprocessor_config.json)."""

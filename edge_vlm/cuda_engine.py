@@ -52,7 +52,7 @@ class CUDAGraphEngine(Engine):
     def step(self, token_id: int) -> torch.Tensor:
         if self.graph is False:
             return super().step(token_id)
-        pos = self.cache.length
+        pos = self.cache.position
         if pos >= self.cache.max_context:
             raise ValueError(f"position {pos} exceeds the cache size {self.cache.max_context}")
         self.decoder.token.fill_(token_id)
@@ -66,7 +66,7 @@ class CUDAGraphEngine(Engine):
                 self.graph = False
                 return super().step(token_id)  # rewrites slot `pos` the warm-up may have filled
         self.graph.replay()
-        self.cache.length = pos + 1
+        self.cache.advance(1)  # the captured step wrote slot `pos` of every layer
         return self.logits[0].clone()  # the graph's output buffer is overwritten by the next replay
 
 

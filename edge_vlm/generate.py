@@ -64,7 +64,7 @@ class Engine:
 
     @property
     def position(self) -> int:
-        return self.cache.length
+        return self.cache.position
 
     @property
     def max_context(self) -> int:
@@ -73,15 +73,19 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """Run [1, T, D] embeddings after what is cached; logits [vocab] for the next token."""
-        return self.llm(embeds, self.cache.length, self.cache)[0, -1]
+        return self.llm(embeds, self.cache)[0, -1]
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         ids = torch.tensor([[token_id]], device=self.llm.device)
-        return self.llm(self.llm.embed(ids), self.cache.length, self.cache)[0, -1]
+        return self.llm(self.llm.embed(ids), self.cache)[0, -1]
+
+    def rewind(self, position: int) -> None:
+        """Forget the cached tokens after `position` (0: everything)."""
+        self.cache.truncate(position)
 
     def reset(self) -> None:
-        self.cache.length = 0
+        self.rewind(0)
 
 
 def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig, eos_ids: set[int],

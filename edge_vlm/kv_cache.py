@@ -28,11 +28,28 @@ class StaticKVCache:
         self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device) if quantized else None
         self.v_scale = torch.ones_like(self.k_scale) if quantized else None
         self.max_context = max_context
-        self.length = 0  # tokens currently valid
+        self._position = 0  # tokens currently valid; changed only by advance() and truncate()
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v ([B, Hkv, T, D]) at positions start..start+T-1; return the valid prefix incl. them
-        (dequantized to k's dtype for a quantized cache: attention then sees what later steps will)."""
+    @property
+    def position(self) -> int:
+        """How many tokens the cache holds: where the next token goes."""
+        return self._position
+
+    def advance(self, n: int) -> None:
+        """Count `n` more tokens as cached, once every layer has written them (the model does this)."""
+        if self._position + n > self.max_context:
+            raise ValueError(f"positions up to {self._position + n} exceed the cache size {self.max_context}")
+        self._position += n
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` tokens (the buffers are reused, not cleared)."""
+        self._position = max(0, min(self._position, length))
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v ([B, Hkv, T, D]) at the next T positions; return the valid prefix incl. them
+        (dequantized to k's dtype for a quantized cache: attention then sees what later steps will).
+        The position moves only when the model calls advance() after its last layer."""
+        start = self._position
         end = start + k.shape[2]
         if not self.quantized:
             self.k[layer, :, :, start:end] = k
@@ -42,10 +59,6 @@ class StaticKVCache:
             data[layer, :, :, start:end], scales[layer, :, :, start:end] = quantize_int8_rows(new)
         return (dequantize_int8_rows(self.k[layer, :, :, :end], self.k_scale[layer, :, :, :end], k.dtype),
                 dequantize_int8_rows(self.v[layer, :, :, :end], self.v_scale[layer, :, :, :end], v.dtype))
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` tokens (the buffers are reused, not cleared)."""
-        self.length = min(self.length, length)
 
     @property
     def nbytes(self) -> int:

@@ -59,13 +59,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, d, bias=False)
 
-    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, start: int, mask):
+    def forward(self, x, cos, sin, cache: StaticKVCache, layer: int, mask):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        k, v = cache.write(layer, start, k, v)
+        k, v = cache.write(layer, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -93,16 +93,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, layer, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, start, mask)
+    def forward(self, x, cos, sin, cache, layer, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderLM(nn.Module):
     """A causal LM that reads/writes a static KV cache.
 
-    `forward(embeds, start)` runs tokens at positions start..start+T-1 and returns logits
-    for the last position (decode, prefill) or for all positions (perplexity).
+    `forward(embeds, cache)` runs the T new tokens at the cache's next positions, advances the
+    cache past them, and returns logits for the last position (decode, prefill) or for all
+    positions (perplexity). The cache owns the position; nobody passes it in.
     """
 
     def __init__(self, cfg: LLMConfig):
@@ -143,8 +144,9 @@ class DecoderLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
-    def forward(self, embeds: torch.Tensor, start: int, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, cache: StaticKVCache, all_logits: bool = False) -> torch.Tensor:
         t = embeds.shape[1]
+        start = cache.position
         end = start + t
         if end > cache.max_context:
             raise ValueError(f"positions up to {end} exceed the cache size {cache.max_context}")
@@ -156,7 +158,7 @@ class DecoderLM(nn.Module):
             mask = torch.arange(end, device=embeds.device)[None, :] <= q_pos
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, start, mask)
-        cache.length = end
+            x = layer(x, cos, sin, cache, i, mask)
+        cache.advance(t)
         x = self.norm(x if all_logits else x[:, -1:])
         return self.lm_head(x).float()

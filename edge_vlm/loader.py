@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .awq_format import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
 from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
-from .config import LLMConfig, ProjectorConfig, VisionConfig
+from .config import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 from .errors import CheckpointError, EdgeVLMError, UnsupportedModelError
 from .llm import DecoderLM
 from .preprocess import image_config_from_hf, read_preprocessor_config
@@ -108,10 +108,11 @@ def _build(cls, cfg):
 def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename=None, progress=None,
              quantization: dict | None = None) -> DecoderLM:
     llm = _build(DecoderLM, cfg)
-    if quantization:
+    qcfg = QuantConfig.from_hf(quantization)
+    if qcfg is not None:
         from .quant_linear import prepare_quantized  # int4 layers in place of nn.Linear
 
-        prepare_quantized(llm, quantization)
+        prepare_quantized(llm, qcfg)
     load_into(llm, store, rename or _rename_llm(("",)), dtype, device, progress,
               optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
     if cfg.tie_word_embeddings:
@@ -180,9 +181,8 @@ def _count(module) -> int:
 
 
 def _quant_name(q: dict | None) -> str:
-    if not q:
-        return "none"
-    return f"{q.get('quant_method', '?')} w{q.get('bits', q.get('w_bit', '?'))} g{q.get('group_size', q.get('q_group_size', '?'))}"
+    qcfg = QuantConfig.from_hf(q)
+    return qcfg.describe() if qcfg else "none"
 
 
 def _load_text_only(folder: Path, top: dict, dtype, device, show) -> VisionLanguageModel:

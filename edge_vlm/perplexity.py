@@ -25,8 +25,8 @@ def perplexity(llm: DecoderLM, ids, window: int = 512) -> float:
         chunk = ids[start:start + window].to(device)
         if chunk.numel() < 2:
             break
-        cache.length = 0
-        logits = llm(llm.embed(chunk[None]), 0, cache, all_logits=True)[0]
+        cache.truncate(0)
+        logits = llm(llm.embed(chunk[None]), cache, all_logits=True)[0]
         nll = F.cross_entropy(logits[:-1].float(), chunk[1:], reduction="sum")
         total += float(nll)
         count += chunk.numel() - 1

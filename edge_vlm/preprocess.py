@@ -23,6 +23,10 @@ from .errors import MediaError
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# The still-image files every part of edge-vlm accepts (folders of images, drag and drop,
+# calibration images): the formats Pillow decodes everywhere.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
 
 def load_image(src) -> Image.Image:
     """A path, PIL image or HxWx3 uint8 RGB array -> fully decoded RGB PIL image."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from .awq_format import dequantize_gemm
+from .config import QuantConfig
 from .errors import UnsupportedModelError
 
 
@@ -92,23 +93,7 @@ def quantize_embedding_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return quantize_int8_rows(weight, torch.float16)
 
 
-def quant_settings(qcfg: dict) -> tuple[int, int, list[str]]:
-    """(bits, group_size, modules_to_not_convert) from a `quantization_config` block."""
-    method = str(qcfg.get("quant_method", "awq")).lower()
-    if method != "awq":
-        raise UnsupportedModelError(f"unsupported quantization method {method!r}; supported: awq")
-    version = str(qcfg.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise UnsupportedModelError(f"unsupported AWQ layout {version!r}; supported: gemm")
-    if qcfg.get("zero_point", True) is False:
-        raise UnsupportedModelError("AWQ checkpoints without zero points are not supported")
-    bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
-    group = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
-    skip = list(qcfg.get("modules_to_not_convert") or [])
-    return bits, group, skip
-
-
-def prepare_quantized(llm: nn.Module, qcfg: dict) -> list[str]:
+def prepare_quantized(llm: nn.Module, qcfg: QuantConfig) -> list[str]:
     """Swap the quantized nn.Linear modules of `llm` for WQLinear (before the weights load).
 
     Every linear inside the decoder layers is converted unless its name contains an entry of
@@ -116,11 +101,11 @@ def prepare_quantized(llm: nn.Module, qcfg: dict) -> list[str]:
     says `quantize_lm_head` (our extension, for large vocabularies); `quantize_embedding` (also
     ours) makes the token embeddings an Int8Embedding. Returns the names converted.
     """
-    bits, group, skip = quant_settings(qcfg)
+    bits, group, skip = qcfg.bits, qcfg.group_size, qcfg.modules_to_not_convert
     ref = next(iter(llm.parameters()), None)
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float16
     converted = []
-    head = bool(qcfg.get("quantize_lm_head"))
+    head = qcfg.quantize_lm_head
     for name, module in list(llm.named_modules()):
         if not isinstance(module, nn.Linear) or (name == "lm_head" and not head) or any(s and s in name for s in skip):
             continue
@@ -130,7 +115,7 @@ def prepare_quantized(llm: nn.Module, qcfg: dict) -> list[str]:
                      device=module.weight.device, dtype=dtype)
         setattr(parent, child, q)
         converted.append(name)
-    if qcfg.get("quantize_embedding"):  # our extension: int8 token embeddings
+    if qcfg.quantize_embedding:  # our extension: int8 token embeddings
         emb = llm.embed_tokens
         llm.embed_tokens = Int8Embedding(emb.num_embeddings, emb.embedding_dim, emb.weight.device, dtype)
         converted.append("embed_tokens")

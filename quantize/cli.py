@@ -1,4 +1,4 @@
-"""`edge-vlm quantize SRC OUT`: the command-line face of quantize.pipeline."""
+"""`edge-vlm quantize SRC OUT`: the command-line face of edge_vlm.quantize.pipeline."""
 
 from __future__ import annotations
 

@@ -70,3 +70,13 @@ def quantize_linear(linear: nn.Linear, group: int, seed: int) -> AwqLinearStandI
     q = (wg / s[:, None] + z[:, None]).round().clamp(0, 15).reshape(k, n).long()
     bias = linear.bias.detach().clone() if linear.bias is not None else None
     return AwqLinearStandIn(q, z.long(), s.to(linear.weight.dtype), group, bias)
+
+
+def fused_step(decoder, token_id: int) -> torch.Tensor:
+    """One eager (uncaptured) FusedDecoder step at the cache's position, as the CUDA-graph engine
+    replays it: logits [vocab]; the cache advances by one token."""
+    decoder.token.fill_(token_id)
+    decoder.pos.fill_(decoder.cache.position)
+    logits = decoder.forward()[0]
+    decoder.cache.advance(1)
+    return logits

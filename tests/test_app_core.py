@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apps.desktop.camera import CameraError, CameraFeed, FakeCamera, OpenCVCamera
-from apps.desktop.conversation import Conversation
-from apps.desktop.render import markdown_to_html
+from edge_vlm.apps.desktop.camera import CameraError, CameraFeed, FakeCamera, OpenCVCamera
+from edge_vlm.apps.desktop.conversation import Conversation
+from edge_vlm.apps.desktop.render import markdown_to_html
 from edge_vlm.errors import EdgeVLMError, MediaError
 
 
@@ -175,7 +175,7 @@ def test_answers_render_markdown_but_never_raw_html():
 def test_readable_error_messages():
     import torch
 
-    from apps.desktop.worker import readable_error
+    from edge_vlm.apps.desktop.worker import readable_error
 
     try:  # a real allocator failure: 4 TiB cannot be had on any test machine
         torch.empty(2**40, dtype=torch.float32)
@@ -202,7 +202,7 @@ APP_SMOKE = """
 import json, sys, time
 from PySide6.QtCore import QSettings, QTimer
 from PySide6.QtWidgets import QApplication
-from apps.desktop.window import MainWindow
+from edge_vlm.apps.desktop.window import MainWindow
 from edge_vlm.cli import main
 
 model, video, settings = sys.argv[1:4]

@@ -16,8 +16,8 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QSettings, Qt  # noqa: E402
 
-from apps.desktop.camera import FakeCamera, OpenCVCamera  # noqa: E402
-from apps.desktop.window import MainWindow  # noqa: E402
+from edge_vlm.apps.desktop.camera import FakeCamera, OpenCVCamera  # noqa: E402
+from edge_vlm.apps.desktop.window import MainWindow  # noqa: E402
 from edge_vlm.generate import GenerationConfig  # noqa: E402
 
 WAIT_MS = 20000  # generous: CI shares 2 cores; a tiny-model answer takes ~50 ms
@@ -467,7 +467,7 @@ def test_live_keeps_a_reduced_copy_of_large_frames(qtbot, tmp_path, tiny_vila):
 def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path):
     """After reopening, the model's context equals that of the whole conversation rendered at once:
     the next greedy answer matches one computed from the full prompt by the runtime directly."""
-    from apps.desktop.conversation import Conversation
+    from edge_vlm.apps.desktop.conversation import Conversation
     from edge_vlm import ChatSession
     from edge_vlm.chat_template import IMAGE_MARK
     from edge_vlm.generate import generate

@@ -132,7 +132,7 @@ def _tiny_llm_for_tinychat(folder: Path):
 def test_vila_with_tinychat_llm_loads_and_matches_dequantized_reference(tmp_path):
     """A VILA folder whose llm/ holds only a TinyChat `.pt` (the published VILA AWQ layout)."""
     from edge_vlm import load_model
-    from quantize.groupwise import quantize_weight
+    from edge_vlm.quantize.groupwise import quantize_weight
     from tests.factories import make_vila
 
     group = 32
@@ -163,8 +163,8 @@ def test_vila_with_tinychat_llm_loads_and_matches_dequantized_reference(tmp_path
     ref_llm = _dense_reference(tmp_path / "src-llm", dequant)
     ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
     cache_a, cache_b = model.llm.new_cache(16), ref_llm.new_cache(16)
-    got = model.llm(model.llm.embed(ids), 0, cache_a, all_logits=True)
-    want = ref_llm(ref_llm.embed(ids), 0, cache_b, all_logits=True)
+    got = model.llm(model.llm.embed(ids), cache_a, all_logits=True)
+    want = ref_llm(ref_llm.embed(ids), cache_b, all_logits=True)
     # fp32 on both sides, same dequantized values: only summation order differs
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

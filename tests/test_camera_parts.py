@@ -8,13 +8,13 @@ import threading
 import numpy as np
 import pytest
 
-from apps.camera.alerts import Alerter, AlertRule
-from apps.camera.triggers import Trigger
+from edge_vlm.apps.camera.alerts import Alerter, AlertRule
+from edge_vlm.apps.camera.triggers import Trigger
 from edge_vlm.errors import EdgeVLMError, MediaError
-from edge_vlm.frame_sources import ImageFolderSource, SourceSpec, open_source, parse_source
-from edge_vlm.gstreamer import sink_pipeline, source_pipeline
-from edge_vlm.latest_frame import LatestFrameBuffer
-from edge_vlm.scene_change import SceneChangeDetector, change_score
+from edge_vlm.apps.media.frame_sources import ImageFolderSource, SourceSpec, open_source, parse_source
+from edge_vlm.apps.media.gstreamer import sink_pipeline, source_pipeline
+from edge_vlm.apps.media.latest_frame import LatestFrameBuffer
+from edge_vlm.apps.media.scene_change import SceneChangeDetector, change_score
 
 # ---- sources -------------------------------------------------------------------------------
 
@@ -44,7 +44,7 @@ def test_csi_needs_gstreamer_opencv():
 
 
 def test_gstreamer_backend_uses_the_pipeline_builder(monkeypatch):
-    import edge_vlm.frame_sources as fs
+    import edge_vlm.apps.media.frame_sources as fs
 
     monkeypatch.setattr(fs, "opencv_has_gstreamer", lambda: False)
     with pytest.raises(MediaError, match="--backend gstreamer needs OpenCV's GStreamer backend"):

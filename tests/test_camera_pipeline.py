@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apps.camera.pipeline import CameraPipeline
-from apps.camera.triggers import Trigger
+from edge_vlm.apps.camera.pipeline import CameraPipeline
+from edge_vlm.apps.camera.triggers import Trigger
 from edge_vlm.cli import main
 from edge_vlm.errors import MediaError
-from edge_vlm.frame_sources import FrameSource, open_source, opencv_has_gstreamer
+from edge_vlm.apps.media.frame_sources import FrameSource, open_source, opencv_has_gstreamer
 
 FPS = 10
 W, H = 64, 48

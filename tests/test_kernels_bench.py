@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.random_model import build_llm, random_awq_linear
-from benchmarks.shapes import linear_shapes, llm_config
+from edge_vlm.benchmarks.random_model import build_llm, random_awq_linear
+from edge_vlm.benchmarks.shapes import linear_shapes, llm_config
 
 
 def test_random_awq_linear_is_a_valid_awq_layer():
@@ -28,7 +28,7 @@ def test_int4_random_model_runs_through_the_cpu_fast_path():
     assert optimize_for_device(llm) == {"cpu_int4_linear": 14}
     cache = llm.new_cache(16)
     with torch.inference_mode():
-        logits = llm(llm.embed(torch.tensor([[3, 4, 5]])), 0, cache)
+        logits = llm(llm.embed(torch.tensor([[3, 4, 5]])), cache)
     assert torch.isfinite(logits).all() and logits.std() > 0
 
 
@@ -65,7 +65,7 @@ def test_bench_on_a_missing_gpu_is_a_one_line_error(capsys):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_decode_bytes_counts_what_a_step_reads(tied):
-    from benchmarks.bench_e2e import decode_bytes
+    from edge_vlm.benchmarks.bench_e2e import decode_bytes
     from edge_vlm.vlm import weight_bytes
     from edge_vlm.config import LLMConfig
     from edge_vlm.llm import DecoderLM
@@ -97,7 +97,7 @@ def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
     assert weight_bytes(plain) - weight_bytes(small) > 0.6 * table  # int8 + int4 instead of two fp32 tables
     assert optimize_for_device(small) == {"cpu_int4_linear": 14 + 1}  # the lm_head too
     with torch.inference_mode():
-        logits = small(small.embed(torch.tensor([[3, 4, 5]])), 0, small.new_cache(8))
+        logits = small(small.embed(torch.tensor([[3, 4, 5]])), small.new_cache(8))
     assert torch.isfinite(logits).all() and logits.std() > 0
 
     rc = main(["bench", "--device", "cpu", "--model-shape", "tiny", "--layers", "2", "--contexts", "16",
@@ -106,7 +106,7 @@ def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "Ours with int4 lm_head and int8 embeddings and an int8 KV cache." in out
     # the memory figure counts the int8 cache: (D + 4) bytes a vector against 4 D for fp32
-    from benchmarks.bench_e2e import run as run_e2e
+    from edge_vlm.benchmarks.bench_e2e import run as run_e2e
 
     ours = {kv: run_e2e("tiny", "cpu", (16,), 2, 2, None, None, 512, 1, variants=("int4",), progress=lambda m: None,
                         kv_int8=kv)[0][0] for kv in (False, True)}
@@ -118,7 +118,7 @@ def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
 def test_attention_benchmark_harness_runs():
     """The decode-attention table (ours vs SDPA): on CPU ours runs through the interpreter, so
     this checks the harness and that both sides got the same shapes, not speed."""
-    from benchmarks.bench_kernels import bench_attention, format_attention
+    from edge_vlm.benchmarks.bench_kernels import bench_attention, format_attention
 
     rows = bench_attention(["tiny"], torch.device("cpu"), contexts=(8, 24), reps=1)
     assert [r["ctx"] for r in rows] == [8, 24] and all(r["ours_us"] > 0 and r["sdpa_us"] > 0 for r in rows)
@@ -129,7 +129,7 @@ def test_attention_benchmark_harness_runs():
 def test_vision_dtype_benchmark_runs(capsys):
     import re
 
-    from benchmarks.vision_dtype import main
+    from edge_vlm.benchmarks.vision_dtype import main
 
     main(["--model-shape", "tiny", "--repeats", "1"])
     out = capsys.readouterr().out
@@ -138,8 +138,8 @@ def test_vision_dtype_benchmark_runs(capsys):
 
 
 def test_vision_shapes_give_the_image_token_counts_the_bench_prefills():
-    from benchmarks.random_model import build_vision
-    from benchmarks.shapes import IMAGE_TOKENS, vision_config
+    from edge_vlm.benchmarks.random_model import build_vision
+    from edge_vlm.benchmarks.shapes import IMAGE_TOKENS, vision_config
 
     clip = vision_config("nemotron-mini-4b", layers=1)  # Nemovision: CLIP ViT-L/14-336, CLS dropped
     tower = build_vision(clip, "cpu", torch.float32)

@@ -22,7 +22,7 @@ from edge_vlm.kernels.norms import LAYERNORM1P, RMS, add_norm
 from edge_vlm.kernels.rotary_kv import rotary_kv_write
 from edge_vlm.llm import LayerNorm1P, RMSNorm
 from edge_vlm.rotary import apply_rotary
-from tests.kernel_helpers import DEVICES, quantize_linear
+from tests.kernel_helpers import DEVICES, fused_step, quantize_linear
 
 
 
@@ -189,7 +189,7 @@ def _prefill_then_step(llm, ids, step):
     """Logits of the last token after prefilling the rest, with `step(cache, token, pos)` for it."""
     cache = llm.new_cache(48)
     with torch.inference_mode():
-        llm(llm.embed(ids[:, :-1]), 0, cache)
+        llm(llm.embed(ids[:, :-1]), cache)
         return step(cache, int(ids[0, -1]), ids.shape[1] - 1), cache
 
 
@@ -198,11 +198,11 @@ def test_fused_decode_step_matches_decoder_forward(tiny_model):
 
     llm = tiny_model.llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
-    ref, ref_cache = _prefill_then_step(llm, ids, lambda c, t, p: llm(llm.embed(torch.tensor([[t]])), p, c)[0, -1])
-    out, cache = _prefill_then_step(llm, ids, lambda c, t, p: FusedDecoder(llm, c).step(t, p))
+    ref, ref_cache = _prefill_then_step(llm, ids, lambda c, t, p: llm(llm.embed(torch.tensor([[t]])), c)[0, -1])
+    out, cache = _prefill_then_step(llm, ids, lambda c, t, p: fused_step(FusedDecoder(llm, c), t))
     # fp32 model: only fp32 reassociation differs (sums in other orders over 2 layers)
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert cache.length == ref_cache.length == 9
+    assert cache.position == ref_cache.position == 9
     assert torch.allclose(cache.k[:, :, :, :9], ref_cache.k[:, :, :, :9], atol=1e-5)
     assert torch.allclose(cache.v[:, :, :, :9], ref_cache.v[:, :, :, :9], atol=1e-5)
 
@@ -218,11 +218,11 @@ def test_fused_decode_step_over_an_int8_cache_matches_decoder_forward(tiny_model
     def run(step):
         cache = llm.new_cache(48, quantized=True)
         with torch.inference_mode():
-            llm(llm.embed(ids[:, :-1]), 0, cache)
+            llm(llm.embed(ids[:, :-1]), cache)
             return step(cache, int(ids[0, -1]), 8), cache
 
-    ref, ref_cache = run(lambda c, t, p: llm(llm.embed(torch.tensor([[t]])), p, c)[0, -1])
-    out, cache = run(lambda c, t, p: FusedDecoder(llm, c).step(t, p))
+    ref, ref_cache = run(lambda c, t, p: llm(llm.embed(torch.tensor([[t]])), c)[0, -1])
+    out, cache = run(lambda c, t, p: fused_step(FusedDecoder(llm, c), t))
     # fp32 model: reassociated sums, plus the odd int8 code one step away where a rotated key
     # lands within rounding of a half step (each such flip moves that key by 1/254 of its max)
     assert (out - ref).abs().max() <= 1e-3 * ref.abs().max()
@@ -263,13 +263,13 @@ def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
             outs = []
             for model in (ref, fast):
                 cache = model.new_cache(32)
-                prefill = model(model.embed(ids), 0, cache)[0, -1]
-                step = model(model.embed(ids[:, :1]), 12, cache)[0, -1]
+                prefill = model(model.embed(ids), cache)[0, -1]
+                step = model(model.embed(ids[:, :1]), cache)[0, -1]
                 outs.append((prefill, step))
             # what the CUDA graph replays: the static decode step over the swapped int4 modules
             cache = fast.new_cache(32)
-            fast(fast.embed(ids), 0, cache)
-            outs[1] += (FusedDecoder(fast, cache).step(int(ids[0, 0]), 12),)
+            fast(fast.embed(ids), cache)
+            outs[1] += (fused_step(FusedDecoder(fast, cache), int(ids[0, 0])),)
             outs[0] += (outs[0][1],)
         for got, want in zip(outs[1], outs[0]):
             # fp32 throughout: reassociated sums only
@@ -281,8 +281,8 @@ def test_triton_path_with_int4_lm_head_and_int8_embeddings():
     writes) through the CUDA path's swaps and the static decode step, via the interpreter."""
     import copy
 
-    from benchmarks.random_model import build_llm
-    from benchmarks.shapes import llm_config
+    from edge_vlm.benchmarks.random_model import build_llm
+    from edge_vlm.benchmarks.shapes import llm_config
     from edge_vlm.kernels.dispatch import optimize_for_device
     from edge_vlm.kernels.fused_decode import FusedDecoder
     from edge_vlm.kernels.modules import TritonW4Linear
@@ -294,9 +294,9 @@ def test_triton_path_with_int4_lm_head_and_int8_embeddings():
     ids = torch.randint(0, ref.cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         cache_ref, cache_fast = ref.new_cache(16), fast.new_cache(16)
-        want = (ref(ref.embed(ids), 0, cache_ref)[0, -1], ref(ref.embed(ids[:, :1]), 10, cache_ref)[0, -1])
-        fast(fast.embed(ids), 0, cache_fast)
-        got = (fast(fast.embed(ids), 0, fast.new_cache(16))[0, -1], FusedDecoder(fast, cache_fast).step(int(ids[0, 0]), 10))
+        want = (ref(ref.embed(ids), cache_ref)[0, -1], ref(ref.embed(ids[:, :1]), cache_ref)[0, -1])
+        fast(fast.embed(ids), cache_fast)
+        got = (fast(fast.embed(ids), fast.new_cache(16))[0, -1], fused_step(FusedDecoder(fast, cache_fast), int(ids[0, 0])))
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= 1e-4 * w.abs().max()  # fp32 throughout: reassociated sums only
 
@@ -332,8 +332,8 @@ def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
         outs = []
         for m in (ref, fast):
             cache = m.new_cache(16)
-            prefill = m(m.embed(ids), 0, cache)[0, -1]  # 6 rows: int4 in bf16; the reference path in fp32
-            outs.append((prefill, m(m.embed(ids[:, :1]), 6, cache)[0, -1]))  # 1 row: torch's int4 matmul
+            prefill = m(m.embed(ids), cache)[0, -1]  # 6 rows: int4 in bf16; the reference path in fp32
+            outs.append((prefill, m(m.embed(ids[:, :1]), cache)[0, -1]))  # 1 row: torch's int4 matmul
     for got, want in zip(outs[1], outs[0]):
         if compute == torch.float32:
             # the int4 kernel rounds (8 - z) * s once in fp32: ~1e-7 relative per weight
@@ -450,7 +450,7 @@ def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path
                 first = engine.step(3)
         else:
             first = engine.step(3)
-        outs.append((first, engine.step(4), engine.cache.length))
+        outs.append((first, engine.step(4), engine.cache.position))
     (want1, want2, want_len), (got1, got2, got_len) = outs
     assert torch.equal(got1, want1) and torch.equal(got2, want2) and got_len == want_len == 9
     assert engine.attempts == 1 and engine.graph is False

@@ -23,9 +23,10 @@ def test_int8_cache_returns_what_it_stored_and_halves_the_bytes():
     plain, int8 = StaticKVCache(**shape), StaticKVCache(**shape, quantized=True)
     k = torch.randn(1, 3, 5, 64, generator=torch.Generator().manual_seed(1)).half()
     v = torch.randn(1, 3, 5, 64, generator=torch.Generator().manual_seed(2)).half()
-    int8.write(0, 0, k, v)
+    int8.write(0, k, v)
+    int8.advance(5)
     k2, v2 = k[:, :, :2] * 3, v[:, :, :2] * 3
-    kq, vq = int8.write(0, 5, k2, v2)  # the prefix 0..6, dequantized, new tokens included
+    kq, vq = int8.write(0, k2, v2)  # the prefix 0..6, dequantized, new tokens included
     assert kq.shape == (1, 3, 7, 64) and kq.dtype == torch.float16
     want_k = torch.cat([k, k2], 2).float()
     step = want_k.abs().amax(-1, keepdim=True) / 127
@@ -47,11 +48,11 @@ def test_model_with_an_int8_cache_stays_close_and_chunking_does_not_matter(tmp_p
     llm = _tiny_llm(tmp_path)
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 20), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        full = llm(llm.embed(ids), 0, llm.new_cache(32), all_logits=True)[0]
-        whole = llm(llm.embed(ids), 0, llm.new_cache(32, quantized=True), all_logits=True)[0]
+        full = llm(llm.embed(ids), llm.new_cache(32), all_logits=True)[0]
+        whole = llm(llm.embed(ids), llm.new_cache(32, quantized=True), all_logits=True)[0]
         cache = llm.new_cache(32, quantized=True)
-        llm(llm.embed(ids[:, :12]), 0, cache)
-        chunked = llm(llm.embed(ids[:, 12:]), 12, cache, all_logits=True)[0]
+        llm(llm.embed(ids[:, :12]), cache)
+        chunked = llm(llm.embed(ids[:, 12:]), cache, all_logits=True)[0]
     # each vector is quantized on its own, so prefill in one piece or two stores the same cache
     assert torch.allclose(chunked, whole[12:], rtol=1e-5, atol=1e-5)
     # K/V off by <= 1/254 of each vector's max: logits move by a small fraction of their range
@@ -81,7 +82,7 @@ def test_int8_cache_keeps_real_smollm2_perplexity(smollm2):
     from edge_vlm.loader import load_model
     from edge_vlm.perplexity import perplexity
     from edge_vlm.tokenizer import Tokenizer
-    from quantize.calibration import held_out_text
+    from edge_vlm.quantize.calibration import held_out_text
 
     ids = Tokenizer(smollm2).encode(held_out_text()[:20_000])[:1024]
     model = load_model(smollm2, device="cpu", progress=False)
@@ -91,3 +92,23 @@ def test_int8_cache_keeps_real_smollm2_perplexity(smollm2):
     # per-vector int8 K/V: a rounding of <= 1/254 of each vector's max, random in sign; measured
     # +0.3% here (8.896 -> 8.923). 1% still tells it from a broken cache (wrong scales give perplexity in the hundreds)
     assert base < 20 and abs(int8 - base) <= 0.01 * base, (base, int8)
+
+
+def test_the_cache_owns_its_position():
+    """Only advance() moves the position and only truncate() takes it back; writes land at it."""
+    cache = StaticKVCache(num_layers=1, num_kv_heads=1, max_context=8, head_dim=4, dtype=torch.float32, device="cpu")
+    ones = torch.ones(1, 1, 3, 4)
+    k, _ = cache.write(0, ones, ones)
+    assert cache.position == 0 and k.shape[2] == 3  # written, not yet counted: the model counts after its last layer
+    cache.advance(3)
+    k, _ = cache.write(0, ones * 2, ones * 2)
+    assert k[0, 0, :, 0].tolist() == [1, 1, 1, 2, 2, 2]
+    cache.advance(3)
+    with pytest.raises(ValueError, match="exceed the cache size 8"):
+        cache.advance(3)
+    cache.truncate(4)
+    assert cache.position == 4
+    cache.truncate(10)  # never forward
+    assert cache.position == 4
+    with pytest.raises(AttributeError):
+        cache.position = 7

@@ -49,7 +49,7 @@ def test_logits_match_transformers(pair):
     ids = torch.randint(0, ref.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(ids).logits
-    got = ours.llm(ours.llm.embed(ids), 0, ours.llm.new_cache(64), all_logits=True)
+    got = ours.llm(ours.llm.embed(ids), ours.llm.new_cache(64), all_logits=True)
     assert rel_err(got, expected) <= 1e-4
 
 
@@ -58,10 +58,10 @@ def test_cached_decode_matches_full_forward(pair):
     _, ours = pair
     llm = ours.llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 30), generator=torch.Generator().manual_seed(2))
-    full = llm(llm.embed(ids), 0, llm.new_cache(64), all_logits=True)[0]
+    full = llm(llm.embed(ids), llm.new_cache(64), all_logits=True)[0]
     cache = llm.new_cache(64)
-    steps = [llm(llm.embed(ids[:, :11]), 0, cache, all_logits=True)[0]]
-    steps += [llm(llm.embed(ids[:, t:t + 1]), t, cache)[0] for t in range(11, 30)]
+    steps = [llm(llm.embed(ids[:, :11]), cache, all_logits=True)[0]]
+    steps += [llm(llm.embed(ids[:, t:t + 1]), cache)[0] for t in range(11, 30)]
     assert rel_err(torch.cat(steps), full) <= 1e-4
 
 

@@ -13,7 +13,7 @@ from tests.factories import make_llm
 
 
 def logits(model, ids):
-    return model.llm(model.llm.embed(ids), 0, model.llm.new_cache(32), all_logits=True)
+    return model.llm(model.llm.embed(ids), model.llm.new_cache(32), all_logits=True)
 
 
 @pytest.fixture(scope="module")

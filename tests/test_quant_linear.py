@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from edge_vlm.awq_format import pack_gemm
 from edge_vlm.errors import UnsupportedModelError
+from edge_vlm.config import QuantConfig
 from edge_vlm.quant_linear import WQLinear, prepare_quantized
 
 
@@ -61,8 +62,8 @@ def test_prepare_quantized_swaps_decoder_linears_but_not_lm_head():
     cfg = LLMConfig.from_hf(llm_config("qwen2").to_dict())
     with torch.device("meta"):
         llm = DecoderLM(cfg)
-    names = prepare_quantized(llm, {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-                                    "version": "gemm", "modules_to_not_convert": ["mlp.down_proj"]})
+    names = prepare_quantized(llm, QuantConfig.from_hf({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                    "version": "gemm", "modules_to_not_convert": ["mlp.down_proj"]}))
     assert len(names) == cfg.num_layers * 6  # q,k,v,o,gate,up; down kept by modules_to_not_convert
     layer = llm.layers[0]
     assert isinstance(layer.self_attn.q_proj, WQLinear) and layer.self_attn.q_proj.bias is not None  # Qwen2 bias
@@ -80,4 +81,4 @@ def test_unsupported_quantization_configs_are_one_line_errors(bad, match):
     with torch.device("meta"):
         llm = DecoderLM(LLMConfig.from_hf(llm_config("llama").to_dict()))
     with pytest.raises(UnsupportedModelError, match=match):
-        prepare_quantized(llm, {"quant_method": "awq", "group_size": 32, **bad})
+        prepare_quantized(llm, QuantConfig.from_hf({"quant_method": "awq", "group_size": 32, **bad}))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edge_vlm.errors import EdgeVLMError, UnsupportedModelError
-from quantize.pipeline import QuantizeError, QuantizeSettings, quantize_checkpoint
+from edge_vlm.quantize.pipeline import QuantizeError, QuantizeSettings, quantize_checkpoint
 
 FAST = dict(n_samples=4, seqlen=64)
 GEMM_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -43,7 +43,7 @@ def _logits(folder, ids) -> torch.Tensor:
     from edge_vlm import load_model
 
     llm = load_model(folder, device="cpu", progress=False, fast_path=False).llm  # the reference modules
-    return llm(llm.embed(ids), 0, llm.new_cache(ids.shape[1]), all_logits=True)
+    return llm(llm.embed(ids), llm.new_cache(ids.shape[1]), all_logits=True)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,7 @@ def test_runtime_logits_equal_reference_dequantized_model(tiny_pair):
         elif not key.endswith((".qzeros", ".scales")):
             sd[k] = store.get(key).float()
     llm.load_state_dict(sd, strict=True)
-    want = llm(llm.embed(ids), 0, llm.new_cache(20), all_logits=True)
+    want = llm(llm.embed(ids), llm.new_cache(20), all_logits=True)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # fp32, same values: summation order only
 
 
@@ -141,7 +141,7 @@ def _plant_outliers(folder: Path, channels=(3, 17, 40), factor=25.0) -> None:
 
 
 def test_awq_beats_rtn_with_planted_outlier_channels(tmp_path):
-    from quantize.calibration import held_out_text
+    from edge_vlm.quantize.calibration import held_out_text
     from edge_vlm.tokenizer import Tokenizer
 
     _llm(tmp_path / "src", "llama", seed=3, num_hidden_layers=2)
@@ -175,7 +175,7 @@ def test_scale_folding_is_exact(kind):
     """Folding random scales changes no output: norm->qkv, v->o (GQA), norm->gate/up, up->down."""
     from edge_vlm.config import LLMConfig
     from edge_vlm.llm import DecoderLayer
-    from quantize.awq import LayerRunner, _gqa_tie, fold_into_linear_rows, fold_into_norm, scale_columns
+    from edge_vlm.quantize.awq import LayerRunner, _gqa_tie, fold_into_linear_rows, fold_into_norm, scale_columns
     from tests.factories import llm_config
 
     torch.manual_seed(0)
@@ -226,8 +226,8 @@ def test_existing_output_is_refused_unless_force(tiny_pair, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
-    import quantize.awq as awq
-    import quantize.pipeline as pipeline
+    import edge_vlm.quantize.awq as awq
+    import edge_vlm.quantize.pipeline as pipeline
 
     _llm(tmp_path / "src", "llama", seed=4, num_hidden_layers=2)
     settings = QuantizeSettings(group_size=32, **FAST)
@@ -346,7 +346,7 @@ def test_int4_lm_head_option(tmp_path, tied):
 
 
 def test_out_of_memory_names_the_step_and_suggests_a_fix(tiny_pair, tmp_path, monkeypatch):
-    import quantize.pipeline as pipeline
+    import edge_vlm.quantize.pipeline as pipeline
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

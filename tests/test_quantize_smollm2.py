@@ -17,8 +17,8 @@ from edge_vlm.checkpoint import TensorStore, load_into
 from edge_vlm.config import LLMConfig
 from edge_vlm.llm import DecoderLayer
 from edge_vlm.tokenizer import Tokenizer
-from quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq, quantize_layer_rtn
-from quantize.calibration import calibration_blocks, default_calibration_text, held_out_text
+from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq, quantize_layer_rtn
+from edge_vlm.quantize.calibration import calibration_blocks, default_calibration_text, held_out_text
 
 LAYERS = 2
 SEQ = 128
@@ -69,7 +69,7 @@ def test_cpu_int4_fast_path_keeps_the_quantized_models_perplexity(smollm2, tmp_p
     from edge_vlm import load_model
     from edge_vlm.kernels.modules import CpuInt4Linear, cpu_int4_available
     from edge_vlm.perplexity import perplexity
-    from quantize.pipeline import QuantizeSettings, quantize_checkpoint
+    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     if not cpu_int4_available():
         pytest.skip("this torch has no int4 CPU matmul")

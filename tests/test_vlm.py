@@ -41,7 +41,7 @@ def test_vila_logits_match_transformers_composition(tmp_path, llm_kind, projecto
         emb = llm.get_input_embeddings()
         expected = llm(inputs_embeds=torch.cat([emb(ids_a), feats, emb(ids_b)], 1)).logits
         got_embeds = torch.cat([ours.llm.embed(ids_a), ours.encode_images([img]), ours.llm.embed(ids_b)], 1)
-        got = ours.llm(got_embeds, 0, ours.llm.new_cache(64), all_logits=True)
+        got = ours.llm(got_embeds, ours.llm.new_cache(64), all_logits=True)
     assert ours.tokens_per_image == feats.shape[1]
     assert rel_err(got, expected) <= 1e-4
 
@@ -59,7 +59,7 @@ def test_llava_folder_matches_transformers_llava(tmp_path, text_kind, vision_kin
         expected = ref(input_ids=torch.tensor([ids_a + [image_token] * n + ids_b]), pixel_values=pixels).logits
         embeds = torch.cat([ours.llm.embed(torch.tensor([ids_a])), ours.encode_images([img]),
                             ours.llm.embed(torch.tensor([ids_b]))], 1)
-        got = ours.llm(embeds, 0, ours.llm.new_cache(64), all_logits=True)
+        got = ours.llm(embeds, ours.llm.new_cache(64), all_logits=True)
     assert rel_err(got, expected) <= 1e-4
 
 
@@ -123,7 +123,7 @@ def test_multi_turn_cache_reuse_equals_recomputation(tiny_vila):
     assert session.stats.prompt_tokens < engine.position - first_turn_end + 2  # only the new turn was run
     with torch.no_grad():
         everything = torch.cat(fed, 1)
-        full = model.llm(everything, 0, model.llm.new_cache(everything.shape[1]), all_logits=True)[0]
+        full = model.llm(everything, model.llm.new_cache(everything.shape[1]), all_logits=True)[0]
     for pos, logits in produced:
         assert rel_err(logits, full[pos]) <= 1e-4
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_vlm.errors import MediaError
-from edge_vlm.frame_sources import FrameSource
-from edge_vlm.latest_frame import LatestFrameBuffer
+from edge_vlm.apps.media.frame_sources import FrameSource
+from edge_vlm.apps.media.latest_frame import LatestFrameBuffer
 
 
 class CaptureThread(threading.Thread):

@@ -102,7 +102,7 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
-    from edge_vlm.frame_sources import open_source
+    from edge_vlm.apps.media.frame_sources import open_source
     from edge_vlm.generate import GenerationConfig
 
     from .alerts import Alerter, AlertRule

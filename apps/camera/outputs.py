@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.frame_sources import is_jetson, opencv_has_gstreamer
-from edge_vlm.gstreamer import sink_pipeline
+from edge_vlm.apps.media.frame_sources import is_jetson, opencv_has_gstreamer
+from edge_vlm.apps.media.gstreamer import sink_pipeline
 
 FOURCC = {".mp4": "mp4v", ".avi": "MJPG", ".mkv": "XVID", ".mov": "mp4v"}
 

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from edge_vlm.frame_sources import FrameSource
+from edge_vlm.apps.media.frame_sources import FrameSource
 from edge_vlm.generate import GenerationConfig
-from edge_vlm.latest_frame import Frame, LatestFrameBuffer
+from edge_vlm.apps.media.latest_frame import Frame, LatestFrameBuffer
 
 from .alerts import Alerter
 from .capture import CaptureThread

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_vlm.scene_change import SceneChangeDetector
+from edge_vlm.apps.media.scene_change import SceneChangeDetector
 
 
 class Trigger:
@@ -12,7 +12,7 @@ class Trigger:
 
     interval: seconds between answers on the stream clock (0 = every frame the model can
     take, None = never by time). change_threshold: also fire as soon as the frame differs
-    from the last answered one by this score (see edge_vlm.scene_change), None = off.
+    from the last answered one by this score (see edge_vlm.apps.media.scene_change), None = off.
     The first frame always fires, so there is an answer (and a reference) right away.
     """
 

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.latest_frame import LatestFrameBuffer
+from edge_vlm.apps.media.latest_frame import LatestFrameBuffer
 
 
 class CameraError(EdgeVLMError):

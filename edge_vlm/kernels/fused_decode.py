@@ -54,11 +54,3 @@ class FusedDecoder:
             h_add = layer.mlp(h)
         h, _ = self._norm(llm.norm, h_add, residual)
         return llm.lm_head(h).float()
-
-    def step(self, token_id: int, position: int) -> torch.Tensor:
-        """Eager (uncaptured) step: logits [vocab]; the cache length is advanced."""
-        self.token.fill_(token_id)
-        self.pos.fill_(position)
-        logits = self.forward()[0]
-        self.cache.length = position + 1
-        return logits
