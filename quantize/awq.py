@@ -72,7 +72,7 @@ class LayerRunner:
     def __call__(self, layer: DecoderLayer, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         cache = StaticKVCache(1, self.cfg.num_kv_heads, t, self.cfg.head_dim, x.dtype, x.device, batch=b)
-        return layer(x, self.cos[:t], self.sin[:t], cache, 0, 0, self.mask[:t, :t])
+        return layer(x, self.cos[:t], self.sin[:t], cache, 0, self.mask[:t, :t])
 
 
 def _batches(n: int, seqlen: int, batch_tokens: int):
