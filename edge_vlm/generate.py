@@ -1,7 +1,8 @@
 """Generation: prefill the prompt into the static KV cache, then decode one token per step.
 
-`Engine` owns the cache and the two model calls (prefill, step); `generate` drives them
-with a sampler, EOS/stop handling and timing. Faster engines (CUDA graphs) replace `step`.
+`Engine` owns the cache and the two model calls (prefill, step); `generate` drives them with
+a sampler and timing, and `AnswerText` decides where the answer ends (EOS, stop strings) and
+what text is safe to stream. Faster engines (CUDA graphs) replace `step`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from .llm import DecoderLM
 from .sampling import Sampler, SamplingParams
+from .tokenizer import StreamDecoder
 
 
 @dataclass
@@ -41,6 +43,7 @@ class GenerationStats:
     total_s: float = 0.0
     peak_memory_bytes: int = 0
     stop_reason: str = ""  # eos | stop_string | max_new_tokens | context_full | stopped
+    cached_prompt_tokens: int = 0  # tokens of earlier turns reused from the KV cache, not run again
 
     def summary(self) -> str:
         return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} generated; time to first token "
@@ -88,10 +91,56 @@ class Engine:
         self.rewind(0)
 
 
-def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig, eos_ids: set[int],
+class AnswerText:
+    """Where an answer ends, in one place: EOS tokens, stop strings, and the text streamed so far.
+
+    Sampled tokens go in one by one; complete text comes out. A stop string may arrive split
+    over several tokens, so the last `len(longest stop) - 1` characters are held back until it
+    is clear they do not start one; a found stop string and everything after it is dropped.
+    """
+
+    def __init__(self, tokenizer, eos_ids: set[int], stop_strings: list[str]):
+        self.eos_ids = eos_ids
+        self.stops = [s for s in stop_strings if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._decoder = StreamDecoder(tokenizer)
+        self.text = ""  # the answer so far (cut at a stop string once one appears)
+        self.tokens: list[int] = []  # every sampled token that is part of the answer (not EOS)
+        self.stopped = False  # a stop string appeared
+        self._sent = 0
+
+    def is_eos(self, token: int) -> bool:
+        return token in self.eos_ids
+
+    def push(self, token: int) -> str:
+        """Add a sampled token; return the text that is now safe to show ("" if none)."""
+        self.tokens.append(token)
+        self.text += self._decoder.push(token)
+        cut = min((self.text.find(s) for s in self.stops if s in self.text), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self._hold)
+
+    def finish(self) -> str:
+        """The held-back rest, once generation is over."""
+        if not self.stopped:
+            self.text += self._decoder.flush()
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        piece, self._sent = self.text[self._sent:upto], upto
+        return piece
+
+
+def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig, answer: AnswerText,
              stop_event: threading.Event | None = None, stats: GenerationStats | None = None,
-             t0: float | None = None) -> Iterator[int]:
-    """Yield sampled token ids. The last yielded id is NOT yet in the cache (it was never fed).
+             t0: float | None = None) -> Iterator[str]:
+    """Prefill, then sample and stream the answer's text until EOS, a stop string, the length
+    limit, a full context or `stop_event`. Sampled tokens are recorded in `answer.tokens`; the
+    last one is NOT yet in the cache (it was never fed), nor are any after a stop string.
 
     Fills `stats` as it goes: TTFT from `t0` (default: now) to the first sampled token.
     """
@@ -103,7 +152,7 @@ def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig,
     sampler = Sampler(gen.sampling())
     stats.prompt_tokens = prompt_embeds.shape[1]
     logits = engine.prefill(prompt_embeds)
-    history: list[int] = []
+    history = answer.tokens
     t_first = None
     stats.stop_reason = "max_new_tokens"
     try:
@@ -116,19 +165,26 @@ def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig,
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.ttft_s = t_first - t0
-            if token in eos_ids:
+            if answer.is_eos(token):
                 stats.stop_reason = "eos"
                 break
-            history.append(token)
+            piece = answer.push(token)
             stats.new_tokens = len(history)
-            yield token
+            if piece:
+                yield piece
+            if answer.stopped:
+                stats.stop_reason = "stop_string"
+                break
             if len(history) >= gen.max_new_tokens:
                 break
             if engine.position + 1 > engine.max_context:
                 stats.stop_reason = "context_full"
                 break
             logits = engine.step(token)
-    finally:  # also runs when the consumer stops early (stop string, Stop button)
+        rest = answer.finish()
+        if rest:
+            yield rest
+    finally:  # also runs when the consumer stops early (the Stop button, a closed stream)
         t_end = time.perf_counter()
         stats.total_s = t_end - t0
         if t_first is not None and stats.new_tokens > 1:

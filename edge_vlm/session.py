@@ -1,25 +1,65 @@
 """A multi-turn chat with one model: the glue of the data flow.
 
 media -> preprocessing -> vision tower -> projector -> merged embeddings -> LLM -> sampler -> text stream.
-The KV cache keeps every earlier turn, so a new question only runs its own tokens.
+The KV cache keeps every earlier turn, so a new question only runs its own tokens. The session
+is the only owner of that state: apps rewind, regenerate, restore and continue conversations
+through the methods below, never by touching the cache or the message list.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
 
 import torch
+from PIL import Image
 
+from .backends import make_engine
 from .chat_template import IMAGE_MARK
 from .errors import ContextOverflowError, EdgeVLMError
-from .cuda_engine import make_engine
-from .generate import GenerationConfig, GenerationStats, generate
+from .generate import AnswerText, GenerationConfig, GenerationStats, generate
 from .preprocess import load_image
-from .tokenizer import StreamDecoder
 from .video import sample_frames
 from .vlm import VisionLanguageModel
+
+_KEEP = object()  # reset(): keep the current system prompt
+
+
+@dataclass
+class Turn:
+    """One question and its answer, with where the turn starts in the KV cache."""
+
+    question: str  # the user message as the template sees it (images as <image> marks)
+    images: list[Image.Image]  # decoded once, kept for regenerate()
+    answer: str
+    start: int  # cache position before the question's tokens
+    pending_before: list[int]  # sampled-but-unfed tokens of the turn before (they lead this prompt)
+    _image_keys: tuple[str, ...] | None = field(default=None, repr=False)
+
+    @property
+    def image_keys(self) -> tuple[str, ...]:
+        if self._image_keys is None:
+            self._image_keys = tuple(image_key(im) for im in self.images)
+        return self._image_keys
+
+
+@dataclass
+class Message:
+    """A message of a whole conversation handed to `ChatSession.chat` (the server's request shape)."""
+
+    role: str  # system | user | assistant
+    content: str  # text; images of a user message go where <image> marks stand, or before the text
+    images: Sequence = ()  # paths, PIL images or RGB arrays (user messages only)
+
+
+def image_key(image: Image.Image) -> str:
+    """Content hash of a decoded image: equal pixels, equal key (matches resent images)."""
+    h = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
 
 
 class ChatSession:
@@ -27,15 +67,51 @@ class ChatSession:
         self.model = model
         self.system = system
         self.engine = make_engine(model.llm, max_context or model.max_context)  # CUDA graphs on GPU
-        self.messages: list[dict] = []  # the conversation as text (images as <image> marks)
-        self.pending: list[int] = []  # sampled tokens not yet fed to the model
+        self._turns: list[Turn] = []
+        self._pending: list[int] = []  # sampled tokens not yet fed to the model (lead the next prompt)
         self.stats = GenerationStats()
 
-    def reset(self) -> None:
-        """Start a new conversation (the cache buffers are reused)."""
-        self.messages.clear()
-        self.pending.clear()
-        self.engine.reset()
+    # ---- state -------------------------------------------------------------------------
+
+    @property
+    def turns(self) -> list[Turn]:
+        """The conversation so far (a copy: change it through rewind/restore/chat)."""
+        return list(self._turns)
+
+    @property
+    def messages(self) -> list[dict]:
+        """The conversation as chat-template messages (without the system prompt)."""
+        out = []
+        for t in self._turns:
+            out += [{"role": "user", "content": t.question}, {"role": "assistant", "content": t.answer}]
+        return out
+
+    @property
+    def position(self) -> int:
+        """Tokens of the conversation in the KV cache."""
+        return self.engine.position
+
+    @property
+    def max_context(self) -> int:
+        return self.engine.max_context
+
+    def reset(self, system=_KEEP) -> None:
+        """Start a new conversation (the cache buffers are reused); optionally a new system prompt."""
+        if system is not _KEEP:
+            self.system = system
+        self.rewind(0)
+
+    def rewind(self, turns: int) -> None:
+        """Keep only the first `turns` turns: the cache, the messages and the unfed tokens go back
+        to how they were before turn `turns` was asked."""
+        if turns < 0 or turns > len(self._turns):
+            raise ValueError(f"cannot rewind to turn {turns}: the conversation has {len(self._turns)}")
+        if turns == len(self._turns):
+            return
+        cut = self._turns[turns] if turns else None
+        self.engine.rewind(cut.start if cut else 0)
+        self._pending = list(cut.pending_before) if cut else []
+        del self._turns[turns:]
 
     # ---- prompt building -------------------------------------------------------------
 
@@ -45,33 +121,40 @@ class ChatSession:
             raise EdgeVLMError(f"the question has {marks} {IMAGE_MARK} marks but {n_images} images were given")
         return text if marks else (IMAGE_MARK + "\n") * n_images + text
 
-    def _prompt_text(self, user: dict) -> str:
-        if not self.messages:
+    def _prompt_chunks(self, content: str) -> list[list[int]]:
+        """Token-id chunks of the next prompt (the unfed tokens first), to interleave with images."""
+        user = {"role": "user", "content": content}
+        if not self._turns:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [user]
-            return self.model.template.render(msgs)
-        return self.model.template.continuation(self.messages, user)
+            text = self.model.template.render(msgs)
+        else:
+            text = self.model.template.continuation(self.messages, user)
+        chunks = [self.model.tokenizer.encode(c) for c in text.split(IMAGE_MARK)]
+        chunks[0] = self._pending + chunks[0]
+        return chunks
 
-    def prompt_pieces(self, text: str, n_images: int) -> tuple[list[list[int]], dict]:
-        """Token-id chunks to be interleaved with images, and the user message."""
+    def _question(self, text: str, n_images: int) -> tuple[str, list[list[int]], int]:
+        """(user content, prompt chunks, tokens needed) for a question with `n_images` images."""
         if n_images and not self.model.is_multimodal:
             raise EdgeVLMError("this model is text-only: it cannot take images or video")
-        user = {"role": "user", "content": self._user_content(text, n_images)}
-        chunks = [self.model.tokenizer.encode(c) for c in self._prompt_text(user).split(IMAGE_MARK)]
-        chunks[0] = self.pending + chunks[0]
-        return chunks, user
+        content = self._user_content(text, n_images)
+        chunks = self._prompt_chunks(content)
+        return content, chunks, sum(len(c) for c in chunks) + n_images * self.model.tokens_per_image
 
-    def _check_fits(self, chunks: list[list[int]], n_images: int) -> int:
-        need = sum(len(c) for c in chunks) + n_images * self.model.tokens_per_image
-        free = self.engine.max_context - self.engine.position
+    def tokens_needed(self, text: str, n_images: int = 0) -> int:
+        """How many context tokens asking `text` with `n_images` images (or video frames) takes now."""
+        return self._question(text, n_images)[2]
+
+    def _check_fits(self, need: int, n_images: int) -> None:
+        free = self.max_context - self.position
         if need + 1 > free:
             what = f" ({n_images} images x {self.model.tokens_per_image} tokens)" if n_images else ""
             raise ContextOverflowError(
                 f"prompt needs {need} tokens{what} but only {free - 1} fit in the context "
-                f"({self.engine.max_context} tokens, {self.engine.position} used by earlier turns): "
+                f"({self.max_context} tokens, {self.position} used by earlier turns): "
                 f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
-        return need
 
-    def build_embeddings(self, chunks: list[list[int]], images: list) -> torch.Tensor:
+    def _embeddings(self, chunks: list[list[int]], images: list[Image.Image]) -> torch.Tensor:
         llm = self.model.llm
         feats = self.model.encode_images(images) if images else None
         parts = []
@@ -82,52 +165,128 @@ class ChatSession:
                 parts.append(feats[i].to(self.model.dtype))
         return torch.cat(parts)[None]
 
+    @staticmethod
+    def _pictures(images, video, frames: int) -> list[Image.Image]:
+        pictures = [load_image(im) for im in images]  # each image is decoded here, once
+        if video is not None:
+            pictures += sample_frames(video, frames)
+        return pictures
+
     # ---- asking ------------------------------------------------------------------------
 
     def ask(self, text: str, images=(), video=None, frames: int = 8, gen: GenerationConfig | None = None,
             stop_event: threading.Event | None = None) -> Iterator[str]:
         """Stream the answer to `text` about `images` (paths, PIL images or arrays) and/or a video."""
-        gen = gen or GenerationConfig()
         t0 = time.perf_counter()
-        pictures = [load_image(im) for im in images]
-        if video is not None:
-            pictures += sample_frames(video, frames)
-        chunks, user = self.prompt_pieces(text, len(pictures))
-        self._check_fits(chunks, len(pictures))
+        return self._ask(text, self._pictures(images, video, frames), gen, stop_event, t0)
+
+    def _ask(self, text: str, pictures: list[Image.Image], gen: GenerationConfig | None,
+             stop_event: threading.Event | None, t0: float, cached: int | None = None) -> Iterator[str]:
+        gen = gen or GenerationConfig()
+        content, chunks, need = self._question(text, len(pictures))
+        self._check_fits(need, len(pictures))
         with torch.inference_mode():
-            embeds = self.build_embeddings(chunks, pictures)
-        self.pending = []
-        self.stats = GenerationStats()
-        decoder = StreamDecoder(self.model.tokenizer)
-        stops = list(gen.stop) + self.model.template.stop_strings
-        hold = max((len(s) for s in stops), default=1) - 1
-        answer, sent = "", 0
-        generated: list[int] = []
-        prompt_end = self.engine.position + embeds.shape[1]
-        tokens = generate(self.engine, embeds, gen, self.model.eos_token_ids, stop_event, self.stats, t0)
+            embeds = self._embeddings(chunks, pictures)
+        turn = Turn(content, pictures, "", self.position, self._pending)
+        self._pending = []
+        self.stats = GenerationStats(cached_prompt_tokens=self.position if cached is None else cached)
+        answer = AnswerText(self.model.tokenizer, self.model.eos_token_ids,
+                            list(gen.stop) + self.model.template.stop_strings)
+        prompt_end = self.position + embeds.shape[1]
+        self._turns.append(turn)
         try:
-            for token in tokens:
-                generated.append(token)
-                answer += decoder.push(token)
-                cut = min((answer.find(s) for s in stops if s in answer), default=-1)
-                if cut >= 0:
-                    answer = answer[:cut]
-                    self.stats.stop_reason = "stop_string"
-                    break
-                safe = max(sent, len(answer) - hold)
-                if safe > sent:
-                    yield answer[sent:safe]
-                    sent = safe
-            else:
-                answer += decoder.flush()
+            yield from generate(self.engine, embeds, gen, answer, stop_event, self.stats, t0)
         finally:
-            tokens.close()
-            fed = max(self.engine.position - prompt_end, 0)
-            self.pending = generated[fed:]  # sampled but never fed: goes in with the next turn
-            self.messages += [user, {"role": "assistant", "content": answer}]
-        if len(answer) > sent:
-            yield answer[sent:]
+            if self.position < prompt_end:  # the prompt never reached the cache (prefill failed): no turn
+                self._turns.pop()
+                self.engine.rewind(turn.start)
+                self._pending = turn.pending_before
+            else:  # the answer so far stays in the conversation, also when the consumer stops early
+                self._pending = answer.tokens[self.position - prompt_end:]  # sampled, never fed: leads the next prompt
+                turn.answer = answer.text
 
     def answer(self, text: str, **kw) -> str:
         """The whole answer as one string (non-streaming convenience)."""
         return "".join(self.ask(text, **kw))
+
+    def regenerate(self, gen: GenerationConfig | None = None,
+                   stop_event: threading.Event | None = None) -> Iterator[str]:
+        """Forget the last answer and answer its question (with its images) again."""
+        if not self._turns:
+            raise EdgeVLMError("nothing to regenerate: no question has been asked yet")
+        last = self._turns[-1]
+        self.rewind(len(self._turns) - 1)
+        return self._ask(last.question, last.images, gen, stop_event, time.perf_counter())
+
+    def restore(self, exchanges: Sequence[tuple[str, Sequence, str]], system=_KEEP) -> None:
+        """Put a saved conversation, [(question, images, answer), ...], back into the context so
+        it can be continued: each question is prefilled as if just asked, and its saved answer
+        goes in as the tokens the model "sampled". Nothing is generated. If it does not fit, the
+        session is left empty and ContextOverflowError says so."""
+        self.reset(system)
+        try:
+            for question, images, answer in exchanges:
+                self._prefill_exchange(question, self._pictures(images, None, 0), answer)
+        except BaseException:
+            self.reset()
+            raise
+
+    def _prefill_exchange(self, question: str, pictures: list[Image.Image], answer: str) -> None:
+        content, chunks, need = self._question(question, len(pictures))
+        if need + 1 > self.max_context - self.position:
+            raise ContextOverflowError(f"the conversation is longer than the context ({self.max_context} tokens)")
+        turn = Turn(content, pictures, answer, self.position, self._pending)
+        with torch.inference_mode():
+            self.engine.prefill(self._embeddings(chunks, pictures))
+        self._pending = self.model.tokenizer.encode(answer)
+        self._turns.append(turn)
+
+    def chat(self, messages: Sequence[Message], gen: GenerationConfig | None = None,
+             stop_event: threading.Event | None = None) -> Iterator[str]:
+        """Answer the last (user) message of a whole conversation, reusing the cache.
+
+        When `messages` extend the conversation already in the cache (same system prompt, same
+        earlier questions, images and answers), only the new part is run; otherwise the session
+        keeps the longest shared prefix of turns and runs the rest. `stats.cached_prompt_tokens`
+        says how many prompt tokens came from the cache.
+        """
+        t0 = time.perf_counter()
+        system, exchanges, (question, pictures) = _split_conversation(messages)
+        if system != self.system:
+            self.reset(system)
+        keep = 0
+        for turn, (q, pics, a) in zip(self._turns, exchanges):
+            if turn.question != self._user_content(q, len(pics)) or turn.answer != a \
+                    or turn.image_keys != tuple(image_key(p) for p in pics):
+                break
+            keep += 1
+        self.rewind(keep)
+        cached = self.position
+        try:
+            for q, pics, a in exchanges[keep:]:
+                self._prefill_exchange(q, pics, a)
+        except BaseException:
+            self.rewind(keep)
+            raise
+        return self._ask(question, pictures, gen, stop_event, t0, cached)
+
+
+def _split_conversation(messages: Sequence[Message]):
+    """(system, [(question, pictures, answer), ...], (last question, its pictures))."""
+    msgs = list(messages)
+    system = None
+    if msgs and msgs[0].role == "system":
+        system, msgs = msgs[0].content, msgs[1:]
+    if not msgs or msgs[-1].role != "user":
+        raise EdgeVLMError("the conversation must end with a user message")
+    exchanges = []
+    for i in range(0, len(msgs) - 1, 2):
+        user, reply = msgs[i], msgs[i + 1]
+        if user.role != "user" or reply.role != "assistant":
+            raise EdgeVLMError("messages after the system prompt must alternate user, assistant, ..., user "
+                               f"(message {i + 1 + (system is not None)} is {user.role!r}, then {reply.role!r})")
+        if reply.images:
+            raise EdgeVLMError("only user messages can carry images")
+        exchanges.append((user.content, [load_image(im) for im in user.images], reply.content))
+    last = msgs[-1]
+    return system, exchanges, (last.content, [load_image(im) for im in last.images])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.generate import Engine, generate
+from edge_vlm.generate import AnswerText, Engine, generate
 from edge_vlm.perplexity import perplexity
 from edge_vlm.quantize.calibration import held_out_text
 
@@ -44,8 +44,10 @@ def test_prompt_and_greedy_answer_match_transformers(ours, reference):
     with torch.no_grad():
         expected = ref.generate(torch.tensor([ref_ids]), max_new_tokens=40, do_sample=False)[0, len(ref_ids):].tolist()
     engine = Engine(ours.llm, 512)
-    got = list(generate(engine, ours.llm.embed(torch.tensor([our_ids])),
-                        GenerationConfig(max_new_tokens=40, temperature=0), ours.eos_token_ids))
+    ending = AnswerText(ours.tokenizer, ours.eos_token_ids, [])
+    list(generate(engine, ours.llm.embed(torch.tensor([our_ids])), GenerationConfig(max_new_tokens=40, temperature=0),
+                  ending))
+    got = ending.tokens
     eos = set(ours.eos_token_ids)
     assert got == [t for t in expected if t not in eos][:len(got)] and len(got) >= len(expected) - 1
     answer = ChatSession(ours).answer(QUESTION, gen=GenerationConfig(max_new_tokens=40, temperature=0))

@@ -90,9 +90,21 @@ def test_several_images_and_video_in_one_turn(tiny_vila, tmp_path):
 def test_images_are_placed_where_the_image_mark_stands(tiny_vila):
     model = load_model(tiny_vila, device="cpu", progress=False)
     session = ChatSession(model)
-    chunks, user = session.prompt_pieces("Compare <image> with <image> please", 2)
-    assert user["content"] == "Compare <image> with <image> please"
-    assert len(chunks) == 3 and model.tokenizer.decode(chunks[1]).strip() == "with"
+    fed = []
+    real_prefill = session.engine.prefill
+    session.engine.prefill = lambda embeds: fed.append(embeds[0]) or real_prefill(embeds)
+    pictures = [random_image(1), random_image(2)]
+    session.answer("Compare <image> with <image> please", images=pictures, gen=GenerationConfig(max_new_tokens=1))
+    assert session.messages[0]["content"] == "Compare <image> with <image> please"
+    feats, n = model.encode_images(pictures), model.tokens_per_image
+    rows = fed[0]
+    starts = [i for i in range(rows.shape[0] - n + 1) if torch.equal(rows[i], feats[0][0])]
+    assert len(starts) == 1
+    first = starts[0]
+    between = torch.tensor(model.tokenizer.encode(" with "))
+    second = first + n + len(between)
+    assert torch.equal(rows[first:first + n], feats[0]) and torch.equal(rows[second:second + n], feats[1])
+    assert torch.equal(rows[first + n:second], model.llm.embed(between))
 
 
 def test_multi_turn_cache_reuse_equals_recomputation(tiny_vila):

@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from edge_vlm.errors import ContextOverflowError, EdgeVLMError
-from edge_vlm.generate import GenerationConfig
+from edge_vlm import EdgeVLMError, GenerationConfig
 
 
 @dataclass
@@ -62,7 +61,6 @@ class ModelWorker(QObject):
         self.stop_event = threading.Event()
         self.model = None
         self.session = None
-        self._checkpoint = None  # the session state before the last question (for Regenerate)
 
     def stop(self) -> None:
         """Thread-safe: end the current answer after the token being computed.
@@ -74,17 +72,16 @@ class ModelWorker(QObject):
     def load(self, req: LoadRequest) -> None:
         import torch
 
-        from edge_vlm.loader import load_model
-        from edge_vlm.session import ChatSession
+        from edge_vlm import ChatSession, load_model
 
         try:
-            self.session = self.model = self._checkpoint = None  # free the old model before loading the next
+            self.session = self.model = None  # free the old model before loading the next
             _release_memory()
             model = load_model(req.path, device=req.device or None,
                                dtype=getattr(torch, req.dtype) if req.dtype else None,
                                max_context=req.max_context, progress=self.load_progress.emit)
             session = ChatSession(model, system=req.system or None)
-            self.model, self.session, self._checkpoint = model, session, None
+            self.model, self.session = model, session
             self.loaded.emit(model)
         except BaseException as e:  # noqa: BLE001 - every failure becomes a message; the app keeps running
             self.load_failed.emit(readable_error(e))
@@ -95,71 +92,41 @@ class ModelWorker(QObject):
             if self.session is None:
                 raise EdgeVLMError("no model loaded: pick a model folder and press Load")
             s = self.session
-            if req.regenerate and self._checkpoint is not None:
-                self._rewind(*self._checkpoint)
-            before = (s.engine.position, len(s.messages), list(s.pending))
-            if not req.live:
-                self._checkpoint = before
+            turns = len(s.turns)
+            if req.regenerate and turns:
+                pieces = s.regenerate(gen=req.gen, stop_event=self.stop_event)
+                turns -= 1
+            else:
+                pieces = s.ask(req.text, images=req.images, gen=req.gen, stop_event=self.stop_event)
             try:
-                for text in s.ask(req.text, images=req.images, gen=req.gen, stop_event=self.stop_event):
+                for text in pieces:
                     self.piece.emit(text)
             finally:
                 if req.live:  # each Live question stands alone: its frame must not fill the context
-                    self._rewind(*before)
+                    s.rewind(turns)
             self.answered.emit(s.stats, req)
         except BaseException as e:  # noqa: BLE001
             self.failed.emit(readable_error(e), req)
 
-    def _rewind(self, position: int, n_messages: int, pending: list[int]) -> None:
-        """Forget the last question and answer: the KV cache, the messages and the unfed tokens."""
-        s = self.session
-        s.engine.cache.truncate(position)
-        del s.messages[n_messages:]
-        s.pending = pending
-
     @Slot(object, str)
     def restore(self, exchanges: list, system: str) -> None:
-        """Put a reopened conversation back into the model's context, so it can be continued.
-
-        `exchanges` is [(question, images, answer), ...]. Each question is prefilled as if it had
-        just been asked, and its saved answer goes in as the tokens the model "sampled", exactly
-        where the session keeps its own unfed answer tokens. Nothing is generated.
-        """
-        import torch
-
-        from edge_vlm.preprocess import load_image
-
+        """Put a reopened conversation, [(question, images, answer), ...], back into the model's
+        context so it can be continued (nothing is generated)."""
         s = self.session
         if s is None:
             self.restored.emit("no model is loaded: load one to continue this conversation (it starts fresh)")
             return
-        s.reset()
-        s.system = system or None
-        self._checkpoint = None
         try:
-            with torch.inference_mode():
-                for text, images, answer in exchanges:
-                    pictures = [load_image(im) for im in images]
-                    chunks, user = s.prompt_pieces(text, len(pictures))
-                    need = sum(len(c) for c in chunks) + len(pictures) * s.model.tokens_per_image
-                    if s.engine.position + need + 1 > s.engine.max_context:
-                        raise ContextOverflowError(
-                            f"the conversation is longer than the context ({s.engine.max_context} tokens)")
-                    s.engine.prefill(s.build_embeddings(chunks, pictures))
-                    s.pending = s.model.tokenizer.encode(answer)
-                    s.messages += [user, {"role": "assistant", "content": answer}]
+            s.restore(exchanges, system=system or None)
             self.restored.emit(f"the model remembers these {len(exchanges)} exchanges; you can continue")
         except BaseException as e:  # noqa: BLE001
-            s.reset()
             self.restored.emit(f"{readable_error(e)}; the model starts a new context (earlier turns are shown "
                                f"but not remembered)")
 
     @Slot(str)
     def new_chat(self, system: str) -> None:
         if self.session is not None:
-            self.session.reset()
-            self.session.system = system or None
-        self._checkpoint = None
+            self.session.reset(system=system or None)
 
     @Slot()
     def unload(self) -> None:
