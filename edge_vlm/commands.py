@@ -20,12 +20,7 @@ def register(sub) -> None:
     p.add_argument("--video", metavar="PATH", help="a video; --frames frames are sampled evenly from it")
     p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
     p.add_argument("--system", help="system prompt (default: the model's own)")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2)")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest tokens (default: all)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
-    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same answer")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
+    add_generation_options(p)
     _add_model_options(p)
     p.add_argument("--quiet", action="store_true", help="do not print timing and memory after each answer")
     p.set_defaults(func=run_chat)
@@ -37,6 +32,35 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
     p.set_defaults(func=run_info)
+
+
+def add_generation_options(p, *, temperature: float = 0.2, max_new_tokens: int = 512) -> None:
+    """How answers are sampled: one definition for every command that generates (chat, camera).
+
+    `p` is a parser or an argument group; commands pick their own defaults (the camera wants
+    short, repeatable answers). `generation_config(args)` turns the options into a GenerationConfig.
+    """
+    p.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help="randomness of the answer: 0 = greedy, the likeliest token each time, so the same "
+                        f"answer on every run; 0.7-1 = more varied (default {temperature:g})")
+    p.add_argument("--top-p", type=float, default=0.9, metavar="P",
+                   help="sample only among the likeliest tokens that together make up P of the probability "
+                        "(default 0.9)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample only among the K likeliest tokens (default 0: no limit)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="above 1 makes tokens already in the text less likely, against loops (default 1.0: off)")
+    p.add_argument("--seed", type=int, help="random seed: the same seed gives the same answer")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"stop the answer after N tokens (default {max_new_tokens})")
+
+
+def generation_config(args):
+    """The GenerationConfig of the options `add_generation_options` added."""
+    from .generate import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
 def _add_model_options(p) -> None:
@@ -60,15 +84,8 @@ def load_from_args(args):
                       template=args.template, kv_cache=getattr(args, "kv_cache", None))
 
 
-def _gen_config(args):
-    from .generate import GenerationConfig
-
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
 def _stream(session, question, images, video, args) -> None:
-    for piece in session.ask(question, images=images, video=video, frames=args.frames, gen=_gen_config(args)):
+    for piece in session.ask(question, images=images, video=video, frames=args.frames, gen=generation_config(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

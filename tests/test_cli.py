@@ -93,3 +93,22 @@ def test_help_teaches(capsys):
         assert flag in out
     assert main([]) == 2
     assert "examples:" in capsys.readouterr().out
+
+
+def test_chat_and_camera_share_the_generation_options():
+    """One definition (edge_vlm.commands.add_generation_options): the same flags give the same
+    GenerationConfig in both commands; only the defaults differ (the camera: short, greedy answers)."""
+    from edge_vlm.cli import build_parser
+    from edge_vlm.commands import generation_config
+    from edge_vlm.generate import GenerationConfig
+
+    parser = build_parser()
+    flags = ["--temperature", "0.7", "--top-p", "0.5", "--top-k", "20", "--repetition-penalty", "1.1",
+             "--seed", "4", "--max-new-tokens", "9"]
+    chat = generation_config(parser.parse_args(["chat", *flags, "hi"]))
+    camera = generation_config(parser.parse_args(["camera", "--source", "0", *flags]))
+    assert chat == camera == GenerationConfig(max_new_tokens=9, temperature=0.7, top_p=0.5, top_k=20,
+                                              repetition_penalty=1.1, seed=4)
+    assert generation_config(parser.parse_args(["chat", "hi"])) == GenerationConfig()
+    assert generation_config(parser.parse_args(["camera", "--source", "0"])) == GenerationConfig(
+        max_new_tokens=64, temperature=0.0)
