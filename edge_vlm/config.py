@@ -14,6 +14,8 @@ from .errors import UnsupportedModelError
 SUPPORTED_LLMS = ("llama", "qwen2", "nemotron")
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
 SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu", "mlp_downsample")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -145,6 +147,25 @@ class VisionConfig:
             drop_cls=select_feature in ("patch", "default"),
         )
 
+    @classmethod
+    def from_vila(cls, top: dict, tower: dict) -> "VisionConfig":
+        """From a VILA top config.json and its vision_tower/config.json."""
+        if top.get("s2") or top.get("dynamic_s2") or top.get("image_aspect_ratio") == "dynamic_s2":
+            raise UnsupportedModelError("VILA checkpoints with S2 multi-scale image tiling (NVILA, *-s2) are not "
+                                        "supported yet; supported: VILA1.5 (image_aspect_ratio resize or pad)")
+        return cls.from_hf(tower, select_layer=top.get("mm_vision_select_layer", -2),
+                           select_feature=top.get("mm_vision_select_feature", "cls_patch"))
+
+    @classmethod
+    def from_llava(cls, top: dict) -> "VisionConfig":
+        """From a transformers LLaVA config.json (vision_config + the feature selection fields)."""
+        strategy = top.get("vision_feature_select_strategy", "default")
+        layer = top.get("vision_feature_layer", -2)
+        if isinstance(layer, list):
+            raise UnsupportedModelError("LLaVA checkpoints that concatenate several vision layers are not supported")
+        return cls.from_hf(top["vision_config"], select_layer=layer,
+                           select_feature="default" if strategy == "default" else "full")
+
 
 @dataclass
 class ProjectorConfig:
@@ -159,6 +180,20 @@ class ProjectorConfig:
         if self.kind == "mlp_downsample":
             return 2
         return int(self.kind[3:-6])  # "mlp{N}x_gelu"
+
+    @classmethod
+    def from_vila(cls, top: dict, projector: dict, vision_hidden: int, llm_hidden: int) -> "ProjectorConfig":
+        """From a VILA top config.json and its mm_projector/config.json."""
+        return cls(projector.get("mm_projector_type", top.get("mm_projector_type", "linear")),
+                   top.get("mm_hidden_size", vision_hidden), llm_hidden)
+
+    @classmethod
+    def from_llava(cls, top: dict, vision_hidden: int, llm_hidden: int) -> "ProjectorConfig":
+        """transformers' LLaVA projector is always Linear, GELU, Linear."""
+        act = top.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise UnsupportedModelError(f"unsupported projector activation {act!r}")
+        return cls("mlp2x_gelu", vision_hidden, llm_hidden)
 
     def validate(self) -> None:
         import re
@@ -199,6 +234,21 @@ class QuantConfig:
                    quantize_embedding=bool(d.get("quantize_embedding")), method=method)
 
     @staticmethod
+    def section_of(config: dict) -> dict | None:
+        """The `quantization_config` block of a model config.json as written (None: not quantized)."""
+        return config.get("quantization_config") or None
+
+    def to_hf(self) -> dict:
+        """The `quantization_config` block we write: AutoAWQ GEMM, plus our extensions only when used."""
+        conf = {"quant_method": self.method, "bits": self.bits, "group_size": self.group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": list(self.modules_to_not_convert)}
+        if self.quantize_lm_head:
+            conf["quantize_lm_head"] = True  # AutoAWQ readers keep lm_head 16-bit
+        if self.quantize_embedding:
+            conf["quantize_embedding"] = True  # int8 embed_tokens.{qweight,scales}
+        return conf
+
+    @staticmethod
     def group_size_of(d: dict | None) -> int | None:
         """The group size a config names, if any (TinyChat checkpoints infer it otherwise)."""
         d = d or {}
@@ -219,3 +269,31 @@ class ImageConfig:
     resize_mode: str = "resize"  # "resize" (square), "shortest_edge_crop" (CLIP), "pad" (LLaVA square pad)
     shortest_edge: int | None = None
     resample: int = 3  # PIL bicubic
+
+    @classmethod
+    def from_hf(cls, pre: dict, tower_image_size: int, model_config: dict | None = None) -> "ImageConfig":
+        """From a preprocessor_config.json dict ({} for the tower's defaults); the model config's
+        `image_aspect_ratio` ("pad" / "resize") overrides the resize mode."""
+        size = pre.get("size", tower_image_size)
+        crop = pre.get("crop_size")
+        is_clip_style = isinstance(size, dict) and "shortest_edge" in size or (
+            isinstance(size, int) and crop is not None and pre.get("do_center_crop", True))
+        side = tower_image_size
+        if isinstance(crop, dict):
+            side = crop.get("height", side)
+        elif isinstance(crop, int):
+            side = crop
+        elif isinstance(size, dict) and "height" in size:
+            side = size["height"]
+        shortest = size["shortest_edge"] if isinstance(size, dict) and "shortest_edge" in size else (
+            size if isinstance(size, int) else None)
+        mean = tuple(pre.get("image_mean", CLIP_MEAN if is_clip_style else (0.5, 0.5, 0.5)))
+        std = tuple(pre.get("image_std", CLIP_STD if is_clip_style else (0.5, 0.5, 0.5)))
+        mode = "shortest_edge_crop" if is_clip_style else "resize"
+        aspect = (model_config or {}).get("image_aspect_ratio")
+        if aspect == "pad":
+            mode = "pad"
+        elif aspect == "resize":
+            mode = "resize"
+        return cls(size=side, mean=mean, std=std, resize_mode=mode, shortest_edge=shortest or side,
+                   resample=int(pre.get("resample", 3)))

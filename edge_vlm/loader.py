@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -22,10 +24,9 @@ from tqdm import tqdm
 from .awq_format import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
 from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
-from .config import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
+from .config import SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 from .errors import CheckpointError, EdgeVLMError, UnsupportedModelError
 from .llm import DecoderLM
-from .preprocess import image_config_from_hf, read_preprocessor_config
 from .projector import Projector
 from .tokenizer import Tokenizer
 from .vision import VisionTower
@@ -40,6 +41,151 @@ def default_device() -> str:
 
 def default_dtype(device: str) -> torch.dtype:
     return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+# ------------------------------------------------------------------ checkpoint layouts
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where the parts of a checkpoint folder live: the one reading of a folder's layout, shared by
+    `load_model` and `edge-vlm quantize`.
+
+    LLM keys are `{llm_prefix}embed_tokens.*`, `{llm_prefix}layers.N.*`, `{llm_prefix}norm.*` and
+    `{head_prefix}lm_head.*`; the vision tower's keys start with `vision_prefix` in `vision_dir`,
+    the projector's with `projector_prefix` in `projector_dir` (None for a text-only LLM).
+    """
+
+    kind: str          # "vila", "llava" or "llm"
+    folder: Path
+    config: dict       # the folder's config.json
+    llm_dir: Path      # the LLM's weights and tokenizer
+    llm_config: dict   # the LLM's own config (VILA: llm/config.json, LLaVA: text_config)
+    config_path: Path  # the config.json that holds (or receives) the LLM's quantization_config
+    llm: LLMConfig
+    llm_prefix: str = "model."
+    head_prefix: str = ""
+    vision_dir: Path | None = None
+    vision_prefix: str = ""
+    projector_dir: Path | None = None
+    projector_prefix: str = ""
+
+    @property
+    def multimodal(self) -> bool:
+        return self.vision_dir is not None
+
+    @property
+    def layer_prefix(self) -> str:
+        """The key prefix of decoder layer N, less the N: `model.layers.` in most folders."""
+        return self.llm_prefix + "layers."
+
+    @property
+    def quantization(self) -> dict | None:
+        """The LLM's `quantization_config` as written (None: a 16-bit checkpoint)."""
+        own = self.llm_config if self.kind == "vila" else self.config  # the dict at config_path
+        return QuantConfig.section_of(own) or QuantConfig.section_of(self.llm_config)
+
+    def llm_section(self, config: dict) -> dict:
+        """The LLM's part of the dict read from `config_path` (LLaVA nests it under text_config)."""
+        return config["text_config"] if self.kind == "llava" else config
+
+    def llm_key(self, key: str) -> str | None:
+        """The DecoderLM parameter name of a checkpoint key; None for keys outside the LLM."""
+        if key.startswith(self.llm_prefix):
+            return key[len(self.llm_prefix):]
+        if key.startswith(self.head_prefix + "lm_head."):
+            return key[len(self.head_prefix):]
+        return None
+
+
+def _llm_config(d: dict) -> LLMConfig:
+    try:
+        return LLMConfig.from_hf(d)
+    except KeyError as e:
+        raise CheckpointError(f"language model config lacks {e.args[0]!r}") from None
+
+
+def detect_layout(name_or_path) -> CheckpointLayout:
+    """Resolve a folder (or Hub repo id) and say which supported layout it is; the LLM config is checked."""
+    folder = resolve_model_path(name_or_path)
+    top = read_json(folder / "config.json")
+    kind = top.get("model_type")
+    if kind == "llava_llama" or (folder / "llm" / "config.json").is_file():
+        return _vila_layout(folder, top)
+    if kind == "llava" and "text_config" in top:
+        return _llava_layout(folder, top)
+    if kind in SUPPORTED_LLMS:
+        return CheckpointLayout("llm", folder, top, folder, top, folder / "config.json", _llm_config(top))
+    raise UnsupportedModelError(f"unsupported model type {kind!r} in {folder}; supported: {SUPPORTED_LAYOUTS}")
+
+
+def _vila_layout(folder: Path, top: dict) -> CheckpointLayout:
+    for sub in ("llm", "vision_tower", "mm_projector"):
+        if not (folder / sub).is_dir():
+            raise CheckpointError(f"VILA checkpoint {folder} lacks the {sub}/ folder")
+    llm_top = read_json(folder / "llm" / "config.json")
+    return CheckpointLayout("vila", folder, top, folder / "llm", llm_top, folder / "llm" / "config.json",
+                            _llm_config(llm_top), vision_dir=folder / "vision_tower",
+                            projector_dir=folder / "mm_projector")
+
+
+def _llava_layout(folder: Path, top: dict) -> CheckpointLayout:
+    """transformers >= 4.52 writes `model.language_model.*`, older versions `language_model.model.*`."""
+    llm = _llm_config(top["text_config"])
+    if any(k.startswith("model.language_model.") for k in TensorStore(folder).keys()):
+        prefixes = dict(llm_prefix="model.language_model.", vision_prefix="model.vision_tower.",
+                        projector_prefix="model.multi_modal_projector.")
+    else:
+        prefixes = dict(llm_prefix="language_model.model.", head_prefix="language_model.",
+                        vision_prefix="vision_tower.", projector_prefix="multi_modal_projector.")
+    return CheckpointLayout("llava", folder, top, folder, top["text_config"], folder / "config.json", llm,
+                            vision_dir=folder, projector_dir=folder, **prefixes)
+
+
+# ------------------------------------------------------------------ vision tower and projector
+
+class VisionConfigs(NamedTuple):
+    vision: VisionConfig
+    projector: ProjectorConfig
+    image: ImageConfig
+
+
+class VisionParts(NamedTuple):
+    tower: VisionTower
+    projector: Projector
+    image: ImageConfig
+    weight_bytes: int  # of their own weight files (0 when they share the LLM's)
+
+
+def _preprocessor_config(folder: Path) -> dict:
+    path = folder / "preprocessor_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
+    """The vision tower, projector and image configs of a VILA or LLaVA layout (read, not yet built)."""
+    if layout.kind == "vila":
+        vision = VisionConfig.from_vila(layout.config, read_json(layout.vision_dir / "config.json"))
+        projector = ProjectorConfig.from_vila(layout.config, read_json(layout.projector_dir / "config.json"),
+                                              vision.hidden_size, layout.llm.hidden_size)
+    else:
+        vision = VisionConfig.from_llava(layout.config)
+        projector = ProjectorConfig.from_llava(layout.config, vision.hidden_size, layout.llm.hidden_size)
+    image = ImageConfig.from_hf(_preprocessor_config(layout.vision_dir), vision.image_size, layout.config)
+    return VisionConfigs(vision, projector, image)
+
+
+def load_vision(layout: CheckpointLayout, configs: VisionConfigs, dtype, device, progress=False) -> VisionParts:
+    """Build and fill the vision tower (up to the layer the VLM reads) and the projector."""
+    vstore = TensorStore(layout.vision_dir)
+    pstore = vstore if layout.projector_dir == layout.vision_dir else TensorStore(layout.projector_dir)
+    tower = _build(VisionTower, configs.vision)
+    load_into(tower, vstore, rename_vision(layout.vision_prefix, configs.vision.layers_used), dtype, device,
+              _progress("loading vision tower", progress))
+    projector = _build(Projector, configs.projector)
+    load_into(projector, pstore, rename_projector(layout.projector_prefix, configs.projector.kind), dtype, device,
+              _progress("loading projector", progress))
+    own = 0 if layout.vision_dir == layout.llm_dir else vstore.nbytes() + pstore.nbytes()
+    return VisionParts(tower.eval(), projector.eval(), configs.image, own)
 
 
 def _progress(desc: str, report):
@@ -57,17 +203,8 @@ def _progress(desc: str, report):
     return lambda keys: tqdm(keys, desc=desc, unit="tensor", leave=False, file=sys.stderr)
 
 
-def _rename_llm(prefixes: tuple[str, ...]):
-    def rename(key: str):
-        for p in prefixes:
-            if key.startswith(p):
-                rest = key[len(p):]
-                return rest[len("model."):] if rest.startswith("model.") else rest
-        return None
-    return rename
-
-
-def _rename_vision(prefix: str, layers_used: int):
+def rename_vision(prefix: str, layers_used: int):
+    """Checkpoint key -> VisionTower name (None: not the tower's, or a layer after the one read)."""
     def rename(key: str):
         if not key.startswith(prefix):
             return None
@@ -79,7 +216,7 @@ def _rename_vision(prefix: str, layers_used: int):
     return rename
 
 
-def _rename_projector(prefix: str, kind: str):
+def rename_projector(prefix: str, kind: str):
     """VILA `layers.N`, LLaVA-hf `linear_N`, original LLaVA `mm_projector.N` -> ours."""
     def rename(key: str):
         if not key.startswith(prefix):
@@ -105,7 +242,9 @@ def _build(cls, cfg):
         return cls(cfg)
 
 
-def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename=None, progress=None,
+# ------------------------------------------------------------------ the model
+
+def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename, progress=None,
              quantization: dict | None = None) -> DecoderLM:
     llm = _build(DecoderLM, cfg)
     qcfg = QuantConfig.from_hf(quantization)
@@ -113,18 +252,11 @@ def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename=None, pro
         from .quant_linear import prepare_quantized  # int4 layers in place of nn.Linear
 
         prepare_quantized(llm, qcfg)
-    load_into(llm, store, rename or _rename_llm(("",)), dtype, device, progress,
+    load_into(llm, store, rename, dtype, device, progress,
               optional=("lm_head.weight",) if cfg.tie_word_embeddings else ())
     if cfg.tie_word_embeddings:
         llm.tie_weights()
     return llm.eval()
-
-
-def _llm_config(d: dict) -> LLMConfig:
-    try:
-        return LLMConfig.from_hf(d)
-    except KeyError as e:
-        raise CheckpointError(f"language model config lacks {e.args[0]!r}") from None
 
 
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
@@ -141,30 +273,32 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     """
     if kv_cache not in (None, "model", "int8"):
         raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
-    folder = resolve_model_path(name_or_path)
+    layout = detect_layout(name_or_path)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     show = sys.stderr.isatty() if progress is None else progress
-    top = read_json(folder / "config.json")
-    kind = top.get("model_type")
-    if kind == "llava_llama" or (folder / "llm" / "config.json").is_file():
-        model = _load_vila(folder, top, dtype, device, show)
-    elif kind == "llava" and "text_config" in top:
-        model = _load_llava(folder, top, dtype, device, show)
-    elif kind in ("llama", "qwen2", "nemotron"):
-        model = _load_text_only(folder, top, dtype, device, show)
-    else:
-        raise UnsupportedModelError(f"unsupported model type {kind!r} in {folder}; supported: {SUPPORTED_LAYOUTS}")
+    configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
+    store, q = open_llm_store(layout.llm_dir, layout.quantization)
+    llm = load_llm(store, layout.llm, dtype, device, layout.llm_key, _progress("loading LLM", show), q)
+    info = ModelInfo(str(layout.folder), layout.kind, layout.llm.arch, quantization=_quant_name(q),
+                     params={"llm": _count(llm)}, weight_bytes=store.nbytes())
+    parts = ()
+    if configs is not None:
+        parts = load_vision(layout, configs, dtype, device, show)
+        info.vision_arch, info.projector = configs.vision.arch, configs.projector.kind
+        info.params.update(vision=_count(parts.tower), projector=_count(parts.projector))
+        info.weight_bytes += parts.weight_bytes
+    tok = Tokenizer(layout.llm_dir)
+    model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch), info, *parts[:3])
     limit = model.llm.cfg.max_position_embeddings
     model.max_context = min(max_context or min(limit, 4096), limit)
-    tok = model.tokenizer
     if template:
         model.template = ChatTemplate.builtin(template, tok.bos_token, tok.eos_token)
     model.llm.kv_cache_int8 = kv_cache == "int8"
     model.info.dtype = str(dtype).replace("torch.", "")
     model.info.device = str(device)
     if fast_path and str(device) != "meta":
-        from .kernels.dispatch import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
+        from .backends import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
 
         optimize_for_device(model)
     return model
@@ -183,89 +317,3 @@ def _count(module) -> int:
 def _quant_name(q: dict | None) -> str:
     qcfg = QuantConfig.from_hf(q)
     return qcfg.describe() if qcfg else "none"
-
-
-def _load_text_only(folder: Path, top: dict, dtype, device, show) -> VisionLanguageModel:
-    cfg = _llm_config(top)
-    store, q = open_llm_store(folder, top.get("quantization_config"))
-    llm = load_llm(store, cfg, dtype, device, progress=_progress("loading LLM", show), quantization=q)
-    tok = Tokenizer(folder)
-    info = ModelInfo(str(folder), "llm", cfg.arch, quantization=_quant_name(q),
-                     params={"llm": _count(llm)}, weight_bytes=store.nbytes())
-    return VisionLanguageModel(llm, tok, _template_for(tok, cfg.arch), info)
-
-
-def _load_vila(folder: Path, top: dict, dtype, device, show) -> VisionLanguageModel:
-    for sub in ("llm", "vision_tower", "mm_projector"):
-        if not (folder / sub).is_dir():
-            raise CheckpointError(f"VILA checkpoint {folder} lacks the {sub}/ folder")
-    if top.get("s2") or top.get("dynamic_s2") or top.get("image_aspect_ratio") == "dynamic_s2":
-        raise UnsupportedModelError("VILA checkpoints with S2 multi-scale image tiling (NVILA, *-s2) are not "
-                                    "supported yet; supported: VILA1.5 (image_aspect_ratio resize or pad)")
-    llm_top = read_json(folder / "llm" / "config.json")
-    cfg = _llm_config(llm_top)
-    vcfg = VisionConfig.from_hf(read_json(folder / "vision_tower" / "config.json"),
-                                select_layer=top.get("mm_vision_select_layer", -2),
-                                select_feature=top.get("mm_vision_select_feature", "cls_patch"))
-    pcfg_json = read_json(folder / "mm_projector" / "config.json")
-    pcfg = ProjectorConfig(pcfg_json.get("mm_projector_type", top.get("mm_projector_type", "linear")),
-                           top.get("mm_hidden_size", vcfg.hidden_size), cfg.hidden_size)
-    llm_store, q = open_llm_store(folder / "llm", llm_top.get("quantization_config"))
-    llm = load_llm(llm_store, cfg, dtype, device, progress=_progress("loading LLM", show), quantization=q)
-    vstore, pstore = TensorStore(folder / "vision_tower"), TensorStore(folder / "mm_projector")
-    vision = _build(VisionTower, vcfg)
-    load_into(vision, vstore, _rename_vision("", vcfg.layers_used), dtype, device,
-              _progress("loading vision tower", show))
-    projector = _build(Projector, pcfg)
-    load_into(projector, pstore, _rename_projector("", pcfg.kind), dtype, device,
-              _progress("loading projector", show))
-    image_cfg = image_config_from_hf(read_preprocessor_config(folder / "vision_tower"), vcfg.image_size,
-                                     top.get("image_aspect_ratio"))
-    tok = Tokenizer(folder / "llm")
-    info = ModelInfo(str(folder), "vila", cfg.arch, vcfg.arch, pcfg.kind, _quant_name(q),
-                     params={"llm": _count(llm), "vision": _count(vision), "projector": _count(projector)},
-                     weight_bytes=llm_store.nbytes() + vstore.nbytes() + pstore.nbytes())
-    return VisionLanguageModel(llm.eval(), tok, _template_for(tok, cfg.arch), info, vision.eval(),
-                               projector.eval(), image_cfg)
-
-
-def _load_llava(folder: Path, top: dict, dtype, device, show) -> VisionLanguageModel:
-    cfg = _llm_config(top["text_config"])
-    strategy = top.get("vision_feature_select_strategy", "default")
-    layer = top.get("vision_feature_layer", -2)
-    if isinstance(layer, list):
-        raise UnsupportedModelError("LLaVA checkpoints that concatenate several vision layers are not supported")
-    vcfg = VisionConfig.from_hf(top["vision_config"], select_layer=layer,
-                                select_feature="default" if strategy == "default" else "full")
-    act = top.get("projector_hidden_act", "gelu")
-    if act != "gelu":
-        raise UnsupportedModelError(f"unsupported projector activation {act!r}")
-    pcfg = ProjectorConfig("mlp2x_gelu", vcfg.hidden_size, cfg.hidden_size)
-    store = TensorStore(folder)
-    new_layout = any(k.startswith("model.language_model.") for k in store.keys())
-    q = top.get("quantization_config")
-
-    def lm_rename(key: str):
-        if key.startswith("model.language_model."):  # transformers >= 4.52
-            return key[len("model.language_model."):]
-        if key.startswith("lm_head."):  # lm_head.weight, or qweight/qzeros/scales when int4
-            return key
-        if key.startswith("language_model."):  # older: language_model.model.*, language_model.lm_head.*
-            return _rename_llm(("language_model.",))(key)
-        return None
-
-    llm = load_llm(store, cfg, dtype, device, lm_rename, _progress("loading LLM", show), q)
-    vprefix = "model.vision_tower." if new_layout else "vision_tower."
-    pprefix = "model.multi_modal_projector." if new_layout else "multi_modal_projector."
-    vision = _build(VisionTower, vcfg)
-    load_into(vision, store, _rename_vision(vprefix, vcfg.layers_used), dtype, device,
-              _progress("loading vision tower", show))
-    projector = _build(Projector, pcfg)
-    load_into(projector, store, _rename_projector(pprefix, pcfg.kind), dtype, device)
-    image_cfg = image_config_from_hf(read_preprocessor_config(folder), vcfg.image_size, top.get("image_aspect_ratio"))
-    tok = Tokenizer(folder)
-    info = ModelInfo(str(folder), "llava", cfg.arch, vcfg.arch, pcfg.kind, _quant_name(q),
-                     params={"llm": _count(llm), "vision": _count(vision), "projector": _count(projector)},
-                     weight_bytes=store.nbytes())
-    return VisionLanguageModel(llm.eval(), tok, _template_for(tok, cfg.arch), info, vision.eval(),
-                               projector.eval(), image_cfg)

@@ -10,7 +10,6 @@ crop, rescale by 1/255, normalize) so features equal what the towers were traine
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,6 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import ImageConfig
 from .errors import MediaError
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The still-image files every part of edge-vlm accepts (folders of images, drag and drop,
 # calibration images): the formats Pillow decodes everywhere.
@@ -45,37 +41,6 @@ def load_image(src) -> Image.Image:
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"cannot read image {path}: not an image or corrupt ({e})") from None
-
-
-def image_config_from_hf(pre: dict, tower_image_size: int, aspect: str | None = None) -> ImageConfig:
-    """Build an ImageConfig from a preprocessor_config.json dict (or {} for tower defaults)."""
-    size = pre.get("size", tower_image_size)
-    crop = pre.get("crop_size")
-    is_clip_style = isinstance(size, dict) and "shortest_edge" in size or (
-        isinstance(size, int) and crop is not None and pre.get("do_center_crop", True))
-    side = tower_image_size
-    if isinstance(crop, dict):
-        side = crop.get("height", side)
-    elif isinstance(crop, int):
-        side = crop
-    elif isinstance(size, dict) and "height" in size:
-        side = size["height"]
-    shortest = size["shortest_edge"] if isinstance(size, dict) and "shortest_edge" in size else (
-        size if isinstance(size, int) else None)
-    mean = tuple(pre.get("image_mean", CLIP_MEAN if is_clip_style else (0.5, 0.5, 0.5)))
-    std = tuple(pre.get("image_std", CLIP_STD if is_clip_style else (0.5, 0.5, 0.5)))
-    mode = "shortest_edge_crop" if is_clip_style else "resize"
-    if aspect == "pad":
-        mode = "pad"
-    elif aspect == "resize":
-        mode = "resize"
-    return ImageConfig(size=side, mean=mean, std=std, resize_mode=mode, shortest_edge=shortest or side,
-                       resample=int(pre.get("resample", 3)))
-
-
-def read_preprocessor_config(folder: Path) -> dict:
-    path = Path(folder) / "preprocessor_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def pad_to_square(img: Image.Image, mean) -> Image.Image:

@@ -105,22 +105,18 @@ class _Capture:
         return torch.cat(self.rows)
 
 
-def _capture_inputs(layer, runner, x_all, opts: AWQOptions):
-    """Run the 16-bit layer; return its outputs and the inputs seen by each linear group."""
+def _capture_inputs(layer, runner, x_all, groups: list[ScaleGroup], opts: AWQOptions):
+    """Run the 16-bit layer; return its outputs and the input seen by each linear group."""
     n, t, _ = x_all.shape
     per_batch = -(-opts.search_tokens // len(list(_batches(n, t, opts.batch_tokens))))
-    lin = layer_linears(layer)
-    first_mlp = "mlp.gate_proj" if "mlp.gate_proj" in lin else "mlp.up_proj"
-    caps = {k: _Capture(per_batch, seed=i) for i, k in
-            enumerate(("self_attn.q_proj", "self_attn.o_proj", first_mlp, "mlp.down_proj"))}
-    hooks = [lin[k].register_forward_hook(c) for k, c in caps.items()]
+    caps = [_Capture(per_batch, seed=i) for i in range(len(groups))]
+    hooks = [layer.get_submodule(g.names[0]).register_forward_hook(c) for g, c in zip(groups, caps)]
     try:
         out = _run_all(layer, runner, x_all, opts)
     finally:
         for h in hooks:
             h.remove()
-    return out, {"attn": caps["self_attn.q_proj"], "o": caps["self_attn.o_proj"],
-                 "mlp": caps[first_mlp], "down": caps["mlp.down_proj"]}
+    return out, caps
 
 
 def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -227,12 +223,92 @@ class LayerResult:
     awq_search_loss: float = 0.0         # ... with the chosen scales
 
 
-def _gqa_tie(cfg: LLMConfig):
+def gqa_tie(cfg: LLMConfig):
+    """Average over the query heads that read one value channel: they must share its scale."""
     rep, hd = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
 
     def tie(v: torch.Tensor) -> torch.Tensor:
         return v.view(cfg.num_kv_heads, rep, hd).mean(1, keepdim=True).expand(-1, rep, -1).reshape(-1)
     return tie
+
+
+@dataclass
+class ScaleGroup:
+    """Linears reading one input: scaled together by s, with 1/s folded into the op producing that input."""
+
+    names: tuple[str, ...]  # the linears (the first one's input is captured)
+    block: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]  # what the scale search scores
+    fold: Callable[[torch.Tensor], None]  # divide the producing op's output by s
+    tie: Callable[[torch.Tensor], torch.Tensor] = lambda v: v
+
+
+def _linear_block(x, ws):
+    return torch.cat([x @ w.t() for w in ws], dim=-1)
+
+
+def _mlp_block(mlp):
+    """The whole MLP as a function of its first linears' weights: the nonlinearity matters."""
+    down_w = mlp.down_proj.weight.float()
+    up_b = mlp.up_proj.bias.float() if mlp.up_proj.bias is not None else None
+    if mlp.gated:
+        gate_b = mlp.gate_proj.bias.float() if mlp.gate_proj.bias is not None else None
+
+        def block(x, ws):
+            g, u = x @ ws[0].t(), x @ ws[1].t()
+            if gate_b is not None:
+                g, u = g + gate_b, u + up_b
+            return (F.silu(g) * u) @ down_w.t()
+        return block
+
+    def block(x, ws):
+        u = x @ ws[0].t()
+        if up_b is not None:
+            u = u + up_b
+        return F.relu(u).square() @ down_w.t()
+    return block
+
+
+def scale_groups(layer: DecoderLayer, cfg: LLMConfig) -> list[ScaleGroup]:
+    """The four places a scale folds exactly: norm -> q,k,v; v -> o; norm -> gate,up; up -> down."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def v_rows(s):  # one scale per value channel, shared by the query heads that read it
+        fold_into_linear_rows(attn.v_proj, s.view(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1))
+
+    firsts = ("mlp.gate_proj", "mlp.up_proj") if mlp.gated else ("mlp.up_proj",)
+    return [
+        ScaleGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _linear_block,
+                   lambda s: fold_into_norm(layer.input_layernorm, s)),
+        ScaleGroup(("self_attn.o_proj",), _linear_block, v_rows, gqa_tie(cfg)),
+        ScaleGroup(firsts, _mlp_block(mlp), lambda s: fold_into_norm(layer.post_attention_layernorm, s)),
+        # through relu^2 the up rows take sqrt(s)
+        ScaleGroup(("mlp.down_proj",), _linear_block,
+                   lambda s: fold_into_linear_rows(mlp.up_proj, s if mlp.gated else s.sqrt())),
+    ]
+
+
+def apply_scales(layer: DecoderLayer, group: ScaleGroup, cap: _Capture, opts: AWQOptions):
+    """Search the group's scale, fold it in; return (the group's sampled input, now / s, best, rtn loss)."""
+    linears = [layer.get_submodule(n) for n in group.names]
+    s, best, rtn = search_scales(cap.sample, cap.mean, [m.weight for m in linears], group.block, opts, group.tie)
+    group.fold(s)
+    scale_columns(linears, s)
+    return cap.sample / s, best, rtn
+
+
+def _quantize_linears(layer: DecoderLayer, inputs: dict[str, torch.Tensor] | None,
+                      opts: AWQOptions) -> dict[str, QuantizedWeight]:
+    """Round every linear (after the clipping search where `inputs` are given); the layer keeps the
+    dequantized weights, so its outputs are those of the quantized model."""
+    weights = {}
+    for name, lin in layer_linears(layer).items():
+        lo = hi = None
+        if inputs is not None and opts.clip and name not in NO_CLIP:
+            lo, hi = search_clip(lin.weight, inputs[name], opts)
+        qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
+        _set(lin.weight, qw.dequantize(torch.float32))
+        weights[name] = qw
+    return weights
 
 
 def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor, runner: LayerRunner,
@@ -241,87 +317,21 @@ def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor,
 
     Returns the result and the layer's outputs with quantized weights (the next layer's input).
     """
-    fp_out, caps = _capture_inputs(layer, runner, x_all, opts)
-    attn, mlp = layer.self_attn, layer.mlp
-    gated = mlp.gated
-    rtn_total = awq_total = 0.0
-
-    def linear_block(x, ws):
-        return torch.cat([x @ w.t() for w in ws], dim=-1)
-
-    # 1. input norm -> q, k, v
-    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-    s, best, rtn = search_scales(caps["attn"].sample, caps["attn"].mean, [m.weight for m in qkv], linear_block, opts)
-    fold_into_norm(layer.input_layernorm, s)
-    scale_columns(qkv, s)
-    x_attn = caps["attn"].sample / s
-    awq_total, rtn_total = awq_total + best, rtn_total + rtn
-
-    # 2. v -> o, one scale per value channel shared by the query heads that read it
-    tie = _gqa_tie(cfg)
-    s, best, rtn = search_scales(caps["o"].sample, caps["o"].mean, [attn.o_proj.weight], linear_block, opts, tie)
-    s_v = s.view(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1)
-    fold_into_linear_rows(attn.v_proj, s_v)
-    scale_columns([attn.o_proj], s)
-    x_o = caps["o"].sample / s
-    awq_total, rtn_total = awq_total + best, rtn_total + rtn
-
-    # 3. post-attention norm -> gate, up (the whole MLP is the block: the nonlinearity matters)
-    down_w = mlp.down_proj.weight.float()
-    up_b = mlp.up_proj.bias.float() if mlp.up_proj.bias is not None else None
-    if gated:
-        gate_b = mlp.gate_proj.bias.float() if mlp.gate_proj.bias is not None else None
-
-        def mlp_block(x, ws):
-            g, u = x @ ws[0].t(), x @ ws[1].t()
-            if gate_b is not None:
-                g, u = g + gate_b, u + up_b
-            return (F.silu(g) * u) @ down_w.t()
-        firsts = [mlp.gate_proj, mlp.up_proj]
-    else:
-        def mlp_block(x, ws):
-            u = x @ ws[0].t()
-            if up_b is not None:
-                u = u + up_b
-            return F.relu(u).square() @ down_w.t()
-        firsts = [mlp.up_proj]
-    s, best, rtn = search_scales(caps["mlp"].sample, caps["mlp"].mean, [m.weight for m in firsts], mlp_block, opts)
-    fold_into_norm(layer.post_attention_layernorm, s)
-    scale_columns(firsts, s)
-    x_mlp = caps["mlp"].sample / s
-    awq_total, rtn_total = awq_total + best, rtn_total + rtn
-
-    # 4. up -> down (through relu^2: up takes sqrt(s))
-    s, best, rtn = search_scales(caps["down"].sample, caps["down"].mean, [mlp.down_proj.weight], linear_block, opts)
-    fold_into_linear_rows(mlp.up_proj, s if gated else s.sqrt())
-    scale_columns([mlp.down_proj], s)
-    x_down = caps["down"].sample / s
-    awq_total, rtn_total = awq_total + best, rtn_total + rtn
-
-    inputs = {"self_attn.q_proj": x_attn, "self_attn.k_proj": x_attn, "self_attn.v_proj": x_attn,
-              "self_attn.o_proj": x_o, "mlp.gate_proj": x_mlp, "mlp.up_proj": x_mlp, "mlp.down_proj": x_down}
-    weights = {}
-    for name, lin in layer_linears(layer).items():
-        lo = hi = None
-        if opts.clip and name not in NO_CLIP:
-            lo, hi = search_clip(lin.weight, inputs[name], opts)
-        qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
-        _set(lin.weight, qw.dequantize(torch.float32))
-        weights[name] = qw
-
+    groups = scale_groups(layer, cfg)
+    fp_out, caps = _capture_inputs(layer, runner, x_all, groups, opts)
+    inputs, awq_total, rtn_total = {}, 0.0, 0.0
+    for group, cap in zip(groups, caps):
+        x, best, rtn = apply_scales(layer, group, cap, opts)
+        inputs.update(dict.fromkeys(group.names, x))
+        awq_total, rtn_total = awq_total + best, rtn_total + rtn
+    weights = _quantize_linears(layer, inputs, opts)
     out = _run_all(layer, runner, x_all, opts)
-    loss = _relative_error(out, fp_out, x_all)
-    return LayerResult(weights, loss, rtn_total, awq_total), out
+    return LayerResult(weights, _relative_error(out, fp_out, x_all), rtn_total, awq_total), out
 
 
 def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
     """Round-to-nearest, no calibration: the baseline AWQ is measured against."""
-    weights = {}
-    for name, lin in layer_linears(layer).items():
-        qw = quantize_weight(lin.weight, opts.group_size, opts.bits)
-        _set(lin.weight, qw.dequantize(torch.float32))
-        weights[name] = qw
-    return LayerResult(weights, float("nan"))
+    return LayerResult(_quantize_linears(layer, None, opts), float("nan"))
 
 
 def _run_all(layer, runner, x_all, opts) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from edge_vlm.errors import EdgeVLMError
+from edge_vlm.preprocess import IMAGE_SUFFIXES
 
 HELD_OUT_FRACTION = 0.2
 
@@ -69,9 +70,6 @@ def calibration_blocks(token_ids: list[int], n_samples: int, seqlen: int, source
     ids = torch.tensor(token_ids[: available * seqlen], dtype=torch.long).view(available, seqlen)
     pick = torch.linspace(0, available - 1, n_samples).round().long()
     return ids[pick]
-
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edge_vlm.awq_format import pack_gemm
-from edge_vlm.checkpoint import TensorStore, load_into, read_json, resolve_model_path
-from edge_vlm.config import SUPPORTED_LLMS, LLMConfig
-from edge_vlm.errors import EdgeVLMError, UnsupportedModelError
+from edge_vlm.int4_formats import pack_gemm
+from edge_vlm.checkpoint import TensorStore, load_into, read_json
+from edge_vlm.config import LLMConfig, QuantConfig
+from edge_vlm.errors import EdgeVLMError
 from edge_vlm.llm import DecoderLayer
+from edge_vlm.loader import CheckpointLayout, detect_layout
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
 from .calibration import calibration_blocks, default_calibration_text, list_images, read_calibration_file
@@ -85,42 +86,17 @@ class Summary:
 
 # ------------------------------------------------------------------ source layouts
 
-@dataclass
-class Source:
-    folder: Path      # what the user gave
-    layout: str       # "llm", "vila", "llava"
-    llm_dir: Path     # the folder holding the LLM weights and its config
-    llm_config: dict  # the LLM's config dict
-    config_path: Path  # the config.json that receives quantization_config
+def inspect_source(src) -> CheckpointLayout:
+    """The layout of a checkpoint we can quantize: a supported one that is still 16-bit."""
+    layout = detect_layout(src)
+    if layout.quantization:
+        raise QuantizeError(f"{layout.folder} is already quantized (its config has a quantization_config)")
+    return layout
 
 
-def inspect_source(src) -> Source:
-    folder = resolve_model_path(src)
-    top = read_json(folder / "config.json")
-    if (folder / "llm" / "config.json").is_file():
-        for sub in ("vision_tower", "mm_projector"):
-            if not (folder / sub).is_dir():
-                raise QuantizeError(f"VILA checkpoint {folder} lacks the {sub}/ folder")
-        src_ = Source(folder, "vila", folder / "llm", read_json(folder / "llm" / "config.json"),
-                      folder / "llm" / "config.json")
-    elif top.get("model_type") == "llava" and "text_config" in top:
-        src_ = Source(folder, "llava", folder, top["text_config"], folder / "config.json")
-    elif top.get("model_type") in SUPPORTED_LLMS:
-        src_ = Source(folder, "llm", folder, top, folder / "config.json")
-    else:
-        raise UnsupportedModelError(
-            f"cannot quantize model type {top.get('model_type')!r} in {folder}; supported: a Llama / Qwen2 / "
-            f"Nemotron LLM folder, a VILA folder or a LLaVA folder")
-    if read_json(src_.config_path).get("quantization_config") or src_.llm_config.get("quantization_config"):
-        raise QuantizeError(f"{folder} is already quantized (its config has a quantization_config)")
-    return src_
-
-
-def _layer_prefix(store: TensorStore) -> str:
-    for key in store.keys():
-        if key.endswith("layers.0.input_layernorm.weight"):
-            return key[: -len("0.input_layernorm.weight")]
-    raise QuantizeError(f"no decoder layers found in {store.folder} (no '*layers.0.input_layernorm.weight')")
+def _check_has_layers(store: TensorStore, prefix: str) -> None:
+    if prefix + "0.input_layernorm.weight" not in store:
+        raise QuantizeError(f"no decoder layers found in {store.folder} (no '*layers.0.input_layernorm.weight')")
 
 
 def _pick_group_size(cfg: LLMConfig, requested: int | None) -> int:
@@ -141,18 +117,18 @@ def _pick_group_size(cfg: LLMConfig, requested: int | None) -> int:
 
 # ------------------------------------------------------------------ calibration inputs
 
-def _embed_weight(store: TensorStore, device, dtype) -> torch.Tensor:
-    for key in store.keys():
-        if key.endswith("embed_tokens.weight"):
-            return store.get(key).to(device=device, dtype=dtype)
-    raise QuantizeError(f"no token embeddings (*embed_tokens.weight) in {store.folder}")
+def _embed_weight(layout: CheckpointLayout, store: TensorStore, device, dtype) -> torch.Tensor:
+    key = layout.llm_prefix + "embed_tokens.weight"
+    if key not in store:
+        raise QuantizeError(f"no token embeddings (*embed_tokens.weight) in {store.folder}")
+    return store.get(key).to(device=device, dtype=dtype)
 
 
-def calibration_inputs(source: Source, store: TensorStore, settings: QuantizeSettings, device, dtype):
+def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: QuantizeSettings, device, dtype):
     """Hidden states entering layer 0 for every calibration sample: [n_samples, seqlen, hidden]."""
     from edge_vlm.tokenizer import Tokenizer
 
-    tok = Tokenizer(source.llm_dir)
+    tok = Tokenizer(layout.llm_dir)
     if settings.calib:
         text, name = read_calibration_file(settings.calib), str(settings.calib)
     else:
@@ -160,17 +136,17 @@ def calibration_inputs(source: Source, store: TensorStore, settings: QuantizeSet
     image_embeds = None
     text_len = settings.seqlen
     if settings.calib_images:
-        if source.layout == "llm":
+        if not layout.multimodal:
             raise QuantizeError("--calib-images needs a vision-language model (VILA or LLaVA folder)")
         from .visual import image_embeddings
 
-        image_embeds = image_embeddings(source, list_images(settings.calib_images), device, dtype)
+        image_embeds = image_embeddings(layout, list_images(settings.calib_images), device, dtype)
         text_len = settings.seqlen - image_embeds.shape[1]
         if text_len < 16:
             raise QuantizeError(f"--seqlen {settings.seqlen} leaves no room for text after "
                                 f"{image_embeds.shape[1]} image tokens")
     ids = calibration_blocks(tok.encode(text), settings.n_samples, text_len, name)
-    emb = _embed_weight(store, device, dtype)
+    emb = _embed_weight(layout, store, device, dtype)
     x = emb[ids.to(device)]
     if image_embeds is not None:  # every sample: one image's tokens, then text
         imgs = image_embeds[torch.arange(settings.n_samples) % image_embeds.shape[0]]
@@ -207,44 +183,29 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _embedding_key(prefix: str) -> str:
-    """The token-embedding key beside the layers under `prefix`: model.layers. -> model.embed_tokens.weight."""
-    return prefix.replace("layers.", "embed_tokens.weight")
-
-
-def _lm_head_source(store: TensorStore, prefix: str) -> tuple[str, str]:
-    """(key holding the output projection, name of the int4 lm_head module to write).
-
-    The key is the embedding when the two are tied; the name follows the checkpoint's layout
-    (`lm_head`, or `language_model.lm_head` in older LLaVA folders).
-    """
-    base = "language_model.lm_head" if prefix.startswith("language_model.") else "lm_head"
-    if base + ".weight" in store:
-        return base + ".weight", base
-    return _embedding_key(prefix), base
-
-
-def _copy_rest(store: TensorStore, prefix: str, dest: Path, lm_head_group: int | None = None,
+def _copy_rest(layout: CheckpointLayout, store: TensorStore, dest: Path, lm_head_group: int | None = None,
                embedding: bool = False) -> dict[str, str]:
     """Every tensor outside the decoder layers, unchanged, into one shard.
 
-    With `lm_head_group`, lm_head is written as int4 under `lm_head.{qweight,qzeros,scales}`,
-    by round-to-nearest (no AWQ scale search for it yet). With `embedding`, the token
+    With `lm_head_group`, lm_head is written as int4 under `lm_head.{qweight,qzeros,scales}`
+    (beside the checkpoint's own lm_head keys), by round-to-nearest (no AWQ scale search for it
+    yet); its weight is the embedding's when the two are tied. With `embedding`, the token
     embeddings are written as int8 under `embed_tokens.{qweight,scales}`.
     """
     from edge_vlm.quant_linear import quantize_embedding_int8
 
     rest = {}
-    head_key, head = _lm_head_source(store, prefix) if lm_head_group else (None, None)
-    emb_key = _embedding_key(prefix)
+    emb_key = layout.llm_prefix + "embed_tokens.weight"
+    head = layout.head_prefix + "lm_head" if lm_head_group else None
     for key in store.keys():
         if embedding and key == emb_key:
             q, scales = quantize_embedding_int8(store.get(key))
             rest[key[:-len("weight")] + "qweight"], rest[key[:-len("weight")] + "scales"] = q, scales
-        elif not key.startswith(prefix) and key != f"{head}.weight":
+        elif not key.startswith(layout.layer_prefix) and key != f"{head}.weight":
             t = store.get(key)
             rest[key] = t.clone() if t.is_floating_point() else t  # clone: tied tensors share storage
-    if head_key:
+    if head:
+        head_key = head + ".weight" if head + ".weight" in store else emb_key
         rest.update(_gemm_tensors(head, quantize_weight(store.get(head_key).float(), lm_head_group)))
     name = "model-rest.safetensors"
     _save(rest, dest / name)
@@ -266,27 +227,23 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def quantization_config(source: Source, group_size: int, w_bit: int, lm_head: bool = False,
-                        embedding: bool = False) -> dict:
-    skip = [] if lm_head else ["lm_head"]
-    if source.layout == "llava":
+def quantization_config(layout: CheckpointLayout, settings: QuantizeSettings, group_size: int) -> QuantConfig:
+    """What the output's config says: the LLM's linears in int4, lm_head too only when asked."""
+    skip = [] if settings.quantize_lm_head else ["lm_head"]
+    if layout.kind == "llava":
         skip += ["vision_tower", "multi_modal_projector"]
-    conf = {"quant_method": "awq", "bits": w_bit, "group_size": group_size, "zero_point": True,
-            "version": "gemm", "modules_to_not_convert": skip}
-    if lm_head:
-        conf["quantize_lm_head"] = True  # our extension: AutoAWQ readers keep lm_head 16-bit
-    if embedding:
-        conf["quantize_embedding"] = True  # our extension: int8 embed_tokens.{qweight,scales}
-    return conf
+    return QuantConfig(bits=settings.w_bit, group_size=group_size, modules_to_not_convert=tuple(skip),
+                       quantize_lm_head=settings.quantize_lm_head, quantize_embedding=settings.quantize_embedding)
 
 
 # ------------------------------------------------------------------ the run
 
-def _settings_key(source: Source, settings: QuantizeSettings, group: int) -> dict:
+def _settings_key(layout: CheckpointLayout, settings: QuantizeSettings, group: int) -> dict:
+    """What a resumed run must share with the run it continues."""
     d = asdict(settings)
     d.pop("device")
     d["group_size"] = group
-    d["src"] = str(source.folder.resolve())
+    d["src"] = str(layout.folder.resolve())
     return d
 
 
@@ -298,16 +255,15 @@ def _default_device(requested: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resume: bool = False,
-                        force: bool = False, progress: bool = True, log=None) -> Summary:
-    settings = settings or QuantizeSettings()
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+def _check_settings(settings: QuantizeSettings) -> None:
     if settings.method not in ("awq", "rtn"):
         raise QuantizeError(f"unknown method {settings.method!r}; use awq or rtn")
     if settings.w_bit != 4:
         raise QuantizeError("only --w-bit 4 is supported")
-    source = inspect_source(src)
-    out = Path(out).expanduser()
+
+
+def _prepare_output(out: Path, resume: bool, force: bool) -> Path:
+    """The `OUT.partial` folder this run writes into, after refusing to overwrite what it must not."""
     partial = out.with_name(out.name + ".partial")
     if out.exists() and not force:
         raise QuantizeError(f"output {out} already exists; pass --force to replace it")
@@ -315,7 +271,207 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
         raise QuantizeError(f"an unfinished run left {partial}; pass --resume to continue it or --force to start over")
     if partial.exists() and not resume:
         shutil.rmtree(partial)
-    cfg = LLMConfig.from_hf(source.llm_config)
+    return partial
+
+
+@dataclass
+class _Progress:
+    """What `progress.json` keeps between runs: finished layers, their losses, time spent."""
+
+    layers_done: int = 0
+    losses: list[float] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class _Run:
+    """One quantization run: everything decided before the first layer, and its steps."""
+
+    layout: CheckpointLayout
+    settings: QuantizeSettings
+    out: Path
+    partial: Path
+    group: int
+    device: str
+    dtype: torch.dtype
+    store: TensorStore
+    key: dict  # _settings_key
+    progress: _Progress
+    step: str = "preparing the calibration data"  # named by out-of-memory errors
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def cfg(self) -> LLMConfig:
+        return self.layout.llm
+
+    @property
+    def llm_out(self) -> Path:
+        return self.partial / "llm" if self.layout.kind == "vila" else self.partial
+
+    @property
+    def state_path(self) -> Path:
+        return self.partial / "progress.json"
+
+    @property
+    def acts_path(self) -> Path:
+        """The hidden states after the last finished layer (AWQ only): the next layer's input."""
+        return self.partial / "activations.pt"
+
+    def elapsed(self) -> float:
+        return self.progress.elapsed_s + time.perf_counter() - self.started
+
+    def options(self) -> AWQOptions:
+        s = self.settings
+        return AWQOptions(group_size=self.group, bits=s.w_bit, clip=s.clip, duo_scaling=s.duo_scaling,
+                          search_tokens=s.search_tokens)
+
+    def first_inputs(self) -> torch.Tensor:
+        """Layer `layers_done`'s calibration input: saved by the run we resume, or computed."""
+        done = self.progress.layers_done
+        if not done:
+            return calibration_inputs(self.layout, self.store, self.settings, self.device, self.dtype)
+        if not self.acts_path.is_file():
+            raise QuantizeError(f"{self.partial} lacks the calibration state of layer {done}; "
+                                f"pass --force to start over")
+        return torch.load(self.acts_path, map_location=self.device, weights_only=True)
+
+    def load_layer(self, i: int) -> DecoderLayer:
+        with torch.device("meta"):
+            layer = DecoderLayer(self.cfg)
+        lp = f"{self.layout.layer_prefix}{i}."
+        load_into(layer, self.store, lambda k: k[len(lp):] if k.startswith(lp) else None, self.dtype, self.device)
+        return layer
+
+    def save_layer(self, i: int, layer: DecoderLayer, result: LayerResult, x: torch.Tensor | None) -> None:
+        """Layer i's shard, then (atomically) the state a resumed run starts from."""
+        _save(_layer_tensors(self.layout.layer_prefix, i, layer, result),
+              self.llm_out / f"model-layer-{i:03d}.safetensors")
+        if x is not None:
+            torch.save(x, self.acts_path.with_suffix(".tmp"))
+            os.replace(self.acts_path.with_suffix(".tmp"), self.acts_path)
+        self.state_path.write_text(json.dumps({"settings": self.key, "layers_done": i + 1,
+                                               "losses": self.progress.losses, "elapsed_s": self.elapsed()}))
+
+    def quantize_layers(self, show: bool) -> None:
+        awq = self.settings.method == "awq"
+        opts = self.options()
+        x = self.first_inputs() if awq else None
+        runner = LayerRunner(self.cfg, x.shape[1], self.device) if awq else None
+        done = self.progress.layers_done
+        bar = tqdm(range(done, self.cfg.num_layers), desc=f"{self.settings.method.upper()} layers", unit="layer",
+                   initial=done, total=self.cfg.num_layers, file=sys.stderr, disable=not show)
+        for i in bar:
+            self.step = f"loading layer {i}"
+            layer = self.load_layer(i)
+            self.step = f"quantizing layer {i}"
+            if awq:
+                result, x = quantize_layer_awq(layer, self.cfg, x, runner, opts)
+                self.progress.losses.append(result.loss)
+                bar.set_postfix(loss=f"{result.loss:.2e}")
+            else:
+                result = quantize_layer_rtn(layer, opts)
+            self.step = f"writing layer {i}"
+            self.save_layer(i, layer, result, x)
+            del layer
+
+    def write_rest(self) -> None:
+        """Everything but the decoder layers: the other tensors, index, config, tokenizer, VLM parts."""
+        self.step = "writing the output folder"
+        lm_head = self.settings.quantize_lm_head
+        weight_map = _copy_rest(self.layout, self.store, self.llm_out, self.group if lm_head else None,
+                                self.settings.quantize_embedding)
+        _write_index(self.llm_out, self.cfg.num_layers, weight_map)
+        layout = self.layout
+        _copy_non_weight_files(layout.llm_dir, self.llm_out,
+                               skip={"config.json"} if layout.kind == "vila"
+                               else {"config.json", "llm", "vision_tower", "mm_projector"})
+        conf = read_json(layout.config_path)
+        conf["quantization_config"] = quantization_config(layout, self.settings, self.group).to_hf()
+        if lm_head:  # an int4 lm_head no longer shares the embedding's storage
+            layout.llm_section(conf)["tie_word_embeddings"] = False
+        (self.llm_out / "config.json").write_text(json.dumps(conf, indent=2))
+        if layout.kind == "vila":  # vision tower, projector and top-level files, untouched
+            _copy_non_weight_files(layout.folder, self.partial, skip={"llm", "config.json"})  # sub-folders whole
+            shutil.copy2(layout.folder / "config.json", self.partial / "config.json")
+
+    def publish(self) -> None:
+        """OUT.partial becomes OUT; with --force the old OUT goes only once the new one is complete."""
+        for p in (self.state_path, self.acts_path):
+            p.unlink(missing_ok=True)
+        if self.out.exists():
+            old = self.out.with_name(self.out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            os.replace(self.partial, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.partial, self.out)
+
+    def summary(self) -> Summary:
+        if self.layout.multimodal:
+            before, after = _folder_bytes(self.layout.folder), _folder_bytes(self.out)
+        else:
+            before, after = self.store.nbytes(), sum(p.stat().st_size for p in self.out.glob("*.safetensors"))
+        return Summary(str(self.layout.folder), str(self.out), self.settings.method, self.group, before, after,
+                       self.elapsed(), self.progress.losses)
+
+
+def _write_index(folder: Path, num_layers: int, weight_map: dict[str, str]) -> None:
+    """model.safetensors.index.json over the rest shard and the layer shards."""
+    from safetensors import safe_open
+
+    for i in range(num_layers):
+        name = f"model-layer-{i:03d}.safetensors"
+        with safe_open(str(folder / name), "pt") as f:
+            for k in f.keys():
+                weight_map[k] = name
+    total = sum(p.stat().st_size for p in folder.glob("model-*.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+
+
+class _OutOfMemory:
+    """Turns running out of memory into one line that names the step and how to go on."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, torch.OutOfMemoryError):
+            raise QuantizeError(f"out of memory on {self.run.device} while {self.run.step}; try --device cpu or "
+                                f"fewer --n-samples (finished layers are kept: rerun with --resume)") from None
+        # CPU allocation failures arrive as RuntimeError
+        if isinstance(e, MemoryError) or isinstance(e, RuntimeError) and any(
+                m in str(e) for m in ("can't allocate memory", "out of memory")):
+            raise QuantizeError(f"out of memory while {self.run.step}; try fewer --n-samples or a shorter --seqlen "
+                                f"(finished layers are kept: rerun with --resume)") from None
+        return False
+
+
+def _resume_state(run_key: dict, state_path: Path, resume: bool, num_layers: int, log) -> _Progress:
+    if resume and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state["settings"] != run_key:
+            raise QuantizeError(f"{state_path.parent} was started with other settings; pass --force to start over")
+        log(f"resuming after layer {state['layers_done'] - 1} of {num_layers}")
+        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"])
+    if resume:
+        log("note: nothing to resume; starting from the first layer")
+    return _Progress()
+
+
+def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resume: bool = False,
+                        force: bool = False, progress: bool = True, log=None) -> Summary:
+    settings = settings or QuantizeSettings()
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    _check_settings(settings)
+    layout = inspect_source(src)
+    out = Path(out).expanduser()
+    partial = _prepare_output(out, resume, force)
+    cfg = layout.llm
     if settings.quantize_embedding and cfg.tie_word_embeddings and not settings.quantize_lm_head:
         raise QuantizeError("this model's lm_head shares the embedding table: --quantize-embedding needs "
                             "--quantize-lm-head too")
@@ -324,123 +480,19 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
         log(f"note: layer widths are not multiples of 128; using group size {group}")
     device = _default_device(settings.device)
     dtype = torch.float32 if device == "cpu" else torch.float16
-    store = TensorStore(source.llm_dir)
-    prefix = _layer_prefix(store)
-    llm_out = partial / "llm" if source.layout == "vila" else partial
-    key = _settings_key(source, settings, group)
-    state_path = partial / "progress.json"
-
-    done, losses, elapsed = 0, [], 0.0
-    if resume and state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["settings"] != key:
-            raise QuantizeError(f"{partial} was started with other settings; pass --force to start over")
-        done, losses, elapsed = state["layers_done"], state["losses"], state["elapsed_s"]
-        log(f"resuming after layer {done - 1} of {cfg.num_layers}")
-    elif resume:
-        log("note: nothing to resume; starting from the first layer")
-    llm_out.mkdir(parents=True, exist_ok=True)
-
+    store = TensorStore(layout.llm_dir)
+    _check_has_layers(store, layout.layer_prefix)
+    key = _settings_key(layout, settings, group)
+    state = _resume_state(key, partial / "progress.json", resume, cfg.num_layers, log)
+    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state)
+    run.llm_out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, store, prefix, key,
-                    done, losses, elapsed, progress)
+        with _OutOfMemory(run):
+            run.quantize_layers(progress)
+            run.write_rest()
+        run.publish()
+        return run.summary()
     except BaseException:
-        if not state_path.is_file():  # no layer finished: nothing worth resuming, leave nothing behind
+        if not run.state_path.is_file():  # no layer finished: nothing worth resuming, leave nothing behind
             shutil.rmtree(partial, ignore_errors=True)
         raise
-
-
-def _run(source, out, partial, llm_out, settings, cfg, group, device, dtype, store, prefix, key,
-         done, losses, elapsed, progress) -> Summary:
-    state_path, acts_path = partial / "progress.json", partial / "activations.pt"
-    t0 = time.perf_counter()
-    opts = AWQOptions(group_size=group, bits=settings.w_bit, clip=settings.clip, duo_scaling=settings.duo_scaling,
-                      search_tokens=settings.search_tokens)
-    step = "preparing the calibration data"
-    try:
-        x = None
-        if settings.method == "awq":
-            if done:
-                if not acts_path.is_file():
-                    raise QuantizeError(f"{partial} lacks the calibration state of layer {done}; "
-                                        f"pass --force to start over")
-                x = torch.load(acts_path, map_location=device, weights_only=True)
-            else:
-                x = calibration_inputs(source, store, settings, device, dtype)
-            runner = LayerRunner(cfg, x.shape[1], device)
-        bar = tqdm(range(done, cfg.num_layers), desc=f"{settings.method.upper()} layers", unit="layer",
-                   initial=done, total=cfg.num_layers, file=sys.stderr, disable=not progress)
-        for i in bar:
-            step = f"loading layer {i}"
-            with torch.device("meta"):
-                layer = DecoderLayer(cfg)
-            lp = f"{prefix}{i}."
-            load_into(layer, store, lambda k, lp=lp: k[len(lp):] if k.startswith(lp) else None, dtype, device)
-            step = f"quantizing layer {i}"
-            if settings.method == "awq":
-                result, x = quantize_layer_awq(layer, cfg, x, runner, opts)
-                losses.append(result.loss)
-                bar.set_postfix(loss=f"{result.loss:.2e}")
-            else:
-                result = quantize_layer_rtn(layer, opts)
-            step = f"writing layer {i}"
-            _save(_layer_tensors(prefix, i, layer, result), llm_out / f"model-layer-{i:03d}.safetensors")
-            if x is not None:
-                torch.save(x, acts_path.with_suffix(".tmp"))
-                os.replace(acts_path.with_suffix(".tmp"), acts_path)
-            state_path.write_text(json.dumps({"settings": key, "layers_done": i + 1, "losses": losses,
-                                              "elapsed_s": elapsed + time.perf_counter() - t0}))
-            del layer
-        step = "writing the output folder"
-        _finish(source, store, prefix, cfg, llm_out, partial, group, settings.w_bit, settings.quantize_lm_head,
-                settings.quantize_embedding)
-    except torch.OutOfMemoryError:
-        raise QuantizeError(f"out of memory on {device} while {step}; try --device cpu or fewer --n-samples "
-                            f"(finished layers are kept: rerun with --resume)") from None
-    except (MemoryError, RuntimeError) as e:  # CPU allocation failures arrive as RuntimeError
-        if isinstance(e, RuntimeError) and not any(m in str(e) for m in ("can't allocate memory", "out of memory")):
-            raise
-        raise QuantizeError(f"out of memory while {step}; try fewer --n-samples or a shorter --seqlen "
-                            f"(finished layers are kept: rerun with --resume)") from None
-    for p in (state_path, acts_path):
-        p.unlink(missing_ok=True)
-    if out.exists():  # --force: the old folder goes only once the new one is complete
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(partial, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(partial, out)
-    before = _folder_bytes(source.folder) if source.layout != "llm" else store.nbytes()
-    after = _folder_bytes(out) if source.layout != "llm" else sum(
-        p.stat().st_size for p in out.glob("*.safetensors"))
-    return Summary(str(source.folder), str(out), settings.method, group, before, after,
-                   elapsed + time.perf_counter() - t0, losses)
-
-
-def _finish(source: Source, store: TensorStore, prefix: str, cfg: LLMConfig, llm_out: Path, partial: Path,
-            group: int, w_bit: int, lm_head: bool = False, embedding: bool = False) -> None:
-    weight_map = _copy_rest(store, prefix, llm_out, group if lm_head else None, embedding)
-    total = 0
-    from safetensors import safe_open
-
-    for i in range(cfg.num_layers):
-        name = f"model-layer-{i:03d}.safetensors"
-        with safe_open(str(llm_out / name), "pt") as f:
-            for k in f.keys():
-                weight_map[k] = name
-    for p in llm_out.glob("model-*.safetensors"):
-        total += p.stat().st_size
-    (llm_out / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
-    _copy_non_weight_files(source.llm_dir, llm_out, skip={"config.json", "llm", "vision_tower", "mm_projector"}
-                           if source.layout != "vila" else {"config.json"})
-    conf = read_json(source.config_path)
-    conf["quantization_config"] = quantization_config(source, group, w_bit, lm_head, embedding)
-    if lm_head:  # an int4 lm_head no longer shares the embedding's storage
-        (conf["text_config"] if source.layout == "llava" else conf)["tie_word_embeddings"] = False
-    (llm_out / "config.json").write_text(json.dumps(conf, indent=2))
-    if source.layout == "vila":  # vision tower, projector and top-level files, untouched
-        _copy_non_weight_files(source.folder, partial, skip={"llm", "config.json"})  # copies sub-folders whole
-        shutil.copy2(source.folder / "config.json", partial / "config.json")

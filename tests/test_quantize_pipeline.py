@@ -175,7 +175,7 @@ def test_scale_folding_is_exact(kind):
     """Folding random scales changes no output: norm->qkv, v->o (GQA), norm->gate/up, up->down."""
     from edge_vlm.config import LLMConfig
     from edge_vlm.llm import DecoderLayer
-    from edge_vlm.quantize.awq import LayerRunner, _gqa_tie, fold_into_linear_rows, fold_into_norm, scale_columns
+    from edge_vlm.quantize.awq import LayerRunner, scale_columns, scale_groups
     from tests.factories import llm_config
 
     torch.manual_seed(0)
@@ -187,19 +187,11 @@ def test_scale_folding_is_exact(kind):
     runner = LayerRunner(cfg, 16, "cpu")
     x = torch.randn(2, 16, cfg.hidden_size)
     before = runner(layer, x)
-    a, m = layer.self_attn, layer.mlp
-    s = torch.rand(cfg.hidden_size) + 0.5
-    fold_into_norm(layer.input_layernorm, s)
-    scale_columns([a.q_proj, a.k_proj, a.v_proj], s)
-    s_o = _gqa_tie(cfg)(torch.rand(cfg.num_heads * cfg.head_dim) + 0.5)
-    fold_into_linear_rows(a.v_proj, s_o.view(cfg.num_kv_heads, -1, cfg.head_dim)[:, 0].reshape(-1))
-    scale_columns([a.o_proj], s_o)
-    s = torch.rand(cfg.hidden_size) + 0.5
-    fold_into_norm(layer.post_attention_layernorm, s)
-    scale_columns([m.gate_proj, m.up_proj] if m.gated else [m.up_proj], s)
-    s = torch.rand(cfg.intermediate_size) + 0.5
-    fold_into_linear_rows(m.up_proj, s if m.gated else s.sqrt())
-    scale_columns([m.down_proj], s)
+    for group in scale_groups(layer, cfg):  # the folds AWQ applies, with random scales
+        linears = [layer.get_submodule(n) for n in group.names]
+        s = group.tie(torch.rand(linears[0].in_features) + 0.5)
+        group.fold(s)
+        scale_columns(linears, s)
     torch.testing.assert_close(runner(layer, x), before, rtol=1e-4, atol=1e-5)  # fp32 re-association only
 
 

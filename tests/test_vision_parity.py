@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from edge_vlm.config import ImageConfig, ProjectorConfig, VisionConfig
-from edge_vlm.preprocess import image_config_from_hf, preprocess
+from edge_vlm.preprocess import preprocess
 from edge_vlm.projector import Projector, merge_2x2
 from edge_vlm.vision import VisionTower
 from tests.factories import make_vision, preprocessor_config, vila_projector
@@ -87,12 +87,12 @@ def test_merge_2x2_matches_vila_order(side):
 
 @pytest.mark.parametrize("kind", ["mlp_downsample", "mlp2x_gelu", "linear", "mlp3x_gelu"])
 def test_projector_matches_vila_module(kind):
-    from edge_vlm.loader import _rename_projector
+    from edge_vlm.loader import rename_projector
 
     mm, hidden, side = 12, 20, 5
     ref = vila_projector(kind, mm, hidden, seed=1)
     ours = Projector(ProjectorConfig(kind, mm, hidden))
-    state = {_rename_projector("", kind)(f"layers.{k}"): v for k, v in ref.state_dict().items()}
+    state = {rename_projector("", kind)(f"layers.{k}"): v for k, v in ref.state_dict().items()}
     ours.load_state_dict(state, strict=True)
     x = torch.randn(3, side * side, mm)
     expected = ref(reference_merge(x)) if kind == "mlp_downsample" else ref(x)
@@ -118,7 +118,7 @@ def test_preprocessing_matches_hf_image_processor(kind, size, name):
     pre = preprocessor_config(kind, size)
     cls = SiglipImageProcessor if kind == "siglip" else CLIPImageProcessor
     expected = torch.as_tensor(np.asarray(cls(**pre)(img, return_tensors="np")["pixel_values"]))
-    got = preprocess([img], image_config_from_hf(pre, size))
+    got = preprocess([img], ImageConfig.from_hf(pre, size))
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) <= 1e-5
 
