@@ -1,4 +1,4 @@
-"""The desktop app end to end, offscreen: the real worker thread, the tiny VILA, a fake camera."""
+"""The desktop app end to end, offscreen: the real worker thread, the tiny VILA, a fake camera (tests/fakes.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,10 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QSettings, Qt  # noqa: E402
 
-from edge_vlm.apps.desktop.camera import FakeCamera, OpenCVCamera  # noqa: E402
+from edge_vlm.apps.desktop.camera import open_camera  # noqa: E402
 from edge_vlm.apps.desktop.window import MainWindow  # noqa: E402
 from edge_vlm.generate import GenerationConfig  # noqa: E402
+from tests.fakes import FakeCamera  # noqa: E402
 
 WAIT_MS = 20000  # generous: CI shares 2 cores; a tiny-model answer takes ~50 ms
 
@@ -188,18 +190,32 @@ def test_snap_attaches_the_current_frame(win, qtbot):
     assert len(win.chat.conversation.turns[0].images) == 1
 
 
+def wait_for_frames(feed, n: int) -> None:
+    """Block until the feed has captured `n` frames (fail after WAIT_MS); safe off the GUI thread."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while feed.captured < n:
+        assert time.monotonic() < deadline, f"the camera did not reach {n} frames"
+        time.sleep(0.005)
+
+
 def test_live_mode_asks_about_the_newest_frame_and_drops_stale_ones(win, qtbot):
     assert win.start_camera(0)
     qtbot.waitUntil(lambda: win.feed.captured > 0, timeout=WAIT_MS)
     position = win.worker.session.engine.position
+    # Each Live answer ends only once the camera has delivered two newer frames than the one asked
+    # about (answered runs in the worker thread, before the window sees the answer): so the next
+    # tick has a stale frame to drop on any machine, not only when the camera outruns the model.
+    feed = win.feed
+    two_more = lambda stats, req: wait_for_frames(feed, req.tag + 2)  # noqa: E731 - req.tag: the seq asked
+    win.worker.answered.connect(two_more, Qt.ConnectionType.DirectConnection)
     win.model_panel.max_new_tokens.setValue(6)
     win.camera_panel.live_interval.setValue(0.2)
     win.camera_panel.live.setChecked(True)
     qtbot.waitUntil(lambda: len(win.live_asked) >= 3 and not win.busy, timeout=WAIT_MS)
     win.camera_panel.live.setChecked(False)
+    win.worker.answered.disconnect(two_more)
     asked = list(win.live_asked)
     assert all(b > a + 1 for a, b in zip(asked, asked[1:]))  # frames in between were skipped
-    feed = win.feed
     seq, _ = feed.latest()
     untaken = 0 if feed._taken_index + 1 == seq else 1
     assert feed.dropped + feed.taken + untaken == feed.captured  # every frame taken once, or dropped
@@ -284,7 +300,7 @@ def test_invalid_model_folder(qtbot, tmp_path, tiny_vila):
 
 
 def test_no_camera(qtbot, tmp_path):
-    win = make_window(qtbot, tmp_path, camera_factory=OpenCVCamera)  # the real OpenCV path
+    win = make_window(qtbot, tmp_path, camera_factory=open_camera)  # the real OpenCV path
     win.prompt.setPlainText("typed")
     assert not win.start_camera(7)  # no /dev/video7 here
     assert "no camera found at index 7" in win.error.text()
@@ -310,7 +326,7 @@ def test_camera_unplugged_mid_stream(qtbot, tmp_path, source):
         win = make_window(qtbot, tmp_path, camera_factory=lambda s: FakeCamera(fps=100, unplug_after=10))
         arg = 0
     else:  # a real video file through OpenCV: when it ends, the source is gone like an unplugged camera
-        win = make_window(qtbot, tmp_path, camera_factory=OpenCVCamera)
+        win = make_window(qtbot, tmp_path, camera_factory=open_camera)
         arg = str(_write_video(tmp_path / "clip.avi", 10))
     win.prompt.setPlainText("typed")
     win.add_attachment(photo())
@@ -375,8 +391,8 @@ def test_screenshot(qtbot, tmp_path, tiny_vila):
     want = os.environ.get("EDGE_VLM_WRITE_SCREENSHOT") == "1"
     model_dir = tiny_vila
     if want:  # the README's picture: a real LLM (SmolLM2) writes the text; the vision tower is random
+        from edge_vlm.benchmarks.real_model import smollm2_folder
         from tests.factories import make_vila
-        from tests.real_model import smollm2_folder
 
         model_dir = tmp_path / "vila-smollm2"
         make_vila(model_dir, llm_folder=smollm2_folder(), image_size=384, hidden_size=64,

@@ -4,6 +4,7 @@ buffer, the scene-change score, triggers on a fake clock, and alert matching/coo
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,16 +20,57 @@ from edge_vlm.apps.media.scene_change import SceneChangeDetector, change_score
 # ---- sources -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, kind, location", [
-    ("csi://0", "csi", "0"), ("csi://1", "csi", "1"), ("csi", "csi", "0"), ("csi:2", "csi", "2"),
-    ("/dev/video2", "v4l2", "/dev/video2"), ("0", "v4l2", "/dev/video0"), ("3", "v4l2", "/dev/video3"),
-    ("rtsp://10.0.0.5:8554/cam", "rtsp", "rtsp://10.0.0.5:8554/cam"),
-    ("clip.mp4", "file", "clip.mp4"),
+@pytest.mark.parametrize("text, kind, location, name", [
+    ("csi://0", "csi", "0", "csi://0"), ("csi://1", "csi", "1", "csi://1"), ("csi", "csi", "0", "csi://0"),
+    ("csi:2", "csi", "2", "csi://2"), ("/dev/video2", "v4l2", "/dev/video2", "/dev/video2"),
+    ("0", "index", "0", "Camera 0"), ("3", "index", "3", "Camera 3"), ("03", "index", "3", "Camera 3"),
+    ("rtsp://10.0.0.5:8554/cam", "rtsp", "rtsp://10.0.0.5:8554/cam", "rtsp://10.0.0.5:8554/cam"),
+    ("videos/clip.mp4", "file", "videos/clip.mp4", "clip.mp4"),
 ])
-def test_parse_source(text, kind, location):
+def test_parse_source(text, kind, location, name):
     spec = parse_source(text)
-    assert (spec.kind, spec.location) == (kind, location)
-    assert spec.live == (kind in ("csi", "v4l2", "rtsp"))
+    assert (spec.kind, spec.location, spec.name) == (kind, location, name)
+    assert spec.live == (kind in ("index", "csi", "v4l2", "rtsp"))
+
+
+def test_index_camera_on_and_off_linux(monkeypatch):
+    """A webcam by number: on Linux the /dev/videoN device (V4L2 or a GStreamer v4l2src); elsewhere
+    OpenCV opens the number with the OS's own camera API, even where OpenCV has GStreamer."""
+    import cv2
+
+    import edge_vlm.apps.media.frame_sources as fs
+
+    opened = []
+
+    class NoCamera:  # records how OpenCV was asked, and finds nothing there
+        def __init__(self, *args):
+            opened.append(args)
+
+        def isOpened(self):  # noqa: N802 - OpenCV's naming
+            return False
+
+        def release(self):
+            pass
+
+    monkeypatch.setattr(cv2, "VideoCapture", NoCamera)
+    monkeypatch.setattr(fs, "opencv_has_gstreamer", lambda: True)
+    monkeypatch.setattr(fs, "is_jetson", lambda: False)
+    monkeypatch.setattr(fs, "on_linux", lambda: False)
+    src = open_source("1")
+    assert (src.backend, src.name, src.live, src.describe()) == ("opencv", "Camera 1", True, "1")
+    with pytest.raises(MediaError, match=r"no camera found at index 1 \(is one plugged in"):
+        src.open()
+    assert opened == [(1,)]  # the number itself, with no Linux-only API
+
+    monkeypatch.setattr(fs, "on_linux", lambda: True)
+    src = open_source("1")
+    assert src.backend == "gstreamer"
+    assert src.describe() == source_pipeline("v4l2", "/dev/video1", jetson=False)
+    src = open_source("1", backend="opencv")
+    assert src.describe() == "/dev/video1"
+    if not Path("/dev/video1").exists():
+        with pytest.raises(MediaError, match="no camera found at index 1: /dev/video1 does not exist"):
+            src.open()
 
 
 def test_parse_source_folder_and_empty(tmp_path):
@@ -58,11 +100,12 @@ def test_gstreamer_backend_uses_the_pipeline_builder(monkeypatch):
     assert open_source("csi://1", flip=2).describe().startswith("nvarguscamerasrc sensor-id=1 ")
 
 
-def test_image_folder_reads_in_name_order_and_skips_junk(tmp_path):
-    import cv2
+def test_image_folder_reads_in_name_order_in_rgb_and_skips_junk(tmp_path):
+    from PIL import Image
 
     for i, v in [(2, 200), (0, 10), (1, 100)]:
-        cv2.imwrite(str(tmp_path / f"f{i}.png"), np.full((8, 12, 3), v, np.uint8))
+        Image.fromarray(np.full((8, 12, 3), (v, 0, 255 - v), np.uint8)).save(tmp_path / f"f{i}.png")
+    Image.fromarray(np.full((8, 12, 3), 50, np.uint8)).save(tmp_path / "f3.gif")  # every preprocess suffix
     (tmp_path / "f1b.png").write_bytes(b"not a png")  # unreadable: skipped, not fatal
     (tmp_path / "notes.txt").write_text("ignored")
     src = ImageFolderSource(tmp_path, fps=2)
@@ -70,10 +113,47 @@ def test_image_folder_reads_in_name_order_and_skips_junk(tmp_path):
     values = []
     buf = None
     while (frame := src.read(buf)) is not None:
-        values.append(int(frame[0, 0, 0]))
+        assert buf is None or frame is buf  # read into the caller's array once the size is known
+        values.append(tuple(int(c) for c in frame[0, 0]))
         buf = frame
-    assert values == [10, 100, 200]
-    assert src.fps == 2.0
+    assert values == [(10, 0, 245), (100, 0, 155), (200, 0, 55), (50, 50, 50)]  # red first: RGB
+    assert src.fps == 2.0 and src.name == tmp_path.name
+
+
+def test_paced_source_delivers_at_the_frame_rate_without_catching_up():
+    """A recorded source played like a camera: one frame every 1/fps on the (fake) clock, and after
+    a stall it carries on from now instead of rushing out the frames it was late for."""
+    from edge_vlm.apps.media.frame_sources import FrameSource, PacedSource
+
+    class Counter(FrameSource):
+        fps = 4.0
+        name = "counter"
+
+        def __init__(self):
+            self.n = 0
+
+        def read(self, out=None):
+            self.n += 1
+            return np.full((2, 2, 3), self.n, np.uint8)
+
+    now = [100.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        now[0] += seconds
+
+    src = PacedSource(Counter(), clock=lambda: now[0], sleep=sleep)
+    src.open()
+    assert (src.fps, src.name, src.live) == (4.0, "counter", False)
+    got = [int(src.read()[0, 0, 0]) for _ in range(4)]
+    assert got == [1, 2, 3, 4] and slept == [0.25, 0.25, 0.25]  # the first frame at once
+    now[0] += 2.0  # the consumer stalled for 8 frame times
+    slept.clear()
+    src.read()
+    src.read()
+    assert slept == [0.25]  # late: no wait, then the normal pace (no burst of 8)
+    assert PacedSource(Counter(), fps=10).fps == 10.0
 
 
 # ---- GStreamer pipeline strings --------------------------------------------------------------

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_vlm.apps.camera.outputs import JsonLines
 from edge_vlm.apps.camera.pipeline import CameraPipeline
 from edge_vlm.apps.camera.triggers import Trigger
+from edge_vlm.apps.media.frame_sources import opencv_has_gstreamer
 from edge_vlm.cli import main
-from edge_vlm.errors import MediaError
-from edge_vlm.apps.media.frame_sources import FrameSource, open_source, opencv_has_gstreamer
+from tests.fakes import FlakyCamera
 
 FPS = 10
 W, H = 64, 48
@@ -227,41 +228,6 @@ def test_bad_options_are_one_clear_line(capsys, tiny_vila, clip, tmp_path):
 # ---- live sources: reconnects, memory, signals -----------------------------------------------------
 
 
-class FlakyCamera(FrameSource):
-    """A live source playing the clip that drops after `drop_after` frames and refuses `refusals` reopens."""
-
-    live = True
-
-    def __init__(self, clip: Path, drop_after: int | None = None, refusals: int = 0, rate: float = 200.0):
-        self.inner = open_source(clip)
-        self.period = 1 / rate
-        self.drop_after, self.refusals = drop_after, refusals
-        self.opens = self.delivered = 0
-        self.fps = FPS
-
-    def open(self) -> None:
-        self.opens += 1
-        if self.opens > 1 and self.refusals:
-            self.refusals -= 1
-            raise MediaError("camera busy")
-        self.inner.open()
-
-    def read(self, out=None):
-        time.sleep(self.period)  # read() blocks like a real camera's instead of spinning
-        if self.drop_after is not None and self.delivered == self.drop_after:
-            self.drop_after = None  # fails once, mid-stream
-            return None
-        frame = self.inner.read(out)
-        if frame is None:  # loop the clip like an endless camera
-            self.inner.open()
-            frame = self.inner.read(out)
-        self.delivered += 1
-        return frame
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 class Sink:
     """A JSON-lines stream that keeps nothing (so the soak test measures the pipeline, not its log)."""
 
@@ -302,14 +268,70 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class LockstepCamera(FlakyCamera):
+    """The clip as an endless live camera that runs exactly two frames ahead of the pipeline.
+
+    Frame k may be delivered once the pipeline has seen k // 2 frames, and `LockstepTrigger`
+    holds the pipeline on each frame until the next two are in its buffer, so it always takes
+    the newer one and the other is dropped: the pipeline sees frames 0, 2, 4, ... on any
+    machine, at any speed. The stream clock is the camera's own (frame k is at (k + 1) / 64 s,
+    exact in binary), so the interval trigger counts frames, not wall time.
+    """
+
+    PERIOD = 1 / 64
+
+    def __init__(self, clip: Path, timeout: float = 60.0):
+        super().__init__(clip, rate=None)
+        self.put = 0  # frames the capture thread has put in the buffer (it reads again only after putting)
+        self.cond = threading.Condition()
+        self.pipe: CameraPipeline | None = None
+        self.timeout = timeout
+
+    def clock(self) -> float:
+        return self.delivered * self.PERIOD
+
+    def _wait(self, ready) -> bool:
+        """Wait (holding cond) until ready(); False if the pipeline stopped; fail after `timeout`."""
+        deadline = time.monotonic() + self.timeout
+        while not ready():
+            if self.pipe.stop.is_set():
+                return False
+            assert time.monotonic() < deadline, "lockstep stalled"
+            self.cond.wait(0.05)
+        return True
+
+    def read(self, out=None):
+        with self.cond:
+            self.put = self.delivered
+            self.cond.notify_all()
+            if not self._wait(lambda: self.delivered < 2 * self.pipe.stats.frames_seen + 1):
+                return None  # stopped: the capture thread ends
+        return super().read(out)
+
+
+class LockstepTrigger(Trigger):
+    def __init__(self, cam: LockstepCamera, **kw):
+        super().__init__(**kw)
+        self.cam = cam
+
+    def check(self, image, now):
+        cam = self.cam
+        with cam.cond:  # the pipeline has just seen one more frame: let the camera deliver two more
+            cam.cond.notify_all()
+            cam._wait(lambda: cam.put >= 2 * cam.pipe.stats.frames_seen + 1)
+        return super().check(image, now)
+
+
 def test_soak_memory_stays_flat(session, tmp_path):
-    """70 answers, several hundred frames checked and more captured, on a live 480x360 camera:
-    between answer 30 and answer 70, RSS, Python objects and allocated blocks stay flat.
+    """70 answers, 346 frames checked and 693 captured, on a live 480x360 camera: between answer 30
+    and answer 70, RSS, Python objects and allocated blocks stay flat.
 
     What the bounds catch: one leaked frame per answer adds 518 KB x 40 = 20 MB of RSS (bound
     8 MB); a chat history that is never reset, or one record kept per answer, adds dicts and
     lists (bound: 50 objects); a new KV cache per frame adds ~0.5 MB each. Measured here: RSS
     +0-2.5 MB, 0 objects, about +5 small blocks per answer (inside torch).
+    The counts follow from the lockstep camera (every other frame seen) and the interval of
+    10 frame periods: answers at frames 0, 10, ..., 690, whatever the machine's speed.
     """
     import gc
     import sys
@@ -323,66 +345,82 @@ def test_soak_memory_stays_flat(session, tmp_path):
         writer.write(cv2.resize(scene_frame(i, rng), (480, 360)))
     writer.release()
     samples: dict[int, tuple[int, int, int]] = {}
+    answered = np.full(80, -1)  # the frame of each answer, preallocated: keeping them adds no objects
 
     class Probe(Sink):  # sample memory after answer 30 (warm: allocator pools filled) and answer 70, then stop
         def write(self, record):
             super().write(record)
+            answered[self.lines - 1] = record["frame"]
             if self.lines in (30, 70):
                 gc.collect()
                 samples[pipe.stats.frames_seen] = (rss_bytes(), len(gc.get_objects()), sys.getallocatedblocks())
             if self.lines == 70:
                 pipe.stop.set()
 
-    cam = FlakyCamera(big, rate=100)
+    cam = LockstepCamera(big)
     cam.open()
     cache = session.engine.cache
+    # Scene cuts (every 30 frames) fall on interval answers, so the change trigger never adds one.
     pipe = CameraPipeline(session=session, source=cam, prompts=["Describe."],
-                          trigger=Trigger(interval=0.1, change_threshold=0.3), json_out=Probe(), log=lambda m: None)
+                          trigger=LockstepTrigger(cam, interval=10 * cam.PERIOD, change_threshold=0.3),
+                          json_out=Probe(), clock=cam.clock, log=lambda m: None)
+    cam.pipe = pipe
     stats = pipe.run()
     (n0, (rss0, obj0, blk0)), (n1, (rss1, obj1, blk1)) = samples.items()
     print(f"soak frames {n0}->{n1}: RSS {rss1 - rss0:+d} B, objects {obj1 - obj0:+d}, blocks {blk1 - blk0:+d}; "
           f"{stats.summary()}")
-    assert stats.answers == 70 and stats.frames_seen > 200 and stats.frames_seen + stats.dropped > 400
+    assert answered[:70].tolist() == list(range(0, 700, 10)) and answered[70] == -1
+    assert (n0, n1) == (146, 346)  # frames seen at answers 30 and 70: frames 0, 2, ..., 690
+    assert stats.answers == 70 and stats.frames_seen == 346 and stats.dropped == 347  # 693 captured
     assert rss1 - rss0 < 8 * 2**20
     assert obj1 - obj0 < 50
     assert blk1 - blk0 < 2000
     assert session.engine.cache is cache and len(session.messages) == 2  # one session, reset per question
 
 
-def test_sigterm_stops_cleanly_and_flushes(capsys, tiny_vila, clip, tmp_path):
+def test_sigterm_stops_cleanly_and_flushes(capsys, tiny_vila, tmp_path, monkeypatch):
+    """SIGTERM while a --realtime file plays like a camera: the answer in progress is finished and
+    written, the video is finalised, and our own SIGTERM handler is back afterwards.
+
+    The signal is sent when the second JSON line is written, not after some wall time, and the
+    clip plays for a minute: stopping early cannot be mistaken for the clip ending."""
+    import cv2
+
+    long_clip = tmp_path / "long.avi"
+    writer = cv2.VideoWriter(str(long_clip), cv2.VideoWriter_fourcc(*"MJPG"), FPS, (W, H))
+    rng = np.random.default_rng(0)
+    frames = [scene_frame(i, rng) for i in range(N_FRAMES)]
+    for i in range(600):  # 60 s at 10 fps: --realtime can only take longer than that, never less
+        writer.write(frames[i % N_FRAMES])
+    writer.release()
     out = tmp_path / "live.avi"
     strays = []
     ours = lambda signum, frame: strays.append(signum)  # noqa: E731 - never let a late signal kill pytest
     previous = signal.signal(signal.SIGTERM, ours)
-    done = threading.Event()
+    write = JsonLines.write
 
-    def send_sigterm_once_running():
-        while not done.wait(0.02):  # wait until the camera command has installed its handler
-            if signal.getsignal(signal.SIGTERM) is not ours:
-                if not done.wait(1.0):
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return
+    def write_then_sigterm(self, record):
+        write(self, record)
+        if self.lines == 2:
+            assert signal.getsignal(signal.SIGTERM) is not ours  # the camera command's handler is in place
+            os.kill(os.getpid(), signal.SIGTERM)
 
-    killer = threading.Thread(target=send_sigterm_once_running, daemon=True)
-    killer.start()
+    monkeypatch.setattr(JsonLines, "write", write_then_sigterm)
     try:
-        # --realtime plays the 6 s clip at 10 fps like a camera; SIGTERM arrives about 1 s in.
-        code, lines, err = run_cli(capsys, *common(tiny_vila, clip), "--realtime", "--interval", "0.2",
-                                   "--output", str(out))
+        code, lines, err = run_cli(capsys, "--model", str(tiny_vila), "--source", str(long_clip),
+                                   "--max-new-tokens", "3", "--max-context", "256", "--realtime",
+                                   "--interval", "0.2", "--output", str(out))
     finally:
-        done.set()
-        killer.join(5)
         restored = signal.getsignal(signal.SIGTERM)
         signal.signal(signal.SIGTERM, previous)
-    assert code == 0
-    assert "SIGTERM: stopping" in err and "frames checked" in err
-    assert lines and all("answer" in r for r in lines)  # every line complete JSON
-    assert lines[-1]["stream_time_s"] < 4.0  # stopped early, not at the end of the clip
-    import cv2
-
+    assert code == 0, err
+    assert "SIGTERM: stopping" in err and "2 answered (2 answers)" in err
+    assert len(lines) == 2 and all("answer" in r for r in lines)  # complete JSON, nothing after the stop
+    assert lines[1]["stream_time_s"] >= lines[0]["stream_time_s"] + 0.2  # on the wall clock, like a camera
     cap = cv2.VideoCapture(str(out))  # the video was finalised, so it is readable
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     ok, frame = cap.read()
     cap.release()
-    assert ok and frame.shape == (H, W, 3) and 5 <= n < N_FRAMES
+    # Every captured frame was written, up to and past the last one answered; far from all 600.
+    assert ok and frame.shape == (H, W, 3) and lines[1]["frame"] < n < 600
     assert restored is ours and not strays  # our handler was put back; the signal went to the camera's

@@ -1,5 +1,8 @@
 """The capture thread: read a live source as fast as it delivers, keep only the newest frame.
 
+A recorded source read like a camera (--realtime) comes wrapped in
+edge_vlm.apps.media.frame_sources.PacedSource, which does the pacing: this loop never sleeps.
+
 A camera that is unplugged or a stream that drops is reopened with exponential back-off
 (0.5 s, 1 s, 2 s ... up to a ceiling), forever: the pipeline is meant to run unattended.
 """
@@ -20,12 +23,10 @@ from edge_vlm.apps.media.latest_frame import LatestFrameBuffer
 class CaptureThread(threading.Thread):
     def __init__(self, source: FrameSource, buffer: LatestFrameBuffer, stop: threading.Event,
                  clock: Callable[[], float] = time.monotonic, backoff: tuple[float, float] = (0.5, 30.0),
-                 on_frame: Callable[[np.ndarray], None] | None = None, log: Callable[[str], None] = print,
-                 pace_fps: float | None = None):
+                 on_frame: Callable[[np.ndarray], None] | None = None, log: Callable[[str], None] = print):
         super().__init__(name="edge-vlm-capture", daemon=True)
         self.source, self.buffer, self.stop, self.clock = source, buffer, stop, clock
         self.backoff, self.on_frame, self.log = backoff, on_frame, log
-        self.pace = 1.0 / pace_fps if pace_fps else 0.0  # play a recorded file at its own speed
         self.reconnects = 0
         self.delays: list[float] = []  # every back-off waited, for logs and tests
         self._delay = backoff[0]  # grows while reconnects fail or deliver nothing; reset by a good frame
@@ -35,7 +36,6 @@ class CaptureThread(threading.Thread):
         scratch: np.ndarray | None = None  # cv2 decodes into this array again and again
         try:
             while not self.stop.is_set():
-                t0 = time.monotonic()
                 frame = self.source.read(scratch)
                 if frame is None:
                     if not self.source.live or not self._reconnect():
@@ -45,8 +45,6 @@ class CaptureThread(threading.Thread):
                 self.buffer.put(frame, self.clock())
                 if self.on_frame:
                     self.on_frame(frame)
-                if self.pace:
-                    self.stop.wait(max(self.pace - (time.monotonic() - t0), 0.0))
         except BaseException as e:  # noqa: BLE001 - handed to the main thread, which re-raises it
             self.error = e
         finally:

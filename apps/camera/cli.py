@@ -15,7 +15,8 @@ Cameras and streams that drop are reconnected; Ctrl-C or SIGTERM stops cleanly.
 
 sources:
   csi://0                 Jetson CSI camera, sensor 0 (GStreamer nvarguscamerasrc)
-  /dev/video0 or 0        USB / V4L2 camera
+  0, 1, ...               a webcam by index (any OS; on Linux the /dev/videoN of that number)
+  /dev/video0             USB / V4L2 camera by device
   rtsp://HOST/PATH        IP camera or RTSP server (H.264, or --codec h265)
   clip.mp4                a video file (read in order; --interval is in video time)
   ./frames/               a folder of images, in name order (--fps sets their pace)
@@ -35,7 +36,7 @@ examples:
 def register(sub) -> None:
     import argparse
 
-    from edge_vlm.commands import DEFAULT_MODEL, _add_model_options
+    from edge_vlm.commands import DEFAULT_MODEL, _add_model_options, add_generation_options
 
     p = sub.add_parser("camera", help="answer questions about a live camera or video, continuously",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,11 +55,7 @@ def register(sub) -> None:
     g.add_argument("--context-frames", type=int, default=1, metavar="K",
                    help="show the model the last K answered frames together (motion, events); default 1")
     g.add_argument("--max-frames", type=int, metavar="N", help="stop after N source frames")
-    g = p.add_argument_group("answers")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit (default 64)")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, repeatable answers (default)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
-    g.add_argument("--seed", type=int, help="random seed")
+    add_generation_options(p.add_argument_group("answers"), temperature=0.0, max_new_tokens=64)
     g = p.add_argument_group("outputs and alerts")
     g.add_argument("--output", metavar="PATH|URL",
                    help="annotated video: a file (.mp4 .avi .mkv) or a stream (udp://HOST:PORT, rtsp://SERVER/PATH)")
@@ -103,7 +100,7 @@ def _check_args(args) -> None:
 
 def run(args) -> int:
     from edge_vlm.apps.media.frame_sources import open_source
-    from edge_vlm.generate import GenerationConfig
+    from edge_vlm.commands import generation_config
 
     from .alerts import Alerter, AlertRule
     from .outputs import AnnotatedVideo, JsonLines
@@ -132,8 +129,7 @@ def run(args) -> int:
         pipeline = CameraPipeline(
             session=ChatSession(model, system=args.system), source=source,
             prompts=args.prompt or ["Describe what you see in one sentence."], trigger=trigger,
-            gen=GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                                 seed=args.seed),
+            gen=generation_config(args),
             json_out=JsonLines(sys.stdout), video_out=video, alerter=alerter, context_frames=args.context_frames,
             realtime=args.realtime, max_frames=args.max_frames, log=_log)
     except BaseException:

@@ -38,7 +38,9 @@ class AnnotatedVideo:
     """Frames with the latest answer overlaid, written to a file or streamed (udp://, rtsp://).
 
     Opened on the first frame (its size fixes the video's); the overlay is drawn into one
-    reused buffer. `set_text` may be called from another thread than `write`.
+    reused buffer. Frames come in RGB like every source's; this is the one place they turn
+    BGR, the order OpenCV's video writer takes. `set_text` may be called from another thread
+    than `write`.
     """
 
     def __init__(self, target: str, fps: float = 15.0):
@@ -78,13 +80,14 @@ class AnnotatedVideo:
         self._writer = writer
 
     def write(self, frame: np.ndarray) -> None:
+        """Add one HxWx3 uint8 RGB frame, with the latest answer drawn on it."""
         import cv2
 
         if self._writer is None:
             self._open(frame.shape[1], frame.shape[0])
         if self._canvas is None or self._canvas.shape != frame.shape:
             self._canvas = np.empty_like(frame)
-        np.copyto(self._canvas, frame)
+        cv2.cvtColor(frame, cv2.COLOR_RGB2BGR, dst=self._canvas)
         with self._lock:
             lines = list(self._lines)
         scale = max(frame.shape[0] / 720, 0.35)

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from edge_vlm.apps.media.frame_sources import FrameSource
-from edge_vlm.generate import GenerationConfig
+from edge_vlm.apps.media.frame_sources import FrameSource, PacedSource
 from edge_vlm.apps.media.latest_frame import Frame, LatestFrameBuffer
+from edge_vlm.generate import GenerationConfig
 
 from .alerts import Alerter
 from .capture import CaptureThread
@@ -65,7 +65,7 @@ class CameraPipeline:
 
     def __post_init__(self):
         self.stats = PipelineStats()
-        self._rgb_ring: list[np.ndarray] = []  # the last K frames in RGB, storage reused
+        self._ring: list[np.ndarray] = []  # the last K answered frames, storage reused
         self._ring_next = 0
         self._capture: CaptureThread | None = None
 
@@ -86,10 +86,12 @@ class CameraPipeline:
     def _live_frames(self) -> Iterator[Frame]:
         buffer = LatestFrameBuffer(1)
         t0 = self.clock()
-        pace = (self.source.fps or 15.0) if self.realtime and not self.source.live else None
-        self._capture = CaptureThread(self.source, buffer, self.stop, clock=lambda: self.clock() - t0,
+        source = self.source
+        if self.realtime and not source.live and not isinstance(source, PacedSource):
+            source = PacedSource(source)  # a file read like a camera: at its own frame rate
+        self._capture = CaptureThread(source, buffer, self.stop, clock=lambda: self.clock() - t0,
                                       backoff=self.backoff, on_frame=self.video_out.write if self.video_out else None,
-                                      log=self.log, pace_fps=pace)
+                                      log=self.log)
         self._capture.start()
         out: np.ndarray | None = None
         last = -1
@@ -121,19 +123,18 @@ class CameraPipeline:
 
     # ---- answering -----------------------------------------------------------------------
 
-    def _context_images(self, bgr: np.ndarray) -> list[np.ndarray]:
-        import cv2
-
+    def _context_images(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """The last K answered frames, oldest first, copied: the source reuses its frame buffer."""
         k = self.context_frames
-        if len(self._rgb_ring) < k:
-            self._rgb_ring.append(np.empty_like(bgr))
-        slot = self._ring_next % len(self._rgb_ring)
-        if self._rgb_ring[slot].shape != bgr.shape:
-            self._rgb_ring[slot] = np.empty_like(bgr)
-        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=self._rgb_ring[slot])
+        if len(self._ring) < k:
+            self._ring.append(np.empty_like(rgb))
+        slot = self._ring_next % len(self._ring)
+        if self._ring[slot].shape != rgb.shape:
+            self._ring[slot] = np.empty_like(rgb)
+        np.copyto(self._ring[slot], rgb)
         self._ring_next += 1
-        n = len(self._rgb_ring)
-        return [self._rgb_ring[(self._ring_next + i) % n] for i in range(n)]  # oldest first
+        n = len(self._ring)
+        return [self._ring[(self._ring_next + i) % n] for i in range(n)]  # oldest first
 
     def answer(self, frame: Frame, reason: str, score: float | None) -> None:
         images = self._context_images(frame.image)

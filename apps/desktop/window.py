@@ -18,14 +18,17 @@ from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QMainWindow, QPlainTextEdit, QPushButton,
                                QSplitter, QVBoxLayout, QWidget)
 
-from .camera import Camera, CameraError, CameraFeed, OpenCVCamera
+from edge_vlm.apps.media.frame_sources import FrameSource
+from edge_vlm.errors import MediaError
+from edge_vlm.preprocess import IMAGE_SUFFIXES
+
+from .camera import CameraFeed, open_camera
 from .chat_view import ChatView
 from .conversation import Conversation
 from .panels import MAX_RECENT, CameraPanel, ModelPanel
 from .worker import AskRequest, ModelWorker, memory_in_use
 
-IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.gif *.tif *.tiff)"
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+IMAGE_FILTER = f"Images ({' '.join('*' + s for s in IMAGE_SUFFIXES)})"  # the file dialog offers what loads
 LIVE_KEEP_PX = 480  # longest side of the Live frames kept in the conversation
 
 
@@ -69,7 +72,7 @@ class MainWindow(QMainWindow):
     request_restore = Signal(object, str)
 
     def __init__(self, settings: QSettings | None = None,
-                 camera_factory: Callable[[int | str], Camera] = OpenCVCamera):
+                 camera_factory: Callable[[int | str], FrameSource] = open_camera):
         super().__init__()
         self.setWindowTitle("edge-vlm")
         self.resize(1280, 760)
@@ -390,10 +393,10 @@ class MainWindow(QMainWindow):
 
     def start_camera(self, source: int | str) -> bool:
         self.stop_camera()
-        feed = CameraFeed(self.camera_factory(source))
         try:
+            feed = CameraFeed(self.camera_factory(source))
             feed.start()
-        except CameraError as e:
+        except MediaError as e:
             self.show_error(str(e))
             return False
         except Exception as e:  # noqa: BLE001 - a driver failure is a message too

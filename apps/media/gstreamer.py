@@ -40,7 +40,8 @@ def _quote(location: str) -> str:
 def source_pipeline(kind: str, location: str, *, jetson: bool, width: int | None = None,
                     height: int | None = None, fps: float | None = None, flip: int = 0,
                     codec: str = "h264") -> str:
-    """The GStreamer source pipeline for one input, ending in an appsink that yields BGR frames.
+    """The GStreamer source pipeline for one input, ending in an appsink that yields BGR frames
+    (the order OpenCV's GStreamer backend reads; OpenCVSource hands them on as RGB).
 
     kind: "csi" (location = sensor id), "v4l2" (a /dev/videoN path), "rtsp" (a URL),
     "file" (a video path). `jetson` picks the hardware decoder and converter.

@@ -20,7 +20,7 @@ import numpy as np
 class Frame:
     """One captured image with where it sits in the stream."""
 
-    image: np.ndarray  # HxWx3 uint8 (BGR as OpenCV delivers it)
+    image: np.ndarray  # HxWx3 uint8 RGB, as every FrameSource delivers it
     index: int  # 0-based position in the stream (counts every frame put, dropped or not)
     timestamp: float  # seconds on the producer's clock
 

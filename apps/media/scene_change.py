@@ -14,10 +14,10 @@ THUMB = (32, 24)  # width, height of the thumbnail: coarse enough to ignore nois
 
 
 def thumbnail(image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """HxWx3 (or HxW) uint8 -> THUMB-sized float32 grayscale in 0..1."""
+    """HxWx3 RGB (or HxW) uint8 -> THUMB-sized float32 grayscale in 0..1."""
     import cv2
 
-    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     small = cv2.resize(gray, THUMB, interpolation=cv2.INTER_AREA)
     if out is None:
         out = np.empty(small.shape, np.float32)
