@@ -200,3 +200,19 @@ def make_llava(folder: Path, text_kind: str = "nemotron", vision_kind: str = "cl
     train_tokenizer(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(vision_kind, image_size)))
     return model
+
+
+def use_older_llava_key_names(folder: Path) -> None:
+    """Rename a make_llava folder's keys as transformers < 4.52 saved them: language_model.model.*,
+    language_model.lm_head.*, vision_tower.*, multi_modal_projector.*."""
+    from safetensors.torch import load_file, save_file
+
+    def old(key: str) -> str:
+        if key.startswith("model.language_model."):
+            return "language_model.model." + key[len("model.language_model."):]
+        if key.startswith("lm_head."):
+            return "language_model." + key
+        return key[len("model."):] if key.startswith("model.") else key
+
+    path = Path(folder) / "model.safetensors"
+    save_file({old(k): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})

@@ -86,3 +86,40 @@ def test_progress_callback_reports_every_stage(tiny_vila):
     for calls in seen.values():
         dones = [d for d, _ in calls]
         assert dones == sorted(dones) and calls[-1][0] == calls[-1][1] > 0  # rises to done == total
+
+
+def test_detect_layout_says_where_each_part_lives(tiny_vila, tiny_llava, reference):
+    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.loader import detect_layout
+
+    vila = detect_layout(tiny_vila)
+    assert (vila.kind, vila.llm_dir, vila.config_path, vila.vision_dir, vila.projector_dir, vila.layer_prefix) == (
+        "vila", tiny_vila / "llm", tiny_vila / "llm" / "config.json", tiny_vila / "vision_tower",
+        tiny_vila / "mm_projector", "model.layers.")
+    llava = detect_layout(tiny_llava)
+    assert llava.kind == "llava" and llava.llm_dir == llava.vision_dir == llava.projector_dir == tiny_llava
+    keys = TensorStore(tiny_llava).keys()
+    for prefix in (llava.layer_prefix + "0.", llava.vision_prefix, llava.projector_prefix):
+        assert any(k.startswith(prefix) for k in keys), prefix
+    text = detect_layout(reference[0])
+    assert (text.kind, text.multimodal, text.quantization, text.llm.arch) == ("llm", False, None, "qwen2")
+
+
+def test_older_llava_key_names_load_the_same_model(tiny_llava, tmp_path):
+    import shutil
+
+    from edge_vlm.loader import detect_layout
+    from tests.factories import use_older_llava_key_names
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_llava, old)
+    use_older_llava_key_names(old)
+    layout = detect_layout(old)
+    assert (layout.llm_prefix, layout.head_prefix, layout.vision_prefix) == (
+        "language_model.model.", "language_model.", "vision_tower.")
+    new_model, old_model = (load_model(f, device="cpu", progress=False, fast_path=False) for f in (tiny_llava, old))
+    ids = torch.randint(0, 380, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(logits(old_model, ids), logits(new_model, ids), rtol=0, atol=0)
+    pixels = torch.rand(1, 3, 28, 28)
+    torch.testing.assert_close(old_model.projector(old_model.vision(pixels)),
+                               new_model.projector(new_model.vision(pixels)), rtol=0, atol=0)

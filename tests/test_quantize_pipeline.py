@@ -394,3 +394,40 @@ def test_int8_embedding_option(tmp_path, tied):
     from edge_vlm import ChatSession, GenerationConfig
 
     assert isinstance(ChatSession(model).answer("hi", gen=GenerationConfig(max_new_tokens=3, temperature=0)), str)
+
+
+def test_older_llava_key_names_quantize_under_their_own_prefixes(tiny_llava, tmp_path):
+    """transformers < 4.52 LLaVA folders (language_model.model.*): int4 layers and lm_head keep that naming."""
+    import shutil
+
+    from edge_vlm import load_model
+    from edge_vlm.checkpoint import TensorStore
+    from tests.factories import use_older_llava_key_names
+
+    src = tmp_path / "old"
+    shutil.copytree(tiny_llava, src)
+    use_older_llava_key_names(src)
+    out = tmp_path / "out"
+    quantize_checkpoint(src, out, QuantizeSettings(method="rtn", group_size=32, quantize_lm_head=True), progress=False)
+    keys = set(TensorStore(out).keys())
+    assert "language_model.model.layers.0.mlp.up_proj.qweight" in keys and "language_model.lm_head.qweight" in keys
+    assert "vision_tower.embeddings.patch_embedding.weight" in keys and "multi_modal_projector.linear_1.weight" in keys
+    assert load_model(out, device="cpu", progress=False).info.quantization.startswith("awq w4")
+
+
+def test_calibration_images_go_through_the_loaders_checks(tiny_vila, tmp_path):
+    """The vision tower is read by load_model's own code: what it refuses, quantizing on images refuses too."""
+    import shutil
+
+    from PIL import Image
+
+    src = tmp_path / "s2"
+    shutil.copytree(tiny_vila, src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "s2": True}))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(imgs / "red.gif")  # every IMAGE_SUFFIXES format counts
+    with pytest.raises(UnsupportedModelError, match="S2 multi-scale image tiling") as e:
+        quantize_checkpoint(src, tmp_path / "out", QuantizeSettings(calib_images=str(imgs), **FAST), progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "out.partial").exists()
