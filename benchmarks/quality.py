@@ -44,7 +44,7 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
     from edge_vlm.quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
 
     if model is None:
-        from tests.real_model import smollm2_folder
+        from .real_model import smollm2_folder
 
         model = str(smollm2_folder())
     src = inspect_source(model)
@@ -74,36 +74,25 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
-# Nemotron-Mini-4B-Instruct (the LLM of Nemovision-4B), from its config.json
-NEMOTRON_MINI_4B = dict(model_type="nemotron", vocab_size=256000, hidden_size=3072, intermediate_size=9216,
-                        num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, head_dim=128,
-                        partial_rotary_factor=0.5, max_position_embeddings=4096, tie_word_embeddings=False)
-
-
-def memory_projection(llm_config: dict, context: int = 4096, group_size: int = 128) -> list[tuple[str, int, int]]:
-    """(variant, weight bytes, KV-cache bytes) of an LLM, counted on the meta device (no weights needed)."""
-    from edge_vlm.config import LLMConfig, QuantConfig
+def memory_projection(shape: str, context: int = 4096, group_size: int = 128) -> list[tuple[str, int, int]]:
+    """(variant, weight bytes, KV-cache bytes) of an LLM of `shapes.LLM_SHAPES`, counted on the meta
+    device (no weights needed)."""
+    from edge_vlm.config import QuantConfig
     from edge_vlm.kv_cache import kv_cache_bytes
-    from edge_vlm.llm import DecoderLM
-    from edge_vlm.quant_linear import prepare_quantized
     from edge_vlm.vlm import weight_bytes
 
-    cfg = LLMConfig.from_hf(llm_config)
+    from .shapes import llm_config, meta_llm
+
+    cfg = llm_config(shape)
     kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, context, 2)  # fp16 K and V
-
-    def fp16_weight_bytes(qcfg):
-        with torch.device("meta"):
-            llm = DecoderLM(cfg).to(torch.float16)
-        if qcfg:
-            prepare_quantized(llm, QuantConfig.from_hf(qcfg))  # quantized layers take the model's dtype for their scales
-        return weight_bytes(llm)
-
-    q = {"quant_method": "awq", "bits": 4, "group_size": group_size, "version": "gemm"}
-    return [("16-bit", fp16_weight_bytes(None), kv),
-            (f"int4 g{group_size} linears, 16-bit lm_head", fp16_weight_bytes(q), kv),
-            (f"int4 g{group_size} linears + int4 lm_head", fp16_weight_bytes({**q, "quantize_lm_head": True}), kv),
-            (f"int4 g{group_size} linears + int4 lm_head + int8 embeddings",
-             fp16_weight_bytes({**q, "quantize_lm_head": True, "quantize_embedding": True}), kv)]
+    q = QuantConfig(bits=4, group_size=group_size)
+    head = QuantConfig(bits=4, group_size=group_size, quantize_lm_head=True)
+    head_emb = QuantConfig(bits=4, group_size=group_size, quantize_lm_head=True, quantize_embedding=True)
+    return [(label, weight_bytes(meta_llm(cfg, qcfg)), kv) for label, qcfg in (
+        ("16-bit", None),
+        (f"int4 g{group_size} linears, 16-bit lm_head", q),
+        (f"int4 g{group_size} linears + int4 lm_head", head),
+        (f"int4 g{group_size} linears + int4 lm_head + int8 embeddings", head_emb))]
 
 
 def memory_table(rows, context: int) -> str:
@@ -129,7 +118,7 @@ def main(argv=None) -> int:
                    help="only print the projected memory of Nemotron-Mini-4B (Nemovision-4B's LLM) at 4096 tokens")
     a = p.parse_args(argv)
     if a.memory_projection:
-        print(memory_table(memory_projection(NEMOTRON_MINI_4B), 4096))
+        print(memory_table(memory_projection("nemotron-mini-4b"), 4096))
         return 0
     rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, a.search_tokens,
                not a.no_clip)

@@ -1,9 +1,17 @@
-"""Model shapes for speed benchmarks (random weights: speed depends on shapes, not values)."""
+"""The one table of real model shapes, from each checkpoint's config.json.
+
+The speed benchmarks build random weights of these shapes (speed depends on shapes, not values);
+the Jetson memory table and the quality memory projection size them on the meta device. All of
+them read this table, so a published figure never comes from a second copy of a shape.
+"""
 
 from __future__ import annotations
 
-from edge_vlm.config import LLMConfig, VisionConfig
+import torch
 
+from edge_vlm.config import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
+
+# Language models (LLMConfig fields).
 LLM_SHAPES: dict[str, dict] = {
     # VILA1.5-3B's language model (Llama; Sheared-LLaMA-2.7B shape)
     "vila1.5-3b": dict(arch="llama", vocab_size=32000, hidden_size=2560, intermediate_size=6912, num_layers=32,
@@ -12,24 +20,40 @@ LLM_SHAPES: dict[str, dict] = {
     "nemotron-mini-4b": dict(arch="nemotron", vocab_size=256000, hidden_size=3072, intermediate_size=9216,
                              num_layers=32, num_heads=24, num_kv_heads=8, head_dim=128, norm_eps=1e-5,
                              partial_rotary_factor=0.5),
+    # Llama-3-8B (Llama-3-VILA1.5-8B's LLM)
     "llama-3-8b": dict(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
                        num_heads=32, num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=500000.0),
+    # VILA1.5-13B's language model (Vicuna-13B shape)
+    "vila1.5-13b": dict(arch="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_layers=40,
+                        num_heads=40, num_kv_heads=40, head_dim=128, norm_eps=1e-5),
     # a few-kB model for the tests of the benchmark itself (not a speed figure)
     "tiny": dict(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, norm_eps=1e-5),
 }
 
-# The vision tower each VLM pairs with: SigLIP-so400m/14 at 384 px for VILA1.5-3B, CLIP ViT-L/14
-# at 336 px for Nemovision-4B (NeVA / LLaVA style). Llama-3-8B is text-only here.
-VISION_SHAPES: dict[str, dict] = {
-    "vila1.5-3b": dict(arch="siglip", image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
-                       num_layers=27, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
-    "nemotron-mini-4b": dict(arch="clip", image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-                             num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu",
-                             drop_cls=True),
-    "tiny": dict(arch="siglip", image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=2,
-                 num_heads=2, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
+# Vision towers (VisionConfig fields); both feed the projector from their second-last layer.
+# SigLIP-so400m/14 at 384 px: the tower of every VILA1.5.
+SIGLIP_384 = dict(arch="siglip", image_size=384, patch_size=14, hidden_size=1152, intermediate_size=4304,
+                  num_layers=27, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+# CLIP ViT-L/14 at 336 px: Nemovision-4B's (NeVA / LLaVA style, CLS dropped).
+CLIP_L_336 = dict(arch="clip", image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                  num_layers=24, num_heads=16, layer_norm_eps=1e-5, hidden_act="quick_gelu", drop_cls=True)
+TINY_TOWER = dict(arch="siglip", image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=2, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+
+# Whole VLMs: (LLM shape, vision tower, projector). VILA1.5's mlp_downsample merges 2x2 patches,
+# a LLaVA-style mlp2x_gelu keeps every patch.
+VLMS: dict[str, tuple[str, dict, str]] = {
+    "VILA1.5-3B": ("vila1.5-3b", SIGLIP_384, "mlp_downsample"),
+    "Nemovision-4B": ("nemotron-mini-4b", CLIP_L_336, "mlp2x_gelu"),
+    "Llama-3-VILA1.5-8B": ("llama-3-8b", SIGLIP_384, "mlp_downsample"),
+    "VILA1.5-13B": ("vila1.5-13b", SIGLIP_384, "mlp_downsample"),
 }
+
+# The VLM whose tower and projector a benchmark shape runs with; llama-3-8b is benchmarked text-only.
+BENCH_VLMS = {"vila1.5-3b": "VILA1.5-3B", "nemotron-mini-4b": "Nemovision-4B", "vila1.5-13b": "VILA1.5-13B"}
+# The shapes of the published GPU figures (bench_kernels' default on CUDA, scripts/gpu-figures).
+FIGURE_SHAPES = ("vila1.5-3b", "nemotron-mini-4b", "llama-3-8b")
 
 
 def llm_config(name: str, layers: int | None = None, vocab: int | None = None, max_positions: int = 8192) -> LLMConfig:
@@ -41,9 +65,47 @@ def llm_config(name: str, layers: int | None = None, vocab: int | None = None, m
     return LLMConfig(max_position_embeddings=max_positions, **d)
 
 
-# LLM tokens one image becomes: VILA1.5's mlp_downsample merges 27x27 SigLIP patches into 14x14;
-# a LLaVA-style mlp2x_gelu keeps CLIP-L/336's 24x24 patches.
-IMAGE_TOKENS = {"vila1.5-3b": 196, "nemotron-mini-4b": 576}
+def meta_llm(cfg: LLMConfig, quantization: QuantConfig | None = None):
+    """The LLM as the loader builds it, in fp16 on the meta device: sized from its shape, no weights."""
+    from edge_vlm.llm import DecoderLM
+    from edge_vlm.quant_linear import prepare_quantized
+
+    with torch.device("meta"):
+        llm = DecoderLM(cfg).to(torch.float16)
+        if quantization:
+            prepare_quantized(llm, quantization)  # quantized layers take the model's dtype for their scales
+    return llm
+
+
+def meta_vlm(name: str, quantization: QuantConfig | None = None, kv_int8: bool = False):
+    """A whole VLM of `VLMS` on the meta device, as `meta_llm` (`kv_int8`: as `--kv-cache int8` sizes its cache)."""
+    from edge_vlm.projector import Projector
+    from edge_vlm.vision import VisionTower
+    from edge_vlm.vlm import ModelInfo, VisionLanguageModel
+
+    llm_name, tower, projector_kind = VLMS[name]
+    cfg, vcfg = llm_config(llm_name), VisionConfig(**tower)
+    llm = meta_llm(cfg, quantization)
+    llm.kv_cache_int8 = kv_int8
+    with torch.device("meta"):
+        vision = VisionTower(vcfg).to(torch.float16)
+        projector = Projector(ProjectorConfig(projector_kind, vcfg.hidden_size, cfg.hidden_size)).to(torch.float16)
+    info = ModelInfo(name, "vila", cfg.arch, vcfg.arch, projector_kind)
+    return VisionLanguageModel(llm, None, None, info, vision, projector)
+
+
+VISION_SHAPES: dict[str, dict] = {**{shape: VLMS[vlm][1] for shape, vlm in BENCH_VLMS.items()}, "tiny": TINY_TOWER}
+
+
+def __getattr__(name: str):
+    """IMAGE_TOKENS, the LLM tokens one image of a bench shape becomes, counted by the runtime's own
+    tower and projector; built on first use, since modules on the meta device cost seconds and
+    `edge-vlm` imports this table for every command."""
+    if name != "IMAGE_TOKENS":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    global IMAGE_TOKENS
+    IMAGE_TOKENS = {shape: meta_vlm(vlm).tokens_per_image for shape, vlm in BENCH_VLMS.items()}
+    return IMAGE_TOKENS
 
 
 def vision_config(name: str, layers: int | None = None) -> VisionConfig | None:
@@ -62,4 +124,4 @@ def linear_shapes(name: str) -> list[tuple[str, int, int]]:
     shapes = [("q_proj", d, q), ("k/v_proj", d, kv), ("o_proj", q, d)]
     shapes += [("gate+up", d, 2 * f)] if c.arch == "llama" else [("up_proj", d, f)]
     shapes += [("down_proj", f, d), ("lm_head", d, c.vocab_size)]
-    return [(label, k, n) for label, k, n in shapes]
+    return shapes
