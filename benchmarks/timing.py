@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: median wall time, device sync, copy bandwidth."""
+"""Timing helpers shared by the benchmarks: one synchronised call, median wall time, copy bandwidth."""
 
 from __future__ import annotations
 
@@ -27,13 +27,17 @@ def median_time(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> fl
             return do_bench_cudagraph(fn, rep=max(20, reps), return_mode="median") / 1e3
         except Exception:  # not capturable: fall back to synchronised wall time
             pass
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(wall_time(fn, device) for _ in range(reps))
+
+
+def wall_time(fn, device: torch.device) -> float:
+    """Seconds of one call, the device synchronised before and after: earlier queued work is not counted, its own is."""
+    device = torch.device(device)
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
 
 
 def copy_bandwidth(device: torch.device, mib: int | None = None) -> float:

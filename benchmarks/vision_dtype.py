@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
 from .random_model import build_vision
 from .shapes import VISION_SHAPES, vision_config
+from .timing import wall_time
 
 
 def main(argv=None) -> None:
@@ -31,12 +31,7 @@ def main(argv=None) -> None:
     with torch.inference_mode():
         for name, tower in (("float32", fp32), ("bfloat16", bf16)):
             out[name] = tower(pixels).float()  # warm-up, and the features compared below
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                tower(pixels)
-                times.append(time.perf_counter() - t)
-            ms[name] = 1e3 * min(times)
+            ms[name] = 1e3 * min(wall_time(lambda: tower(pixels), "cpu") for _ in range(args.repeats))
     ref, got = out["float32"], out["bfloat16"]
     rel = float((got - ref).norm() / ref.norm())
     cos = float(torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)))
