@@ -144,6 +144,8 @@ def _llava_layout(folder: Path, top: dict) -> CheckpointLayout:
 # ------------------------------------------------------------------ vision tower and projector
 
 class VisionConfigs(NamedTuple):
+    """Read apart from the weights, so that load_model refuses a bad config before loading anything."""
+
     vision: VisionConfig
     projector: ProjectorConfig
     image: ImageConfig
