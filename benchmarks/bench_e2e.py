@@ -20,9 +20,8 @@ from types import SimpleNamespace
 
 import torch
 
-from edge_vlm.cuda_engine import make_engine
+from edge_vlm.backends import make_engine, optimize_for_device
 from edge_vlm.generate import Engine
-from edge_vlm.kernels.dispatch import optimize_for_device
 from edge_vlm.kv_cache import kv_cache_bytes
 from edge_vlm.vlm import weight_bytes
 

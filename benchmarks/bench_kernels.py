@@ -39,7 +39,7 @@ def _tinygemm(q: torch.Tensor, z: torch.Tensor, s: torch.Tensor):
 
 
 def bench_cuda(models: list[str], device: torch.device) -> tuple[list[dict], float]:
-    from edge_vlm.kernels.w4a16 import w4a16_matmul
+    from edge_vlm.backends.triton.w4a16 import w4a16_matmul
 
     bw = copy_bandwidth(device)
     rows = []
@@ -68,7 +68,7 @@ def bench_cuda(models: list[str], device: torch.device) -> tuple[list[dict], flo
 def bench_cpu(models: list[str], reps: int) -> tuple[list[dict], float]:
     """Per layer: torch's int4 CPU matmul with bf16 and with fp32 activations, the reference
     dequantize+matmul, and a dense fp32 matmul, at 1 row (decode) and 128 rows (a prompt)."""
-    from edge_vlm.kernels.modules import CpuInt4Linear
+    from edge_vlm.backends.cpu.int4_linear import CpuInt4Linear
 
     from .random_model import random_awq_linear
 
@@ -106,7 +106,7 @@ def bench_attention(models: list[str], device: torch.device, contexts=(128, 2048
     runs through Triton's interpreter: that checks the harness, not speed."""
     import torch.nn.functional as F
 
-    from edge_vlm.kernels.decode_attention import decode_attention
+    from edge_vlm.backends.triton.decode_attention import decode_attention
 
     from .shapes import llm_config
 

@@ -74,7 +74,8 @@ def run(args) -> int:
     if extras:
         note += f" Ours with {' and '.join(extras)}."
     if device.type == "cpu":  # what the runtime chose on this CPU (timed at load; EDGE_VLM_CPU_BF16 forces it)
-        from edge_vlm.kernels.modules import cpu_bf16_matmul_is_faster, cpu_int4_available, cpu_int4_compute_dtype
+        from edge_vlm.backends.cpu.int4_linear import cpu_int4_available
+        from edge_vlm.backends.cpu.timing import cpu_bf16_matmul_is_faster, cpu_int4_compute_dtype
 
         act = str(cpu_int4_compute_dtype()).replace("torch.", "") if cpu_int4_available() else "n/a"
         note += f" Ours on this CPU: int4 matmul with {act} activations, vision tower in " \

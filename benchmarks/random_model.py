@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from edge_vlm.config import LLMConfig, VisionConfig
-from edge_vlm.kernels.int4_layout import from_ints
+from edge_vlm.int4_formats import pack_triton
 from edge_vlm.llm import DecoderLM
 from edge_vlm.vision import VisionTower
 
@@ -94,9 +94,9 @@ def build_vision(cfg: VisionConfig, device, dtype, seed: int = 0) -> VisionTower
 
 
 def int4_weight_for_bench(k: int, n: int, device, seed: int = 0):
-    """An `Int4Weight` of random integers (the kernel benchmark's input)."""
+    """A `TritonInt4Weight` of random integers (the kernel benchmark's input)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     q = torch.randint(0, 16, (k, n), device=device, dtype=torch.int32, generator=gen)
     z = torch.randint(0, 16, (k // GROUP, n), device=device, dtype=torch.int32, generator=gen)
     s = (torch.rand((k // GROUP, n), device=device, generator=gen) * 0.01).half()
-    return from_ints(q, z, s, GROUP), (q, z, s)
+    return pack_triton(q, z, s, GROUP), (q, z, s)

@@ -43,7 +43,7 @@ def bench_ours_int4(folder, prompt_ids, new_tokens, repeat) -> list[tuple]:
     """Our runtime on 4-bit copies of the model (group 64: SmolLM2's 576 is not a multiple of 128)."""
     import tempfile
 
-    from edge_vlm.kernels.modules import cpu_int4_compute_dtype
+    from edge_vlm.backends.cpu.timing import cpu_int4_compute_dtype
     from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     act = str(cpu_int4_compute_dtype()).replace("torch.", "")

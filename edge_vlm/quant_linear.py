@@ -2,8 +2,8 @@
 
 It is the reference every fast int4 kernel is tested against, and the CPU fallback. Its
 state-dict names and shapes are exactly AutoAWQ's (`qweight`, `qzeros`, `scales`, `bias`),
-so checkpoints load by name; GPU backends swap these modules for their own at load time and
-rely on the attributes in_features, out_features, group_size and w_bit.
+so checkpoints load by name; the backends (edge_vlm/backends/) recognise it by type and swap it
+for their own modules at load time.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .awq_format import dequantize_gemm
 from .config import QuantConfig
 from .errors import UnsupportedModelError
+from .int4_formats import dequantize_gemm
+from .int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 class WQLinear(nn.Module):
@@ -36,10 +37,6 @@ class WQLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """The weight as nn.Linear stores it: [out_features, in_features]."""
-        return dequantize_gemm(self.qweight, self.qzeros, self.scales, self.group_size).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_gemm(self.qweight, self.qzeros, self.scales, self.group_size).to(x.dtype)
@@ -67,25 +64,6 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return dequantize_int8_rows(self.qweight[ids], self.scales[ids], self.scales.dtype)
-
-
-def quantize_int8_rows(x: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., D] float -> (int8 [..., D], scales [...] in `scale_dtype`): symmetric per row (last dim).
-
-    scale = max|row| / 127, rounded to `scale_dtype` before the integers are computed (they are
-    exact for the scale as stored); integers rounded half away from zero, the rule the Triton
-    KV-cache write uses too. Error per entry: at most half a step, max|row| / 254. Used for int8
-    token embeddings (fp16 scales) and the int8 KV cache (fp32 scales).
-    """
-    x = x.float()
-    scale = (x.abs().amax(dim=-1).clamp(min=1e-8) / 127).to(scale_dtype)
-    y = x / scale.float()[..., None]
-    q = torch.sign(y) * torch.floor(y.abs() + 0.5)
-    return q.clamp(-127, 127).to(torch.int8), scale
-
-
-def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (q.float() * scale.float()[..., None]).to(dtype)
 
 
 def quantize_embedding_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,6 @@
-"""Shared by the kernel tests: devices to run on, and a reference AWQ packer written from the spec.
-
-The packer is deliberately independent of edge_vlm (a per-nibble loop over the AutoAWQ order),
-so a bug in the runtime's unpacking cannot hide behind the same bug in the test.
+"""Shared by the kernel tests: devices to run on, random int4 weights, and AWQ layers whose
+buffers come from the spec's reference packer (tests/awq_reference.py) and whose forward is
+the spec's dequantization, so the fast modules are checked against more than the runtime itself.
 """
 
 from __future__ import annotations
@@ -9,20 +8,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-# CPU: kernels run through Triton's interpreter (no TRITON_INTERPRET needed; see kernels/launcher.py).
+from edge_vlm.quant_linear import WQLinear
+from tests.awq_reference import awq_pack
+
+# CPU: kernels run through Triton's interpreter (no TRITON_INTERPRET needed; see backends/triton/launcher.py).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-SPEC_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of an AutoAWQ int32 holds column 8c + SPEC_ORDER[i]
-
-
-def awq_pack(values: torch.Tensor) -> torch.Tensor:
-    """[R, C] ints 0..15 -> int32 [R, C/8], AutoAWQ GEMM order (written from the format spec)."""
-    r, c = values.shape
-    out = torch.zeros((r, c // 8), dtype=torch.int64)
-    for block in range(c // 8):
-        for nibble, col in enumerate(SPEC_ORDER):
-            out[:, block] |= values[:, 8 * block + col].long() << (4 * nibble)
-    out = torch.where(out >= 2**31, out - 2**32, out)
-    return out.to(torch.int32)
 
 
 def random_int4(k: int, n: int, group: int, seed: int, scale_dtype=torch.float16):
@@ -40,17 +30,18 @@ def exact_dequant(q, z, s, group: int) -> torch.Tensor:
     return (q.double() - z.double()[rows]) * s.double()[rows]
 
 
-class AwqLinearStandIn(nn.Module):
-    """A module holding AutoAWQ GEMM buffers, with the spec's plain forward (dequantize, matmul)."""
+class SpecWQLinear(WQLinear):
+    """A WQLinear (so the backends swap it like a loaded one) packed by the reference packer, with
+    the spec's forward: dequantize exactly in float64, then matmul."""
 
     def __init__(self, q, z, s, group: int, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.in_features, self.out_features = q.shape
-        self.group_size, self.w_bit = group, 4
-        self.register_buffer("qweight", awq_pack(q))
-        self.register_buffer("qzeros", awq_pack(z))
-        self.register_buffer("scales", s)
-        self.register_buffer("bias", bias)
+        k, n = q.shape
+        super().__init__(k, n, group, 4, bias is not None, dtype=s.dtype)
+        self.qweight.copy_(awq_pack(q))
+        self.qzeros.copy_(awq_pack(z))
+        self.scales.copy_(s)
+        if bias is not None:
+            self.bias.copy_(bias)
         self._q, self._z = q, z
 
     def forward(self, x):
@@ -59,7 +50,7 @@ class AwqLinearStandIn(nn.Module):
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
 
-def quantize_linear(linear: nn.Linear, group: int, seed: int) -> AwqLinearStandIn:
+def quantize_linear(linear: nn.Linear, group: int, seed: int) -> SpecWQLinear:
     """Round-to-nearest asymmetric int4 of an nn.Linear's weight (so the model stays sensible)."""
     w = linear.weight.detach().t().float()  # [K, N]
     k, n = w.shape
@@ -69,7 +60,7 @@ def quantize_linear(linear: nn.Linear, group: int, seed: int) -> AwqLinearStandI
     z = (-lo / s).round().clamp(0, 15)
     q = (wg / s[:, None] + z[:, None]).round().clamp(0, 15).reshape(k, n).long()
     bias = linear.bias.detach().clone() if linear.bias is not None else None
-    return AwqLinearStandIn(q, z.long(), s.to(linear.weight.dtype), group, bias)
+    return SpecWQLinear(q, z.long(), s.to(linear.weight.dtype), group, bias)
 
 
 def fused_step(decoder, token_id: int) -> torch.Tensor:

@@ -11,23 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_vlm.awq_format import (TinyChatStore, dequantize_gemm, pack_gemm, pack_int4_columns, tinychat_scale_rows,
-                                 tinychat_to_gemm, unpack_int4_columns, unpack_tinychat_qweight)
-
-GEMM_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i of each int32 holds column GEMM_ORDER[i] of its block of 8
-
-
-def reference_gemm_pack(values: torch.Tensor) -> torch.Tensor:
-    """Element-by-element AutoAWQ GEMM packing of [R, N] ints -> int32 [R, N/8]."""
-    r, n = values.shape
-    out = [[0] * (n // 8) for _ in range(r)]
-    for i in range(r):
-        for j in range(n // 8):
-            word = 0
-            for nib, col in enumerate(GEMM_ORDER):
-                word |= int(values[i, 8 * j + col]) << (4 * nib)
-            out[i][j] = word - (1 << 32) if word >= 1 << 31 else word
-    return torch.tensor(out, dtype=torch.int32)
+from edge_vlm.awq_format import TinyChatStore
+from edge_vlm.int4_formats import (AWQ_ORDER, dequantize_gemm, pack_gemm, pack_nibbles, tinychat_scale_rows,
+                                   tinychat_to_gemm, unpack_nibbles, unpack_tinychat_qweight)
+from tests.awq_reference import awq_pack, awq_unpack
 
 
 def tinychat_position(k: int) -> int:
@@ -64,10 +51,10 @@ def reference_tinychat_pack(q: torch.Tensor) -> torch.Tensor:
 def test_gemm_packing_matches_reference_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 16, (6, 32), generator=g)
-    packed = pack_int4_columns(values)
+    packed = pack_nibbles(values, AWQ_ORDER)
     assert packed.dtype == torch.int32 and packed.shape == (6, 4)
-    assert torch.equal(packed, reference_gemm_pack(values))
-    assert torch.equal(unpack_int4_columns(packed).long(), values)
+    assert torch.equal(packed, awq_pack(values))
+    assert torch.equal(unpack_nibbles(packed, AWQ_ORDER).long(), values)
 
 
 def test_gemm_dequantize_is_q_minus_zero_times_scale():
@@ -117,8 +104,8 @@ def test_tinychat_to_gemm_keeps_the_same_weights():
     ref = q.float() * scales.float().repeat_interleave(group, 1) + sz[: k // group].float().t().repeat_interleave(group, 1)
     # the integers and zero points come back exactly; the only difference is TinyChat's fp16 rounding of
     # -s*z, at most half an fp16 ulp (2^-11 relative) of the largest |s*z|
-    assert torch.equal(unpack_int4_columns(gemm["qweight"]).long().t(), q)
-    assert torch.equal(unpack_int4_columns(gemm["qzeros"]).long().t(), zeros)
+    assert torch.equal(awq_unpack(gemm["qweight"]).t(), q)
+    assert torch.equal(awq_unpack(gemm["qzeros"]).t(), zeros)
     torch.testing.assert_close(w.t(), ref, atol=2**-11 * float(sz.float().abs().max()), rtol=0)
 
 
@@ -132,6 +119,7 @@ def _tiny_llm_for_tinychat(folder: Path):
 def test_vila_with_tinychat_llm_loads_and_matches_dequantized_reference(tmp_path):
     """A VILA folder whose llm/ holds only a TinyChat `.pt` (the published VILA AWQ layout)."""
     from edge_vlm import load_model
+    from edge_vlm.quant_linear import WQLinear
     from edge_vlm.quantize.groupwise import quantize_weight
     from tests.factories import make_vila
 
@@ -157,7 +145,7 @@ def test_vila_with_tinychat_llm_loads_and_matches_dequantized_reference(tmp_path
 
     model = load_model(tmp_path / "vila", device="cpu", progress=False, fast_path=False)
     assert model.info.quantization == "awq w4 g32"
-    assert type(model.llm.layers[0].mlp.down_proj).__name__ == "WQLinear"
+    assert isinstance(model.llm.layers[0].mlp.down_proj, WQLinear)
     assert (tmp_path / "vila" / "vision_tower").is_dir() and model.vision is not None
 
     ref_llm = _dense_reference(tmp_path / "src-llm", dequant)
@@ -195,7 +183,7 @@ def test_tinychat_store_infers_group_size_from_shapes(tmp_path):
                                            "model.layers.0.mlp.up_proj.scales", "model.norm.weight"])
     for key in store.keys():
         assert tuple(store.meta(key).shape) == tuple(store.get(key).shape)
-    assert torch.equal(unpack_int4_columns(store.get("model.layers.0.mlp.up_proj.qzeros")).long(), zeros.t())
+    assert torch.equal(awq_unpack(store.get("model.layers.0.mlp.up_proj.qzeros")), zeros.t())
 
 
 def test_truncated_tinychat_file_is_one_line_error(tmp_path):

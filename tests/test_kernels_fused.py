@@ -1,7 +1,7 @@
 """Fused norm, rotary + KV write, decode attention, epilogue kernels, the static decode step,
 and `optimize_for_device`, each against the plain torch path of the runtime.
 
-CPU: Triton's interpreter (kernels/launcher.py wraps each kernel per device, so
+CPU: Triton's interpreter (backends/triton/launcher.py wraps each kernel per device, so
 TRITON_INTERPRET is never set and nothing leaks into the rest of the suite; a test below checks
 that). CUDA when present.
 """
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")  # the kernels need it (the `gpu`/`test` extras)
 
-from edge_vlm.kernels.activations import relu_sq, silu_mul
-from edge_vlm.kernels.decode_attention import decode_attention
-from edge_vlm.kernels.norms import LAYERNORM1P, RMS, add_norm
-from edge_vlm.kernels.rotary_kv import rotary_kv_write
+from edge_vlm.backends.triton.activations import relu_sq, silu_mul
+from edge_vlm.backends.triton.decode_attention import decode_attention
+from edge_vlm.backends.triton.norms import LAYERNORM1P, RMS, add_norm
+from edge_vlm.backends.triton.rotary_kv import rotary_kv_write
 from edge_vlm.llm import LayerNorm1P, RMSNorm
 from edge_vlm.rotary import apply_rotary
 from tests.kernel_helpers import DEVICES, fused_step, quantize_linear
@@ -114,10 +114,10 @@ def test_decode_attention_matches_sdpa(device, heads, kv_heads, head_dim, length
 ])
 def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_heads, head_dim, rotary_dim, tokens,
                                                            start):
-    """The int8 write stores what quant_linear.quantize_int8_rows makes of the reference's rotated
+    """The int8 write stores what int8_rows.quantize_int8_rows makes of the reference's rotated
     fp16 key and of the value: the same int8 codes (one step apart at most, where the kernel's
     fp32 rotation rounds to a different fp16 neighbour than apply_rotary) and the same scales."""
-    from edge_vlm.quant_linear import quantize_int8_rows
+    from edge_vlm.int8_rows import quantize_int8_rows
 
     s_max = 16
     q, k, v, cos, sin = _rotary_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, s_max, 11, device)
@@ -140,7 +140,7 @@ def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_he
 def test_decode_attention_over_an_int8_cache_matches_sdpa_on_its_values(device):
     """With an int8 cache the kernel scales each cached vector in registers: the result is
     attention over exactly the dequantized cache."""
-    from edge_vlm.quant_linear import dequantize_int8_rows
+    from edge_vlm.int8_rows import dequantize_int8_rows
 
     heads, kv_heads, head_dim, s_max, length = 4, 2, 16, 40, 29
     gen = torch.Generator().manual_seed(21)
@@ -194,7 +194,7 @@ def _prefill_then_step(llm, ids, step):
 
 
 def test_fused_decode_step_matches_decoder_forward(tiny_model):
-    from edge_vlm.kernels.fused_decode import FusedDecoder
+    from edge_vlm.backends.triton.fused_decode import FusedDecoder
 
     llm = tiny_model.llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
@@ -209,8 +209,8 @@ def test_fused_decode_step_matches_decoder_forward(tiny_model):
 
 def test_fused_decode_step_over_an_int8_cache_matches_decoder_forward(tiny_model):
     """What the CUDA graph replays, with an int8 KV cache: the step writes and reads the cache as
-    the reference model does (quant_linear.quantize_int8_rows), so logits and cache agree."""
-    from edge_vlm.kernels.fused_decode import FusedDecoder
+    the reference model does (int8_rows.quantize_int8_rows), so logits and cache agree."""
+    from edge_vlm.backends.triton.fused_decode import FusedDecoder
 
     llm = tiny_model.llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(6))
@@ -247,8 +247,8 @@ def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
     step all match the reference model's logits."""
     import copy
 
-    from edge_vlm.kernels.dispatch import optimize_for_device
-    from edge_vlm.kernels.fused_decode import FusedDecoder
+    from edge_vlm.backends import optimize_for_device
+    from edge_vlm.backends.triton.fused_decode import FusedDecoder
 
     for kind in ("llama", "nemotron"):
         ref = _tiny(kind, tmp_path_factory).llm
@@ -283,9 +283,9 @@ def test_triton_path_with_int4_lm_head_and_int8_embeddings():
 
     from edge_vlm.benchmarks.random_model import build_llm
     from edge_vlm.benchmarks.shapes import llm_config
-    from edge_vlm.kernels.dispatch import optimize_for_device
-    from edge_vlm.kernels.fused_decode import FusedDecoder
-    from edge_vlm.kernels.modules import TritonW4Linear
+    from edge_vlm.backends import optimize_for_device
+    from edge_vlm.backends.triton.fused_decode import FusedDecoder
+    from edge_vlm.backends.triton.modules import TritonW4Linear
 
     ref = build_llm(llm_config("tiny"), "cpu", torch.float32, int4=True, int4_lm_head=True, int8_embedding=True)
     fast = copy.deepcopy(ref)
@@ -305,17 +305,17 @@ def test_triton_path_with_int4_lm_head_and_int8_embeddings():
 def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
     import copy
 
-    from edge_vlm.kernels import modules
-    from edge_vlm.kernels.dispatch import optimize_for_device
-    from tests.kernel_helpers import AwqLinearStandIn
+    from edge_vlm.backends import optimize_for_device
+    from edge_vlm.backends.cpu import int4_linear
+    from tests.kernel_helpers import SpecWQLinear
 
-    if not modules.cpu_int4_available():
+    if not int4_linear.cpu_int4_available():
         pytest.skip("this torch has no int4 CPU matmul")
-    monkeypatch.setattr(modules, "cpu_int4_compute_dtype", lambda: compute)  # both choices, whatever this CPU prefers
+    monkeypatch.setattr(int4_linear, "cpu_int4_compute_dtype", lambda: compute)  # both choices, whatever this CPU prefers
     model = _tiny("llama", tmp_path_factory)
     before = dict(model.llm.named_modules())
     assert optimize_for_device(model) == {}  # unquantized on CPU: untouched, module for module
-    assert dict(model.llm.named_modules()) == before and model.llm.kernel_backend == "torch"
+    assert dict(model.llm.named_modules()) == before
 
     ref = model.llm
     _quantize_layers(ref)
@@ -323,9 +323,9 @@ def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
     counts = optimize_for_device(fast)
     assert counts == {"cpu_int4_linear": 2 * 7}
     down = fast.layers[0].mlp.down_proj
-    assert isinstance(down, modules.CpuInt4Linear)
+    assert isinstance(down, int4_linear.CpuInt4Linear)
     # fp32 keeps the AWQ layer for prefill; bf16 needs no fallback
-    assert (type(down.reference) is AwqLinearStandIn) if compute == torch.float32 else down.reference is None
+    assert (type(down.reference) is SpecWQLinear) if compute == torch.float32 else down.reference is None
     assert optimize_for_device(fast) == {}  # idempotent: the kept AWQ layer is not swapped again
     ids = torch.randint(0, ref.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -347,7 +347,7 @@ def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
 
 def test_optimize_for_device_skips_meta():
     from edge_vlm.config import LLMConfig
-    from edge_vlm.kernels.dispatch import optimize_for_device
+    from edge_vlm.backends import optimize_for_device
     from edge_vlm.llm import DecoderLM
     from tests.factories import llm_config
 
@@ -361,7 +361,7 @@ def test_interpreter_does_not_leak():
     names to the modules whose kernels the compiler will later read."""
     from triton.runtime.jit import JITFunction
 
-    import edge_vlm.kernels.activations as kernels_module
+    import edge_vlm.backends.triton.activations as kernels_module
 
     call = JITFunction.__call__
     tl = triton.language
@@ -384,7 +384,7 @@ def test_interpreter_does_not_leak():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
-    from edge_vlm.cuda_engine import CUDAGraphEngine
+    from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
     from edge_vlm.loader import load_model
     from tests.factories import make_llm
@@ -409,7 +409,8 @@ def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
 
 
 def test_make_engine_picks_the_plain_engine_off_gpu(tmp_path_factory):
-    from edge_vlm.cuda_engine import CUDAGraphEngine, make_engine
+    from edge_vlm.backends import make_engine
+    from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
 
     llm = _tiny("llama", tmp_path_factory).llm
@@ -424,9 +425,9 @@ def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path
     """If a GPU stack cannot capture the decode step, chat goes on (slower) with the plain step:
     same logits as the reference engine, one warning, and no second capture attempt. Runs on CPU
     with the capture replaced by a failure (the rest of the engine is device-independent)."""
-    from edge_vlm.cuda_engine import CUDAGraphEngine
+    from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
-    from edge_vlm.kernels.fused_decode import FusedDecoder
+    from edge_vlm.backends.triton.fused_decode import FusedDecoder
 
     class CaptureFails(CUDAGraphEngine):
         def __init__(self, llm, max_context):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edge_vlm.kv_cache import StaticKVCache, kv_cache_bytes
-from edge_vlm.quant_linear import dequantize_int8_rows, quantize_int8_rows
+from edge_vlm.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 def test_quantized_vectors_are_within_half_a_step():

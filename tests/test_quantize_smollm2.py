@@ -67,7 +67,7 @@ def test_cpu_int4_fast_path_keeps_the_quantized_models_perplexity(smollm2, tmp_p
     wrong weight order or scale (which gives perplexity in the hundreds).
     """
     from edge_vlm import load_model
-    from edge_vlm.kernels.modules import CpuInt4Linear, cpu_int4_available
+    from edge_vlm.backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
     from edge_vlm.perplexity import perplexity
     from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 

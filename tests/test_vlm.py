@@ -163,9 +163,9 @@ def test_vila_config_fields_are_honoured(tmp_path):
 def test_cpu_vision_runs_in_bf16_only_where_that_is_faster(tiny_vila, monkeypatch, bf16_faster):
     """On CPU the vision tower and projector run in bf16 when dense bf16 matmuls are the faster
     ones here (timed once); the LLM keeps its dtype and receives its own dtype back."""
-    from edge_vlm.kernels import dispatch
+    from edge_vlm.backends import cpu
 
-    monkeypatch.setattr(dispatch, "cpu_bf16_matmul_is_faster", lambda: bf16_faster)
+    monkeypatch.setattr(cpu, "cpu_bf16_matmul_is_faster", lambda: bf16_faster)
     fast = load_model(tiny_vila, device="cpu", progress=False)
     ref = load_model(tiny_vila, device="cpu", progress=False, fast_path=False)
     tower = torch.bfloat16 if bf16_faster else torch.float32

@@ -1,4 +1,4 @@
-"""W4A16 matrix multiply: fp16 activations x int4 weights (`Int4Weight` layout), fp32 accumulation.
+"""W4A16 matrix multiply: fp16 activations x int4 weights (`TritonInt4Weight` layout), fp32 accumulation.
 
 Two kernels, picked by the number of rows M of x:
 - GEMV (decode, M <= 8): one program per (block of output rows, token). Each step loads a
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from .int4_layout import Int4Weight
+from ...int4_formats import TritonInt4Weight
 from .launcher import kernel, next_power_of_2
 
 ACT_NONE, ACT_RELU2, ACT_SILU_MUL = 0, 1, 2
@@ -117,7 +117,7 @@ def _gemv_blocks(n: int, k: int) -> tuple[int, int]:
     return min(block_n, next_power_of_2(n)), min(32, next_power_of_2(k // 8))
 
 
-def w4a16_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, act: int = ACT_NONE,
+def w4a16_matmul(x: torch.Tensor, w: TritonInt4Weight, bias: torch.Tensor | None = None, act: int = ACT_NONE,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """y = act(x @ dequantize(w) + bias), x [..., K] fp16 (or fp32 on CPU), y in x's dtype.
 

@@ -5,7 +5,7 @@ rotates the key and stores key and value straight into the static cache at posit
 start + t. The start position is read from a device tensor, so the same launch serves every
 decode step of a CUDA graph. Rotation follows rotary.apply_rotary (rotate-half on the first R
 features, the rest passed through); it is computed in fp32 and rounded once. With an int8
-cache (QUANT) the rounded key and the value are then quantized as quant_linear.quantize_int8_rows
+cache (QUANT) the rounded key and the value are then quantized as int8_rows.quantize_int8_rows
 does: one scale max|x| / 127 per vector, rounded half away from zero.
 """
 

@@ -7,10 +7,9 @@ replays a graph of `FusedDecoder.forward`, whose kernels read the position from 
 (rotary + KV write at `pos`, attention over `pos + 1` cached tokens). Nothing is allocated
 per token, and the static KV cache is the one prefill fills.
 
-Use `make_engine(llm, max_context)`: the graph engine on CUDA with Triton, the plain Engine
-elsewhere. Should capture fail (a driver or Triton version that cannot record some launch),
-the engine warns once and keeps decoding with the plain step over the same fused modules:
-slower, never wrong.
+`edge_vlm.backends.make_engine` picks it on CUDA with Triton. Should capture fail (a driver
+or Triton version that cannot record some launch), the engine warns once and keeps decoding
+with the plain step over the same fused modules: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -19,8 +18,8 @@ import warnings
 
 import torch
 
-from .generate import Engine
-from .kernels import triton_available
+from ...generate import Engine
+from .fused_decode import FusedDecoder
 
 
 class CUDAGraphEngine(Engine):
@@ -28,8 +27,6 @@ class CUDAGraphEngine(Engine):
         super().__init__(llm, max_context)
         if self.cache.k.device.type != "cuda":
             raise ValueError("CUDAGraphEngine needs a model on a CUDA device")
-        from .kernels.fused_decode import FusedDecoder
-
         self.decoder = FusedDecoder(llm, self.cache)
         self.warmup_steps = warmup_steps
         self.graph: torch.cuda.CUDAGraph | None | bool = None  # False: capture failed, plain steps
@@ -69,10 +66,3 @@ class CUDAGraphEngine(Engine):
         self.cache.advance(1)  # the captured step wrote slot `pos` of every layer
         return self.logits[0].clone()  # the graph's output buffer is overwritten by the next replay
 
-
-def make_engine(llm, max_context: int) -> Engine:
-    """The fastest engine for where `llm` lives."""
-    device = llm.device
-    if device.type == "cuda" and triton_available():
-        return CUDAGraphEngine(llm, max_context)
-    return Engine(llm, max_context)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from ..kv_cache import StaticKVCache
+from ...kv_cache import StaticKVCache
 from .decode_attention import decode_attention
-from .modules import norm_kind
+from .modules import norm_args
 from .norms import add_norm
 from .rotary_kv import rotary_kv_write
 
@@ -32,7 +32,7 @@ class FusedDecoder:
         self.pos = torch.zeros((1,), dtype=torch.int32, device=device)
 
     def _norm(self, norm, x, residual):
-        return add_norm(x, residual, norm.weight, getattr(norm, "bias", None), norm.eps, norm_kind(norm))
+        return add_norm(x, residual, *norm_args(norm))
 
     def forward(self) -> torch.Tensor:
         """Logits [1, vocab] (float32) for `self.token` placed at position `self.pos`."""

@@ -2,8 +2,9 @@
 
 Triton can lower a kernel to PTX and a cubin for a named target with no device present. This
 catches what the interpreter cannot: constructs the compiler rejects (non-constexpr globals,
-type mismatches in loops), and it reports registers and spills per kernel from ptxas. Used by
-tests/test_kernels_compile.py and `python -m edge_vlm.kernels.aot_check`.
+type mismatches in loops), and it reports registers and spills per kernel from ptxas. A developer
+tool, not part of the installed runtime: `python scripts/aot_check.py` prints the table of
+benchmarks/RESULTS.md, and tests/test_kernels_compile.py checks the same compiles.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ LAUNCH_VALUES = dict(N=2560, K=2560, KW=320, M=64, G=128, stride_xm=2560, stride
 
 def kernel_variants():
     """(name, kernel, signature, constexprs) for every kernel and specialisation the runtime launches."""
-    from .activations import _relu_sq, _silu_mul
-    from .decode_attention import _decode_attention
-    from .norms import _add_norm
-    from .rotary_kv import _rotary_kv
-    from .w4a16 import _w4a16_gemm, _w4a16_gemv
+    from edge_vlm.backends.triton.activations import _relu_sq, _silu_mul
+    from edge_vlm.backends.triton.decode_attention import _decode_attention
+    from edge_vlm.backends.triton.norms import _add_norm
+    from edge_vlm.backends.triton.rotary_kv import _rotary_kv
+    from edge_vlm.backends.triton.w4a16 import _w4a16_gemm, _w4a16_gemv
 
     w4 = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16"}
     ints = lambda *names: {n: "i32" for n in names}  # noqa: E731
