@@ -14,7 +14,6 @@ logits), decode tokens/s at given contexts, the fraction of the bandwidth floor 
 from __future__ import annotations
 
 import gc
-import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -26,8 +25,8 @@ from edge_vlm.kv_cache import kv_cache_bytes
 from edge_vlm.vlm import weight_bytes
 
 from .random_model import build_llm, build_vision
-from .shapes import IMAGE_TOKENS, llm_config, vision_config
-from .timing import copy_bandwidth, sync
+from .shapes import llm_config, vision_config
+from .timing import bandwidth_share, copy_bandwidth, wall_time
 
 DEFAULT_IMAGE_TOKENS = 196
 TEXT_TOKENS = 32
@@ -64,14 +63,6 @@ def decode_bytes(llm, ctx: int, itemsize: int) -> int:
     return weights + one_row + kv
 
 
-def _timed(fn, device) -> float:
-    sync(device)
-    t = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t
-
-
 def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode_steps: int, copy_bw: float,
                 repeats: int, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> E2EResult:
     cfg = llm.cfg
@@ -87,7 +78,7 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
     with torch.inference_mode():
         if vision is not None:
             vision(pixels)  # warm-up
-            vision_ms = 1e3 * min(_timed(lambda: vision(pixels), device) for _ in range(repeats))
+            vision_ms = 1e3 * min(wall_time(lambda: vision(pixels), device) for _ in range(repeats))
 
         def first_token():
             engine.reset()
@@ -96,7 +87,7 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
             int(engine.prefill(torch.cat([image, text], 1)).argmax())
 
         first_token()  # warm-up (kernel compilation on CUDA)
-        ttft = min(_timed(first_token, device) for _ in range(repeats))
+        ttft = min(wall_time(first_token, device) for _ in range(repeats))
 
         result = E2EResult(name, weight_bytes(*(m for m in (llm, vision) if m is not None)),
                            vision_ms, ttft * 1e3)
@@ -110,11 +101,10 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
             for _ in range(2):  # warm-up steps (graph capture), then back to ctx - 1 cached tokens
                 engine.step(token)
             engine.rewind(ctx - 1)
-            t = _timed(lambda: [engine.step(token) for _ in range(decode_steps)], device)
+            t = wall_time(lambda: [engine.step(token) for _ in range(decode_steps)], device)
             step_s = t / decode_steps
             result.decode_tps[ctx] = 1.0 / step_s
-            floor_s = decode_bytes(llm, ctx, dtype.itemsize) / copy_bw
-            result.floor_pct[ctx] = 100.0 * floor_s / step_s
+            result.floor_pct[ctx] = 100.0 * bandwidth_share(decode_bytes(llm, ctx, dtype.itemsize), step_s, copy_bw)
     return result
 
 
@@ -125,15 +115,17 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
     """Both variants in one process, one after the other; `int4_lm_head` / `int8_embedding` apply
     to ours (what `edge-vlm quantize --quantize-lm-head / --quantize-embedding` writes), and so
     does `kv_int8` (`--kv-cache int8`)."""
+    from .shapes import IMAGE_TOKENS  # counted on first use (seconds): not at import
+
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     image_tokens = IMAGE_TOKENS.get(model, DEFAULT_IMAGE_TOKENS)
-    cfg = llm_config(model, layers, vocab, max_positions=max(max_context, max(contexts) + 8, image_tokens + TEXT_TOKENS + 8))
+    max_ctx = max(max_context, max(contexts) + 4, image_tokens + TEXT_TOKENS + 1)
+    cfg = llm_config(model, layers, vocab, max_positions=max_ctx)
     vcfg = vision_config(model, vision_layers)
     copy_bw = copy_bandwidth(dev)
     progress(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s on {dev}")
     results = []
-    max_ctx = max(max_context, max(contexts) + 4, image_tokens + TEXT_TOKENS + 1)
     for variant in variants:
         gc.collect()
         if dev.type == "cuda":

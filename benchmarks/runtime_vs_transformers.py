@@ -18,7 +18,7 @@ import time
 import torch
 
 from .bench_e2e import decode_bytes
-from .timing import copy_bandwidth
+from .timing import bandwidth_share, copy_bandwidth
 
 
 def bench_ours(folder, prompt_ids, new_tokens, repeat):
@@ -102,7 +102,7 @@ def bench_llama_cpp(gguf, prompt_ids, new_tokens, repeat, threads):
 
 
 def main(argv=None) -> None:
-    from tests.real_model import gguf_path, smollm2_folder
+    from .real_model import gguf_path, smollm2_folder
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -138,9 +138,8 @@ def main(argv=None) -> None:
     for name, runs, nbytes in rows:
         ttft = statistics.median(r[0] for r in runs)
         tps = statistics.median(r[1] for r in runs)
-        floor = bw / nbytes  # tokens/s if each step only read its weights once at copy bandwidth
         print(f"| {name} | {ttft * 1000:.0f} ms | {tps:.1f} | {tps / base:.2f}x | {nbytes / 1e6:.0f} MB "
-              f"| {tps / floor:.0%} |")
+              f"| {bandwidth_share(nbytes, 1 / tps, bw):.0%} |")
     print(f"\ncopy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s")
     same = rows[0][1][0][2] == rows[1][1][0][2]
     print(f"\ngreedy tokens identical (ours vs transformers): {same}")

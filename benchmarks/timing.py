@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: one synchronised call, median wall time, copy bandwidth."""
+"""Timing helpers shared by the benchmarks: one synchronised call, median wall time, copy bandwidth
+and the share of it a measured step reaches."""
 
 from __future__ import annotations
 
@@ -48,3 +49,8 @@ def copy_bandwidth(device: torch.device, mib: int | None = None) -> float:
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), device, reps=10 if device.type == "cuda" else 5)
     return 2 * src.numel() * 4 / t
+
+
+def bandwidth_share(nbytes: int, seconds: float, bandwidth: float) -> float:
+    """Reading `nbytes` in `seconds` as a fraction of `bandwidth` (1.0: the memory floor, at copy speed)."""
+    return nbytes / seconds / bandwidth
