@@ -4,7 +4,7 @@ Sized once for `max_context` tokens, so decoding allocates nothing per token and
 buffers serve every turn of a chat (and can be captured in a CUDA graph).
 
 `quantized=True` stores each cached key and value vector (one token, one kv head) as int8 with
-one float32 scale (`quant_linear.quantize_int8_rows`: symmetric, scale = max|x| / 127, rounded
+one float32 scale (`int8_rows.quantize_int8_rows`: symmetric, scale = max|x| / 127, rounded
 half away from zero, the rule the Triton write kernel uses too). That halves the cache of a
 fp16 model (D + 4 bytes per vector instead of 2 D) at an error of at most half a step,
 max|x| / 254, per element.
