@@ -128,10 +128,6 @@ class ModelWorker(QObject):
         if self.session is not None:
             self.session.reset(system=system or None)
 
-    @Slot()
-    def unload(self) -> None:
-        self.session = self.model = None
-
 
 def _release_memory() -> None:
     """Hand freed GPU memory back. No gc.collect() here: this runs on the worker thread, and a
