@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
     p.add_argument("--system", help="system prompt (default: the model's own)")
     add_generation_options(p)
-    _add_model_options(p)
+    add_model_options(p)
     p.add_argument("--quiet", action="store_true", help="do not print timing and memory after each answer")
     p.set_defaults(func=run_chat)
 
@@ -63,7 +63,7 @@ def generation_config(args):
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def _add_model_options(p) -> None:
+def add_model_options(p) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")

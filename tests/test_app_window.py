@@ -486,7 +486,9 @@ def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path
     from edge_vlm.apps.desktop.conversation import Conversation
     from edge_vlm import ChatSession
     from edge_vlm.chat_template import IMAGE_MARK
-    from edge_vlm.generate import generate
+    import torch
+
+    from edge_vlm.generate import AnswerText, Engine, generate
 
     conv = Conversation()
     conv.add("user", "What is in this picture?", [photo()])
@@ -508,13 +510,14 @@ def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path
             {"role": "assistant", "content": "A cat sits on a red sofa next to a window."},
             {"role": "user", "content": "Is there a car?"}, {"role": "assistant", "content": "no"},
             {"role": "user", "content": "Where is the person?"}]
-    ref = ChatSession(model)
     chunks = [model.tokenizer.encode(c) for c in model.template.render(msgs).split(IMAGE_MARK)]
-    embeds = ref.build_embeddings(chunks, [photo()])
-    ids = list(generate(ref.engine, embeds, GenerationConfig(max_new_tokens=12, temperature=0.0),
-                        model.eos_token_ids))
-    assert answer == model.tokenizer.decode(ids)
-    assert win.worker.session.engine.position == ref.engine.position  # the same tokens are in the cache
+    image = model.encode_images([photo()])[0]
+    embeds = torch.cat([model.llm.embed(torch.tensor(chunks[0])), image, model.llm.embed(torch.tensor(chunks[1]))])
+    engine = Engine(model.llm, model.max_context)
+    reference = AnswerText(model.tokenizer, model.eos_token_ids, model.template.stop_strings)
+    want = "".join(generate(engine, embeds[None], GenerationConfig(max_new_tokens=12, temperature=0.0), reference))
+    assert answer == want
+    assert win.worker.session.position == engine.position  # the same tokens are in the cache
     # and the restored context matters: without it the same question gets another answer
     greedy = GenerationConfig(max_new_tokens=12, temperature=0.0)
     assert ChatSession(model).answer("Where is the person?", gen=greedy) != answer

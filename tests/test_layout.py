@@ -4,6 +4,7 @@ only its public names, and installing puts nothing but `edge_vlm` into site-pack
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -86,8 +87,16 @@ def test_every_package_folder_is_listed_for_installation():
 
 @pytest.mark.slow
 def test_the_wheel_holds_only_edge_vlm(tmp_path):
+    # built from a copy of the project's files: an in-place build would leave build/ in the tree
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard"], capture_output=True,
+                           text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+                            str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = tmp_path.glob("edge_vlm-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -36,7 +36,7 @@ examples:
 def register(sub) -> None:
     import argparse
 
-    from edge_vlm.commands import DEFAULT_MODEL, _add_model_options, add_generation_options
+    from edge_vlm.commands import DEFAULT_MODEL, add_model_options, add_generation_options
 
     p = sub.add_parser("camera", help="answer questions about a live camera or video, continuously",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +77,7 @@ def register(sub) -> None:
                    help="OpenCV capture backend (default: GStreamer when OpenCV has it)")
     g.add_argument("--realtime", action="store_true",
                    help="read a file like a live camera: at its frame rate, skipping frames while the model is busy")
-    _add_model_options(p)
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
