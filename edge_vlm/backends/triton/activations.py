@@ -1,6 +1,7 @@
-"""Elementwise MLP epilogues: silu(gate) * up and relu(x)^2, one read and one write each.
+"""The elementwise MLP epilogue silu(gate) * up, one read and one write.
 
-Used after the prefill GEMM; at decode they are fused into the W4A16 GEMV itself.
+Used after the prefill GEMM over gate+up; at decode it is fused into the W4A16 GEMV itself
+(Nemotron's relu(x)^2 is fused into both the GEMV and the GEMM).
 """
 
 from __future__ import annotations
@@ -24,14 +25,6 @@ def _silu_mul(g_ptr, u_ptr, y_ptr, numel, cols, stride_g, stride_u, BLOCK: tl.co
     tl.store(y_ptr + i, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=ok)
 
 
-@kernel
-def _relu_sq(x_ptr, y_ptr, numel, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < numel
-    x = tl.maximum(tl.load(x_ptr + i, mask=ok, other=0.0).to(tl.float32), 0.0)
-    tl.store(y_ptr + i, (x * x).to(y_ptr.dtype.element_ty), mask=ok)
-
-
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for 2-D inputs whose rows may be strided views (e.g. halves of one matrix)."""
     if gate.shape != up.shape or gate.dim() != 2 or gate.stride(1) != 1 or up.stride(1) != 1:
@@ -42,9 +35,3 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
                                                                up.stride(0), BLOCK=BLOCK)
     return y
 
-
-def relu_sq(x: torch.Tensor) -> torch.Tensor:
-    x = x.contiguous()
-    y = torch.empty_like(x)
-    _relu_sq.on(x.device)[((x.numel() + BLOCK - 1) // BLOCK,)](x, y, x.numel(), BLOCK=BLOCK)
-    return y
