@@ -29,7 +29,7 @@ LAUNCH_VALUES = dict(N=2560, K=2560, KW=320, M=64, G=128, stride_xm=2560, stride
 
 def kernel_variants():
     """(name, kernel, signature, constexprs) for every kernel and specialisation the runtime launches."""
-    from edge_vlm.backends.triton.activations import _relu_sq, _silu_mul
+    from edge_vlm.backends.triton.activations import _silu_mul
     from edge_vlm.backends.triton.decode_attention import _decode_attention
     from edge_vlm.backends.triton.norms import _add_norm
     from edge_vlm.backends.triton.rotary_kv import _rotary_kv
@@ -69,7 +69,6 @@ def kernel_variants():
                     dict(SPLITS=8, D=128, BLOCK_D=128, BLOCK_S=32, QUANT=quant)))
     out.append(("silu_mul", _silu_mul, {"g_ptr": "*fp16", "u_ptr": "*fp16", "y_ptr": "*fp16",
                                         **ints("numel", "cols", "stride_g", "stride_u")}, dict(BLOCK=1024)))
-    out.append(("relu_sq", _relu_sq, {"x_ptr": "*fp16", "y_ptr": "*fp16", "numel": "i32"}, dict(BLOCK=1024)))
     return out
 
 
