@@ -137,13 +137,15 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         llm = build_llm(cfg, dev, dtype, int4=int4, int4_lm_head=int4 and int4_lm_head,
                         int8_embedding=int4 and int8_embedding)
         vision = build_vision(vcfg, dev, dtype) if vcfg is not None else None
+        swapped = {}
         if int4:  # the runtime's own dispatch, on the LLM and the vision tower (bf16 on some CPUs)
-            optimize_for_device(SimpleNamespace(llm=llm, vision=vision))
+            swapped = optimize_for_device(SimpleNamespace(llm=llm, vision=vision))
             llm.kv_cache_int8 = kv_int8
             engine = make_engine(llm, max_ctx)
         else:
             engine = Engine(llm, max_ctx)
-        progress(f"timing {variant} ({type(engine).__name__}, backend {getattr(llm, 'kernel_backend', 'torch')})")
+        fast = ", ".join(f"{n} {kind}" for kind, n in swapped.items()) or "plain torch modules"
+        progress(f"timing {variant} ({type(engine).__name__}, {fast})")
         r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens)
         if dev.type == "cuda":
             r.peak_bytes, r.peak_kind = torch.cuda.max_memory_allocated(dev), "peak allocated"

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from edge_vlm.config import LLMConfig, VisionConfig
 from edge_vlm.int4_formats import pack_triton
-from edge_vlm.llm import DecoderLM
+from edge_vlm.llm import DecoderLM, RMSNorm
 from edge_vlm.vision import VisionTower
 
 GROUP = 128
@@ -37,7 +37,7 @@ def _init_(module: nn.Module, seed: int) -> None:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for name, p in module.named_parameters(recurse=False):
         if name == "weight" and p.dim() == 1:
-            p.data.fill_(1.0 if type(module).__name__ == "RMSNorm" else 0.0)
+            p.data.fill_(1.0 if isinstance(module, RMSNorm) else 0.0)  # LayerNorm1P stores weight - 1
         elif p.dim() == 2:
             rows = torch.randn(p.shape, generator=gen) * (p.shape[1] ** -0.5) if p.numel() < 2**27 else None
             if rows is not None:

@@ -100,8 +100,8 @@ class TinyChatStore:
         return self.path.stat().st_size
 
     def quantization_config(self) -> dict:
-        return {"quant_method": "awq", "bits": 4, "group_size": self.group_size, "zero_point": True,
-                "version": "gemm", "source_format": "tinychat", "modules_to_not_convert": ["lm_head"]}
+        conf = QuantConfig(group_size=self.group_size, modules_to_not_convert=("lm_head",)).to_hf()
+        return {**conf, "source_format": "tinychat"}  # converted to the GEMM layout on load
 
 
 def find_tinychat_checkpoint(folder: Path) -> Path | None:

