@@ -19,6 +19,7 @@ def _token_text(tok) -> str | None:
 class Tokenizer:
     def __init__(self, folder: Path):
         folder = Path(folder)
+        self.folder = folder
         cfg_path = folder / "tokenizer_config.json"
         self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.bos_token = _token_text(self.config.get("bos_token"))
@@ -53,6 +54,17 @@ class Tokenizer:
             self.eos_token = self.eos_token or self._sp.id_to_piece(self._sp.eos_id())
         else:
             raise CheckpointError(f"no tokenizer in {folder}: expected tokenizer.json or tokenizer.model")
+
+    @property
+    def hf(self):
+        """The `tokenizers.Tokenizer` read from tokenizer.json (None: sentencepiece). Exporters
+        (the GGUF writer) read the vocabulary and merges from it, exactly as this class encodes."""
+        return self._hf
+
+    @property
+    def sentencepiece(self):
+        """The `SentencePieceProcessor` of tokenizer.model when that is what encodes (else None)."""
+        return self._sp
 
     def token_to_id(self, token: str) -> int | None:
         if self._hf:
