@@ -71,3 +71,14 @@ def fused_step(decoder, token_id: int) -> torch.Tensor:
     logits = decoder.forward()[0]
     decoder.cache.advance(1)
     return logits
+
+
+def quantize_layers(llm, group: int = 32) -> None:
+    """Every nn.Linear inside the decoder layers as a SpecWQLinear (what a loaded AWQ model holds)."""
+    seed = 0
+    for layer in llm.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, quantize_linear(child, group, seed))
+                    seed += 1

@@ -22,7 +22,7 @@ from edge_vlm.backends.triton.norms import LAYERNORM1P, RMS, add_norm
 from edge_vlm.backends.triton.rotary_kv import rotary_kv_write
 from edge_vlm.llm import LayerNorm1P, RMSNorm
 from edge_vlm.rotary import apply_rotary
-from tests.kernel_helpers import DEVICES, fused_step, quantize_linear
+from tests.kernel_helpers import DEVICES, fused_step, quantize_layers
 
 
 
@@ -229,16 +229,6 @@ def test_fused_decode_step_over_an_int8_cache_matches_decoder_forward(tiny_model
     assert torch.allclose(cache.k_scale[:, :, :, :9], ref_cache.k_scale[:, :, :, :9], rtol=1e-5)
 
 
-def _quantize_layers(llm, group=32):
-    seed = 0
-    for layer in llm.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    setattr(parent, name, quantize_linear(child, group, seed))
-                    seed += 1
-
-
 def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
     """The CUDA path's module swaps (W4A16 linears, fused MLP epilogues, norms), run through the
     interpreter on a tiny int4 model: prefill (GEMM), decode (GEMV) and the fused static decode
@@ -250,9 +240,9 @@ def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
 
     for kind in ("llama", "nemotron"):
         ref = _tiny(kind, tmp_path_factory).llm
-        _quantize_layers(ref)
+        quantize_layers(ref)
         fast = copy.deepcopy(ref)
-        counts = optimize_for_device(fast, backend="triton")
+        counts = optimize_for_device(fast, backend="triton", check=False)  # tests/test_selfcheck.py checks the checks
         mlp_kind = "fused_gated_mlp" if kind == "llama" else "fused_relu2_mlp"
         # per layer: q, k, v, o as W4A16 linears; the MLP (with its down_proj) as one fused module
         assert counts[mlp_kind] == 2 and counts["w4a16_linear"] == 2 * 4 and counts["fused_norm"] == 5
@@ -287,7 +277,7 @@ def test_triton_path_with_int4_lm_head_and_int8_embeddings():
 
     ref = build_llm(llm_config("tiny"), "cpu", torch.float32, int4=True, int4_lm_head=True, int8_embedding=True)
     fast = copy.deepcopy(ref)
-    optimize_for_device(fast, backend="triton")
+    optimize_for_device(fast, backend="triton", check=False)
     assert isinstance(fast.lm_head, TritonW4Linear)
     ids = torch.randint(0, ref.cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
@@ -316,7 +306,7 @@ def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
     assert dict(model.llm.named_modules()) == before
 
     ref = model.llm
-    _quantize_layers(ref)
+    quantize_layers(ref)
     fast = copy.deepcopy(ref)
     counts = optimize_for_device(fast)
     assert counts == {"cpu_int4_linear": 2 * 7}
@@ -407,45 +397,36 @@ def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
     assert (a - b).abs().max() <= 2e-2 * a.abs().max()  # fp16 model: a few ulps through 2 layers
 
 
-def test_make_engine_picks_the_plain_engine_off_gpu(tmp_path_factory):
+def test_make_engine_picks_the_plain_engine_without_a_checked_fused_step(tmp_path_factory):
     from edge_vlm.backends import make_engine
-    from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
 
-    llm = _tiny("llama", tmp_path_factory).llm
+    llm = _tiny("llama", tmp_path_factory).llm  # loaded on CPU: no CUDA self-check ran
     engine = make_engine(llm, 32)
     assert type(engine) is Engine and engine.max_context == 32
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            CUDAGraphEngine(llm, 32)
 
 
 def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path_factory):
     """If a GPU stack cannot capture the decode step, chat goes on (slower) with the plain step:
     same logits as the reference engine, one warning, and no second capture attempt. Runs on CPU
-    with the capture replaced by a failure (the rest of the engine is device-independent)."""
+    with the recorder replaced by a failure (the rest of the engine is device-independent)."""
     from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
-    from edge_vlm.backends.triton.fused_decode import FusedDecoder
 
-    class CaptureFails(CUDAGraphEngine):
-        def __init__(self, llm, max_context):
-            Engine.__init__(self, llm, max_context)  # the CUDA check is all the parent adds before this
-            self.decoder, self.warmup_steps, self.graph, self.logits = FusedDecoder(llm, self.cache), 1, None, None
-            self.attempts = 0
+    attempts = []
 
-        def _capture(self):
-            self.attempts += 1
-            self.decoder.forward()  # the warm-up writes the cache slot, as the real one does
-            raise RuntimeError("operation not permitted when stream is capturing")
+    def capture_fails(decoder):
+        attempts.append(1)
+        decoder.forward()  # the warm-up writes the cache slot, as the real one does
+        raise RuntimeError("operation not permitted when stream is capturing")
 
     llm = _tiny("llama", tmp_path_factory).llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     outs = []
-    for engine in (Engine(llm, 32), CaptureFails(llm, 32)):
+    for engine in (Engine(llm, 32), CUDAGraphEngine(llm, 32, record=capture_fails)):
         with torch.inference_mode():
             engine.prefill(llm.embed(ids))
-        if isinstance(engine, CaptureFails):
+        if isinstance(engine, CUDAGraphEngine):
             with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
                 first = engine.step(3)
         else:
@@ -453,4 +434,21 @@ def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path
         outs.append((first, engine.step(4), engine.cache.position))
     (want1, want2, want_len), (got1, got2, got_len) = outs
     assert torch.equal(got1, want1) and torch.equal(got2, want2) and got_len == want_len == 9
-    assert engine.attempts == 1 and engine.graph is False
+    assert len(attempts) == 1 and engine.replay is False
+
+
+def test_fused_engine_on_cpu_steps_the_fused_decoder_eagerly(tmp_path_factory):
+    """Off CUDA there is no graph to record: the engine replays the fused step itself (through
+    the interpreter), which is how the self-check tests run the whole CUDA decode on CPU."""
+    from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine, record_eager, recorder_for
+    from edge_vlm.generate import Engine
+
+    llm = _tiny("llama", tmp_path_factory).llm
+    assert recorder_for(torch.device("cpu")) is record_eager
+    ids = torch.randint(0, llm.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(8))
+    outs = []
+    for engine in (Engine(llm, 16), CUDAGraphEngine(llm, 16)):
+        with torch.inference_mode():
+            engine.prefill(llm.embed(ids))
+        outs.append(engine.step(7))
+    assert (outs[1] - outs[0]).abs().max() <= 1e-4 * outs[0].abs().max()  # fp32: reassociated sums only

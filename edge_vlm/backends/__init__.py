@@ -3,10 +3,14 @@
 - triton/ (CUDA with Triton installed): WQLinear -> `TritonW4Linear` (W4A16 GEMV/GEMM),
   quantized MLPs -> fused-epilogue MLPs, RMSNorm / LayerNorm1P -> fused norm kernels, and the
   CUDA-graph decode engine over a fused static decode step.
+- cuda_int4/ (CUDA without Triton, e.g. Windows RTX; and the Triton backend's fallback for int4
+  linears): WQLinear -> `TorchInt4Linear` (torch's int4 CUDA matmul, sm80+).
 - cpu/ (CPU): WQLinear -> `CpuInt4Linear` (torch's int4 CPU matmul), and the vision tower and
   projector in bfloat16 where this CPU runs bf16 matmuls faster.
-- anything else (meta, CUDA without Triton, ...): the plain torch modules as loaded. They are
-  also the reference every backend is tested against (`load_model(fast_path=False)`).
+- anything else (meta, ...): the plain torch modules as loaded. They are also the reference
+  every backend is tested against (`load_model(fast_path=False)`).
+On CUDA every fast op kind is self-checked at load before it serves (gpu_path.py, selfcheck.py):
+one that fails runs on the next path, with one `SelfCheckWarning`.
 Modules are swapped by type (WQLinear, MLP, RMSNorm, LayerNorm1P), never by name.
 """
 
@@ -16,25 +20,30 @@ import torch
 
 from ..generate import Engine
 from . import cpu
+from .gpu_path import SelfCheckReport, SelfCheckWarning
 from .triton import triton_available
 
-BACKENDS = ("triton", "cpu")
+BACKENDS = ("triton", "cuda_int4", "cpu")
+
+__all__ = ["BACKENDS", "SelfCheckReport", "SelfCheckWarning", "choose_backend", "make_engine", "optimize_for_device"]
 
 
 def choose_backend(device: torch.device) -> str | None:
-    if device.type == "cuda" and triton_available():
-        return "triton"
+    if device.type == "cuda":
+        return "triton" if triton_available() else "cuda_int4"
     if device.type == "cpu":
         return "cpu"
     return None
 
 
-def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
+def optimize_for_device(model, backend: str | None = None, check: bool = True) -> dict[str, int]:
     """Swap modules of `model` (a VisionLanguageModel or a DecoderLM) in place for the fast path.
 
     `backend` overrides the choice ("triton" on CPU runs the kernels through Triton's
-    interpreter: that is how the tests exercise them without a GPU). Returns how many modules
-    of each kind were swapped: empty when the plain torch path is kept.
+    interpreter: that is how the tests exercise the CUDA path without a GPU). On the CUDA
+    backends each op kind is self-checked first (`check=False` trusts them unchecked) and the
+    outcome is kept as `llm.selfcheck_report`. Returns how many modules of each kind were
+    swapped: empty when the plain torch path is kept.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -43,18 +52,22 @@ def optimize_for_device(model, backend: str | None = None) -> dict[str, int]:
     if first is None or first.device.type == "meta":
         return {}
     backend = backend or choose_backend(first.device)
-    if backend == "triton":
-        from .triton.modules import convert  # imports Triton: only once this backend is chosen
+    if backend in ("triton", "cuda_int4"):
+        from . import gpu_path
 
-        return convert(llm)
+        return gpu_path.convert(llm, triton=backend == "triton", check=check).counts
     if backend == "cpu":
         return cpu.convert(llm, getattr(model, "vision", None), getattr(model, "projector", None))
     return {}
 
 
 def make_engine(llm, max_context: int) -> Engine:
-    """The fastest engine for where `llm` lives: CUDA-graph decode on CUDA with Triton, else the plain one."""
-    if llm.device.type == "cuda" and triton_available():
+    """The fastest engine `llm` passed the self-check for: CUDA-graph decode over the fused step
+    when `optimize_for_device` checked that step (with the KV-cache kind `llm` now uses), else
+    the plain one."""
+    report = getattr(llm, "selfcheck_report", None)
+    same_cache = report is not None and (not report.checked or report.kv_cache_int8 == llm.kv_cache_int8)
+    if report is not None and report.fused_decode and same_cache:
         from .triton.cuda_graph import CUDAGraphEngine
 
         return CUDAGraphEngine(llm, max_context)

@@ -7,62 +7,84 @@ replays a graph of `FusedDecoder.forward`, whose kernels read the position from 
 (rotary + KV write at `pos`, attention over `pos + 1` cached tokens). Nothing is allocated
 per token, and the static KV cache is the one prefill fills.
 
-`edge_vlm.backends.make_engine` picks it on CUDA with Triton. Should capture fail (a driver
-or Triton version that cannot record some launch), the engine warns once and keeps decoding
-with the plain step over the same fused modules: slower, never wrong.
+Recording is a separate step (`record`: the fused step -> a zero-argument replay returning the
+logits): `record_cuda_graph` on CUDA; on CPU tensors there is nothing to record, so the fused
+step runs eagerly (through Triton's interpreter: how tests run this engine). Should recording
+fail (a driver or Triton version that cannot capture some launch), the engine warns once and
+keeps decoding with the plain step: slower, never wrong.
+
+`edge_vlm.backends.make_engine` picks this engine only when the load-time self-check passed
+the fused step (backends/selfcheck.py).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 
 from ...generate import Engine
 from .fused_decode import FusedDecoder
 
+Replay = Callable[[], torch.Tensor]
+
+
+def record_cuda_graph(decoder: FusedDecoder, warmup_steps: int = 2) -> Replay:
+    """Capture `decoder.forward` in a CUDA graph; returns its replay (logits in a static buffer)."""
+    # Warm-up runs compile the Triton kernels and settle the allocator; they compute the real
+    # step (same token, same position), so the cache slot they write is the correct one.
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_steps):
+            decoder.forward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        logits = decoder.forward()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return logits
+
+    replay.graph = graph  # kept alive with the replay
+    return replay
+
+
+def record_eager(decoder: FusedDecoder) -> Replay:
+    """No graph: the fused step itself, run per token (CPU tensors, through the interpreter)."""
+    return decoder.forward
+
+
+def recorder_for(device: torch.device) -> Callable[[FusedDecoder], Replay]:
+    return record_cuda_graph if device.type == "cuda" else record_eager
+
 
 class CUDAGraphEngine(Engine):
-    def __init__(self, llm, max_context: int, warmup_steps: int = 2):
+    def __init__(self, llm, max_context: int, record: Callable[[FusedDecoder], Replay] | None = None):
         super().__init__(llm, max_context)
-        if self.cache.k.device.type != "cuda":
-            raise ValueError("CUDAGraphEngine needs a model on a CUDA device")
         self.decoder = FusedDecoder(llm, self.cache)
-        self.warmup_steps = warmup_steps
-        self.graph: torch.cuda.CUDAGraph | None | bool = None  # False: capture failed, plain steps
-        self.logits: torch.Tensor | None = None
-
-    def _capture(self) -> None:
-        # Warm-up runs compile the Triton kernels and settle the allocator; they compute the real
-        # step (same token, same position), so the cache slot they write is the correct one.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(self.warmup_steps):
-                self.decoder.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.decoder.forward()
+        self.record = record or recorder_for(self.cache.k.device)
+        self.replay: Replay | None | bool = None  # None: not recorded yet; False: recording failed, plain steps
 
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
-        if self.graph is False:
+        if self.replay is False:
             return super().step(token_id)
         pos = self.cache.position
         if pos >= self.cache.max_context:
             raise ValueError(f"position {pos} exceeds the cache size {self.cache.max_context}")
         self.decoder.token.fill_(token_id)
         self.decoder.pos.fill_(pos)
-        if self.graph is None:
+        if self.replay is None:
             try:
-                self._capture()
+                self.replay = self.record(self.decoder)
             except Exception as e:  # noqa: BLE001 - whatever the cause, answering slower beats failing
                 warnings.warn(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); "
                               "decoding without CUDA graphs", RuntimeWarning, stacklevel=2)
-                self.graph = False
+                self.replay = False
                 return super().step(token_id)  # rewrites slot `pos` the warm-up may have filled
-        self.graph.replay()
-        self.cache.advance(1)  # the captured step wrote slot `pos` of every layer
-        return self.logits[0].clone()  # the graph's output buffer is overwritten by the next replay
-
+        logits = self.replay()
+        self.cache.advance(1)  # the step wrote slot `pos` of every layer
+        return logits[0].clone()  # a graph's output buffer is overwritten by the next replay

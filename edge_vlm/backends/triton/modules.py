@@ -4,6 +4,7 @@ and `convert`, which swaps them in, chosen by the type of what they replace.
 - `TritonW4Linear`: a `WQLinear` repacked to the Triton layout for the W4A16 kernels.
 - `TritonGatedMLP` / `TritonReluSqMLP`: the LLM's `MLP` with its epilogue fused into the GEMV.
 - `TritonNorm`: `RMSNorm` / `LayerNorm1P` through the fused norm kernel.
+`convert` swaps whichever of them passed the self-check (backends/gpu_path.py decides).
 """
 
 from __future__ import annotations
@@ -103,17 +104,34 @@ def gated_mlp(mlp: MLP) -> TritonGatedMLP:
                           _fast_linear(mlp.down_proj))
 
 
-def convert(llm: nn.Module) -> dict[str, int]:
-    """Swap `llm`'s quantized MLPs, remaining WQLinears and norms for the Triton modules; returns the counts."""
+def fused_mlp(mlp: MLP) -> nn.Module:
+    """A quantized MLP with its epilogue fused into the W4A16 kernels (gated SiLU or relu^2)."""
+    if mlp.gated:
+        return gated_mlp(mlp)
+    return TritonReluSqMLP(TritonW4Linear.from_awq(mlp.up_proj), _fast_linear(mlp.down_proj))
+
+
+def fusable(mlp: nn.Module) -> bool:
+    """Whether `mlp` is a quantized MLP that `fused_mlp` takes."""
+    return isinstance(mlp, MLP) and isinstance(mlp.up_proj, WQLinear) and (
+        not mlp.gated or isinstance(mlp.gate_proj, WQLinear))
+
+
+def convert(llm: nn.Module, fuse_mlps: bool = True, norms: bool = True) -> dict[str, int]:
+    """Swap `llm`'s quantized MLPs (fused epilogues, if `fuse_mlps`), remaining WQLinears and (if
+    `norms`) norms for the Triton modules; returns the counts."""
     counts: dict[str, int] = {}
-    for layer in [m for m in llm.modules() if isinstance(m, DecoderLayer) and isinstance(m.mlp, MLP)]:
-        mlp = layer.mlp
-        if mlp.gated and isinstance(mlp.gate_proj, WQLinear) and isinstance(mlp.up_proj, WQLinear):
-            layer.mlp = gated_mlp(mlp)
-            counts["fused_gated_mlp"] = counts.get("fused_gated_mlp", 0) + 1
-        elif not mlp.gated and isinstance(mlp.up_proj, WQLinear):
-            layer.mlp = TritonReluSqMLP(TritonW4Linear.from_awq(mlp.up_proj), _fast_linear(mlp.down_proj))
-            counts["fused_relu2_mlp"] = counts.get("fused_relu2_mlp", 0) + 1
+    if fuse_mlps:
+        for layer in [m for m in llm.modules() if isinstance(m, DecoderLayer) and fusable(m.mlp)]:
+            kind = "fused_gated_mlp" if layer.mlp.gated else "fused_relu2_mlp"
+            layer.mlp = fused_mlp(layer.mlp)
+            counts[kind] = counts.get(kind, 0) + 1
     counts.update(swap_modules(llm, lambda m: isinstance(m, WQLinear), TritonW4Linear.from_awq, "w4a16_linear"))
-    counts.update(swap_modules(llm, lambda m: isinstance(m, (RMSNorm, LayerNorm1P)), TritonNorm, "fused_norm"))
+    if norms:
+        counts.update(convert_norms(llm))
     return counts
+
+
+def convert_norms(llm: nn.Module) -> dict[str, int]:
+    """Swap `llm`'s RMSNorm / LayerNorm1P modules for the fused norm kernel."""
+    return swap_modules(llm, lambda m: isinstance(m, (RMSNorm, LayerNorm1P)), TritonNorm, "fused_norm")

@@ -1,0 +1,201 @@
+"""The CUDA path, op kind by op kind: each fast op serves only after its self-check passed.
+
+A user's first chat on an RTX laptop or a Jetson must answer correctly even if some kernel does
+not compile on their Triton, launches wrongly or computes wrong numbers on their GPU. So before
+the fast modules are swapped in, each kind of op the model will use is checked once
+(backends/selfcheck.py), and a failure switches that kind to its next path with one warning
+(`SelfCheckWarning`) naming the op and the reason:
+
+- int4 linears: Triton W4A16 (`w4a16_gemv` for decode rows, `w4a16_gemm` for prefill, on one of
+  the model's own layers per shape) -> torch's int4 matmul (`torch_int4`, checked the same way;
+  sm80+) -> dequantize + matmul (the loaded `WQLinear`, the reference). GEMV and GEMM fall back
+  together: both read one packed copy of each weight, and routing rows to two layouts would
+  double the int4 memory. A CUDA machine without Triton starts this chain at `torch_int4`.
+- `epilogue` (silu(gate) * up and relu^2 fused into the int4 kernels): -> the MLP in torch over
+  the int4 linears.
+- `fused_norm`: -> the model's norms in torch; the fused decode step needs it, so it goes too.
+- `rotary_kv`, `decode_attention`: -> no fused decode step.
+- `fused_decode_step` (the converted model's fused step vs its own plain step): -> the plain
+  decode loop; `make_engine` then builds no CUDA graph. (A graph capture that fails later is
+  handled by the engine itself: one warning, plain steps.)
+The outcome is kept on the LLM as `selfcheck_report` (`make_engine` and `edge-vlm doctor` read it).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..llm import DecoderLayer, LayerNorm1P, RMSNorm
+from ..quant_linear import WQLinear
+from . import selfcheck
+from .selfcheck import Check, Inputs
+
+LINEAR_PATHS = ("triton", "torch_int4", "reference")
+_FALLBACK_TEXT = {
+    "torch_int4": "int4 linears fall back to torch's int4 matmul",
+    "reference": "int4 linears fall back to dequantize + matmul (slow)",
+    "epilogue": "MLPs run unfused in torch",
+    "fused_norm": "norms run in torch; decoding without the fused step",
+    "rotary_kv": "decoding without the fused step",
+    "decode_attention": "decoding without the fused step",
+    "fused_decode_step": "decoding without the fused step",
+}
+
+
+class SelfCheckWarning(RuntimeWarning):
+    """A fast op failed its load-time self-check; the model runs on the next path."""
+
+
+@dataclass
+class SelfCheckReport:
+    device: str
+    linear: str = "none"  # the int4 linears' path (LINEAR_PATHS), "none" without int4 layers
+    fused_mlp: bool = False
+    fused_norm: bool = False
+    fused_decode: bool = False
+    kv_cache_int8: bool = False  # the cache kind the fused step was checked with
+    checked: bool = True  # False: the fast paths were trusted unchecked (check=False)
+    checks: list[Check] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # modules swapped, per kind
+    seconds: float = 0.0
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Run:
+    """One model's checks: runs them, records them, warns once per failed op."""
+
+    def __init__(self, llm, report: SelfCheckReport, enabled: bool):
+        self.llm, self.report, self.enabled = llm, report, enabled
+        self.device = llm.device
+        self.ins = Inputs(self.device, llm.dtype)
+
+    def passes(self, op: str, fn, fallback: str) -> bool:
+        if not self.enabled:
+            return True
+        check = selfcheck.run_check(op, fn, self.device)
+        self.report.checks.append(check)
+        if not check.passed:
+            warnings.warn(f"edge-vlm self-check: {op} failed ({check.reason}); {_FALLBACK_TEXT[fallback]}",
+                          SelfCheckWarning, stacklevel=2)
+        return check.passed
+
+
+def layers_per_shape(llm: nn.Module) -> list[WQLinear]:
+    """One of the model's own int4 layers per (in, out, group, bias) shape, in model order."""
+    seen: dict[tuple, WQLinear] = {}
+    for m in llm.modules():
+        if isinstance(m, WQLinear):
+            seen.setdefault((m.in_features, m.out_features, m.group_size, m.bias is not None), m)
+    return list(seen.values())
+
+
+def _torch_int4_reason(device: torch.device) -> str | None:
+    """Why torch's int4 matmul cannot run here before trying (None: try it)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"needs compute capability 8.0 or newer, this GPU has {major}.{minor}"
+    return None
+
+
+def _choose_linear(run: _Run, triton: bool) -> str:
+    from .cuda_int4.int4_linear import TorchInt4Linear, int4_ops, torch_int4_fits
+
+    layers = layers_per_shape(run.llm)
+    if not layers:
+        return "none"
+    ins = run.ins
+    if triton:
+        from .triton.modules import TritonW4Linear
+
+        def triton_rows(rows):
+            return lambda: next((r for layer in layers if (r := selfcheck.check_linear(
+                TritonW4Linear.from_awq(layer), layer, rows, ins))), None)
+
+        if run.passes("w4a16_gemv", triton_rows(selfcheck.DECODE_ROWS), "torch_int4") and run.passes(
+                "w4a16_gemm", triton_rows(selfcheck.PREFILL_ROWS), "torch_int4"):
+            return "triton"
+    fitting = [layer for layer in layers if torch_int4_fits(layer)]
+    if not fitting:
+        return "reference"
+    compute = int4_ops(run.device).compute_dtype
+
+    def torch_int4():
+        if (reason := _torch_int4_reason(run.device)) is not None:
+            return reason
+        for layer in fitting:
+            fast = TorchInt4Linear(layer)
+            for rows in (selfcheck.DECODE_ROWS, selfcheck.PREFILL_ROWS):
+                if (reason := selfcheck.check_linear(fast, layer, rows, ins, compute)) is not None:
+                    return f"{rows} row(s): {reason}"
+        return None
+
+    return "torch_int4" if run.passes("torch_int4", torch_int4, "reference") else "reference"
+
+
+def convert(llm: nn.Module, triton: bool, check: bool = True) -> SelfCheckReport:
+    """Check each op kind on `llm` (a DecoderLM), swap in the paths that passed; returns the report.
+
+    `triton`: whether the Triton kernels may be used (CUDA with Triton, or the interpreter on CPU
+    tensors in tests); without, only torch's int4 matmul is tried. `check=False` trusts every
+    fast path unchecked (benchmarks and tests that compare the paths themselves).
+    """
+    start = time.perf_counter()
+    report = SelfCheckReport(str(llm.device), checked=check, kv_cache_int8=bool(getattr(llm, "kv_cache_int8", False)))
+    run = _Run(llm, report, check)
+    ins = run.ins
+    report.linear = _choose_linear(run, triton)
+    parts_ok = False
+    if triton:
+        from .triton.modules import fusable, fused_mlp
+
+        mlps = (layer.mlp for layer in llm.modules() if isinstance(layer, DecoderLayer) and fusable(layer.mlp))
+        mlp = next(mlps, None) if report.linear == "triton" else None
+        if mlp is not None:
+            report.fused_mlp = run.passes("epilogue", lambda: _first_reason(
+                selfcheck.check_mlp(fused_mlp(mlp), mlp, rows, ins) for rows in
+                (selfcheck.DECODE_ROWS, selfcheck.PREFILL_ROWS)), "epilogue")
+        norm = llm.norm if isinstance(llm.norm, (RMSNorm, LayerNorm1P)) else None
+        report.fused_norm = norm is not None and run.passes("fused_norm", lambda: selfcheck.check_norm(norm, ins),
+                                                            "fused_norm")
+        int8 = report.kv_cache_int8
+        parts_ok = report.fused_norm and run.passes(
+            "rotary_kv", lambda: selfcheck.check_rotary_kv(llm, int8, ins), "rotary_kv") and run.passes(
+            "decode_attention", lambda: selfcheck.check_decode_attention(llm, int8, ins), "decode_attention")
+    report.counts = _swap(llm, report, triton)
+    if triton and parts_ok:
+        report.fused_decode = run.passes("fused_decode_step", lambda: selfcheck.check_fused_step(llm, ins),
+                                         "fused_decode_step")
+    report.seconds = time.perf_counter() - start
+    llm.selfcheck_report = report
+    return report
+
+
+def _first_reason(reasons) -> str | None:
+    return next((r for r in reasons if r is not None), None)
+
+
+def _swap(llm: nn.Module, report: SelfCheckReport, triton: bool) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if report.linear == "triton":
+        from .triton.modules import convert as triton_convert
+
+        return triton_convert(llm, fuse_mlps=report.fused_mlp, norms=report.fused_norm)
+    if report.linear == "torch_int4":
+        from .cuda_int4 import convert as torch_int4_convert
+
+        counts.update(torch_int4_convert(llm))
+    if triton and report.fused_norm:
+        from .triton.modules import convert_norms
+
+        counts.update(convert_norms(llm))
+    return counts
