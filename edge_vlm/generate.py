@@ -2,7 +2,8 @@
 
 `Engine` owns the cache and the two model calls (prefill, step); `generate` drives them with
 a sampler and timing, and `AnswerText` decides where the answer ends (EOS, stop strings) and
-what text is safe to stream. Faster engines (CUDA graphs) replace `step`.
+what text is safe to stream. Faster engines (CUDA graphs) replace `step`; engines that are not
+torch modules (llama.cpp) take a `Prompt` of token ids and image embeddings as it is.
 """
 
 from __future__ import annotations
@@ -58,12 +59,45 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+@dataclass
+class Prompt:
+    """The tokens of one prompt: text as token-id chunks, with one image's embeddings between
+    each pair of chunks (len(chunks) == images + 1), or ready embeddings as they are."""
+
+    chunks: list[list[int]] = field(default_factory=list)
+    images: torch.Tensor | None = None  # [n_images, tokens_per_image, hidden] in the LLM's dtype
+    embeddings: torch.Tensor | None = None  # [1, T, hidden]: already embedded (benchmarks, references)
+
+    def __len__(self) -> int:
+        if self.embeddings is not None:
+            return self.embeddings.shape[1]
+        images = 0 if self.images is None else self.images.shape[0] * self.images.shape[1]
+        return sum(len(c) for c in self.chunks) + images
+
+    def pieces(self) -> Iterator[list[int] | torch.Tensor]:
+        """Token-id lists and [n, hidden] embedding blocks, in prompt order (empty chunks left out)."""
+        if self.embeddings is not None:
+            yield self.embeddings[0]
+            return
+        for i, ids in enumerate(self.chunks):
+            if ids:
+                yield ids
+            if self.images is not None and i < self.images.shape[0]:
+                yield self.images[i]
+
+
 class Engine:
-    """Static-KV-cache inference for one conversation at a time."""
+    """Static-KV-cache inference for one conversation at a time, on our torch decoder."""
+
+    name = "torch"
 
     def __init__(self, llm: DecoderLM, max_context: int):
         self.llm = llm
         self.cache = llm.new_cache(max_context)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.device
 
     @property
     def position(self) -> int:
@@ -73,9 +107,16 @@ class Engine:
     def max_context(self) -> int:
         return self.cache.max_context
 
+    def embed(self, prompt: Prompt) -> torch.Tensor:
+        """The prompt as [1, T, D] input embeddings of the decoder."""
+        parts = [p if isinstance(p, torch.Tensor) else self.llm.embed(torch.tensor(p, device=self.device))
+                 for p in prompt.pieces()]
+        return torch.cat([p.to(self.llm.dtype) for p in parts])[None]
+
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Run [1, T, D] embeddings after what is cached; logits [vocab] for the next token."""
+    def prefill(self, prompt: Prompt | torch.Tensor) -> torch.Tensor:
+        """Run a prompt (or [1, T, D] embeddings) after what is cached; logits [vocab] for the next token."""
+        embeds = prompt if isinstance(prompt, torch.Tensor) else self.embed(prompt)
         return self.llm(embeds, self.cache)[0, -1]
 
     @torch.inference_mode()
@@ -135,7 +176,7 @@ class AnswerText:
         return piece
 
 
-def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig, answer: AnswerText,
+def generate(engine: Engine, prompt: Prompt | torch.Tensor, gen: GenerationConfig, answer: AnswerText,
              stop_event: threading.Event | None = None, stats: GenerationStats | None = None,
              t0: float | None = None) -> Iterator[str]:
     """Prefill, then sample and stream the answer's text until EOS, a stop string, the length
@@ -145,13 +186,13 @@ def generate(engine: Engine, prompt_embeds: torch.Tensor, gen: GenerationConfig,
     Fills `stats` as it goes: TTFT from `t0` (default: now) to the first sampled token.
     """
     stats = stats if stats is not None else GenerationStats()
-    device = engine.llm.device
+    device = engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter() if t0 is None else t0
     sampler = Sampler(gen.sampling())
-    stats.prompt_tokens = prompt_embeds.shape[1]
-    logits = engine.prefill(prompt_embeds)
+    stats.prompt_tokens = prompt.shape[1] if isinstance(prompt, torch.Tensor) else len(prompt)
+    logits = engine.prefill(prompt)
     history = answer.tokens
     t_first = None
     stats.stop_reason = "max_new_tokens"

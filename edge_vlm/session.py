@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-import torch
 from PIL import Image
 
 from .backends import make_engine
 from .chat_template import IMAGE_MARK
 from .errors import ContextOverflowError, EdgeVLMError
-from .generate import AnswerText, GenerationConfig, GenerationStats, generate
+from .generate import AnswerText, GenerationConfig, GenerationStats, Prompt, generate
 from .preprocess import load_image
 from .video import sample_frames
 from .vlm import VisionLanguageModel
@@ -154,16 +153,8 @@ class ChatSession:
                 f"({self.max_context} tokens, {self.position} used by earlier turns): "
                 f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
 
-    def _embeddings(self, chunks: list[list[int]], images: list[Image.Image]) -> torch.Tensor:
-        llm = self.model.llm
-        feats = self.model.encode_images(images) if images else None
-        parts = []
-        for i, ids in enumerate(chunks):
-            if ids:
-                parts.append(llm.embed(torch.tensor(ids, device=self.model.device)))
-            if i < len(chunks) - 1:
-                parts.append(feats[i].to(self.model.dtype))
-        return torch.cat(parts)[None]
+    def _prompt(self, chunks: list[list[int]], images: list[Image.Image]) -> Prompt:
+        return Prompt(chunks, self.model.encode_images(images) if images else None)
 
     @staticmethod
     def _pictures(images, video, frames: int) -> list[Image.Image]:
@@ -185,17 +176,16 @@ class ChatSession:
         gen = gen or GenerationConfig()
         content, chunks, need = self._question(text, len(pictures))
         self._check_fits(need, len(pictures))
-        with torch.inference_mode():
-            embeds = self._embeddings(chunks, pictures)
+        prompt = self._prompt(chunks, pictures)
         turn = Turn(content, pictures, "", self.position, self._pending)
         self._pending = []
         self.stats = GenerationStats(cached_prompt_tokens=self.position if cached is None else cached)
         answer = AnswerText(self.model.tokenizer, self.model.eos_token_ids,
                             list(gen.stop) + self.model.template.stop_strings)
-        prompt_end = self.position + embeds.shape[1]
+        prompt_end = self.position + len(prompt)
         self._turns.append(turn)
         try:
-            yield from generate(self.engine, embeds, gen, answer, stop_event, self.stats, t0)
+            yield from generate(self.engine, prompt, gen, answer, stop_event, self.stats, t0)
         finally:
             if self.position < prompt_end:  # the prompt never reached the cache (prefill failed): no turn
                 self._turns.pop()
@@ -236,8 +226,7 @@ class ChatSession:
         if need + 1 > self.max_context - self.position:
             raise ContextOverflowError(f"the conversation is longer than the context ({self.max_context} tokens)")
         turn = Turn(content, pictures, answer, self.position, self._pending)
-        with torch.inference_mode():
-            self.engine.prefill(self._embeddings(chunks, pictures))
+        self.engine.prefill(self._prompt(chunks, pictures))
         self._pending = self.model.tokenizer.encode(answer)
         self._turns.append(turn)
 

@@ -68,16 +68,25 @@ def test_regenerate_answers_the_same_question_with_its_images_again(model):
 
 
 def test_restore_puts_a_saved_conversation_back_as_if_it_had_been_asked(model):
-    live = ChatSession(model, system="S")
-    a1 = live.answer("One <image>", images=[picture(3)], gen=GREEDY)
-    a2 = live.answer("Two", gen=GREEDY)
+    """The restored context equals the whole conversation rendered at once: the first answer
+    token's logits match a plain prefill of that text (saved answers are natural text, so
+    tokenising them per turn or in one piece gives the same tokens)."""
+    answers = ["A cat sits on a red sofa next to a window.", "No, there is no car."]
     restored = ChatSession(model)
-    restored.restore([("One <image>", [picture(3)], a1), ("Two", [], a2)], system="S")
-    assert restored.messages == live.messages and restored.system == "S"
-    # the answers' tokens go in as the model's own: the next question sees the same context
-    want = next_logits(live, "Three")
+    restored.restore([("One <image>", [picture(3)], answers[0]), ("Is there a car?", [], answers[1])], system="S")
+    assert [t.answer for t in restored.turns] == answers and restored.system == "S"
     got = next_logits(restored, "Three")
-    assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # re-tokenised answers may merge differently; here they match
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "One <image>"},
+            {"role": "assistant", "content": answers[0]}, {"role": "user", "content": "Is there a car?"},
+            {"role": "assistant", "content": answers[1]}, {"role": "user", "content": "Three"}]
+    before, after = model.template.render(msgs).split("<image>")
+    tok = model.tokenizer
+    embeds = torch.cat([model.llm.embed(torch.tensor(tok.encode(before))), model.encode_images([picture(3)])[0],
+                        model.llm.embed(torch.tensor(tok.encode(after)))])[None]
+    with torch.inference_mode():
+        want = model.llm(embeds, model.llm.new_cache(embeds.shape[1]))[0, -1]
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()  # fp32: the chunked prefill reassociates sums only
+    assert restored.position == embeds.shape[1]
 
 
 def test_restore_that_does_not_fit_leaves_an_empty_session(tiny_vila):
@@ -96,28 +105,31 @@ def test_chat_reuses_the_cached_prefix_of_an_extended_conversation(model):
     second = "".join(session.chat(history, gen=GREEDY))
     assert session.stats.cached_prompt_tokens == position  # nothing before the new question ran again
     assert session.stats.prompt_tokens < 20
-    fresh = ChatSession(model)
-    assert "".join(fresh.chat(history, gen=GREEDY)) == second  # the same answer as from scratch
-    assert fresh.stats.cached_prompt_tokens == 0 and fresh.position == session.position
+    # the same as asking the two questions one after the other
+    asked = ChatSession(model, system="S")
+    assert asked.answer("Look <image>", images=[picture(4)], gen=GREEDY) == first
+    assert asked.answer("More?", gen=GREEDY) == second and asked.position == session.position
 
 
 def test_chat_starts_over_where_the_conversation_differs(model):
     session = ChatSession(model)
-    base = [Message("user", "A")]
-    a = "".join(session.chat(base, gen=GREEDY))
-    b = "".join(session.chat(base + [Message("assistant", a), Message("user", "B")], gen=GREEDY))
-    after_one_turn = session.turns[1].start
-    # an edited second answer: turn 1 is kept from the cache, the edited exchange runs again
-    edited = base + [Message("assistant", a), Message("user", "B"), Message("assistant", b + " (edited)"),
-                     Message("user", "C")]
+    conv = [Message("user", "Hello"), Message("assistant", "Hi, how can I help?"), Message("user", "Colour?")]
+    answer = "".join(session.chat(conv, gen=GREEDY))
+    assert session.stats.cached_prompt_tokens == 0 and len(session.turns) == 2
+    kept = session.turns[1].start  # the first exchange, as the client sent it
+    edited = conv + [Message("assistant", answer + " Also blue."), Message("user", "Why?")]
     got = "".join(session.chat(edited, gen=GREEDY))
-    assert session.stats.cached_prompt_tokens == after_one_turn
+    assert session.stats.cached_prompt_tokens == kept  # the edited exchange ran again, the first did not
     fresh = ChatSession(model)
-    assert "".join(fresh.chat(edited, gen=GREEDY)) == got
+    assert "".join(fresh.chat(edited, gen=GREEDY)) == got and fresh.position == session.position
     # another image in the first turn: nothing can be reused
-    other = [Message("user", "A <image>", [picture(5)])]
+    other = [Message("user", "Hello <image>", [picture(5)])]
     "".join(session.chat(other, gen=GREEDY))
     assert session.stats.cached_prompt_tokens == 0
+    same_pixels = [Message("user", "Hello <image>", [picture(5)]), Message("assistant", session.turns[0].answer),
+                   Message("user", "And?")]
+    "".join(session.chat(same_pixels, gen=GREEDY))  # the same image sent again is recognised by content
+    assert session.stats.cached_prompt_tokens > model.tokens_per_image
     # a new system prompt starts over
     "".join(session.chat([Message("system", "new"), *other], gen=GREEDY))
     assert session.stats.cached_prompt_tokens == 0 and session.system == "new"

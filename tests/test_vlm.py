@@ -92,7 +92,7 @@ def test_images_are_placed_where_the_image_mark_stands(tiny_vila):
     session = ChatSession(model)
     fed = []
     real_prefill = session.engine.prefill
-    session.engine.prefill = lambda embeds: fed.append(embeds[0]) or real_prefill(embeds)
+    session.engine.prefill = lambda prompt: fed.append(session.engine.embed(prompt)[0]) or real_prefill(prompt)
     pictures = [random_image(1), random_image(2)]
     session.answer("Compare <image> with <image> please", images=pictures, gen=GenerationConfig(max_new_tokens=1))
     assert session.messages[0]["content"] == "Compare <image> with <image> please"
@@ -116,9 +116,9 @@ def test_multi_turn_cache_reuse_equals_recomputation(tiny_vila):
     engine = session.engine
     real_prefill, real_step = engine.prefill, engine.step
 
-    def prefill(embeds):
-        fed.append(embeds)
-        out = real_prefill(embeds)
+    def prefill(prompt):
+        fed.append(engine.embed(prompt))
+        out = real_prefill(prompt)
         produced.append((engine.position - 1, out))
         return out
 
