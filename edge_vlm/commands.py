@@ -1,4 +1,4 @@
-"""The runtime's own subcommands: `chat` and `info`."""
+"""The runtime's own subcommands: `chat`, `info` and `doctor` (edge_vlm/doctor.py)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,10 @@ def register(sub) -> None:
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
     p.set_defaults(func=run_info)
+
+    from . import doctor
+
+    doctor.register(sub)
 
 
 def add_generation_options(p, *, temperature: float = 0.2, max_new_tokens: int = 512) -> None:

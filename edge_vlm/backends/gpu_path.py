@@ -99,7 +99,7 @@ def layers_per_shape(llm: nn.Module) -> list[WQLinear]:
     return list(seen.values())
 
 
-def _torch_int4_reason(device: torch.device) -> str | None:
+def _torch_int4_unsupported(device: torch.device) -> str | None:
     """Why torch's int4 matmul cannot run here before trying (None: try it)."""
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         major, minor = torch.cuda.get_device_capability(device)
@@ -107,8 +107,23 @@ def _torch_int4_reason(device: torch.device) -> str | None:
     return None
 
 
+def torch_int4_reason(layers: list[WQLinear], ins: Inputs) -> str | None:
+    """Why torch's int4 matmul is wrong on these layers (None: it is right), decode and prefill rows."""
+    from .cuda_int4.int4_linear import TorchInt4Linear, int4_ops
+
+    if (reason := _torch_int4_unsupported(ins.device)) is not None:
+        return reason
+    compute = int4_ops(ins.device).compute_dtype
+    for layer in layers:
+        fast = TorchInt4Linear(layer)
+        for rows in (selfcheck.DECODE_ROWS, selfcheck.PREFILL_ROWS):
+            if (reason := selfcheck.check_linear(fast, layer, rows, ins, compute)) is not None:
+                return f"{rows} row(s): {reason}"
+    return None
+
+
 def _choose_linear(run: _Run, triton: bool) -> str:
-    from .cuda_int4.int4_linear import TorchInt4Linear, int4_ops, torch_int4_fits
+    from .cuda_int4.int4_linear import torch_int4_fits
 
     layers = layers_per_shape(run.llm)
     if not layers:
@@ -127,17 +142,9 @@ def _choose_linear(run: _Run, triton: bool) -> str:
     fitting = [layer for layer in layers if torch_int4_fits(layer)]
     if not fitting:
         return "reference"
-    compute = int4_ops(run.device).compute_dtype
 
     def torch_int4():
-        if (reason := _torch_int4_reason(run.device)) is not None:
-            return reason
-        for layer in fitting:
-            fast = TorchInt4Linear(layer)
-            for rows in (selfcheck.DECODE_ROWS, selfcheck.PREFILL_ROWS):
-                if (reason := selfcheck.check_linear(fast, layer, rows, ins, compute)) is not None:
-                    return f"{rows} row(s): {reason}"
-        return None
+        return torch_int4_reason(fitting, ins)
 
     return "torch_int4" if run.passes("torch_int4", torch_int4, "reference") else "reference"
 

@@ -1,0 +1,402 @@
+"""`edge-vlm doctor`: what works on this machine, found by trying it rather than guessed.
+
+One command a Jetson or laptop user runs before (or after) a failed chat: torch and CUDA, the
+GPU or the CPU and its vector flags, Triton and whether each kernel passes the same self-check
+`load_model` runs (on a small stand-in model, so no download is needed), torch's int4 matmul,
+llama.cpp and ONNX Runtime when installed, OpenCV's GStreamer support and the cameras it opens,
+free disk in the model cache, and the backend `chat` would use. Progress goes to stderr as it
+goes; the report to stdout, for people or (`--json`) programs. Exit status 1 when `chat` would
+find nothing usable on its default device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+CAMERA_PROBE_SECONDS = 3.0  # per index: opening a missing camera can block on some drivers
+STAND_IN = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2,
+                head_dim=64, norm_eps=1e-5, max_position_embeddings=64)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("doctor", help="what works on this machine: GPU, kernels, int4 paths, cameras, disk",
+                       description="Check torch, the GPU or CPU, the Triton kernels, torch's int4 matmul, "
+                                   "llama.cpp, ONNX Runtime, OpenCV and its cameras, and free disk; say which "
+                                   "backend `chat` would use. Exit status 1 when nothing usable is found.")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--cameras", type=int, default=4, metavar="N", help="camera indices to try (default 4: 0-3)")
+    p.add_argument("--interpreter", action="store_true",
+                   help="without a CUDA GPU, check the Triton kernels through Triton's interpreter (slow)")
+    p.set_defaults(func=run_doctor)
+
+
+def run_doctor(args) -> int:
+    report = collect(cameras=args.cameras, interpreter=args.interpreter, progress=_progress)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["chat"]["usable"] else 1
+
+
+def _progress(message: str) -> None:
+    print(f"doctor: {message}", file=sys.stderr, flush=True)
+
+
+def collect(cameras: int = 4, interpreter: bool = False, progress=lambda message: None) -> dict:
+    """The whole report as plain data (what `--json` prints)."""
+    progress("torch and devices")
+    report = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch_info(),
+              "gpus": gpu_info(), "cpu": cpu_info()}
+    cuda = bool(report["gpus"])
+    progress("Triton kernels" + (" (self-check on the GPU)" if cuda else " (through the interpreter)"
+                                 if interpreter else ""))
+    report["triton"] = triton_info(torch.device("cuda") if cuda else torch.device("cpu"), cuda or interpreter)
+    progress("torch's int4 matmul")
+    report["torch_int4"] = torch_int4_info(torch.device("cuda") if cuda else torch.device("cpu"))
+    progress("llama.cpp and ONNX Runtime")
+    report["llama_cpp"], report["onnxruntime"] = llama_cpp_info(), onnxruntime_info()
+    progress(f"OpenCV and cameras 0-{cameras - 1}" if cameras > 0 else "OpenCV")
+    report["opencv"] = opencv_info(cameras)
+    report["disk"] = disk_info()
+    progress("the backend chat would use")
+    report["chat"] = chat_info(report)
+    return report
+
+
+# ---------------------------------------------------------------- torch, GPU, CPU
+
+def torch_info() -> dict:
+    return {"version": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+            "cpu_capability": _cpu_capability()}
+
+
+def _cpu_capability() -> str | None:
+    """The vector ISA torch's CPU kernels dispatch to here (AVX2, AVX512, ...): works on any OS."""
+    with contextlib.suppress(Exception):
+        return torch.backends.cpu.get_cpu_capability()
+    return None
+
+
+def gpu_info() -> list[dict]:
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        gpu = {"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": p.total_memory / 2**30}
+        with contextlib.suppress(Exception):
+            gpu["free_gib"] = torch.cuda.mem_get_info(i)[0] / 2**30
+        gpus.append(gpu)
+    return gpus
+
+
+CPU_FLAGS = {"avx2": ("avx2",), "avx512": ("avx512f",), "avx512_bf16": ("avx512_bf16",),
+             "amx": ("amx_bf16", "amx_tile")}
+
+
+def cpu_info(cpuinfo: str | None = None) -> dict:
+    """The CPU's name, cores and the flags the CPU int4 and bf16 paths depend on. Linux reads
+    /proc/cpuinfo; elsewhere the flags are unknown (None) and torch's dispatch level is shown."""
+    if cpuinfo is None:
+        with contextlib.suppress(OSError):
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+    info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "flags": {name: None for name in CPU_FLAGS}}
+    if cpuinfo:
+        fields = {}
+        for line in cpuinfo.splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        info["model"] = fields.get("model name") or info["model"]
+        flags = set(fields.get("flags", "").split())
+        if flags:
+            info["flags"] = {name: any(f in flags for f in names) for name, names in CPU_FLAGS.items()}
+    return info
+
+
+# ---------------------------------------------------------------- kernels
+
+def stand_in_llm(arch: str, device: torch.device, dtype: torch.dtype):
+    """A one-layer random int4 model of `arch` (llama: RMSNorm + gated SiLU; nemotron: LayerNorm1P +
+    relu^2, partial rotary): every kernel variant a real model of that family uses, in seconds."""
+    from .config import LLMConfig, QuantConfig
+    from .llm import DecoderLM
+    from .quant_linear import WQLinear, prepare_quantized
+
+    cfg = LLMConfig(arch=arch, partial_rotary_factor=0.5 if arch == "nemotron" else 1.0, **STAND_IN)
+    gen = torch.Generator().manual_seed(0)
+    llm = DecoderLM(cfg).to(dtype)
+    prepare_quantized(llm, QuantConfig(group_size=128))
+    with torch.no_grad():
+        for name, t in list(llm.named_parameters()) + list(llm.named_buffers()):
+            if t.dtype == torch.int32:  # packed nibbles and zero points: any bits are valid
+                t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, dtype=torch.int32))
+            elif name.endswith("scales"):
+                t.copy_(torch.rand(t.shape, generator=gen) * 0.01 + 0.002)
+            elif "norm" in name:
+                t.copy_((1.0 if cfg.norm == "rms" and name.endswith("weight") else 0.0)
+                        + 0.1 * torch.randn(t.shape, generator=gen))
+            else:
+                t.copy_(0.05 * torch.randn(t.shape, generator=gen))
+    assert any(isinstance(m, WQLinear) for m in llm.modules())
+    return llm.to(device).eval()
+
+
+def triton_info(device: torch.device, run_checks: bool) -> dict:
+    """Triton's version and, where asked, each kernel's self-check on stand-ins of both families."""
+    from .backends.triton import triton_available
+
+    info: dict = {"installed": triton_available(), "version": None, "checked_on": None, "kernels": {}}
+    if not info["installed"]:
+        return info
+    import triton
+
+    info["version"] = triton.__version__
+    if not run_checks:
+        return info
+    from .backends import gpu_path
+
+    info["checked_on"] = "cuda" if device.type == "cuda" else "interpreter"
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    for arch in ("llama", "nemotron"):
+        llm = stand_in_llm(arch, device, dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", gpu_path.SelfCheckWarning)  # reported below instead
+            report = gpu_path.convert(llm, triton=True)
+        for c in report.checks:
+            key = c.op if c.op in ("w4a16_gemv", "w4a16_gemm", "rotary_kv", "decode_attention") else f"{c.op} ({arch})"
+            old = info["kernels"].get(key)
+            if old is None or (old["passed"] and not c.passed):
+                info["kernels"][key] = {"passed": c.passed, "reason": c.reason, "seconds": round(c.seconds, 3)}
+        info.setdefault("paths", {})[arch] = {"linear": report.linear, "fused_mlp": report.fused_mlp,
+                                              "fused_norm": report.fused_norm, "fused_decode": report.fused_decode}
+    return info
+
+
+def torch_int4_info(device: torch.device) -> dict:
+    """torch's int4 matmul on `device`: the CUDA kernel (sm80+) or the CPU one chat uses on CPU."""
+    from .backends import selfcheck
+    from .backends.gpu_path import layers_per_shape, torch_int4_reason
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    info = {"device": device.type, "op": "_weight_int4pack_mm" if device.type == "cuda" else
+            "_weight_int4pack_mm_for_cpu"}
+    if device.type == "cpu":
+        from .backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
+        from .backends.cpu.timing import cpu_int4_compute_dtype
+
+        if not cpu_int4_available():
+            return {**info, "passed": False, "reason": "this torch has no int4 CPU matmul"}
+        compute = cpu_int4_compute_dtype()
+        info["compute_dtype"] = str(compute).replace("torch.", "")
+        layer = layers_per_shape(stand_in_llm("llama", device, dtype))[0]
+        ins = selfcheck.Inputs(device, dtype)
+        check = selfcheck.run_check("cpu_int4", lambda: selfcheck.check_linear(CpuInt4Linear(layer, compute), layer,
+                                                                               1, ins, compute), device)
+    else:
+        layers = layers_per_shape(stand_in_llm("llama", device, dtype))
+        check = selfcheck.run_check("torch_int4", lambda: torch_int4_reason(layers, selfcheck.Inputs(device, dtype)),
+                                    device)
+    return {**info, "passed": check.passed, "reason": check.reason}
+
+
+# ---------------------------------------------------------------- other runtimes, cameras, disk
+
+def llama_cpp_info() -> dict:
+    try:
+        import llama_cpp
+    except Exception as e:  # noqa: BLE001 - absent or broken: either way not usable
+        return {"installed": False, "reason": type(e).__name__}
+    info = {"installed": True, "version": getattr(llama_cpp, "__version__", None)}
+    offload = getattr(llama_cpp, "llama_supports_gpu_offload", None)
+    with contextlib.suppress(Exception):
+        info["gpu_offload"] = bool(offload()) if offload else None
+    return info
+
+
+def onnxruntime_info() -> dict:
+    try:
+        import onnxruntime
+    except Exception as e:  # noqa: BLE001
+        return {"installed": False, "reason": type(e).__name__}
+    return {"installed": True, "version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
+
+
+_CAMERA_PROBE = r"""
+import json, sys
+import cv2
+for i in range(int(sys.argv[1])):
+    cap = cv2.VideoCapture(i)
+    opened, frame = cap.isOpened(), None
+    if opened:
+        ok, image = cap.read()
+        frame = list(image.shape[1::-1]) if ok else None
+    cap.release()
+    print(json.dumps({"index": i, "opened": opened, "frame": frame}), flush=True)
+"""
+
+
+def opencv_info(cameras: int) -> dict:
+    try:
+        import cv2
+    except Exception as e:  # noqa: BLE001
+        return {"installed": False, "reason": type(e).__name__}
+    build = cv2.getBuildInformation()
+    line = next((x for x in build.splitlines() if x.strip().startswith("GStreamer:")), "")
+    gst = line.split(":", 1)[1].strip() if line else "unknown"
+    return {"installed": True, "version": cv2.__version__, "gstreamer": gst.upper().startswith("YES"),
+            "gstreamer_detail": gst, "cameras": probe_cameras(cameras)}
+
+
+def probe_cameras(count: int, seconds_each: float = CAMERA_PROBE_SECONDS) -> dict:
+    """Try camera indices 0..count-1 in a child process that is killed if a driver blocks."""
+    if count <= 0:
+        return {"probed": 0, "opened": [], "note": "not probed"}
+    if no_video_devices():
+        return {"probed": 0, "opened": [], "note": "no /dev/video* device"}
+    env = {**os.environ, "OPENCV_LOG_LEVEL": "ERROR", "OPENCV_VIDEOIO_DEBUG": "0"}
+    try:
+        done = subprocess.run([sys.executable, "-c", _CAMERA_PROBE, str(count)], capture_output=True, text=True,
+                              timeout=seconds_each * count + 5, env=env)
+        out, note = done.stdout, None if done.returncode == 0 else f"probe exited with status {done.returncode}"
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        note = "probe timed out (a camera driver blocked)"
+    results = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    return {"probed": len(results), "opened": [r for r in results if r["opened"]], "note": note}
+
+
+def no_video_devices() -> bool:
+    """Linux lists its cameras as /dev/video*: none there means none to open (other OSes: try)."""
+    return sys.platform.startswith("linux") and not list(Path("/dev").glob("video*"))
+
+
+def disk_info() -> dict:
+    """Free space where models are downloaded (huggingface_hub's cache, created on first use)."""
+    try:
+        from huggingface_hub import constants
+
+        cache = Path(constants.HF_HUB_CACHE)
+    except Exception:  # noqa: BLE001
+        cache = Path.home() / ".cache" / "huggingface" / "hub"
+    existing = next((p for p in [cache, *cache.parents] if p.exists()), Path.cwd())
+    usage = shutil.disk_usage(existing)
+    return {"model_cache": str(cache), "free_gib": usage.free / 2**30, "total_gib": usage.total / 2**30}
+
+
+# ---------------------------------------------------------------- what chat would do
+
+def chat_info(report: dict) -> dict:
+    """The device, dtype and paths `chat` picks by default, and whether that device works at all."""
+    from .backends import choose_backend
+    from .loader import default_device, default_dtype
+
+    device = default_device()
+    info = {"device": device, "dtype": str(default_dtype(device)).replace("torch.", ""),
+            "backend": choose_backend(torch.device(device))}
+    reason = _reference_decode_reason(torch.device(device))
+    info["usable"], info["reason"] = reason is None, reason or ""
+    if reason is not None and device != "cpu" and _reference_decode_reason(torch.device("cpu")) is None:
+        info["hint"] = "the CPU works: run chat with --device cpu"
+    if device == "cpu":
+        i4 = report["torch_int4"]
+        info["int4_linears"] = (f"torch's int4 CPU matmul ({i4.get('compute_dtype')} activations)" if i4.get("passed")
+                                else "dequantize + matmul")
+        info["decode"] = "plain torch"
+        from .backends.cpu.timing import cpu_bf16_matmul_is_faster
+
+        info["vision_dtype"] = "bfloat16" if cpu_bf16_matmul_is_faster() else "float32"
+    else:
+        paths = report["triton"].get("paths", {}).get("llama")
+        linear = paths["linear"] if paths else ("torch_int4" if report["torch_int4"]["passed"] else "reference")
+        info["int4_linears"] = {"triton": "Triton W4A16 kernels", "torch_int4": "torch's int4 CUDA matmul",
+                                "reference": "dequantize + matmul"}[linear]
+        info["decode"] = "CUDA graph of the fused step" if paths and paths["fused_decode"] else "plain torch"
+    return info
+
+
+def _reference_decode_reason(device: torch.device) -> str | None:
+    """Why the plain torch path (dequantize + matmul, what every fallback ends at) fails here."""
+    from .backends import selfcheck
+    from .backends.gpu_path import layers_per_shape
+
+    def run():
+        layer = layers_per_shape(stand_in_llm("llama", device, torch.float32))[0]
+        return selfcheck.check_linear(layer, layer, 1, selfcheck.Inputs(device, torch.float32))
+
+    check = selfcheck.run_check("reference", run, device)
+    return None if check.passed else check.reason
+
+
+# ---------------------------------------------------------------- the human-readable report
+
+def _yes(flag) -> str:
+    return "?" if flag is None else "yes" if flag else "no"
+
+
+def format_report(r: dict) -> str:
+    t, cpu = r["torch"], r["cpu"]
+    flags = ", ".join(f"{name.upper().replace('_', '-')} {_yes(v)}" for name, v in cpu["flags"].items())
+    lines = [
+        "edge-vlm doctor",
+        f"  python      {r['python']} on {r['platform']}",
+        f"  torch       {t['version']}, CUDA {t['cuda'] or 'none (CPU build)'}, "
+        f"CPU kernels at {t['cpu_capability'] or '?'}",
+    ]
+    if r["gpus"]:
+        for g in r["gpus"]:
+            free = f", {g['free_gib']:.1f} free" if "free_gib" in g else ""
+            lines.append(f"  GPU {g['index']}       {g['name']}, compute capability {g['capability']}, "
+                         f"{g['memory_gib']:.1f} GiB{free}")
+    else:
+        lines.append("  GPU         none found by torch")
+    lines.append(f"  CPU         {cpu['model']}, {cpu['cores']} cores: {flags}")
+    tr = r["triton"]
+    if not tr["installed"]:
+        lines.append("  Triton      not installed (CUDA then uses torch's int4 matmul; on Windows: "
+                     "pip install triton-windows)")
+    elif not tr["kernels"]:
+        lines.append(f"  Triton      {tr['version']}; kernels not checked: no CUDA GPU "
+                     "(--interpreter checks them through Triton's interpreter)")
+    else:
+        lines.append(f"  Triton      {tr['version']}; kernel self-check on {tr['checked_on']}:")
+        for op, c in tr["kernels"].items():
+            lines.append(f"                {op:28s} {'passed' if c['passed'] else 'FAILED: ' + c['reason']}")
+    i4 = r["torch_int4"]
+    dtype = f", {i4['compute_dtype']} activations" if "compute_dtype" in i4 else ""
+    lines.append(f"  int4        torch {i4['op']} on {i4['device']}: "
+                 f"{'passed' if i4['passed'] else 'FAILED: ' + i4['reason']}{dtype}")
+    lc = r["llama_cpp"]
+    lines.append(f"  llama.cpp   {lc.get('version') or 'installed' if lc['installed'] else 'not installed'}"
+                 + (f", GPU offload {_yes(lc.get('gpu_offload'))}" if lc["installed"] else ""))
+    ort = r["onnxruntime"]
+    lines.append(f"  ONNX RT     {ort['version'] + ': ' + ', '.join(ort['providers']) if ort['installed'] else 'not installed'}")
+    cv = r["opencv"]
+    if cv["installed"]:
+        cams = cv["cameras"]
+        opened = ", ".join(f"{c['index']}" + (f" ({c['frame'][0]}x{c['frame'][1]})" if c["frame"] else " (no frame)")
+                           for c in cams["opened"]) or "none"
+        note = f"; {cams['note']}" if cams.get("note") else ""
+        lines.append(f"  OpenCV      {cv['version']}, GStreamer {_yes(cv['gstreamer'])}; cameras opened: {opened} "
+                     f"(of {cams['probed']} tried{note})")
+    else:
+        lines.append("  OpenCV      not installed")
+    d = r["disk"]
+    lines.append(f"  disk        {d['free_gib']:.1f} GiB free of {d['total_gib']:.1f} at {d['model_cache']}")
+    c = r["chat"]
+    if c["usable"]:
+        lines.append(f"  chat        would run on {c['device']} ({c['dtype']}, backend {c['backend']}): "
+                     f"int4 linears via {c['int4_linears']}, decode {c['decode']}"
+                     + (f", vision tower in {c['vision_dtype']}" if "vision_dtype" in c else ""))
+    else:
+        lines.append(f"  chat        NOTHING USABLE on {c['device']}: {c['reason']}"
+                     + (f" ({c['hint']})" if c.get("hint") else ""))
+    return "\n".join(lines)
