@@ -200,6 +200,29 @@ def test_padded_vocabulary_gets_unused_tokens(tmp_path):
     assert f["tokenizer.ggml.token_type"][399] == int(gguf.TokenType.UNUSED)
 
 
+def test_vlm_exports_its_language_model(tiny_vila, tmp_path):
+    model = load_model(tiny_vila, device="cpu", fast_path=False, progress=False)
+    assert model.is_multimodal
+    ids = torch.randint(0, 380, (16,), generator=torch.Generator().manual_seed(4))
+    path = export_gguf(tiny_vila, tmp_path / "vila-llm.gguf", "f32", progress=False)
+    assert not any(name.startswith(("v.", "mm.")) for name in _tensors(path))  # the LLM only
+    want = _logits(model.llm, ids)
+    torch.testing.assert_close(_hf_logits(path, ids), want, atol=1e-4 * float(want.abs().max()), rtol=0)
+
+
+def test_command_line(tiny_llms, tmp_path, capsys):
+    import argparse
+
+    from edge_vlm.backends.llamacpp.gguf_export import add_export_arguments, run_export
+
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    args = parser.parse_args([str(tiny_llms["qwen2"]), str(tmp_path / "out.gguf"), "--outtype", "Q8_0", "--no-progress"])
+    assert run_export(args) == 0
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "out.gguf").is_file()
+    assert _fields(tmp_path / "out.gguf")["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
+
+
 def test_q8_0_export_is_close_and_small(tiny_llms, tmp_path):
     model = load_model(tiny_llms["llama"], device="cpu", fast_path=False, progress=False)
     ids = torch.randint(0, 380, (24,), generator=torch.Generator().manual_seed(1))
@@ -234,8 +257,8 @@ def test_awq_checkpoint_exports_q4_1_that_reproduces_it(tiny_awq, kind, tmp_path
     assert _fields(path)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q4_1)
     ids = torch.randint(0, 380, (24,), generator=torch.Generator().manual_seed(2))
     want = _logits(model.llm, ids)
-    # the same integers and scales; only m's fp16 rounding (< 0.4% of a step) and the fp16
-    # storage of embeddings/norm-free tensors differ: measured ~2e-3 of the logit scale
+    # the same integers and scales; only m's fp16 rounding (< 0.73% of a step) and the fp16
+    # storage of the embeddings and lm_head differ: measured ~2e-3 of the logit scale
     torch.testing.assert_close(_hf_logits(path, ids), want, atol=1e-2 * float(want.abs().max()), rtol=0)
 
 
@@ -484,3 +507,60 @@ def test_llama_cpp_loads_tiny_exports_and_matches(tiny_llms, tiny_awq, kind, tmp
         path = export_gguf(model, tmp_path / f"{kind}-{outtype}.gguf", outtype, progress=False)
         got = _llama_logits(_llama(llama_cpp, path, 64), ids.tolist())
         assert np.abs(got - want).max() < tol * np.abs(want).max(), (kind, outtype, np.abs(got - want).max())
+
+
+TOKENIZER_TEXT = ("The quick brown fox, 12345 apples and 3.14159 pies; don't WE'LL  tabs\tand\n\nnewlines — "
+                  "café naïve 東京 🙂 <|im_start|>user\nWhat is in this picture?<|im_end|>")
+
+
+def _retrain_tokenizer(folder: Path, kind: str) -> None:
+    """Replace a tiny model's tokenizer by one whose pre-tokenizer llama.cpp knows as `kind`."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edge_vlm.backends.llamacpp.gguf_vocab import LLAMA3_REGEX, QWEN2_REGEX
+    from tests.factories import CORPUS, SPECIAL_TOKENS
+
+    if kind == "sentencepiece":
+        import io
+
+        import sentencepiece as spm
+
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter([CORPUS] * 20), model_writer=buf, vocab_size=380,
+                                       model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0,
+                                       bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["<extra_id_0>"],
+                                       minloglevel=2)
+        (folder / "tokenizer.json").unlink()
+        (folder / "tokenizer.model").write_bytes(buf.getvalue())
+        return
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind in ("gpt-2", "smollm"))
+    steps = {"gpt-2": [byte_level], "smollm": [pre_tokenizers.Digits(individual_digits=True), byte_level],
+             "qwen2": [pre_tokenizers.Split(Regex(QWEN2_REGEX), "isolated"), byte_level],
+             "llama-bpe": [pre_tokenizers.Split(Regex(LLAMA3_REGEX), "isolated"), byte_level]}[kind]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([CORPUS] * 20, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("kind", ["gpt-2", "smollm", "qwen2", "llama-bpe", "sentencepiece"])
+def test_llama_cpp_tokenizes_like_our_tokenizer(kind, tmp_path):
+    """llama.cpp re-implements tokenization from the metadata: the pre-tokenizer name we infer and
+    the vocabulary we write must make it split text exactly as our tokenizer does."""
+    from tests.factories import make_llm
+
+    llama_cpp = _llama_cpp()
+    make_llm(tmp_path / "m", "llama", seed=7)
+    _retrain_tokenizer(tmp_path / "m", kind)
+    model = load_model(tmp_path / "m", device="cpu", fast_path=False, progress=False)
+    path = export_gguf(model, tmp_path / "m.gguf", "f16", progress=False)
+    f = _fields(path)
+    assert f["tokenizer.ggml.model"] == ("llama" if kind == "sentencepiece" else "gpt2")
+    assert f.get("tokenizer.ggml.pre", "sentencepiece") == kind
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    ours = model.tokenizer.encode(TOKENIZER_TEXT)
+    assert vocab.tokenize(TOKENIZER_TEXT.encode(), add_bos=False, special=True) == ours
+    assert vocab.detokenize(ours, special=True).decode() == model.tokenizer.decode(ours, skip_special=False)

@@ -4,7 +4,8 @@
   of the block in the low nibble of byte j, weight j + 16 in its high nibble) from AutoAWQ GEMM
   tensors: AWQ's w = (q - z) * s over groups of G = 32·n input channels is n Q4_1 blocks per
   group with the same q, d = s and m = -s·z. `d` is AWQ's fp16 scale, exact; only `m` is rounded
-  to fp16, by at most half an fp16 ulp of |s·z| (z <= 15: under 0.4% of one quantization step s).
+  to fp16, by at most half an fp16 ulp of |s·z|: with z <= 15, 15·2^-11 = 0.73% of one quantization
+  step s at worst (measured on SmolLM2 g64: 0.58% worst, 0.09% mean).
 - Q8_0 (block of 32: fp16 `d`, 32 int8; w = q * d) from our int8 embeddings (one fp16 scale
   per row): every block of a row gets the row's scale, exact.
 - Q8_0 / F16 / F32 from float weights, through the `gguf` package's quantizer.
