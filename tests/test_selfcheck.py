@@ -356,16 +356,21 @@ def test_fp16_norm_rotary_and_attention_checks_pass_on_the_real_kernels(llama):
         assert selfcheck.check_decode_attention(half, int8, ins) is None
 
 
-def test_int8_cache_model_checks_the_int8_kernels(llama, reference_tokens):
-    """A model that decodes over an int8 KV cache is checked with the int8 variants, and
-    make_engine builds the fused engine only for the cache kind that was checked."""
+def test_int8_cache_model_checks_the_int8_kernels(llama, monkeypatch):
+    """A model that decodes over an int8 KV cache is checked with the int8 variants; a cache kind
+    changed after loading is checked when make_engine builds the engine for it."""
     int8 = copy.deepcopy(llama)
     int8.kv_cache_int8 = True
     fast, report, caught = _optimize(int8)
     assert caught == [] and report.kv_cache_int8 and report.fused_decode
     assert isinstance(make_engine(fast, 16), CUDAGraphEngine)
-    fast.kv_cache_int8 = False  # changed after the check: that cache kind's fused step is unchecked
-    assert type(make_engine(fast, 16)) is Engine
+    fast.kv_cache_int8 = False  # changed after the check; now the fp32 cache's attention is broken
+    _inject(monkeypatch, decode_attention, "_decode_attention", "nan", 8, when=lambda kw: not kw["QUANT"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = make_engine(fast, 16)
+    _one_warning(caught, "decode_attention", "NaN")
+    assert type(engine) is Engine and not report.kv_cache_int8 and not report.fused_decode
 
 
 # ---- torch's int4 path: its own format, tested against the spec ------------------------------

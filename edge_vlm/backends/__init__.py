@@ -63,11 +63,16 @@ def optimize_for_device(model, backend: str | None = None, check: bool = True) -
 
 def make_engine(llm, max_context: int) -> Engine:
     """The fastest engine `llm` passed the self-check for: CUDA-graph decode over the fused step
-    when `optimize_for_device` checked that step (with the KV-cache kind `llm` now uses), else
-    the plain one."""
+    when `optimize_for_device` checked that step, else the plain one. A KV-cache kind changed
+    since the check (e.g. `kv_cache_int8` set after loading) has its fused step checked now."""
     report = getattr(llm, "selfcheck_report", None)
-    same_cache = report is not None and (not report.checked or report.kv_cache_int8 == llm.kv_cache_int8)
-    if report is not None and report.fused_decode and same_cache:
+    if report is None or not report.triton:
+        return Engine(llm, max_context)
+    if report.checked and report.kv_cache_int8 != bool(getattr(llm, "kv_cache_int8", False)):
+        from .gpu_path import check_decode
+
+        check_decode(llm, report)
+    if report.fused_decode:
         from .triton.cuda_graph import CUDAGraphEngine
 
         return CUDAGraphEngine(llm, max_context)

@@ -59,6 +59,7 @@ class SelfCheckReport:
     fused_norm: bool = False
     fused_decode: bool = False
     kv_cache_int8: bool = False  # the cache kind the fused step was checked with
+    triton: bool = False  # whether the Triton kernels were allowed (CUDA with Triton; the interpreter in tests)
     checked: bool = True  # False: the fast paths were trusted unchecked (check=False)
     checks: list[Check] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # modules swapped, per kind
@@ -157,11 +158,10 @@ def convert(llm: nn.Module, triton: bool, check: bool = True) -> SelfCheckReport
     fast path unchecked (benchmarks and tests that compare the paths themselves).
     """
     start = time.perf_counter()
-    report = SelfCheckReport(str(llm.device), checked=check, kv_cache_int8=bool(getattr(llm, "kv_cache_int8", False)))
+    report = SelfCheckReport(str(llm.device), checked=check, triton=triton)
     run = _Run(llm, report, check)
     ins = run.ins
     report.linear = _choose_linear(run, triton)
-    parts_ok = False
     if triton:
         from .triton.modules import fusable, fused_mlp
 
@@ -174,17 +174,26 @@ def convert(llm: nn.Module, triton: bool, check: bool = True) -> SelfCheckReport
         norm = llm.norm if isinstance(llm.norm, (RMSNorm, LayerNorm1P)) else None
         report.fused_norm = norm is not None and run.passes("fused_norm", lambda: selfcheck.check_norm(norm, ins),
                                                             "fused_norm")
-        int8 = report.kv_cache_int8
-        parts_ok = report.fused_norm and run.passes(
-            "rotary_kv", lambda: selfcheck.check_rotary_kv(llm, int8, ins), "rotary_kv") and run.passes(
-            "decode_attention", lambda: selfcheck.check_decode_attention(llm, int8, ins), "decode_attention")
     report.counts = _swap(llm, report, triton)
-    if triton and parts_ok:
-        report.fused_decode = run.passes("fused_decode_step", lambda: selfcheck.check_fused_step(llm, ins),
-                                         "fused_decode_step")
+    if triton:
+        check_decode(llm, report)
     report.seconds = time.perf_counter() - start
     llm.selfcheck_report = report
     return report
+
+
+def check_decode(llm: nn.Module, report: SelfCheckReport) -> bool:
+    """Check the fused decode step's own kernels and the whole step, over `llm` as converted and
+    with the KV-cache kind it uses now; records (and returns) whether the step may serve.
+    `make_engine` calls it again when the cache kind changed after loading."""
+    run = _Run(llm, report, report.checked)
+    ins = run.ins
+    int8 = report.kv_cache_int8 = bool(getattr(llm, "kv_cache_int8", False))
+    report.fused_decode = report.fused_norm and run.passes(
+        "rotary_kv", lambda: selfcheck.check_rotary_kv(llm, int8, ins), "rotary_kv") and run.passes(
+        "decode_attention", lambda: selfcheck.check_decode_attention(llm, int8, ins), "decode_attention") and run.passes(
+        "fused_decode_step", lambda: selfcheck.check_fused_step(llm, ins), "fused_decode_step")
+    return report.fused_decode
 
 
 def _first_reason(reasons) -> str | None:
