@@ -115,6 +115,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kv_cache_int8 = False  # what new_cache builds by default (load_model(kv_cache="int8"))
+        self.selfcheck_report = None  # on CUDA: which fast ops passed their load-time check (backends/gpu_path.py)
 
     @property
     def device(self) -> torch.device:

@@ -36,10 +36,11 @@ def _rand(*shape, seed, device, dtype=torch.float16):
 def test_add_norm_matches_the_model_norms(device, kind, rows, dim):
     x, r = _rand(rows, dim, seed=1, device=device), _rand(rows, dim, seed=2, device=device)
     ref_norm = RMSNorm(dim, 1e-5) if kind == RMS else LayerNorm1P(dim, 1e-5)
+    gen = torch.Generator().manual_seed(3)  # not the global RNG: the same weights whatever ran before
     with torch.no_grad():
-        ref_norm.weight.copy_(torch.randn(dim) * 0.3)
+        ref_norm.weight.copy_(torch.randn(dim, generator=gen) * 0.3)
         if kind == LAYERNORM1P:
-            ref_norm.bias.copy_(torch.randn(dim) * 0.3)
+            ref_norm.bias.copy_(torch.randn(dim, generator=gen) * 0.3)
     ref_norm = ref_norm.half().to(device)
     y, s = add_norm(x, r, ref_norm.weight, getattr(ref_norm, "bias", None), 1e-5, kind)
     assert torch.equal(s, x + r)  # the residual sum is the fp16 sum, bit for bit
