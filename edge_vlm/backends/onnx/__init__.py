@@ -1,0 +1,20 @@
+"""The vision tower and projector on ONNX Runtime: CPU (int8), CUDA (fp16) and TensorRT (fp16 engine).
+
+- export.py: tower (up to its selected layer) + projector -> ONNX through torch's exporter, fp32 / fp16,
+  dynamic batch, checked by onnx's checker, written under temporary names and renamed into place;
+- int8.py: the CPU's int8 file, by ONNX Runtime's quantizer (dynamic or static), with its feature check;
+- providers.py: TensorRT, then CUDA, then CPU, with each one's file and options;
+- encoder.py: `OnnxVisionEncoder`, the session behind `VisionLanguageModel.encode_images`'s contract;
+- cache.py: where a model's export lives, and exporting it once, on first use;
+- choice.py: `attach_onnx_vision(model, mode)`: the choice, and the fallback to torch with one warning;
+- cli.py: `edge-vlm export onnx MODEL DIR`'s arguments and run.
+onnxruntime and onnx are optional (`pip install 'edge-vlm[onnx]'`): importing this package needs neither.
+"""
+
+from .choice import MODES, OnnxFallbackWarning, attach_onnx_vision, cpu_int8_speedup
+from .cli import add_export_arguments, run_export
+from .encoder import OnnxVisionEncoder
+from .export import PRECISIONS, export_vision
+
+__all__ = ["MODES", "PRECISIONS", "OnnxFallbackWarning", "OnnxVisionEncoder", "add_export_arguments",
+           "attach_onnx_vision", "cpu_int8_speedup", "export_vision", "run_export"]

@@ -1,0 +1,76 @@
+"""Where a model's ONNX files live, and exporting them once, on first use.
+
+The folder is keyed by a fingerprint of what the graph depends on (the tower and projector
+configs, the checkpoint files' names, sizes and times, torch's version and the export format), so
+changed weights or a new exporter give a new export instead of a stale one. Locations:
+- a Hugging Face Hub snapshot (…/models--org--name/snapshots/REV): `models--org--name/edge-vlm/REV/`,
+  beside the snapshots, so deleting the repo from the Hub cache deletes its exports too;
+- a local folder: `FOLDER/.edge-vlm/`, or `~/.cache/edge-vlm/<hash of its path>/` when the folder
+  is read-only;
+- `EDGE_VLM_CACHE=/some/dir` puts every model's exports under that folder instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .export import FORMAT_VERSION, export_parts, file_name, read_manifest
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def model_cache_dir(model_path) -> Path:
+    """The folder edge-vlm keeps derived files of the model at `model_path` in (see the module docstring)."""
+    path = Path(model_path).expanduser().resolve()
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    if os.environ.get("EDGE_VLM_CACHE"):
+        return Path(os.environ["EDGE_VLM_CACHE"]).expanduser() / digest
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent / "edge-vlm" / path.name
+    beside = path / ".edge-vlm"
+    return beside if _writable(beside) else Path.home() / ".cache" / "edge-vlm" / digest
+
+
+def fingerprint(model_path, vision_cfg, projector_cfg) -> str:
+    """What the exported graph depends on, hashed: configs, checkpoint file stats, torch, the export format."""
+    root = Path(model_path).expanduser().resolve()
+    files = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+                   if p.suffix in WEIGHT_SUFFIXES and ".edge-vlm" not in p.parts and p.is_file())
+    key = {"vision": dataclasses.asdict(vision_cfg), "projector": dataclasses.asdict(projector_cfg), "files": files,
+           "torch": torch.__version__.split("+")[0], "format": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def export_dir(model) -> Path:
+    """The folder of this loaded model's ONNX export (it may not exist yet)."""
+    return model_cache_dir(model.info.path) / "onnx" / fingerprint(model.info.path, model.vision.cfg,
+                                                                    model.projector.cfg)
+
+
+def ensure_exported(model, precision: str, progress: bool = False) -> tuple[Path, dict]:
+    """The model's `precision` file, exported now unless an earlier run left it; returns (file, manifest).
+
+    Only what `precision` needs is exported (int8 brings fp32, which it is made from and falls back to).
+    """
+    folder = export_dir(model)
+    manifest = read_manifest(folder)
+    if manifest is None or precision not in manifest.get("precisions", []) or not (folder / file_name(precision)).is_file():
+        have = set(manifest.get("precisions", [])) if manifest else set()
+        want = sorted(have | {precision} | ({"fp32"} if precision == "int8" else set()))
+        export_parts(model.vision, model.projector, model.image_cfg, folder, want, progress=progress)
+        manifest = read_manifest(folder)
+    return folder / file_name(precision), manifest

@@ -1,0 +1,161 @@
+"""Whether the vision tower runs on ONNX Runtime or in torch, and attaching the chosen encoder.
+
+`attach_onnx_vision(model, mode)`:
+- "torch": the torch tower as loaded.
+- "onnx": the ONNX graph on the best provider present (providers.py); the export happens on first use.
+- "auto": "onnx" on the CPU where ONNX Runtime's int8 matmul is measured faster than the torch
+  tower's own matmul at the tower's shapes (`cpu_int8_speedup`, timed once per process like the bf16
+  choice in backends/cpu/timing.py), else "torch". GPUs stay on torch in "auto": TensorRT's first
+  start builds an engine for minutes, which only an explicit "onnx" should cost.
+Whatever goes wrong on the way (onnxruntime missing, the export failing, a corrupt file, a provider
+that raises at session start) leaves the torch tower in place with one warning line.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MODES = ("auto", "onnx", "torch")
+# "auto" switches the CPU to ONNX Runtime at this measured matmul speed-up or more. Below it the first
+# start's export (about 1.5 min for SigLIP-so400m on 2 cores) is not repaid within a session, and the
+# probe's spread between runs on a shared 2-core machine (~10%) could flip the choice from run to run.
+AUTO_MIN_SPEEDUP = 1.3
+
+
+class OnnxFallbackWarning(RuntimeWarning):
+    """The ONNX vision path could not be used; the torch tower runs instead."""
+
+
+def _fallback(reason: str) -> str:
+    warnings.warn(f"ONNX vision tower unavailable ({reason}); using the torch tower", OnnxFallbackWarning,
+                  stacklevel=3)
+    return "torch"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def _min_time(fn, reps: int = 3) -> float:
+    fn()  # warm-up: allocations, weight pre-packing
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def cpu_int8_speedup(tokens: int, width: int, inner: int, torch_dtype: torch.dtype = torch.float32) -> float:
+    """How many times faster ONNX Runtime's int8 (dynamic) matmul runs the tower's MLP matmul than torch does
+    in `torch_dtype`, on this CPU with torch's thread count; timed once per process (~1 s at real sizes).
+
+    The MLP and attention projections are >90% of a ViT's time, so this ratio predicts the whole tower's
+    (measured: benchmarks/vision_backends.py). int8 pays off with VNNI / AMX and on CPUs with full-width
+    AVX2 integer units; on others (AMD Zen 1: 128-bit units) it runs no faster than fp32.
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(tokens, width, generator=gen), torch.randn(width, inner, generator=gen) * width ** -0.5
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, inner])],
+                              [numpy_helper.from_array(w.numpy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32, int8 = Path(tmp) / "probe.onnx", Path(tmp) / "probe-int8.onnx"
+        onnx.save(model, fp32)
+        from .int8 import quiet_quantizer
+
+        with quiet_quantizer():
+            quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": x.numpy().astype(np.float32)}
+    xt, wt = x.to(torch_dtype), w.to(torch_dtype)
+    with torch.inference_mode():
+        t_torch = _min_time(lambda: torch.matmul(xt, wt))
+    t_ort = _min_time(lambda: session.run(None, feed))
+    return t_torch / t_ort
+
+
+def _param_dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _auto_prefers_onnx(model) -> bool:
+    cfg = model.vision.cfg
+    return cpu_int8_speedup(model.vision.num_tokens, cfg.hidden_size, cfg.intermediate_size,
+                            _param_dtype(model.vision)) >= AUTO_MIN_SPEEDUP
+
+
+def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, progress: bool = False) -> str:
+    """Choose the vision path of `model` (a loaded VisionLanguageModel) and set `model.encoder` for it.
+
+    Returns what runs the tower, e.g. "torch" or "onnxruntime CPU int8". `precision` forces the file
+    (fp32 / fp16 / int8) instead of the provider's own choice. `model.encoder` is None on the torch path.
+    """
+    if mode not in MODES:
+        raise ValueError(f"vision backend must be one of {', '.join(MODES)}, not {mode!r}")
+    model.encoder = None
+    device = model.device
+    if mode == "torch" or not model.is_multimodal or device.type == "meta":
+        return "torch"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        if mode == "auto":
+            return "torch"  # nothing asked for ONNX: no warning for an extra that was never installed
+        return _fallback("onnxruntime is not installed: pip install 'edge-vlm[onnx]' (or [onnx-gpu])")
+    if mode == "auto":
+        try:
+            if device.type != "cpu" or not _auto_prefers_onnx(model):
+                return "torch"
+        except Exception as e:  # noqa: BLE001 - a probe that fails leaves the path that works
+            return _fallback(f"timing ONNX Runtime failed: {_one_line(e)}")
+    from .cache import ensure_exported, model_cache_dir
+    from .int8 import MIN_COSINE
+    from .providers import plan as provider_plan
+
+    cache = model_cache_dir(model.info.path)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    plan = provider_plan(device, ort.get_available_providers(), cache, model.vision.cfg.image_size,
+                         precision or "int8", name, ort.__version__)
+    if plan is None:
+        return _fallback(f"onnxruntime has no execution provider for {device.type} "
+                         f"(available: {', '.join(ort.get_available_providers())}; pip install onnxruntime-gpu)")
+    if precision:
+        plan.precision = precision
+    try:
+        path, manifest = ensure_exported(model, plan.precision, progress)
+    except Exception as e:  # noqa: BLE001 - exporter, checker or quantizer: the torch tower still works
+        return _fallback(f"export failed: {_one_line(e)}")
+    if plan.precision == "int8" and precision is None and manifest["int8"]["cosine"] < MIN_COSINE:
+        plan.precision = "fp32"  # int8 moved these features too far: the fp32 file, still ONNX Runtime's speed
+        path = path.with_name(path.name.replace("int8", "fp32"))
+    from .encoder import OnnxVisionEncoder
+
+    try:
+        encoder = OnnxVisionEncoder.open(path, model.image_cfg, plan, device, model.dtype)
+        if device.type != "cpu":  # GPU providers may fail only at the first run (engine build, kernels)
+            encoder.encode_pixels(torch.zeros(1, 3, model.vision.cfg.image_size, model.vision.cfg.image_size))
+    except Exception as e:  # noqa: BLE001 - a corrupt file or a provider that fails to start
+        return _fallback(f"{plan.provider} failed to start on {path}: {_one_line(e)}; delete {path.parent} "
+                         "to export again")
+    model.encoder = encoder
+    return encoder.describe()
