@@ -1,4 +1,4 @@
-"""The runtime's own subcommands: `chat`, `info` and `doctor` (edge_vlm/doctor.py)."""
+"""The runtime's own subcommands: `chat`, `info`, `doctor` (edge_vlm/doctor.py) and `export`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,29 @@ def register(sub) -> None:
     from . import doctor
 
     doctor.register(sub)
+    _register_export(sub)
+
+
+def _register_export(sub) -> None:
+    """`edge-vlm export gguf|onnx`: a model's parts in the formats other runtimes run."""
+    from .backends.llamacpp import gguf_export
+    from .backends.onnx import cli as onnx_cli
+
+    p = sub.add_parser("export", help="write the LLM as GGUF (llama.cpp) or the vision tower as ONNX",
+                       description="Export a model's language model to GGUF for llama.cpp, or its vision tower and "
+                                   "projector to ONNX for ONNX Runtime (CPU, CUDA, TensorRT).")
+    formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    g = formats.add_parser("gguf", help="the language model as a GGUF file llama.cpp loads",
+                           description="Write the LLM (Llama, Qwen2, Nemotron; text-only or a VLM's) as GGUF: "
+                                       "AWQ checkpoints as Q4_1 blocks of the same integers and scales, 16-bit ones "
+                                       "as F16/Q8_0 or through llama.cpp's quantizer (Q4_K_M, ...).")
+    gguf_export.add_export_arguments(g)
+    g.set_defaults(func=gguf_export.run_export)
+    o = formats.add_parser("onnx", help="the vision tower and projector as ONNX files",
+                           description="Write the vision tower (to its selected layer) with its projector as ONNX "
+                                       "files (fp32, fp16, int8) with a dynamic batch axis.")
+    onnx_cli.add_export_arguments(o)
+    o.set_defaults(func=onnx_cli.run_export)
 
 
 def add_generation_options(p, *, temperature: float = 0.2, max_new_tokens: int = 512) -> None:

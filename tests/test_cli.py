@@ -112,3 +112,20 @@ def test_chat_and_camera_share_the_generation_options():
     assert generation_config(parser.parse_args(["chat", "hi"])) == GenerationConfig()
     assert generation_config(parser.parse_args(["camera", "--source", "0"])) == GenerationConfig(
         max_new_tokens=64, temperature=0.0)
+
+
+def test_export_writes_gguf_and_onnx_from_the_command_line(tiny_vila, tmp_path, capsys):
+    import gguf
+    import onnx
+
+    assert main(["export", "gguf", str(tiny_vila), str(tmp_path / "llm.gguf"), "--outtype", "f32",
+                 "--no-progress"]) == 0
+    reader = gguf.GGUFReader(tmp_path / "llm.gguf")
+    assert any(t.name == "token_embd.weight" for t in reader.tensors)
+    assert main(["export", "onnx", str(tiny_vila), str(tmp_path / "onnx"), "--precision", "fp32"]) == 0
+    (path,) = (tmp_path / "onnx").glob("*.onnx")
+    onnx.checker.check_model(str(path))
+    assert main(["export", "gguf", str(tmp_path / "missing"), str(tmp_path / "x.gguf")]) == 1
+    assert "x.gguf" not in {p.name for p in tmp_path.iterdir()}  # nothing half-written
+    err = capsys.readouterr().err
+    assert err.count("edge-vlm: error:") == 1
