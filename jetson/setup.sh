@@ -5,7 +5,8 @@
 #   sudo jetson/setup.sh --service       # ... and install + enable the camera service (edge-vlm-camera)
 #
 # What it does: apt packages (Ubuntu's OpenCV with GStreamer, GStreamer plugins), a venv that
-# sees the system OpenCV, PyTorch + Triton built for Jetson, edge-vlm from this checkout, and
+# sees the system OpenCV, PyTorch + Triton + onnxruntime-gpu (CUDA and TensorRT execution providers,
+# for the vision tower) built for Jetson, edge-vlm from this checkout, and
 # optionally the systemd unit with its settings file /etc/edge-vlm/camera.env.
 set -euo pipefail
 
@@ -13,6 +14,9 @@ PREFIX=${PREFIX:-/opt/edge-vlm}
 PIP_INDEX=${PIP_INDEX:-https://pypi.jetson-ai-lab.io/jp6/cu126}
 TORCH_VERSION=${TORCH_VERSION:-2.8.0}
 TRITON_VERSION=${TRITON_VERSION:-3.4.0}
+ONNXRUNTIME_VERSION=${ONNXRUNTIME_VERSION:-1.22.0}
+ONNX_VERSION=${ONNX_VERSION:-1.18.0}
+ONNXSCRIPT_VERSION=${ONNXSCRIPT_VERSION:-0.4.0}
 SERVICE_USER=${SERVICE_USER:-edge-vlm}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$HERE")
@@ -21,7 +25,7 @@ install_service=0
 for arg in "$@"; do
     case "$arg" in
         --service) install_service=1 ;;
-        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
         *) echo "setup.sh: unknown option $arg (try --help)" >&2; exit 2 ;;
     esac
 done
@@ -48,14 +52,19 @@ mkdir -p "$PREFIX"
 python3 -m venv --system-site-packages "$PREFIX/venv"
 PIP="$PREFIX/venv/bin/pip"
 "$PIP" install --upgrade pip
-"$PIP" install --index-url "$PIP_INDEX" "torch==$TORCH_VERSION" "triton==$TRITON_VERSION"
+"$PIP" install --index-url "$PIP_INDEX" "torch==$TORCH_VERSION" "triton==$TRITON_VERSION" \
+    "onnxruntime-gpu==$ONNXRUNTIME_VERSION"
+"$PIP" install "onnx==$ONNX_VERSION" "onnxscript==$ONNXSCRIPT_VERSION"
 "$PIP" install "$REPO"
 "$PIP" uninstall -y opencv-python-headless
 "$PREFIX/venv/bin/python" - <<'PY'
-import re, cv2, torch
+import re, cv2, onnxruntime, torch
 assert re.search(r"GStreamer:\s+YES", cv2.getBuildInformation()), "OpenCV without GStreamer is first on the path"
 assert torch.cuda.is_available(), "this torch build does not see the GPU"
-print(f"ok: torch {torch.__version__} on {torch.cuda.get_device_name(0)}, OpenCV {cv2.__version__} with GStreamer")
+providers = onnxruntime.get_available_providers()
+assert "TensorrtExecutionProvider" in providers, f"onnxruntime without TensorRT: {providers}"
+print(f"ok: torch {torch.__version__} on {torch.cuda.get_device_name(0)}, OpenCV {cv2.__version__} with GStreamer, "
+      f"onnxruntime {onnxruntime.__version__} ({', '.join(providers)})")
 PY
 
 if [[ $install_service -eq 1 ]]; then

@@ -128,13 +128,13 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
                 return "torch"
         except Exception as e:  # noqa: BLE001 - a probe that fails leaves the path that works
             return _fallback(f"timing ONNX Runtime failed: {_one_line(e)}")
-    from .cache import ensure_exported, model_cache_dir
+    from .cache import ensure_exported, export_dir
     from .int8 import MIN_COSINE
     from .providers import plan as provider_plan
 
-    cache = model_cache_dir(model.info.path)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    plan = provider_plan(device, ort.get_available_providers(), cache, model.vision.cfg.image_size,
+    # engines beside the export they were built from: new weights, new export, new engines
+    plan = provider_plan(device, ort.get_available_providers(), export_dir(model), model.vision.cfg.image_size,
                          precision or "int8", name, ort.__version__)
     if plan is None:
         return _fallback(f"onnxruntime has no execution provider for {device.type} "
