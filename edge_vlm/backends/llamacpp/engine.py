@@ -1,0 +1,180 @@
+"""The language model on llama.cpp: an `Engine` whose prefill and step run in llama.cpp.
+
+Everything around the LLM stays ours (tokenizer, chat template, sampler, stop strings,
+streaming, the vision tower and projector); llama.cpp only turns inputs into logits. Text goes
+in as token ids; image embeddings from our projector go in as `llama_batch.embd` rows at their
+positions, so a VLM prompt is one sequence of token and embedding batches. The KV cache is
+llama.cpp's (one sequence, `max_context` cells); `rewind` removes its cells past a position.
+
+Uses llama-cpp-python's low-level bindings (`llama_cpp.llama_cpp`): the high-level `Llama`
+class tokenizes, samples and caches prompts by itself, and takes no embeddings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import EdgeVLMError
+from ...generate import Prompt
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+def llama_cpp_module():
+    """llama-cpp-python's bindings, or one clear line on how to get them."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise EdgeVLMError("the llama.cpp backend needs llama-cpp-python: pip install 'edge-vlm[llamacpp]' "
+                           f"(see the README for CUDA and Jetson builds) ({e})") from None
+    return llama_cpp
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class LlamaCppEngine:
+    """Prefill/step over a GGUF language model in llama.cpp, for one conversation at a time."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str | Path, max_context: int, n_gpu_layers: int = 0,
+                 n_threads: int | None = None, batch_size: int = 512):
+        global _initialised
+        lib = llama_cpp_module()
+        self._lib = lib
+        with _init_lock:
+            if not _initialised:
+                lib.llama_backend_init()
+                _initialised = True
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise EdgeVLMError(f"GGUF file not found: {path}")
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
+        threads = n_threads or default_threads()
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = max_context
+        cparams.n_batch = cparams.n_ubatch = min(batch_size, max_context)
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise EdgeVLMError(f"llama.cpp could not create a context of {max_context} tokens for {path}")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        self.n_embd = lib.llama_model_n_embd(self._model)
+        self._batch_size = int(cparams.n_batch)
+        self._tokens = lib.llama_batch_init(self._batch_size, 0, 1)
+        self._embeds = lib.llama_batch_init(self._batch_size, self.n_embd, 1)
+        self._max_context = max_context
+        self._position = 0
+        self.gguf_path = path
+
+    # ---- what generate() and the session use ------------------------------------------
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")  # logits come back to the host, whatever llama.cpp ran on
+
+    def prefill(self, prompt: Prompt | torch.Tensor) -> torch.Tensor:
+        """Run a prompt after what is cached; logits [vocab] (float32) for the next token."""
+        pieces = [prompt[0]] if isinstance(prompt, torch.Tensor) else list(prompt.pieces())
+        if not pieces:
+            raise ValueError("an empty prompt")
+        for i, piece in enumerate(pieces):
+            self._run(piece, logits=i == len(pieces) - 1)
+        return self._logits()
+
+    def step(self, token_id: int) -> torch.Tensor:
+        self._run([token_id], logits=True)
+        return self._logits()
+
+    def rewind(self, position: int) -> None:
+        """Forget the cached tokens after `position` (0: everything)."""
+        position = max(0, min(position, self._position))
+        if position < self._position:
+            self._lib.llama_memory_seq_rm(self._memory, 0, position, -1)
+        self._position = position
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    # ---- batches ------------------------------------------------------------------------
+
+    def _run(self, piece: list[int] | torch.Tensor, logits: bool) -> None:
+        """Decode token ids, or [n, hidden] embeddings, in batches; logits only for the very last row."""
+        is_embd = isinstance(piece, torch.Tensor)
+        if is_embd:
+            if piece.dim() != 2 or piece.shape[1] != self.n_embd:
+                raise ValueError(f"embeddings must be [n, {self.n_embd}], got {tuple(piece.shape)}")
+            rows = np.ascontiguousarray(piece.detach().to(torch.float32).cpu().numpy())
+        n = rows.shape[0] if is_embd else len(piece)
+        if self._position + n > self._max_context:
+            raise ValueError(f"positions up to {self._position + n} exceed the context {self._max_context}")
+        for start in range(0, n, self._batch_size):
+            end = min(start + self._batch_size, n)
+            batch = self._embeds if is_embd else self._tokens
+            if is_embd:
+                ctypes.memmove(batch.embd, rows[start:end].ctypes.data, rows[start:end].nbytes)
+            for j in range(end - start):
+                if not is_embd:
+                    batch.token[j] = int(piece[start + j])
+                batch.pos[j] = self._position + j
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = 1 if logits and start + j == n - 1 else 0
+            batch.n_tokens = end - start
+            code = self._lib.llama_decode(self._ctx, batch)
+            if code != 0:
+                raise EdgeVLMError(f"llama.cpp could not decode the batch (llama_decode returned {code})")
+            self._position += end - start
+
+    def _logits(self) -> torch.Tensor:
+        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+
+    def close(self) -> None:
+        """Free llama.cpp's context, model and batches (also done when the engine is collected)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        for batch in ("_tokens", "_embeds"):
+            if hasattr(self, batch):
+                lib.llama_batch_free(getattr(self, batch))
+                delattr(self, batch)
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free into
+            pass

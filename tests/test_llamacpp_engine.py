@@ -1,0 +1,80 @@
+"""The llama.cpp engine against our torch engine, on the real SmolLM2-135M and its own GGUF.
+
+The GGUF holds Q4_1 (and Q8_0) weights; our folder holds the same values dequantized to fp16.
+llama.cpp also quantizes activations to 8 bits inside its dot products (an error of about
+2^-8 relative per product, summed over hundreds of terms), so logits agree closely but not to
+float precision: compared by cosine and by rank, not elementwise. Inside llama.cpp itself
+(rewind, tokens vs the same rows as embeddings) results must be exact or nearly so.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_vlm import load_model
+from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
+from edge_vlm.benchmarks.real_model import gguf_path
+from edge_vlm.generate import Engine, Prompt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pair(smollm2):
+    model = load_model(smollm2, device="cpu", progress=False, fast_path=False)
+    return model, LlamaCppEngine(gguf_path(), 256), Engine(model.llm, 256)
+
+
+def prompt_ids(model, question="What is the capital of France?"):
+    return model.tokenizer.encode(model.template.render([{"role": "user", "content": question}]))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0))
+
+
+def test_prefill_and_steps_agree_with_the_torch_engine(pair):
+    model, fast, ref = pair
+    ids = prompt_ids(model)
+    fast.reset(), ref.reset()
+    got, want = fast.prefill(Prompt([ids])), ref.prefill(Prompt([ids]))
+    assert got.shape == want.shape == (model.llm.cfg.vocab_size,) and got.dtype == torch.float32
+    assert cosine(got, want) > 0.99
+    assert int(want.argmax()) in got.topk(3).indices.tolist()
+    for token in model.tokenizer.encode(" The capital of France is Paris."):  # teacher-forced steps
+        got, want = fast.step(token), ref.step(token)
+        assert cosine(got, want) > 0.99
+    assert fast.position == ref.position
+
+
+def test_embeddings_in_place_of_tokens_and_rewind(pair):
+    model, fast, _ = pair
+    ids = prompt_ids(model, "Name three colours.")
+    fast.reset()
+    as_tokens = fast.prefill(Prompt([ids]))
+    fast.reset()
+    rows = model.llm.embed(torch.tensor(ids))  # the same table, fp16-rounded: what an image's rows go in as
+    as_rows = fast.prefill(Prompt(embeddings=rows[None]))
+    assert cosine(as_rows, as_tokens) > 0.999 and int(as_rows.argmax()) == int(as_tokens.argmax())
+    # a prompt split into token, embedding and token pieces sits at the right positions
+    fast.reset()
+    mixed = fast.prefill(Prompt([ids[:5], ids[9:]], images=rows[5:9][None]))
+    assert cosine(mixed, as_tokens) > 0.999 and fast.position == len(ids)
+    # rewinding the cache and running the same tokens again gives the same logits, bit for bit
+    fast.reset()
+    fast.prefill(Prompt([ids[:7]]))
+    first = fast.prefill(Prompt([ids[7:]]))
+    fast.rewind(7)
+    assert fast.position == 7 and torch.equal(fast.prefill(Prompt([ids[7:]])), first)
+
+
+def test_errors_are_one_clear_line(tmp_path):
+    from edge_vlm.errors import EdgeVLMError
+
+    with pytest.raises(EdgeVLMError, match="GGUF file not found"):
+        LlamaCppEngine(tmp_path / "none.gguf", 64)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(EdgeVLMError, match="cannot load"):
+        LlamaCppEngine(bad, 64)
