@@ -454,7 +454,7 @@ def test_llama_cpp_greedy_answer_equals_ours_for_32_tokens(smollm2_exports):
 
 
 @pytest.mark.slow
-def test_llama_cpp_tokenizes_like_our_tokenizer(smollm2_exports):
+def test_llama_cpp_tokenizes_prose_like_our_smollm2_tokenizer(smollm2_exports):
     llama_cpp = _llama_cpp()
     model, paths = smollm2_exports
     from edge_vlm.quantize.calibration import held_out_text
@@ -529,7 +529,8 @@ def _retrain_tokenizer(folder: Path, kind: str) -> None:
         spm.SentencePieceTrainer.train(sentence_iterator=iter([CORPUS] * 20), model_writer=buf, vocab_size=380,
                                        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0,
                                        bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["<extra_id_0>"],
-                                       minloglevel=2)
+                                       normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                       minloglevel=2)  # as Llama's tokenizer.model: no normalization
         (folder / "tokenizer.json").unlink()
         (folder / "tokenizer.model").write_bytes(buf.getvalue())
         return
@@ -563,4 +564,7 @@ def test_llama_cpp_tokenizes_like_our_tokenizer(kind, tmp_path):
     vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     ours = model.tokenizer.encode(TOKENIZER_TEXT)
     assert vocab.tokenize(TOKENIZER_TEXT.encode(), add_bos=False, special=True) == ours
-    assert vocab.detokenize(ours, special=True).decode() == model.tokenizer.decode(ours, skip_special=False)
+    text = vocab.detokenize(ours, special=True).decode()
+    if kind == "sentencepiece":  # llama-cpp-python joins pieces: the dummy-prefix "▁" stays a space
+        text = text[1:] if text.startswith(" ") else text
+    assert text == model.tokenizer.decode(ours, skip_special=False)

@@ -7,7 +7,8 @@ runtime encodes with (edge_vlm/tokenizer.py), not a guess:
   structure (which regex, digits split or not); one we cannot name is an error, because llama.cpp
   would silently split text differently;
 - a sentencepiece tokenizer.model (Llama 2 / VILA, Nemotron) -> model `llama`: pieces, scores and
-  piece types from sentencepiece itself.
+  piece types from sentencepiece itself; llama.cpp applies no normalization, so a model that
+  normalizes (sentencepiece's default nmt_nfkc, unlike Llama's identity) is refused.
 Rows the model has beyond the tokenizer (padded vocabularies) become unused `[PADn]` tokens.
 """
 
@@ -132,6 +133,10 @@ def _sentencepiece_vocab(sp, tok, size: int) -> GGUFVocab:
         if n <= i < size:
             tokens[i] = entry["content"]
             types[i] = int(TokenType.CONTROL if entry.get("special") else TokenType.USER_DEFINED)
+    probe = "a  b"
+    if sp.decode(sp.encode(probe)) != probe:  # llama.cpp's SPM tokenizer applies no normalization
+        raise UnsupportedModelError("this sentencepiece tokenizer normalizes text (e.g. collapses spaces), "
+                                    "which llama.cpp does not: its GGUF would tokenize differently")
     prefix = sp.encode("a", out_type=str)[:1] == ["\u2581a"]  # does it add the dummy "▁" prefix?
     return GGUFVocab("llama", tokens, types, scores=scores, add_space_prefix=prefix)
 
