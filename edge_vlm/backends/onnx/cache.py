@@ -68,8 +68,8 @@ def ensure_exported(model, precision: str, progress: bool = False) -> tuple[Path
     """
     folder = export_dir(model)
     manifest = read_manifest(folder)
-    if manifest is None or precision not in manifest.get("precisions", []) or not (folder / file_name(precision)).is_file():
-        have = set(manifest.get("precisions", [])) if manifest else set()
+    have = set(manifest.get("precisions", [])) if manifest else set()
+    if precision not in have or not (folder / file_name(precision)).is_file():
         want = sorted(have | {precision} | ({"fp32"} if precision == "int8" else set()))
         export_parts(model.vision, model.projector, model.image_cfg, folder, want, progress=progress)
         manifest = read_manifest(folder)

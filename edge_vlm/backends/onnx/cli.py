@@ -16,7 +16,8 @@ def add_export_arguments(parser) -> None:
     parser.add_argument("model", help="model folder or Hugging Face repo id (VILA or LLaVA layout)")
     parser.add_argument("out_dir", metavar="DIR", help="folder the .onnx files are written into")
     parser.add_argument("--precision", action="append", choices=PRECISIONS, metavar="P",
-                        help=f"fp32, fp16 (GPU) or int8 (CPU); repeat for several (default: all of {', '.join(PRECISIONS)})")
+                        help="fp32, fp16 (GPU) or int8 (CPU); repeat for several "
+                             f"(default: all of {', '.join(PRECISIONS)})")
     parser.add_argument("--int8-method", choices=METHODS, default=DEFAULT_METHOD,
                         help=f"ONNX Runtime's dynamic or static (calibrated) quantization (default {DEFAULT_METHOD}: "
                              "it kept the features closer on both real-size towers)")
@@ -32,7 +33,7 @@ def run_export(args) -> int:
     from .export import export_parts
 
     try:
-        import onnx  # noqa: F401
+        import onnx  # noqa: F401 - both are needed below, deep inside the exporter and the quantizer
         import onnxruntime  # noqa: F401
     except ImportError as e:
         raise EdgeVLMError(f"exporting to ONNX needs {e.name}: pip install 'edge-vlm[onnx]'") from None

@@ -104,8 +104,9 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, check: np.ndarray, 
             quantize_dynamic(fp32, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
                              use_external_data_format=True)
         else:
-            quantize_static(fp32, out, _Reader(calibration), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            quantize_static(fp32, out, _Reader(calibration), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
                             nodes_to_exclude=activation_matmuls(fp32))
     return {"method": method, "cosine": feature_cosine(fp32, out, check)}
