@@ -31,6 +31,8 @@ def register(sub) -> None:
     p.add_argument("--max-context", type=int, default=4096, help="context to size the KV cache for (default 4096)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
+    p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
+                   help="the language model backend `chat --backend` would use (default torch)")
     p.set_defaults(func=run_info)
 
     from . import doctor
@@ -90,7 +92,9 @@ def generation_config(args):
                             top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-def add_model_options(p) -> None:
+def add_model_options(p, backend_flag: str = "--backend") -> None:
+    """How the model is loaded. `backend_flag`: the camera command says `--llm-backend`, since its
+    `--backend` chooses the capture backend."""
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"],
                    help="compute dtype (default: float16 on GPU, float32 on CPU)")
@@ -99,6 +103,16 @@ def add_model_options(p) -> None:
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="KV-cache storage: the model's dtype (default) or int8, half the memory of fp16 for long "
                         "contexts (perplexity +0.3%% measured on SmolLM2)")
+    p.add_argument(backend_flag, dest="llm_backend", choices=["torch", "llama.cpp"], default="torch",
+                   help="what runs the language model: our torch decoder (default), or llama.cpp from a GGUF "
+                        "exported once into ~/.cache/edge-vlm (needs edge-vlm[llamacpp])")
+
+
+def _llama_cpp_state() -> str:
+    import importlib.util
+
+    return " (llama-cpp-python installed)" if importlib.util.find_spec("llama_cpp") else \
+        " (llama-cpp-python missing: pip install 'edge-vlm[llamacpp]')"
 
 
 def load_from_args(args):
@@ -108,7 +122,8 @@ def load_from_args(args):
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, device=args.device, dtype=dtype, max_context=args.max_context,
-                      template=args.template, kv_cache=getattr(args, "kv_cache", None))
+                      template=args.template, kv_cache=getattr(args, "kv_cache", None),
+                      llm_backend=getattr(args, "llm_backend", "torch"))
 
 
 def _stream(session, question, images, video, args) -> None:
@@ -201,6 +216,7 @@ def run_info(args) -> int:
                      f"{i.params.get('projector', 0) / 1e6:.1f}M params")
     lines += [
         f"quantization:  {i.quantization}",
+        f"LLM backend:   {args.backend}" + ("" if args.backend == "torch" else _llama_cpp_state()),
         f"chat template: {model.template.name}",
         f"on disk:       {gib(i.weight_bytes)}",
         f"memory (fp16): weights {gib(mem['weights'])} + {'int8 ' if args.kv_cache == 'int8' else ''}KV cache "

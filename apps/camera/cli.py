@@ -77,7 +77,7 @@ def register(sub) -> None:
                    help="OpenCV capture backend (default: GStreamer when OpenCV has it)")
     g.add_argument("--realtime", action="store_true",
                    help="read a file like a live camera: at its frame rate, skipping frames while the model is busy")
-    add_model_options(p)
+    add_model_options(p, backend_flag="--llm-backend")
     p.set_defaults(func=run)
 
 

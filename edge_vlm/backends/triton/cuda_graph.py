@@ -62,6 +62,8 @@ def recorder_for(device: torch.device) -> Callable[[FusedDecoder], Replay]:
 
 
 class CUDAGraphEngine(Engine):
+    name = "torch + CUDA graphs"
+
     def __init__(self, llm, max_context: int, record: Callable[[FusedDecoder], Replay] | None = None):
         super().__init__(llm, max_context)
         self.decoder = FusedDecoder(llm, self.cache)
