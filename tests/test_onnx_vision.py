@@ -392,3 +392,30 @@ def test_real_smollm2_answers_an_image_question_identically_through_the_onnx_tow
     onnx_answer = ChatSession(model).answer(question, images=[image], gen=gen)
     torch_tokens, onnx_tokens = (a.tokens for a in answers)
     assert onnx_tokens == torch_tokens and len(torch_tokens) > 0 and onnx_answer == torch_answer
+
+
+# ------------------------------------------------------------------ the benchmark's own arithmetic
+
+@pytest.mark.parametrize("name", ["tiny", "vila1.5-3b", "nemotron-mini-4b"])
+def test_benchmark_flop_count_matches_torchs_flop_counter(name):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edge_vlm.benchmarks.vision_backends import random_parts, tower_flops
+
+    tower, projector = random_parts(name, layers=3)  # 2 layers used; the count is per layer plus the ends
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # the math backend: attention as matmuls the counter sees (it has no formula for the CPU flash kernel)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        projector(tower(torch.zeros(1, 3, tower.cfg.image_size, tower.cfg.image_size)))
+    assert tower_flops(tower, projector) == counter.get_total_flops()
+
+
+def test_benchmark_runs_every_backend_on_the_tiny_tower(capsys):
+    from edge_vlm.benchmarks.vision_backends import main
+
+    main(["--model-shape", "tiny"])
+    out = capsys.readouterr().out
+    for row in ("| torch fp32 |", "| ORT fp32 |", "| ORT int8 dynamic |", "| ORT int8 static |", "| torch bf16 |"):
+        assert row in out
+    assert "physical floor (fp32)" in out and "peak fp32 FMA" in out
