@@ -427,8 +427,9 @@ def _held_out_ids(tok, n: int) -> list[int]:
 def test_llama_cpp_runs_smollm2_f32_and_f16_exports_like_our_torch_path(smollm2_exports):
     """llama.cpp keeps K/V in fp16 and (for F16 weights) rounds activations to fp16 in its matmuls,
     so its logits differ from our fp32 ones by ~1e-3 relative per op, accumulated over 30 layers.
-    We allow 2% of the logit scale at any entry and 0.5% RMS, and ask for the same argmax almost
-    everywhere; a wrong q/k order, norm or tokenizer id gives errors of order 1 (argmax mostly wrong)."""
+    Measured (96 tokens): F32 0.06% of the logit scale at worst, 0.008% RMS; F16 0.24% / 0.02%.
+    We allow 1% at any entry and 0.1% RMS, and ask for the same argmax almost everywhere; a wrong
+    q/k order, norm or token id gives errors of order 1 (argmax mostly wrong)."""
     llama_cpp = _llama_cpp()
     model, paths = smollm2_exports
     ids = _held_out_ids(model.tokenizer, 96)
@@ -437,8 +438,8 @@ def test_llama_cpp_runs_smollm2_f32_and_f16_exports_like_our_torch_path(smollm2_
     for outtype, path in paths.items():
         got = _llama_logits(_llama(llama_cpp, path, 256), ids)
         err = np.abs(got - want)
-        assert err.max() < 0.02 * scale, (outtype, err.max(), scale)
-        assert np.sqrt((err ** 2).mean()) < 0.005 * scale, outtype
+        assert err.max() < 0.01 * scale, (outtype, err.max(), scale)
+        assert np.sqrt((err ** 2).mean()) < 0.001 * scale, outtype
         assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95, outtype
 
 
@@ -475,7 +476,9 @@ def test_llama_cpp_perplexity_of_awq_q4_1_export_matches_our_runtime(smollm2, sm
     ids = _held_out_ids(ours.tokenizer, 1024)
     want = perplexity(ours.llm, ids, window=512)
     got = _llama_perplexity(_llama(llama_cpp, path, 512), ids)
-    assert want < 20  # a working 4-bit model (16-bit: ~9 on this text)
+    assert want < 20  # a working 4-bit model (16-bit: 8.9 on this text)
+    # measured: RTN g64 11.616 ours vs 11.653 llama.cpp (+0.32%: its Q8 activations); a real AWQ
+    # checkpoint 10.034 vs 10.023; fp16 rounding of m alone moves it by +0.014%
     assert abs(got - want) <= 0.01 * want, (got, want)
 
 

@@ -228,8 +228,15 @@ def _llamacpp_quantize(src: Path, dst: Path, outtype: str) -> None:
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
     import ctypes
+    import logging
 
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    log = logging.getLogger("llama-cpp-python")  # where llama-cpp-python routes llama.cpp's log lines
+    level = log.level
+    log.setLevel(logging.ERROR)  # not one "falling back to q5_0" line per tensor whose width is not 256·n
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    finally:
+        log.setLevel(level)
     if rc != 0 or not dst.is_file():
         raise EdgeVLMError(f"llama.cpp could not quantize the export to {outtype} (error {rc})")
 
