@@ -33,6 +33,8 @@ def register(sub) -> None:
                    help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
     p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
                    help="the language model backend `chat --backend` would use (default torch)")
+    p.add_argument("--vision-backend", choices=["torch", "onnx", "auto"], default="torch",
+                   help="the vision backend `chat --vision-backend` would use (default torch)")
     p.set_defaults(func=run_info)
 
     from . import doctor
@@ -103,6 +105,9 @@ def add_model_options(p, backend_flag: str = "--backend") -> None:
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="KV-cache storage: the model's dtype (default) or int8, half the memory of fp16 for long "
                         "contexts (perplexity +0.3%% measured on SmolLM2)")
+    p.add_argument("--vision-backend", choices=["torch", "onnx", "auto"], default="torch",
+                   help="what runs the vision tower: torch (default), onnx (ONNX Runtime: TensorRT, CUDA or CPU int8, "
+                        "exported once; needs edge-vlm[onnx]) or auto (ONNX Runtime where it is timed faster)")
     p.add_argument(backend_flag, dest="llm_backend", choices=["torch", "llama.cpp"], default="torch",
                    help="what runs the language model: our torch decoder (default), or llama.cpp from a GGUF "
                         "exported once into ~/.cache/edge-vlm (needs edge-vlm[llamacpp])")
@@ -123,7 +128,8 @@ def load_from_args(args):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, device=args.device, dtype=dtype, max_context=args.max_context,
                       template=args.template, kv_cache=getattr(args, "kv_cache", None),
-                      llm_backend=getattr(args, "llm_backend", "torch"))
+                      llm_backend=getattr(args, "llm_backend", "torch"),
+                      vision_backend=getattr(args, "vision_backend", "torch"))
 
 
 def _stream(session, question, images, video, args) -> None:
@@ -217,6 +223,7 @@ def run_info(args) -> int:
     lines += [
         f"quantization:  {i.quantization}",
         f"LLM backend:   {args.backend}" + ("" if args.backend == "torch" else _llama_cpp_state()),
+        *([f"vision backend: {args.vision_backend}"] if model.vision is not None else []),
         f"chat template: {model.template.name}",
         f"on disk:       {gib(i.weight_bytes)}",
         f"memory (fp16): weights {gib(mem['weights'])} + {'int8 ' if args.kv_cache == 'int8' else ''}KV cache "

@@ -46,11 +46,13 @@ class GenerationStats:
     stop_reason: str = ""  # eos | stop_string | max_new_tokens | context_full | stopped
     cached_prompt_tokens: int = 0  # tokens of earlier turns reused from the KV cache, not run again
     backend: str = "torch"  # what ran the language model (torch, llama.cpp)
+    vision_backend: str = ""  # what ran the vision tower, for multimodal models (torch, onnxruntime ...)
 
     def summary(self) -> str:
         return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} generated; time to first token "
                 f"{self.ttft_s * 1000:.0f} ms, decode {self.decode_tokens_per_s:.1f} tok/s, "
-                f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB; LLM on {self.backend}")
+                f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB; LLM on {self.backend}"
+                + (f", vision on {self.vision_backend}" if self.vision_backend else ""))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

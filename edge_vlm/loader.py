@@ -264,7 +264,7 @@ def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename, progress
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, template: str | None = None,
                progress=None, fast_path: bool = True, kv_cache: str | None = None,
-               llm_backend: str = "torch") -> VisionLanguageModel:
+               llm_backend: str = "torch", vision_backend: str = "torch") -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
 
     `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
@@ -272,7 +272,9 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     the model's engines build int8 (half the memory of fp16; see kv_cache.py).
     `llm_backend="llama.cpp"` runs the language model in llama.cpp from a GGUF export made once
     into edge-vlm's cache folder (backends/llamacpp/gguf_cache.py); the vision tower, projector,
-    tokenizer, template and sampler stay ours.
+    tokenizer, template and sampler stay ours. `vision_backend="onnx"` runs the vision tower and
+    projector in ONNX Runtime (TensorRT, CUDA or CPU int8; exported once into the cache folder),
+    "auto" only where it is timed faster than torch; either falls back to torch with one warning.
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
@@ -318,6 +320,10 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
         from .backends import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
 
         optimize_for_device(model)
+    if vision_backend != "torch" and model.is_multimodal:
+        from .backends.onnx import attach_onnx_vision
+
+        model.info.vision_backend = attach_onnx_vision(model, vision_backend, progress=show)
     return model
 
 

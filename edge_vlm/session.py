@@ -179,7 +179,8 @@ class ChatSession:
         turn = Turn(content, pictures, "", self.position, self._pending)
         self._pending = []
         self.stats = GenerationStats(cached_prompt_tokens=self.position if cached is None else cached,
-                                     backend=self.engine.name)
+                                     backend=self.engine.name,
+                                     vision_backend=self.model.info.vision_backend if self.model.is_multimodal else "")
         answer = AnswerText(self.model.tokenizer, self.model.eos_token_ids,
                             list(gen.stop) + self.model.template.stop_strings)
         prompt_end = self.position + len(prompt)

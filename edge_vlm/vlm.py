@@ -32,6 +32,7 @@ class ModelInfo:
     dtype: str = "float32"
     device: str = "cpu"
     llm_backend: str = "torch"  # or "llama.cpp" (the LLM runs from a GGUF export)
+    vision_backend: str = "torch"  # or what ONNX Runtime runs it with, e.g. "onnxruntime CPU int8"
     params: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
 
@@ -46,6 +47,8 @@ class VisionLanguageModel:
         # llama.cpp backend: the LLM runs from this GGUF; `llm` is then its shape only (meta tensors)
         self.gguf_path: Path | None = None
         self.torch_device: torch.device | None = None  # where our torch modules run when `llm` is not loaded
+        # ONNX Runtime vision backend: images -> LLM-space embeddings in its session (backends/onnx)
+        self.encoder = None
 
     @property
     def device(self) -> torch.device:
@@ -87,6 +90,8 @@ class VisionLanguageModel:
     @torch.inference_mode()
     def encode_images(self, images) -> torch.Tensor:
         """Images -> LLM-space embeddings [N, tokens_per_image, hidden]."""
+        if self.encoder is not None:
+            return self.encoder(images)
         pixels = preprocess(images, self.image_cfg).to(self.device)
         # the tower may run in another dtype than the LLM (bf16 on CPUs where that is faster)
         feats = self.vision(pixels.to(_param_dtype(self.vision)))

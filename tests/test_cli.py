@@ -129,3 +129,15 @@ def test_export_writes_gguf_and_onnx_from_the_command_line(tiny_vila, tmp_path, 
     assert "x.gguf" not in {p.name for p in tmp_path.iterdir()}  # nothing half-written
     err = capsys.readouterr().err
     assert err.count("edge-vlm: error:") == 1
+
+
+def test_vision_backend_option_runs_the_tower_on_onnx_runtime(tiny_vila, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_VLM_CACHE", str(tmp_path / "cache"))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)).save(image)
+    assert main(["chat", "--model", str(tiny_vila), "--vision-backend", "onnx", "--image", str(image),
+                 "--temperature", "0", "--max-new-tokens", "3", "What is it?"]) == 0
+    err = capsys.readouterr().err
+    assert "vision on onnxruntime CPU" in err, err
+    assert main(["info", str(tiny_vila), "--vision-backend", "onnx"]) == 0
+    assert "vision backend: onnx" in capsys.readouterr().out
