@@ -17,6 +17,7 @@ import argparse
 import shutil
 import sys
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -115,7 +116,7 @@ def test_export_writes_checked_files_with_a_dynamic_batch_axis(exported):
 
 def test_onnx_features_match_the_torch_tower(exported):
     case, model, files, manifest = exported
-    images = fresh_images(3, seed=hash(case) % 1000)
+    images = fresh_images(3, seed=zlib.crc32(case.encode()))  # not the images the int8 file was judged on
     ref = model.encode_images(images)
     got = {p: OnnxVisionEncoder.open(files[p], model.image_cfg, CPU_PLAN(p), "cpu", model.dtype)(images)
            for p in files}
