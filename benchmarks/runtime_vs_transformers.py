@@ -21,22 +21,45 @@ from .bench_e2e import decode_bytes
 from .timing import bandwidth_share, copy_bandwidth
 
 
-def bench_ours(folder, prompt_ids, new_tokens, repeat):
-    """Runs after a warm-up, and the bytes of weights one decode step reads."""
-    from edge_vlm import GenerationConfig, load_model
-    from edge_vlm.generate import Engine, GenerationStats, generate
+def run_engine(engine, tokenizer, prompt_ids, new_tokens, repeat) -> list[tuple]:
+    """(ttft, decode tok/s, tokens) of our generate loop over `engine`, after a warm-up run."""
+    from edge_vlm import GenerationConfig
+    from edge_vlm.generate import AnswerText, GenerationStats, Prompt, generate
 
-    model = load_model(folder, device="cpu", progress=False)
-    engine = Engine(model.llm, 1024)
     runs = []
     for _ in range(repeat + 1):  # the first run warms up
         engine.reset()
         stats = GenerationStats()
-        embeds = model.llm.embed(torch.tensor([prompt_ids]))
-        out = list(generate(engine, embeds, GenerationConfig(max_new_tokens=new_tokens, temperature=0), set(),
-                            stats=stats))
-        runs.append((stats.ttft_s, stats.decode_tokens_per_s, out))
-    return runs[1:], decode_bytes(model.llm, 0, 4)
+        answer = AnswerText(tokenizer, set(), [])  # no EOS: every run decodes new_tokens
+        list(generate(engine, Prompt([prompt_ids]), GenerationConfig(max_new_tokens=new_tokens, temperature=0),
+                      answer, stats=stats))
+        runs.append((stats.ttft_s, stats.decode_tokens_per_s, answer.tokens))
+    return runs[1:]
+
+
+def bench_ours(folder, prompt_ids, new_tokens, repeat):
+    """Runs after a warm-up, and the bytes of weights one decode step reads."""
+    from edge_vlm import load_model
+    from edge_vlm.generate import Engine
+
+    model = load_model(folder, device="cpu", progress=False)
+    return run_engine(Engine(model.llm, 1024), model.tokenizer, prompt_ids, new_tokens, repeat), \
+        decode_bytes(model.llm, 0, 4)
+
+
+def bench_ours_on_llama_cpp(gguf, folder, prompt_ids, new_tokens, repeat, threads) -> list[tuple] | None:
+    """Our loop (sampler, stop handling, streaming) with llama.cpp computing the logits, on `gguf`."""
+    try:
+        from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
+    except ImportError:
+        return None
+    from edge_vlm.tokenizer import Tokenizer
+
+    engine = LlamaCppEngine(gguf, 1024, n_threads=threads)
+    try:
+        return run_engine(engine, Tokenizer(folder), prompt_ids, new_tokens, repeat)
+    finally:
+        engine.close()
 
 
 def bench_ours_int4(folder, prompt_ids, new_tokens, repeat) -> list[tuple]:
@@ -128,6 +151,8 @@ def main(argv=None) -> None:
     cpp = bench_llama_cpp(gguf_path(), prompt_ids, args.new_tokens, args.repeat, args.threads)
     if cpp:  # it reads the 4-bit file, so its own floor is the file size
         rows.append(("llama.cpp (Q4_1 GGUF)", cpp, gguf_path().stat().st_size))
+        ours_cpp = bench_ours_on_llama_cpp(gguf_path(), folder, prompt_ids, args.new_tokens, args.repeat, args.threads)
+        rows.append(("edge-vlm --backend llama.cpp (same GGUF)", ours_cpp, gguf_path().stat().st_size))
     base = statistics.median(r[1] for r in rows[1][1])
     bw = copy_bandwidth(torch.device("cpu"), mib=512)
     print(f"SmolLM2-135M-Instruct, CPU, {args.threads} threads, prompt {len(prompt_ids)} tokens, "
