@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 MODES = ("auto", "onnx", "torch")
-# "auto" switches the CPU to ONNX Runtime at this measured matmul speed-up or more. Below it the first
-# start's export (about 1.5 min for SigLIP-so400m on 2 cores) is not repaid within a session, and the
-# probe's spread between runs on a shared 2-core machine (~10%) could flip the choice from run to run.
+# "auto" switches the CPU to ONNX Runtime at this measured int8 matmul speed-up or more: the CPUs with int8
+# dot-product units (VNNI, AMX; typically 2-4x). On the AVX2 Zen 1 machine the probe reads 1.13-1.14x and
+# the whole tower gains 1.27-1.30x (benchmarks/vision_backends.py, RESULTS.md): not worth a first start
+# that exports for 2-3 minutes, and too close to the probe's run-to-run spread (~10%) to decide stably.
+# `vision_backend="onnx"` takes that 1.3x anyway.
 AUTO_MIN_SPEEDUP = 1.3
 
 
@@ -59,9 +61,10 @@ def cpu_int8_speedup(tokens: int, width: int, inner: int, torch_dtype: torch.dty
     """How many times faster ONNX Runtime's int8 (dynamic) matmul runs the tower's MLP matmul than torch does
     in `torch_dtype`, on this CPU with torch's thread count; timed once per process (~1 s at real sizes).
 
-    The MLP and attention projections are >90% of a ViT's time, so this ratio predicts the whole tower's
-    (measured: benchmarks/vision_backends.py). int8 pays off with VNNI / AMX and on CPUs with full-width
-    AVX2 integer units; on others (AMD Zen 1: 128-bit units) it runs no faster than fp32.
+    The MLP and attention projections are >90% of a ViT's time, so this ratio tracks the whole tower's; it
+    reads low, since ONNX Runtime is also faster than torch outside the matmuls (Zen 1: probe 1.13x, tower
+    1.28x). int8 pays off with VNNI / AMX; without them (AMD Zen 1's 128-bit units) it is barely faster
+    than fp32.
     """
     import onnx
     import onnxruntime as ort
