@@ -32,7 +32,6 @@ from edge_vlm.backends.onnx import (
     OnnxFallbackWarning, OnnxVisionEncoder, add_export_arguments, attach_onnx_vision, export_vision, run_export)
 from edge_vlm.backends.onnx import cache, choice, export, int8, providers
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.vlm import VisionLanguageModel
 from tests.factories import make_llm, make_vila
 
 FP32_REL = 1e-4
@@ -68,20 +67,6 @@ def cache_root(tmp_path_factory):
 def own_cache(cache_root, monkeypatch):
     """Exports go to a folder of this module's, never into the shared tiny model folders."""
     monkeypatch.setenv("EDGE_VLM_CACHE", str(cache_root))
-
-
-@pytest.fixture(autouse=True)
-def encoder_hook(monkeypatch):
-    """Until VisionLanguageModel.encode_images consults `model.encoder` itself, the test routes it there."""
-    if "encoder" in VisionLanguageModel.encode_images.__code__.co_names:
-        return
-    torch_path = VisionLanguageModel.encode_images
-
-    def encode_images(self, images):
-        encoder = getattr(self, "encoder", None)
-        return encoder(images) if encoder is not None else torch_path(self, images)
-
-    monkeypatch.setattr(VisionLanguageModel, "encode_images", encode_images)
 
 
 def load(folder):
