@@ -199,6 +199,15 @@ def cpu_int4_rows(out_features: int) -> int:
     return -(-out_features // CPU_INT4_ROW_MULTIPLE) * CPU_INT4_ROW_MULTIPLE
 
 
+def cpu_int4_output(y: torch.Tensor, x: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """torch's int4 matmul result [rows, N'] -> the layer's output: padding columns dropped, in
+    x's dtype, bias added, x's leading shape restored."""
+    y = y[:, :out_features].to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 def gemm_to_cpu_int4_weight(qweight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     """GEMM qweight -> the padded q [N', K], as (first row, int32 block) in `column_chunks`
     blocks so the caller can pack each before the next is unpacked; the last block carries the

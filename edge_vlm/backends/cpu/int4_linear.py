@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...int4_formats import cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
+from ...int4_formats import cpu_int4_output, cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
 from ...quant_linear import WQLinear
 from .timing import cpu_int4_compute_dtype
 
@@ -57,10 +57,7 @@ class CpuInt4Linear(nn.Module):
             return self.reference(x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, -1).to(self.int4_scales_zeros.dtype), self.int4_packed,
                                                       self.group_size, self.int4_scales_zeros)
-        y = y[:, :self.out_features].to(x.dtype)  # drops the padding columns, if any
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return cpu_int4_output(y, x, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "

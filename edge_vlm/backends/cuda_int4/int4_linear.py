@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ...int4_formats import cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
+from ...int4_formats import cpu_int4_output, cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
 from ...quant_linear import WQLinear
 
 GROUP_SIZES = (32, 64, 128, 256)  # what both kernels are built for
@@ -76,10 +76,7 @@ class TorchInt4Linear(nn.Module):
         rows = x.numel() // x.shape[-1]
         x2 = x.reshape(rows, -1).to(self.ops.compute_dtype).contiguous()
         y = self.ops.mm(x2, self.int4_packed, self.group_size, self.int4_scales_zeros)
-        y = y[:, :self.out_features].to(x.dtype)  # drops the padding columns, if any
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return cpu_int4_output(y, x, self.out_features, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
