@@ -7,6 +7,14 @@ relative rounding error. The scale per channel is s = mean|x|^a / mean|w|^(1-a),
 from a grid by the error of the block's output on calibration data. Then each group's range is
 clipped (shrunk) where that lowers the output error, and the weights are rounded.
 
+The losses of linear blocks are read from the input's second moment H = X^T X (|x·dW|^2 summed
+over tokens = tr(dW H dW^T)), gathered over up to `hessian_tokens` calibration tokens: a scale or
+clipping choice is then scored on many more tokens than a subsample could hold, which is what
+keeps it from fitting the calibration text (the clipping search used to see 512 tokens). Only
+the MLP block, whose nonlinearity H cannot express, is scored on `search_tokens` real tokens.
+`rounding="gptq"` replaces clipping + rounding by GPTQ's error compensation (quantize/gptq.py)
+under the same H, writing the same grid.
+
 Folding is exact in 16-bit: norm -> q,k,v; v -> o (per KV head, so it also works with grouped
 query attention); post-attention norm -> gate,up; up -> down (through Nemotron's squared ReLU
 the up rows take sqrt(s), since relu(u/t)^2 = relu(u)^2 / t^2).
@@ -27,6 +35,7 @@ from edge_vlm.llm import DecoderLayer, LayerNorm1P
 from edge_vlm.rotary import rope_tables
 
 from .groupwise import QuantizedWeight, fake_quantize, quantize_weight
+from .gptq import gptq_quantize
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -42,9 +51,15 @@ class AWQOptions:
     clip: bool = True
     clip_grid: int = 20        # shrink ratios 1, 0.95, ... down to 1 - max_shrink
     max_shrink: float = 0.5
-    search_tokens: int = 4096  # calibration tokens kept for the scale search loss
-    clip_tokens: int = 512     # of which used for the clipping search
+    search_tokens: int = 4096  # calibration tokens kept for the scale search loss (MLP block)
+    clip_tokens: int = 512     # of which used for the clipping search when hessian=False
     batch_tokens: int = 4096   # tokens per forward pass through the layer
+    hessian: bool = True       # linear losses and clipping from H = X^T X (else from the token sample)
+    hessian_tokens: int = 16384  # calibration tokens summed into H
+    clip_damp: float = 0.0     # clipping loss on H + damp * mean(diag H) * I: pulls the choice toward plain rounding
+    scale_search: bool = True  # False: no AWQ scales (RTN or GPTQ alone)
+    rounding: str = "rtn"      # "rtn" (after the clipping search) or "gptq" (error compensation under H)
+    gptq_damp: float = 0.01
 
 
 def layer_linears(layer: DecoderLayer) -> dict[str, nn.Linear]:
@@ -82,19 +97,26 @@ def _batches(n: int, seqlen: int, batch_tokens: int):
 
 
 class _Capture:
-    """Forward-hook state for one linear's input: running mean|x| and a token subsample."""
+    """Forward-hook state for one linear's input: running mean|x|, a token subsample, and the
+    second moment H = sum x^T x over a (larger) subsample."""
 
-    def __init__(self, per_batch: int, seed: int):
+    def __init__(self, per_batch: int, h_per_batch: int, seed: int):
         self.abs_sum, self.count, self.rows = None, 0, []
-        self.per_batch, self.gen = per_batch, torch.Generator().manual_seed(seed)
+        self.h_sum, self.h_count = None, 0
+        self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator().manual_seed(seed)
 
     def __call__(self, module, args, output):
         x = args[0].reshape(-1, args[0].shape[-1])
         s = x.float().abs().sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
-        idx = torch.randperm(x.shape[0], generator=self.gen)[: self.per_batch].to(x.device)
-        self.rows.append(x[idx].float())
+        perm = torch.randperm(x.shape[0], generator=self.gen).to(x.device)
+        self.rows.append(x[perm[: self.per_batch]].float())
+        if self.h_per_batch:
+            xh = x[perm[: self.h_per_batch]].float()
+            h = xh.t() @ xh
+            self.h_sum = h if self.h_sum is None else self.h_sum + h
+            self.h_count += xh.shape[0]
 
     @property
     def mean(self) -> torch.Tensor:
@@ -104,12 +126,19 @@ class _Capture:
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows)
 
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """Mean x^T x per token (None when not gathered)."""
+        return None if self.h_sum is None else self.h_sum / max(self.h_count, 1)
+
 
 def _capture_inputs(layer, runner, x_all, groups: list[ScaleGroup], opts: AWQOptions):
     """Run the 16-bit layer; return its outputs and the input seen by each linear group."""
     n, t, _ = x_all.shape
-    per_batch = -(-opts.search_tokens // len(list(_batches(n, t, opts.batch_tokens))))
-    caps = [_Capture(per_batch, seed=i) for i in range(len(groups))]
+    n_batches = len(list(_batches(n, t, opts.batch_tokens)))
+    per_batch = -(-opts.search_tokens // n_batches)
+    h_per_batch = -(-opts.hessian_tokens // n_batches) if opts.hessian or opts.rounding == "gptq" else 0
+    caps = [_Capture(per_batch, h_per_batch, seed=i) for i in range(len(groups))]
     hooks = [layer.get_submodule(g.names[0]).register_forward_hook(c) for g, c in zip(groups, caps)]
     try:
         out = _run_all(layer, runner, x_all, opts)
@@ -129,20 +158,26 @@ def _weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
 
 def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Tensor],
                   block: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor], opts: AWQOptions,
-                  tie: Callable[[torch.Tensor], torch.Tensor] = lambda v: v) -> tuple[torch.Tensor, float, float]:
+                  tie: Callable[[torch.Tensor], torch.Tensor] = lambda v: v,
+                  h: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
     """The per-input-channel scale s minimising |block(x, Q(W*s)/s) - block(x, W)|^2.
 
-    Returns (s, best loss, loss with s = 1, i.e. plain rounding). `tie` averages statistics over
-    channels that must share one scale (GQA heads reading the same value channels).
+    With `h` (a linear block's mean x^T x) the loss is tr(dW h dW^T) / rows, the same mean squared
+    output error taken over every token that went into h. Returns (s, best loss, loss with s = 1,
+    i.e. plain rounding). `tie` averages statistics over channels that must share one scale (GQA
+    heads reading the same value channels).
     """
     ws = [w.float() for w in weights]
     with torch.no_grad():
-        ref = block(x, ws)
+        ref = block(x, ws) if h is None else None
         x_stat = tie(x_mean.float()).clamp(min=1e-8)
         w_stat = tie(_weight_mean(ws, opts.group_size)).clamp(min=1e-8)
+        rows = sum(w.shape[0] for w in ws)
 
         def loss_of(s):
             q = [fake_quantize(w * s, opts.group_size, opts.bits) / s for w in ws]
+            if h is not None:
+                return float(sum(((qi - w) @ h * (qi - w)).sum() for qi, w in zip(q, ws)) / rows)
             return float((block(x, q) - ref).pow(2).mean())
 
         ones = torch.ones_like(x_stat)
@@ -159,8 +194,35 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     return best_s, best, rtn
 
 
+def search_clip_hessian(w: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, group) range [lo, hi] minimising dw_g H_gg dw_g^T, the group's output error over every
+    token in H (its diagonal blocks); `clip_damp` adds a weight-space term that favours no clipping."""
+    g = opts.group_size
+    w = w.float()
+    n, k = w.shape
+    hb = torch.stack([h[i:i + g, i:i + g] for i in range(0, k, g)]).float()  # [groups, G, G]
+    if opts.clip_damp:
+        diag = hb.diagonal(dim1=1, dim2=2).mean(-1)
+        hb = hb + opts.clip_damp * diag[:, None, None] * torch.eye(g, device=w.device)
+    wg = w.view(n, k // g, g)
+    lo_all, hi_all = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    best_lo, best_hi = lo_all.clone(), hi_all.clone()
+    best_err = torch.full((n, k // g), float("inf"), device=w.device)
+    with torch.no_grad():
+        for i in range(int(opts.max_shrink * opts.clip_grid)):
+            ratio = 1 - i / opts.clip_grid
+            lo, hi = lo_all * ratio, hi_all * ratio
+            d = (fake_quantize(w, g, opts.bits, lo, hi) - w).view(n, k // g, g)
+            err = torch.einsum("ngi,gij,ngj->ng", d, hb, d)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
 def search_clip(w: torch.Tensor, x: torch.Tensor, opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (row, group) range [lo, hi] minimising the group's output error |x_g·(w_g - Q(w_g))|^2."""
+    """Per (row, group) range [lo, hi] minimising the group's output error |x_g·(w_g - Q(w_g))|^2 on
+    the first `clip_tokens` sampled tokens (the original AWQ search; `hessian=False`)."""
     g = opts.group_size
     w = w.float()
     n, k = w.shape
@@ -240,6 +302,7 @@ class ScaleGroup:
     block: Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]  # what the scale search scores
     fold: Callable[[torch.Tensor], None]  # divide the producing op's output by s
     tie: Callable[[torch.Tensor], torch.Tensor] = lambda v: v
+    linear: bool = True  # the block is the linears themselves: its loss can be read from H
 
 
 def _linear_block(x, ws):
@@ -280,32 +343,52 @@ def scale_groups(layer: DecoderLayer, cfg: LLMConfig) -> list[ScaleGroup]:
         ScaleGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _linear_block,
                    lambda s: fold_into_norm(layer.input_layernorm, s)),
         ScaleGroup(("self_attn.o_proj",), _linear_block, v_rows, gqa_tie(cfg)),
-        ScaleGroup(firsts, _mlp_block(mlp), lambda s: fold_into_norm(layer.post_attention_layernorm, s)),
+        ScaleGroup(firsts, _mlp_block(mlp), lambda s: fold_into_norm(layer.post_attention_layernorm, s),
+                   linear=False),
         # through relu^2 the up rows take sqrt(s)
         ScaleGroup(("mlp.down_proj",), _linear_block,
                    lambda s: fold_into_linear_rows(mlp.up_proj, s if mlp.gated else s.sqrt())),
     ]
 
 
+@dataclass
+class InputStats:
+    """What the rounding of one linear needs about its (scaled) input: a token sample and H."""
+
+    sample: torch.Tensor
+    hessian: torch.Tensor | None
+
+
 def apply_scales(layer: DecoderLayer, group: ScaleGroup, cap: _Capture, opts: AWQOptions):
-    """Search the group's scale, fold it in; return (the group's sampled input, now / s, best, rtn loss)."""
+    """Search the group's scale, fold it in; return (the group's input statistics, now of x / s, best, rtn loss)."""
     linears = [layer.get_submodule(n) for n in group.names]
-    s, best, rtn = search_scales(cap.sample, cap.mean, [m.weight for m in linears], group.block, opts, group.tie)
+    h = cap.hessian
+    if not opts.scale_search:
+        return InputStats(cap.sample, h), 0.0, 0.0
+    s, best, rtn = search_scales(cap.sample, cap.mean, [m.weight for m in linears], group.block, opts, group.tie,
+                                 h if opts.hessian and group.linear else None)
     group.fold(s)
     scale_columns(linears, s)
-    return cap.sample / s, best, rtn
+    return InputStats(cap.sample / s, None if h is None else h / (s[:, None] * s[None, :])), best, rtn
 
 
-def _quantize_linears(layer: DecoderLayer, inputs: dict[str, torch.Tensor] | None,
+def _quantize_linears(layer: DecoderLayer, inputs: dict[str, InputStats] | None,
                       opts: AWQOptions) -> dict[str, QuantizedWeight]:
-    """Round every linear (after the clipping search where `inputs` are given); the layer keeps the
-    dequantized weights, so its outputs are those of the quantized model."""
+    """Round every linear (after the clipping search, or by GPTQ, where `inputs` are given); the layer
+    keeps the dequantized weights, so its outputs are those of the quantized model."""
     weights = {}
     for name, lin in layer_linears(layer).items():
         lo = hi = None
-        if inputs is not None and opts.clip and name not in NO_CLIP:
-            lo, hi = search_clip(lin.weight, inputs[name], opts)
-        qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
+        stats = inputs[name] if inputs is not None else None
+        if stats is not None and opts.rounding == "gptq":
+            qw = gptq_quantize(lin.weight, stats.hessian, opts.group_size, opts.bits, opts.gptq_damp)
+        else:
+            if stats is not None and opts.clip and name not in NO_CLIP:
+                if opts.hessian:
+                    lo, hi = search_clip_hessian(lin.weight, stats.hessian, opts)
+                else:
+                    lo, hi = search_clip(lin.weight, stats.sample, opts)
+            qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
         _set(lin.weight, qw.dequantize(torch.float32))
         weights[name] = qw
     return weights

@@ -1,14 +1,27 @@
 """Calibration data: the text (and, for VLMs, images) the LLM sees while AWQ picks its scales.
 
-The default text is the standard library's `pydoc_data` prose, so quantizing works offline.
-It is split once, deterministically: the first 80% calibrates, the last 20% is held out for
-measuring perplexity (benchmarks/quality.py), so the two never overlap.
+The built-in set is a mix of three formats, all from Python's own standard library so that it
+works offline and so that no evaluation text (benchmarks/text_domains.py, which reads only
+third-party packages) can share a source with it:
+
+- prose: the language reference prose of `pydoc_data.topics` (its first 80%; the last 20% is
+  kept as an in-domain check for benchmarks/quality.py);
+- code: the source of a fixed list of standard-library modules;
+- chat: conversations in the model's own chat template, a user asking about a standard-library
+  module or function and the assistant answering with its documentation.
+
+Users quantize once and then talk about anything: one source alone fits the scales and the
+clipping to that source's statistics (and, for a chat model, never shows the template's tokens).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -16,6 +29,40 @@ from edge_vlm.errors import EdgeVLMError
 from edge_vlm.preprocess import IMAGE_SUFFIXES
 
 HELD_OUT_FRACTION = 0.2
+CHARS_PER_TOKEN = 6  # a high estimate: read enough text for the blocks asked for, not the whole source
+
+# standard-library modules whose source is the code part (large, ordinary, pure Python)
+CODE_MODULES = ("argparse", "json.decoder", "json.encoder", "textwrap", "dataclasses", "pathlib", "functools",
+                "collections", "shutil", "csv", "heapq", "statistics", "fractions", "configparser", "string",
+                "difflib", "calendar", "ipaddress", "enum", "tarfile", "zipfile", "logging", "typing",
+                "email.message", "urllib.parse", "http.client", "gettext", "glob", "tempfile", "subprocess")
+# standard-library modules the chat turns ask about (module doc, then two of its functions/classes)
+CHAT_MODULES = ("os", "sys", "re", "math", "random", "datetime", "itertools", "operator", "pickle", "copy",
+                "bisect", "struct", "hashlib", "hmac", "base64", "binascii", "secrets", "uuid", "time",
+                "threading", "queue", "sched", "socket", "select", "selectors", "signal", "mmap", "codecs",
+                "unicodedata", "locale", "decimal", "numbers", "cmath", "array", "weakref", "types",
+                "contextlib", "abc", "atexit", "traceback", "warnings", "inspect", "dis", "ast", "tokenize",
+                "keyword", "platform", "errno", "io", "fnmatch", "linecache", "filecmp", "zlib", "gzip",
+                "bz2", "lzma", "sqlite3", "shelve", "dbm", "xml.dom.minidom", "html", "html.parser",
+                "mimetypes", "wave", "colorsys", "optparse", "getopt", "pprint", "reprlib", "graphlib",
+                "asyncio", "concurrent.futures", "multiprocessing", "unittest", "doctest", "timeit",
+                "cProfile", "pstats", "trace", "importlib", "pkgutil", "runpy", "zipimport",
+                "smtplib", "ftplib", "imaplib", "poplib", "socketserver", "http.server", "urllib.request",
+                "webbrowser", "wsgiref", "xmlrpc.client", "quopri", "plistlib", "netrc",
+                "tomllib", "stat", "pwd", "grp", "termios", "tty", "pty", "fcntl", "resource", "syslog")
+
+MIX = (("prose", 2), ("code", 1), ("chat", 1))  # share of the samples per source
+
+
+@dataclass(frozen=True)
+class CalibrationSource:
+    """One part of the built-in mix: where its text comes from (for the disjointness test and the
+    quantize summary) and how to read it."""
+
+    name: str
+    origin: str                       # human-readable: what the text is
+    modules: tuple[str, ...]          # the Python modules it is read from (all standard library)
+    read: Callable[..., str]          # read(max_chars, template) -> text
 
 
 def _pydoc_text() -> str:
@@ -25,14 +72,131 @@ def _pydoc_text() -> str:
 
 
 def default_calibration_text() -> str:
+    """The prose part of the mix: the first 80% of the pydoc prose."""
     text = _pydoc_text()
     return text[: int(len(text) * (1 - HELD_OUT_FRACTION))]
 
 
 def held_out_text() -> str:
-    """Text never used for calibration: the tail of the pydoc prose."""
+    """Text never used for calibration: the tail of the pydoc prose (the in-domain check)."""
     text = _pydoc_text()
     return text[int(len(text) * (1 - HELD_OUT_FRACTION)):]
+
+
+def _read_prose(max_chars: int, template=None) -> str:
+    return default_calibration_text()[:max_chars]
+
+
+def _read_code(max_chars: int, template=None) -> str:
+    parts, n = [], 0
+    for name in CODE_MODULES:
+        try:
+            src = inspect.getsource(importlib.import_module(name))
+        except (ImportError, OSError, TypeError):
+            continue
+        parts.append(f"# {name.replace('.', '/')}.py\n{src}")
+        n += len(src)
+        if n >= max_chars:
+            break
+    return "\n\n".join(parts)
+
+
+def _doc(obj, limit: int = 1500) -> str | None:
+    doc = inspect.getdoc(obj)
+    if not doc or len(doc) < 80:
+        return None
+    return doc[:limit].rsplit("\n", 1)[0] if len(doc) > limit else doc
+
+
+def _public_members(module) -> list[tuple[str, object]]:
+    names = getattr(module, "__all__", None) or [n for n in dir(module) if not n.startswith("_")]
+    out = []
+    for n in sorted(set(names)):
+        obj = getattr(module, n, None)
+        if (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.isbuiltin(obj)) and _doc(obj):
+            out.append((n, obj))
+    return out
+
+
+def chat_conversations(modules: tuple[str, ...], question: Callable[[str, str | None], str]) -> list[list[dict]]:
+    """One conversation per importable module: its documentation, then that of two of its members."""
+    convs = []
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        turns = []
+        doc = _doc(mod)
+        if doc:
+            turns += [{"role": "user", "content": question(name, None)}, {"role": "assistant", "content": doc}]
+        members = _public_members(mod)
+        for member, obj in members[:: max(1, len(members) // 2)][:2]:
+            turns += [{"role": "user", "content": question(name, member)},
+                      {"role": "assistant", "content": _doc(obj)}]
+        if turns:
+            convs.append(turns)
+    return convs
+
+
+def _stdlib_question(module: str, member: str | None) -> str:
+    if member is None:
+        return f"What is the Python module `{module}` for?"
+    return f"How do I use `{member}` from `{module}`?"
+
+
+def render_chats(convs: list[list[dict]], template, max_chars: int) -> str:
+    """Conversations rendered by the model's chat template (plain "role: text" lines without one)."""
+    parts, n = [], 0
+    for turns in convs:
+        if template is not None:
+            text = template.render(turns, add_generation_prompt=False)
+        else:
+            text = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
+        parts.append(text)
+        n += len(text)
+        if n >= max_chars:
+            break
+    return "\n".join(parts)
+
+
+def _read_chat(max_chars: int, template=None) -> str:
+    return render_chats(chat_conversations(CHAT_MODULES, _stdlib_question), template, max_chars)
+
+
+SOURCES = {
+    "prose": CalibrationSource("prose", "Python language reference prose (pydoc_data.topics, first 80%)",
+                               ("pydoc_data.topics",), _read_prose),
+    "code": CalibrationSource("code", f"Python standard-library source ({len(CODE_MODULES)} modules)",
+                              CODE_MODULES, _read_code),
+    "chat": CalibrationSource("chat", "chat turns in the model's template about standard-library modules "
+                              "(their docstrings as answers)", CHAT_MODULES, _read_chat),
+}
+
+
+def mix_counts(n_samples: int) -> dict[str, int]:
+    """Samples per source: proportional to MIX, every source at least one when n_samples allows."""
+    total = sum(w for _, w in MIX)
+    counts = {name: max(1, n_samples * w // total) if n_samples >= len(MIX) else 0 for name, w in MIX}
+    if n_samples < len(MIX):
+        for name, _ in MIX[:n_samples]:
+            counts[name] = 1
+    counts[MIX[0][0]] += n_samples - sum(counts.values())
+    return counts
+
+
+def builtin_blocks(tokenize: Callable[[str], list[int]], n_samples: int, seqlen: int, template=None
+                   ) -> tuple[torch.Tensor, list[str]]:
+    """[n_samples, seqlen] token blocks from the built-in mix, and one line per source used."""
+    blocks, lines = [], []
+    for name, n in mix_counts(n_samples).items():
+        if not n:
+            continue
+        src = SOURCES[name]
+        text = src.read(n * seqlen * CHARS_PER_TOKEN, template)
+        blocks.append(calibration_blocks(tokenize(text), n, seqlen, f"the built-in {name} text"))
+        lines.append(f"{name}: {n} x {seqlen} tokens of {src.origin}")
+    return torch.cat(blocks), lines
 
 
 def read_calibration_file(path: str | Path) -> str:

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 DESCRIPTION = """\
-Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ, or with
-plain round-to-nearest (--method rtn, the baseline). The vision tower and projector stay 16-bit.
+Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ (activation-aware
+scales, then GPTQ-style error-compensating rounding), or with plain round-to-nearest (--method rtn, the
+baseline). The vision tower and projector stay 16-bit. The built-in calibration set mixes prose, code
+and chat turns in the model's own template (all from Python's standard library, so it works offline).
 OUT is written in the AutoAWQ GEMM layout (readable by edge-vlm, transformers and vLLM) and
 appears only when complete; an interrupted run continues with --resume.
 Runs on CUDA when present (else CPU), one decoder layer at a time."""
@@ -31,7 +33,11 @@ def register(sub) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="16-bit model folder or Hugging Face repo id")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
-    p.add_argument("--method", choices=["awq", "rtn"], default="awq", help="awq (default) or rtn round-to-nearest")
+    p.add_argument("--method", choices=["awq", "gptq", "rtn"], default="awq",
+                   help="awq (default: AWQ scales + GPTQ rounding), gptq (no scales) or rtn round-to-nearest")
+    p.add_argument("--rounding", choices=["gptq", "rtn"], default="gptq",
+                   help="how AWQ rounds after its scales: gptq error compensation (default) or rtn after a "
+                        "clipping search (the original AWQ)")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits (only 4)")
     p.add_argument("--group-size", type=_group_size, default="auto",
                    help="input channels per scale: 128, 64 or 32 (default auto: 128, or 64/32 when a layer "
@@ -47,7 +53,7 @@ def register(sub) -> None:
     p.add_argument("--quantize-embedding", action="store_true",
                    help="also store the token embeddings in int8 (halves the largest 16-bit table of "
                         "big-vocabulary models such as Nemotron; our runtime only)")
-    p.add_argument("--no-clip", action="store_true", help="skip the clipping search (faster, a little worse)")
+    p.add_argument("--no-clip", action="store_true", help="with --rounding rtn: skip the clipping search")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -60,6 +66,7 @@ def run(args) -> int:
     settings = QuantizeSettings(method=args.method, w_bit=args.w_bit, group_size=args.group_size,
                                 n_samples=args.n_samples, seqlen=args.seqlen, calib=args.calib,
                                 calib_images=args.calib_images, device=args.device, clip=not args.no_clip,
+                                rounding=args.rounding,
                                 quantize_lm_head=args.quantize_lm_head,
                                 quantize_embedding=args.quantize_embedding)
     try:

@@ -38,14 +38,22 @@ def quantize_weight(w: torch.Tensor, group_size: int, bits: int = 4,
                     lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize w [N, K]. `lo`/`hi` [N, K/G] clip each group's range (the clipping search)."""
     wg = _grouped(w.float(), group_size)
-    qmax = 2**bits - 1
-    wmin = wg.amin(-1) if lo is None else lo.float()
-    wmax = wg.amax(-1) if hi is None else hi.float()
-    wmin, wmax = wmin.clamp(max=0), wmax.clamp(min=0)  # 0 must be representable (exactly)
-    scales = ((wmax - wmin) / qmax).clamp(min=1e-5).to(torch.float16).float()
-    zeros = torch.round(-wmin / scales).clamp(0, qmax)
-    q = torch.clamp(torch.round(wg / scales[..., None]) + zeros[..., None], 0, qmax)
+    scales, zeros = group_grid(wg.amin(-1) if lo is None else lo, wg.amax(-1) if hi is None else hi, bits)
+    q = round_to_grid(wg, scales[..., None], zeros[..., None], bits)
     return QuantizedWeight(q.reshape(w.shape).to(torch.uint8), zeros.to(torch.uint8), scales.to(torch.float16))
+
+
+def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, integer zero point) of groups whose range is [wmin, wmax]; the scale already fp16-rounded."""
+    qmax = 2**bits - 1
+    wmin, wmax = wmin.float().clamp(max=0), wmax.float().clamp(min=0)  # 0 must be representable (exactly)
+    scales = ((wmax - wmin) / qmax).clamp(min=1e-5).to(torch.float16).float()
+    return scales, torch.round(-wmin / scales).clamp(0, qmax)
+
+
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers 0..2^b-1 nearest to w on the grid (q - z) * s."""
+    return torch.clamp(torch.round(w / scales) + zeros, 0, 2**bits - 1)
 
 
 def fake_quantize(w: torch.Tensor, group_size: int, bits: int = 4,

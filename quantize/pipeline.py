@@ -1,9 +1,12 @@
 """`quantize_checkpoint`: a 16-bit checkpoint folder -> an AWQ (or RTN) 4-bit folder.
 
 Streams the LLM one decoder layer at a time: only that layer's weights and the calibration
-hidden states are in memory. Every finished layer is written as its own safetensors shard
-in `OUT.partial/` together with the hidden states after it, so an interrupted run resumes
-from the last finished layer (`resume=True`). The folder is renamed to OUT only when complete.
+hidden states are in memory. Every finished layer is written as its own file in
+`OUT.partial/resume/` together with the hidden states after it, so an interrupted run resumes
+from the last finished layer (`resume=True`). When all layers are done the tensors are written
+as Hugging Face-style shards of at most `max_shard_bytes` (one `model.safetensors`, or
+`model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`), the resume files are
+removed, and the folder is renamed to OUT.
 
 Output = the AutoAWQ GEMM layout (loadable by our runtime, transformers and vLLM):
 `<prefix>.layers.N.<linear>.{qweight,qzeros,scales[,bias]}`, the config with a
@@ -32,7 +35,7 @@ from edge_vlm.llm import DecoderLayer
 from edge_vlm.loader import CheckpointLayout, detect_layout
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
-from .calibration import calibration_blocks, default_calibration_text, list_images, read_calibration_file
+from .calibration import builtin_blocks, calibration_blocks, list_images, read_calibration_file
 from .groupwise import QuantizedWeight, quantize_weight
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -53,9 +56,13 @@ class QuantizeSettings:
     calib: str | None = None         # .txt / .jsonl; None: the built-in pydoc prose
     calib_images: str | None = None  # folder of images (VLM sources)
     device: str | None = None
-    clip: bool = True
+    clip: bool = True                # clipping search (rounding "rtn" only)
     duo_scaling: bool = True
-    search_tokens: int = 4096        # calibration tokens scoring each scale candidate (cost ~ linear)
+    search_tokens: int = 4096        # calibration tokens scoring each MLP scale candidate (cost ~ linear)
+    rounding: str = "gptq"           # after the AWQ scales: "gptq" error compensation, or "rtn" (+ clipping)
+    hessian: bool = True             # losses of linear blocks from X^T X (False: the original token-sample search)
+    clip_damp: float = 0.0           # regularises the clipping search toward no clipping
+    max_shard_bytes: int = 2 * 10**9  # output shards, like Hugging Face's save_pretrained
     quantize_lm_head: bool = False   # int4 lm_head (RTN): big vocabularies, e.g. Nemotron's 256k
     quantize_embedding: bool = False  # int8 token embeddings (per-row scale)
 
@@ -70,6 +77,8 @@ class Summary:
     bytes_after: int
     seconds: float
     layer_losses: list[float] = field(default_factory=list)
+    calibration: list[str] = field(default_factory=list)  # one line per calibration source
+    shards: list[str] = field(default_factory=list)
 
     def text(self) -> str:
         mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
@@ -77,7 +86,11 @@ class Summary:
                  f"method {self.method.upper()} w4 g{self.group_size}; size {mb(self.bytes_before)} -> "
                  f"{mb(self.bytes_after)} ({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller); "
                  f"time {self.seconds:.1f} s"]
-        if self.method == "awq" and self.layer_losses:
+        if self.calibration:
+            lines.append("calibration: " + "; ".join(self.calibration))
+        if self.shards:
+            lines.append(f"weights: {', '.join(self.shards)}")
+        if self.method != "rtn" and self.layer_losses:
             lines.append("calibration loss per layer (|out_q - out_16bit|^2 / |layer update|^2):")
             for i in range(0, len(self.layer_losses), 6):
                 lines.append("  " + "  ".join(f"{i + j:>3}: {v:.2e}" for j, v in enumerate(self.layer_losses[i:i + 6])))
@@ -124,15 +137,23 @@ def _embed_weight(layout: CheckpointLayout, store: TensorStore, device, dtype) -
     return store.get(key).to(device=device, dtype=dtype)
 
 
-def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: QuantizeSettings, device, dtype):
-    """Hidden states entering layer 0 for every calibration sample: [n_samples, seqlen, hidden]."""
+def chat_template_of(tok, arch: str):
+    """The model's own chat template (the checkpoint's, else the built-in one the runtime picks)."""
+    from edge_vlm.chat_template import ChatTemplate, default_template_name
+
+    if tok.chat_template:
+        return ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
+    return ChatTemplate.builtin(default_template_name(arch, tok), tok.bos_token, tok.eos_token)
+
+
+def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: QuantizeSettings, device, dtype,
+                       sources: list[str] | None = None):
+    """Hidden states entering layer 0 for every calibration sample: [n_samples, seqlen, hidden].
+    `sources` receives one line per calibration source used."""
     from edge_vlm.tokenizer import Tokenizer
 
     tok = Tokenizer(layout.llm_dir)
-    if settings.calib:
-        text, name = read_calibration_file(settings.calib), str(settings.calib)
-    else:
-        text, name = default_calibration_text(), "the built-in calibration text (pydoc_data)"
+    sources = [] if sources is None else sources
     image_embeds = None
     text_len = settings.seqlen
     if settings.calib_images:
@@ -145,7 +166,16 @@ def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: Q
         if text_len < 16:
             raise QuantizeError(f"--seqlen {settings.seqlen} leaves no room for text after "
                                 f"{image_embeds.shape[1]} image tokens")
-    ids = calibration_blocks(tok.encode(text), settings.n_samples, text_len, name)
+    if settings.calib:
+        ids = calibration_blocks(tok.encode(read_calibration_file(settings.calib)), settings.n_samples, text_len,
+                                 str(settings.calib))
+        sources.append(f"{settings.n_samples} x {text_len} tokens of {settings.calib}")
+    else:
+        ids, lines = builtin_blocks(tok.encode, settings.n_samples, text_len,
+                                    chat_template_of(tok, layout.llm.arch))
+        sources += lines
+    if image_embeds is not None:
+        sources.append(f"image tokens of {image_embeds.shape[0]} images from {settings.calib_images}")
     emb = _embed_weight(layout, store, device, dtype)
     x = emb[ids.to(device)]
     if image_embeds is not None:  # every sample: one image's tokens, then text
@@ -183,9 +213,9 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _copy_rest(layout: CheckpointLayout, store: TensorStore, dest: Path, lm_head_group: int | None = None,
-               embedding: bool = False) -> dict[str, str]:
-    """Every tensor outside the decoder layers, unchanged, into one shard.
+def _rest_tensors(layout: CheckpointLayout, store: TensorStore, lm_head_group: int | None = None,
+                  embedding: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor outside the decoder layers, unchanged.
 
     With `lm_head_group`, lm_head is written as int4 under `lm_head.{qweight,qzeros,scales}`
     (beside the checkpoint's own lm_head keys), by round-to-nearest (no AWQ scale search for it
@@ -207,9 +237,34 @@ def _copy_rest(layout: CheckpointLayout, store: TensorStore, dest: Path, lm_head
     if head:
         head_key = head + ".weight" if head + ".weight" in store else emb_key
         rest.update(_gemm_tensors(head, quantize_weight(store.get(head_key).float(), lm_head_group)))
-    name = "model-rest.safetensors"
-    _save(rest, dest / name)
-    return {k: name for k in rest}
+    return rest
+
+
+def write_shards(parts, folder: Path, max_bytes: int) -> list[str]:
+    """Tensors (an iterable of dicts, in order) as shards of at most `max_bytes` (a bigger tensor gets a
+    shard of its own), named like Hugging Face's: `model.safetensors` alone, or
+    `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for part in parts:
+        for key, t in part.items():
+            n = t.numel() * t.element_size()
+            if shards[-1] and size + n > max_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += n
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map, total = {}, 0
+    for name, tensors in zip(names, shards):
+        _save(tensors, folder / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+    if len(shards) > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+    return names
 
 
 def _copy_non_weight_files(src: Path, dest: Path, skip: set[str]) -> None:
@@ -256,8 +311,10 @@ def _default_device(requested: str | None) -> str:
 
 
 def _check_settings(settings: QuantizeSettings) -> None:
-    if settings.method not in ("awq", "rtn"):
-        raise QuantizeError(f"unknown method {settings.method!r}; use awq or rtn")
+    if settings.method not in ("awq", "rtn", "gptq"):
+        raise QuantizeError(f"unknown method {settings.method!r}; use awq, gptq or rtn")
+    if settings.rounding not in ("gptq", "rtn"):
+        raise QuantizeError(f"unknown rounding {settings.rounding!r}; use gptq or rtn")
     if settings.w_bit != 4:
         raise QuantizeError("only --w-bit 4 is supported")
 
@@ -281,6 +338,7 @@ class _Progress:
     layers_done: int = 0
     losses: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    calibration: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -299,6 +357,8 @@ class _Run:
     progress: _Progress
     step: str = "preparing the calibration data"  # named by out-of-memory errors
     started: float = field(default_factory=time.perf_counter)
+    sources: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
 
     @property
     def cfg(self) -> LLMConfig:
@@ -313,6 +373,14 @@ class _Run:
         return self.partial / "progress.json"
 
     @property
+    def resume_dir(self) -> Path:
+        """Per-layer files of the finished layers: resume state, removed when the run completes."""
+        return self.partial / "resume"
+
+    def layer_path(self, i: int) -> Path:
+        return self.resume_dir / f"layer-{i:03d}.safetensors"
+
+    @property
     def acts_path(self) -> Path:
         """The hidden states after the last finished layer (AWQ only): the next layer's input."""
         return self.partial / "activations.pt"
@@ -322,14 +390,16 @@ class _Run:
 
     def options(self) -> AWQOptions:
         s = self.settings
+        gptq = s.method == "gptq"
         return AWQOptions(group_size=self.group, bits=s.w_bit, clip=s.clip, duo_scaling=s.duo_scaling,
-                          search_tokens=s.search_tokens)
+                          search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
+                          scale_search=not gptq, rounding="gptq" if gptq else s.rounding)
 
     def first_inputs(self) -> torch.Tensor:
         """Layer `layers_done`'s calibration input: saved by the run we resume, or computed."""
         done = self.progress.layers_done
         if not done:
-            return calibration_inputs(self.layout, self.store, self.settings, self.device, self.dtype)
+            return calibration_inputs(self.layout, self.store, self.settings, self.device, self.dtype, self.sources)
         if not self.acts_path.is_file():
             raise QuantizeError(f"{self.partial} lacks the calibration state of layer {done}; "
                                 f"pass --force to start over")
@@ -344,16 +414,17 @@ class _Run:
 
     def save_layer(self, i: int, layer: DecoderLayer, result: LayerResult, x: torch.Tensor | None) -> None:
         """Layer i's shard, then (atomically) the state a resumed run starts from."""
-        _save(_layer_tensors(self.layout.layer_prefix, i, layer, result),
-              self.llm_out / f"model-layer-{i:03d}.safetensors")
+        self.resume_dir.mkdir(parents=True, exist_ok=True)
+        _save(_layer_tensors(self.layout.layer_prefix, i, layer, result), self.layer_path(i))
         if x is not None:
             torch.save(x, self.acts_path.with_suffix(".tmp"))
             os.replace(self.acts_path.with_suffix(".tmp"), self.acts_path)
         self.state_path.write_text(json.dumps({"settings": self.key, "layers_done": i + 1,
-                                               "losses": self.progress.losses, "elapsed_s": self.elapsed()}))
+                                               "losses": self.progress.losses, "elapsed_s": self.elapsed(),
+                                               "calibration": self.sources}))
 
     def quantize_layers(self, show: bool) -> None:
-        awq = self.settings.method == "awq"
+        awq = self.settings.method != "rtn"  # awq and gptq calibrate
         opts = self.options()
         x = self.first_inputs() if awq else None
         runner = LayerRunner(self.cfg, x.shape[1], self.device) if awq else None
@@ -377,10 +448,12 @@ class _Run:
     def write_rest(self) -> None:
         """Everything but the decoder layers: the other tensors, index, config, tokenizer, VLM parts."""
         self.step = "writing the output folder"
+        from safetensors.torch import load_file
+
         lm_head = self.settings.quantize_lm_head
-        weight_map = _copy_rest(self.layout, self.store, self.llm_out, self.group if lm_head else None,
-                                self.settings.quantize_embedding)
-        _write_index(self.llm_out, self.cfg.num_layers, weight_map)
+        layers = (load_file(str(self.layer_path(i))) for i in range(self.cfg.num_layers))
+        rest = _rest_tensors(self.layout, self.store, self.group if lm_head else None, self.settings.quantize_embedding)
+        self.shards = write_shards(_chain(layers, [rest]), self.llm_out, self.settings.max_shard_bytes)
         layout = self.layout
         _copy_non_weight_files(layout.llm_dir, self.llm_out,
                                skip={"config.json"} if layout.kind == "vila"
@@ -398,6 +471,7 @@ class _Run:
         """OUT.partial becomes OUT; with --force the old OUT goes only once the new one is complete."""
         for p in (self.state_path, self.acts_path):
             p.unlink(missing_ok=True)
+        shutil.rmtree(self.resume_dir, ignore_errors=True)
         if self.out.exists():
             old = self.out.with_name(self.out.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
@@ -413,21 +487,12 @@ class _Run:
         else:
             before, after = self.store.nbytes(), sum(p.stat().st_size for p in self.out.glob("*.safetensors"))
         return Summary(str(self.layout.folder), str(self.out), self.settings.method, self.group, before, after,
-                       self.elapsed(), self.progress.losses)
+                       self.elapsed(), self.progress.losses, self.sources, self.shards)
 
 
-def _write_index(folder: Path, num_layers: int, weight_map: dict[str, str]) -> None:
-    """model.safetensors.index.json over the rest shard and the layer shards."""
-    from safetensors import safe_open
-
-    for i in range(num_layers):
-        name = f"model-layer-{i:03d}.safetensors"
-        with safe_open(str(folder / name), "pt") as f:
-            for k in f.keys():
-                weight_map[k] = name
-    total = sum(p.stat().st_size for p in folder.glob("model-*.safetensors"))
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=1))
+def _chain(*iterables):
+    for it in iterables:
+        yield from it
 
 
 class _OutOfMemory:
@@ -457,7 +522,7 @@ def _resume_state(run_key: dict, state_path: Path, resume: bool, num_layers: int
         if state["settings"] != run_key:
             raise QuantizeError(f"{state_path.parent} was started with other settings; pass --force to start over")
         log(f"resuming after layer {state['layers_done'] - 1} of {num_layers}")
-        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"])
+        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"], state.get("calibration", []))
     if resume:
         log("note: nothing to resume; starting from the first layer")
     return _Progress()
@@ -484,7 +549,7 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     _check_has_layers(store, layout.layer_prefix)
     key = _settings_key(layout, settings, group)
     state = _resume_state(key, partial / "progress.json", resume, cfg.num_layers, log)
-    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state)
+    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state, sources=state.calibration)
     run.llm_out.mkdir(parents=True, exist_ok=True)
     try:
         with _OutOfMemory(run):

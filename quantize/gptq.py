@@ -1,0 +1,65 @@
+"""GPTQ-style rounding: quantize a weight column by column, moving each column's rounding error
+onto the columns not yet quantized, weighted by the inverse Hessian H = X^T X of the layer input.
+
+Why: round-to-nearest treats every weight alone; the output error x·(w - Q(w)) depends on how
+the input channels correlate, and GPTQ cancels part of it (Frantar et al., 2022). Written here in
+the form every loader of ours reads: asymmetric, group-wise (each group's scale and zero point are
+fixed from the updated weights when the sweep reaches the group's first column), in the natural
+column order (no act-order), so the result is a plain `QuantizedWeight` in the AutoAWQ GEMM grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .groupwise import QuantizedWeight, group_grid, round_to_grid
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the factor GPTQ's updates use."""
+    h = h.double().clone()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    for extra in (0.0, 0.1, 1.0):  # a near-singular H (few tokens, dead channels) gets more damping
+        try:
+            hh = h + extra * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            inv = torch.cholesky_inverse(torch.linalg.cholesky(hh))
+            return torch.linalg.cholesky(inv, upper=True).float()
+        except torch.linalg.LinAlgError:
+            continue
+    raise RuntimeError("GPTQ: the input Hessian is not positive definite even with damping")
+
+
+@torch.no_grad()
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int = 4, damp: float = 0.01,
+                  block: int = 128) -> QuantizedWeight:
+    """w [N, K] -> integers, zero points and fp16 scales, with error compensation under H [K, K]."""
+    w = w.float().clone()
+    n, k = w.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+    block = max(group_size, block // group_size * group_size)
+    u = _inverse_cholesky(h.to(w.device), damp)
+    w[:, torch.diag(h) <= 0] = 0
+    q = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
+    scales = torch.zeros(n, k // group_size, device=w.device)
+    zeros = torch.zeros(n, k // group_size, device=w.device)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        wb, ub = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        err = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            if col % group_size == 0:  # the group's grid, from its weights as updated so far
+                g = col // group_size
+                grp = wb[:, i:i + group_size]
+                scales[:, g], zeros[:, g] = group_grid(grp.amin(1), grp.amax(1), bits)
+            g = col // group_size
+            qi = round_to_grid(wb[:, i], scales[:, g], zeros[:, g], bits)
+            q[:, col] = qi.to(torch.uint8)
+            e = (wb[:, i] - (qi - zeros[:, g]) * scales[:, g]) / ub[i, i]
+            wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
+            err[:, i] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return QuantizedWeight(q, zeros.to(torch.uint8), scales.to(torch.float16))
