@@ -31,8 +31,8 @@ def register(sub) -> None:
     p.add_argument("--max-context", type=int, default=4096, help="context to size the KV cache for (default 4096)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
-    p.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
-                   help="the language model backend `chat --backend` would use (default torch)")
+    p.add_argument("--backend", choices=["auto", "torch", "llama.cpp"], default="auto",
+                   help="the language model backend `chat --backend` would use (default auto)")
     p.add_argument("--vision-backend", choices=["torch", "onnx", "auto"], default="torch",
                    help="the vision backend `chat --vision-backend` would use (default torch)")
     p.set_defaults(func=run_info)
@@ -108,16 +108,22 @@ def add_model_options(p, backend_flag: str = "--backend") -> None:
     p.add_argument("--vision-backend", choices=["torch", "onnx", "auto"], default="torch",
                    help="what runs the vision tower: torch (default), onnx (ONNX Runtime: TensorRT, CUDA or CPU int8, "
                         "exported once; needs edge-vlm[onnx]) or auto (ONNX Runtime where it is timed faster)")
-    p.add_argument(backend_flag, dest="llm_backend", choices=["torch", "llama.cpp"], default="torch",
-                   help="what runs the language model: our torch decoder (default), or llama.cpp from a GGUF "
-                        "exported once into ~/.cache/edge-vlm (needs edge-vlm[llamacpp])")
+    p.add_argument(backend_flag, dest="llm_backend", choices=["auto", "torch", "llama.cpp"], default="auto",
+                   help="what runs the language model: llama.cpp from a GGUF exported once into ~/.cache/edge-vlm "
+                        "(needs edge-vlm[llamacpp]; with CUDA, all layers on the GPU), or our torch decoder; "
+                        "auto (default): llama.cpp on the CPU when llama-cpp-python is installed, else torch")
 
 
-def _llama_cpp_state() -> str:
-    import importlib.util
+def _backend_line(requested: str, device: str | None) -> str:
+    """What `chat --backend requested` would run the LLM on, and why."""
+    from .backends.llamacpp.choice import llama_cpp_installed, resolve_llm_backend
+    from .loader import default_device
 
-    return " (llama-cpp-python installed)" if importlib.util.find_spec("llama_cpp") else \
-        " (llama-cpp-python missing: pip install 'edge-vlm[llamacpp]')"
+    chosen = resolve_llm_backend(requested, device or default_device())
+    state = "llama-cpp-python installed" if llama_cpp_installed() else \
+        "llama-cpp-python missing: pip install 'edge-vlm[llamacpp]'"
+    return (f"{chosen} (auto, {state})" if requested == "auto" else
+            requested if requested == "torch" else f"{requested} ({state})")
 
 
 def load_from_args(args):
@@ -128,7 +134,7 @@ def load_from_args(args):
     dtype = getattr(torch, args.dtype) if args.dtype else None
     return load_model(args.model, device=args.device, dtype=dtype, max_context=args.max_context,
                       template=args.template, kv_cache=getattr(args, "kv_cache", None),
-                      llm_backend=getattr(args, "llm_backend", "torch"),
+                      llm_backend=getattr(args, "llm_backend", "auto"),
                       vision_backend=getattr(args, "vision_backend", "torch"))
 
 
@@ -222,7 +228,7 @@ def run_info(args) -> int:
                      f"{i.params.get('projector', 0) / 1e6:.1f}M params")
     lines += [
         f"quantization:  {i.quantization}",
-        f"LLM backend:   {args.backend}" + ("" if args.backend == "torch" else _llama_cpp_state()),
+        f"LLM backend:   {_backend_line(args.backend, getattr(args, 'device', None))}",
         *([f"vision backend: {args.vision_backend}"] if model.vision is not None else []),
         f"chat template: {model.template.name}",
         f"on disk:       {gib(i.weight_bytes)}",

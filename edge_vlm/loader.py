@@ -272,7 +272,8 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     the model's engines build int8 (half the memory of fp16; see kv_cache.py).
     `llm_backend="llama.cpp"` runs the language model in llama.cpp from a GGUF export made once
     into edge-vlm's cache folder (backends/llamacpp/gguf_cache.py); the vision tower, projector,
-    tokenizer, template and sampler stay ours. `vision_backend="onnx"` runs the vision tower and
+    tokenizer, template and sampler stay ours. "auto" (the CLI's default) picks llama.cpp on the
+    CPU when llama-cpp-python is installed (backends/llamacpp/choice.py). `vision_backend="onnx"` runs the vision tower and
     projector in ONNX Runtime (TensorRT, CUDA or CPU int8; exported once into the cache folder),
     "auto" only where it is timed faster than torch; either falls back to torch with one warning.
 
@@ -281,10 +282,13 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     """
     if kv_cache not in (None, "model", "int8"):
         raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
-    if llm_backend not in ("torch", "llama.cpp"):
-        raise EdgeVLMError(f"llm_backend must be 'torch' or 'llama.cpp', not {llm_backend!r}")
+    from .backends.llamacpp.choice import MODES, resolve_llm_backend, warn_fallback
+
+    if llm_backend not in MODES:
+        raise EdgeVLMError(f"llm_backend must be one of {', '.join(MODES)}, not {llm_backend!r}")
     layout = detect_layout(name_or_path)
     device = device or default_device()
+    auto, llm_backend = llm_backend == "auto", resolve_llm_backend(llm_backend, device)
     dtype = dtype or default_dtype(device)
     show = sys.stderr.isatty() if progress is None else progress
     configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
@@ -293,7 +297,14 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     if llm_backend == "llama.cpp" and str(device) != "meta":
         from .backends.llamacpp.gguf_cache import cached_gguf  # exported once, on first use
 
-        gguf = cached_gguf(layout, q is not None, show)
+        try:
+            gguf = cached_gguf(layout, q is not None, show)
+        except EdgeVLMError as e:
+            if not auto:
+                raise
+            warn_fallback(str(e).splitlines()[0])
+            llm_backend = "torch"
+    if gguf is not None:
         llm = _build(DecoderLM, layout.llm).to(dtype)  # its shape only: llama.cpp holds the weights
     else:
         llm = load_llm(store, layout.llm, dtype, device, layout.llm_key, _progress("loading LLM", show), q)

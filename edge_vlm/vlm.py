@@ -61,7 +61,8 @@ class VisionLanguageModel:
         if self.gguf_path is not None:
             from .backends.llamacpp.engine import LlamaCppEngine
 
-            return LlamaCppEngine(self.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0)
+            return LlamaCppEngine(self.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0,
+                                  kv_cache_int8=getattr(self.llm, "kv_cache_int8", False))
         from .backends import make_engine
 
         return make_engine(self.llm, ctx)

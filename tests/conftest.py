@@ -9,6 +9,17 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def edge_vlm_cache(tmp_path_factory):
+    """Exports made on first use (GGUF for llama.cpp, ONNX vision) go to a per-run folder, not ~/.cache:
+    the CLI's default backend exports the LLM for llama.cpp."""
+    folder = tmp_path_factory.mktemp("edge-vlm-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGE_VLM_CACHE", str(folder))
+    yield folder
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_vila(tmp_path_factory):
     """A tiny VILA-layout folder (Llama LLM, SigLIP tower, mlp_downsample projector)."""

@@ -72,7 +72,7 @@ def test_kv_cache_option_in_chat_and_info(tiny_vila, capsys, monkeypatch):
         built.append(self.cache.quantized)
 
     monkeypatch.setattr(generate.Engine, "__init__", spy)
-    assert main(["chat", "--model", str(tiny_vila), "--kv-cache", "int8", "--temperature", "0",
+    assert main(["chat", "--model", str(tiny_vila), "--kv-cache", "int8", "--temperature", "0", "--backend", "torch",
                  "--max-new-tokens", "4", "--quiet", "hi"]) == 0
     assert built == [True] and capsys.readouterr().out.strip()  # an answer, from an int8-cache engine
     gib = {}

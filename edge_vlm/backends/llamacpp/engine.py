@@ -13,6 +13,7 @@ class tokenizes, samples and caches prompts by itself, and takes no embeddings.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
 from pathlib import Path
@@ -28,12 +29,19 @@ _initialised = False
 
 
 def llama_cpp_module():
-    """llama-cpp-python's bindings, or one clear line on how to get them."""
+    """llama-cpp-python's bindings, or one clear line on how to get them.
+
+    llama.cpp logs every model load and context creation (hundreds of lines) through the
+    `llama-cpp-python` logger; unless someone set its level, only its errors reach stderr.
+    """
     try:
         import llama_cpp
     except ImportError as e:
         raise EdgeVLMError("the llama.cpp backend needs llama-cpp-python: pip install 'edge-vlm[llamacpp]' "
                            f"(see the README for CUDA and Jetson builds) ({e})") from None
+    log = logging.getLogger("llama-cpp-python")
+    if log.level == logging.NOTSET:
+        log.setLevel(logging.ERROR)
     return llama_cpp
 
 
@@ -50,7 +58,9 @@ class LlamaCppEngine:
     name = "llama.cpp"
 
     def __init__(self, gguf_path: str | Path, max_context: int, n_gpu_layers: int = 0,
-                 n_threads: int | None = None, batch_size: int = 512):
+                 n_threads: int | None = None, batch_size: int = 512, kv_cache_int8: bool = False):
+        """`kv_cache_int8`: llama.cpp's Q8_0 K and V cache (`--kv-cache int8`: about half the bytes of
+        its F16 cache; quantized V needs flash attention, so that is switched on with it)."""
         global _initialised
         lib = llama_cpp_module()
         self._lib = lib
@@ -72,6 +82,9 @@ class LlamaCppEngine:
         cparams.n_batch = cparams.n_ubatch = min(batch_size, max_context)
         cparams.n_seq_max = 1
         cparams.n_threads = cparams.n_threads_batch = threads
+        if kv_cache_int8:
+            cparams.type_k = cparams.type_v = lib.GGML_TYPE_Q8_0
+            cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             lib.llama_model_free(self._model)
@@ -95,6 +108,11 @@ class LlamaCppEngine:
     @property
     def max_context(self) -> int:
         return self._max_context
+
+    @property
+    def state_bytes(self) -> int:
+        """The size of llama.cpp's saved state: the KV cache's cells in use, plus the last logits."""
+        return int(self._lib.llama_state_get_size(self._ctx))
 
     @property
     def device(self) -> torch.device:

@@ -42,11 +42,9 @@ def _gguf():
 
 
 def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise EdgeVLMError("llama.cpp's quantizer needs llama-cpp-python: pip install 'edge-vlm[llamacpp]'") from None
-    return llama_cpp
+    from .engine import llama_cpp_module  # one import path: the same install hint, llama.cpp's logs quiet
+
+    return llama_cpp_module()
 
 
 # ------------------------------------------------------------------ loading
