@@ -1,46 +1,71 @@
-"""Perplexity of 16-bit vs RTN vs AWQ 4-bit weights of the same model, in one run.
+"""Perplexity of 16-bit vs RTN vs AWQ (and its variants) 4-bit weights of the same model, per
+held-out text domain, in one run.
 
-Calibration uses the first 80% of the built-in pydoc prose, evaluation the first
-`--eval-tokens` tokens of the last 20% (never seen during calibration). Both quantized models
-are written to disk by the real pipeline and loaded back by the runtime (WQLinear), so the
-numbers are those of the checkpoints a user would get.
+Calibration is the built-in mix of quantize/calibration.py (standard-library prose, code and chat
+turns); evaluation is every domain of benchmarks/text_domains.py (third-party packages only:
+numpy's docs, the dependencies' READMEs, jinja2/tqdm source, chat turns about torch.nn), plus the
+held-out tail of the calibration prose as an in-domain reference. Every quantized model is
+written to disk by the real pipeline and loaded back by the runtime (WQLinear), so the numbers
+are those of the checkpoints a user would get. recovery = (RTN - method) / (RTN - 16-bit).
 
-    python -m edge_vlm.benchmarks.quality                      # the real SmolLM2-135M (group 64)
-    python -m edge_vlm.benchmarks.quality --model ./my-llm --group-size 128 --n-samples 128
+    python -m edge_vlm.benchmarks.quality                      # the real SmolLM2-135M (group 64), default AWQ
+    python -m edge_vlm.benchmarks.quality --variants awq,awq-clip,gptq --n-samples 32
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+# name -> QuantizeSettings fields (over the defaults): the rows the benchmark can compare
+VARIANTS = {
+    "rtn": dict(method="rtn"),
+    "awq": dict(),                                                   # the default: AWQ scales + GPTQ rounding
+    "awq-clip": dict(rounding="rtn"),                                # AWQ scales + clipping (H) + rounding
+    "awq-clip-damp": dict(rounding="rtn", clip_damp=0.1),            # ... clipping regularised toward none
+    "awq-noclip": dict(rounding="rtn", clip=False),                  # AWQ scales + rounding
+    "awq-v1": dict(rounding="rtn", hessian=False),                   # the previous default: token-sample losses,
+                                                                     # clipping on 512 tokens
+    "awq-noduo": dict(duo_scaling=False),
+    "gptq": dict(method="gptq"),                                     # GPTQ alone, no scales
+}
+IN_DOMAIN = "pydoc (in-domain)"
 
-def held_out_ids(tokenizer, n_tokens: int) -> list[int]:
+
+def eval_sets(src, eval_tokens: int, window: int, in_domain: bool = True) -> dict[str, list[int]]:
     from edge_vlm.quantize.calibration import held_out_text
+    from edge_vlm.quantize.pipeline import chat_template_of
+    from edge_vlm.tokenizer import Tokenizer
 
-    ids = tokenizer.encode(held_out_text())
-    if len(ids) < n_tokens:
-        raise SystemExit(f"held-out text has only {len(ids)} tokens, {n_tokens} requested")
-    return ids[:n_tokens]
+    from .text_domains import domain_ids
+
+    tok = Tokenizer(src.llm_dir)
+    sets = domain_ids(tok.encode, eval_tokens, chat_template_of(tok, src.llm.arch), piece=window)
+    if in_domain:
+        sets[IN_DOMAIN] = tok.encode(held_out_text())[:eval_tokens]
+    return sets
 
 
-def evaluate(model_dir, ids, window: int) -> float:
+def evaluate(model_dir, sets: dict[str, list[int]], window: int) -> dict[str, float]:
     from edge_vlm import load_model
     from edge_vlm.perplexity import perplexity
 
     # the reference modules: quality is a property of the weights, not of a fast path's roundings
     model = load_model(str(model_dir), device="cpu", dtype=torch.float32, progress=False, fast_path=False)
-    return perplexity(model.llm, ids, window=window)
+    return {name: perplexity(model.llm, ids, window=window) for name, ids in sets.items()}
 
 
 def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, eval_tokens: int,
-        window: int, out_dir: str | None, device: str | None, search_tokens: int = 4096,
-        clip: bool = True) -> dict:
-    from edge_vlm.tokenizer import Tokenizer
+        window: int, out_dir: str | None, device: str | None, variants=("rtn", "awq"), search_tokens: int = 4096,
+        cache: str | None = None) -> dict:
+    """{row: {"ppl": {domain: perplexity}, "seconds": quantize time, ...}}. `cache` (a JSON file) keeps
+    finished rows, keyed by everything that decides them, so a later run adds variants without redoing
+    the others."""
     from edge_vlm.quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
 
     if model is None:
@@ -48,29 +73,61 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
 
         model = str(smollm2_folder())
     src = inspect_source(model)
-    ids = held_out_ids(Tokenizer(src.llm_dir), eval_tokens)
+    sets = eval_sets(src, eval_tokens, window)
     work = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="edge-vlm-quality-"))
-    rows = {"16-bit": {"ppl": evaluate(src.llm_dir, ids, window), "seconds": 0.0}}
-    for method in ("rtn", "awq"):
-        settings = QuantizeSettings(method=method, group_size=group_size, n_samples=n_samples, seqlen=seqlen,
-                                    device=device, search_tokens=search_tokens, clip=clip)
-        summary = quantize_checkpoint(model, work / method, settings, force=True)
-        rows[method.upper()] = {"ppl": evaluate(summary.out, ids, window), "seconds": summary.seconds,
-                                "group": summary.group_size, "mib": summary.bytes_after / 2**20}
+    store = json.loads(Path(cache).read_text()) if cache and Path(cache).is_file() else {}
+    base_key = dict(model=str(Path(model).resolve()), eval_tokens=eval_tokens, window=window)
+
+    def cached(key: dict, compute):
+        k = json.dumps({**base_key, **key}, sort_keys=True)
+        if k not in store:
+            store[k] = compute()
+            if cache:
+                Path(cache).write_text(json.dumps(store, indent=1))
+        return store[k]
+
+    rows = {"16-bit": cached({"row": "16-bit"}, lambda: {"ppl": evaluate(src.llm_dir, sets, window),
+                                                         "seconds": 0.0})}
+    for name in variants:
+        over = VARIANTS[name]
+        settings = QuantizeSettings(group_size=group_size, n_samples=n_samples, seqlen=seqlen, device=device,
+                                    search_tokens=search_tokens, **over)
+        key = {"row": name, "group_size": group_size,
+               **({} if name == "rtn" else dict(n_samples=n_samples, seqlen=seqlen, search_tokens=search_tokens))}
+
+        def compute(name=name, settings=settings):
+            summary = quantize_checkpoint(model, work / name, settings, force=True)
+            print(summary.text(), file=sys.stderr)
+            return {"ppl": evaluate(summary.out, sets, window), "seconds": summary.seconds,
+                    "group": summary.group_size, "mib": summary.bytes_after / 2**20,
+                    "calibration": summary.calibration}
+        rows[name] = cached(key, compute)
     return rows
 
 
+def recovery(rows: dict, name: str, domain: str) -> float:
+    fp, rtn, q = (rows[r]["ppl"][domain] for r in ("16-bit", "rtn", name))
+    return (rtn - q) / (rtn - fp) if rtn > fp else float("nan")
+
+
 def table(rows: dict) -> str:
-    fp, rtn, awq = rows["16-bit"]["ppl"], rows["RTN"]["ppl"], rows["AWQ"]["ppl"]
-    g = rows["AWQ"]["group"]
-    lines = ["| weights | perplexity | vs 16-bit | quantize time |", "|---|---|---|---|",
-             f"| 16-bit | {fp:.2f} | - | - |"]
-    for name in ("RTN", "AWQ"):
-        r = rows[name]
-        lines.append(f"| {name} W4 g{g} | {r['ppl']:.2f} | {100 * (r['ppl'] / fp - 1):+.1f}% | {r['seconds']:.0f} s |")
-    recovered = (rtn - awq) / (rtn - fp) if rtn > fp else float("nan")
-    lines.append("")
-    lines.append(f"AWQ recovers {100 * recovered:.0f}% of the perplexity RTN loses (target >= 50%).")
+    domains = list(rows["16-bit"]["ppl"])
+    held = [d for d in domains if d != IN_DOMAIN]
+    head = "| weights | " + " | ".join(domains) + " | held-out recovery: per domain (average) | quantize time |"
+    lines = [head, "|" + "---|" * (len(domains) + 3)]
+    g = next((r["group"] for r in rows.values() if "group" in r), "?")
+    for name, r in rows.items():
+        cells = [f"{r['ppl'][d]:.2f}" for d in domains]
+        if name in ("16-bit", "rtn"):
+            rec = "-"
+        else:
+            per = [recovery(rows, name, d) for d in held]
+            rec = " / ".join(f"{100 * v:.0f}%" for v in per) + f" ({100 * sum(per) / len(per):.0f}%)"
+            if IN_DOMAIN in domains:
+                rec += f"; in-domain {100 * recovery(rows, name, IN_DOMAIN):.0f}%"
+        label = name if name == "16-bit" else f"{name} W4 g{g}"
+        t = "-" if name == "16-bit" else f"{r['seconds']:.0f} s"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {rec} | {t} |")
     return "\n".join(lines)
 
 
@@ -106,13 +163,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="16-bit LLM folder (default: the real SmolLM2-135M test model)")
     p.add_argument("--group-size", type=int, help="default: 128, or 64 where widths need it (SmolLM2)")
-    p.add_argument("--n-samples", type=int, default=32, help="calibration samples (default 32)")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--eval-tokens", type=int, default=1024, help="tokens per evaluation domain (default 1024)")
     p.add_argument("--window", type=int, default=512, help="perplexity window (default 512)")
+    p.add_argument("--variants", default="rtn,awq", help=f"comma-separated rows: {', '.join(VARIANTS)}")
     p.add_argument("--out-dir", help="keep the quantized folders here (default: a temporary folder)")
-    p.add_argument("--search-tokens", type=int, default=4096, help="tokens scoring each AWQ scale (default 4096)")
-    p.add_argument("--no-clip", action="store_true", help="AWQ without the clipping search (ablation)")
+    p.add_argument("--cache", help="JSON file keeping finished rows between runs")
+    p.add_argument("--search-tokens", type=int, default=4096, help="tokens scoring each MLP scale (default 4096)")
     p.add_argument("--device", help="device for quantizing (evaluation runs on CPU in fp32)")
     p.add_argument("--memory-projection", action="store_true",
                    help="only print the projected memory of Nemotron-Mini-4B (Nemovision-4B's LLM) at 4096 tokens")
@@ -120,8 +178,14 @@ def main(argv=None) -> int:
     if a.memory_projection:
         print(memory_table(memory_projection("nemotron-mini-4b"), 4096))
         return 0
-    rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, a.search_tokens,
-               not a.no_clip)
+    variants = [v for v in a.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if "rtn" not in variants:
+        variants.insert(0, "rtn")
+    rows = run(a.model, a.group_size, a.n_samples, a.seqlen, a.eval_tokens, a.window, a.out_dir, a.device, variants,
+               a.search_tokens, a.cache)
     print(table(rows))
     return 0
 

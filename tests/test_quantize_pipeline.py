@@ -280,6 +280,7 @@ def test_cli_quantize_prints_summary_and_one_line_errors(tiny_pair, tmp_path, ca
                "--seqlen", "32", "--group-size", "32", "--quiet"])
     text = capsys.readouterr().out
     assert rc == 0 and "calibration loss per layer" in text and "smaller" in text
+    assert f"calibration: 4 x 32 tokens of {calib}" in text and "weights: model.safetensors" in text
     rc = main(["quantize", str(src), str(tmp_path / "q"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("edge-vlm: error:") and err.count("\n") == 1

@@ -1,0 +1,159 @@
+"""The evaluation split stays honest, the calibration mix is what it says, and the new rounding,
+loss and sharding code agrees with the plain definitions it replaces."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from edge_vlm.benchmarks.text_domains import DOMAINS, domain_ids
+from edge_vlm.quantize.calibration import SOURCES, builtin_blocks, mix_counts
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_no_calibration_source_is_an_evaluation_source():
+    calib = {m for s in SOURCES.values() for m in s.modules}
+    assert all(_top(m) in sys.stdlib_module_names for m in calib)  # calibration reads the standard library only
+    for d in DOMAINS.values():
+        top = {_top(m) for m in d.modules}
+        assert not top & {_top(m) for m in calib}, d.name
+        assert not top & sys.stdlib_module_names, d.name  # evaluation reads third-party packages only
+
+
+def _long_lines(text: str) -> set[str]:
+    return {ln.strip() for ln in text.splitlines() if len(ln.strip()) >= 60}
+
+
+def test_no_calibration_text_appears_in_an_evaluation_domain():
+    """Line by line: a sentence or code line of 60+ characters from any calibration source must not
+    occur in any evaluation domain (a domain reading a calibration source would fail this)."""
+    calib = set()
+    for s in SOURCES.values():
+        calib |= _long_lines(s.read(10**9, None))
+    assert len(calib) > 5000
+    for d in DOMAINS.values():
+        lines = _long_lines(d.read(None))
+        assert len(lines) > 500, d.name
+        shared = lines & calib
+        assert not shared, (d.name, sorted(shared)[:5])
+
+
+def test_the_check_catches_a_leak():
+    """The same check on a domain that does read calibration text finds it."""
+    leaked = SOURCES["prose"].read(20_000) + "\n" + DOMAINS["docs"].read(None)[:20_000]
+    calib = _long_lines(SOURCES["prose"].read(10**9))
+    assert _long_lines(leaked) & calib
+
+
+def test_mix_has_every_source_and_the_paper_size():
+    assert mix_counts(128) == {"prose": 64, "code": 32, "chat": 32}
+    assert mix_counts(4) == {"prose": 2, "code": 1, "chat": 1}
+    assert sum(mix_counts(2).values()) == 2 and sum(mix_counts(7).values()) == 7
+
+
+def test_builtin_blocks_render_chat_in_the_models_template(smollm2):
+    from edge_vlm.chat_template import ChatTemplate
+    from edge_vlm.tokenizer import Tokenizer
+
+    tok = Tokenizer(smollm2)
+    template = ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
+    blocks, lines = builtin_blocks(tok.encode, 4, 256, template)
+    assert blocks.shape == (4, 256) and [ln.split(":")[0] for ln in lines] == ["prose", "code", "chat"]
+    im_start = tok.token_to_id("<|im_start|>")
+    assert (blocks[3] == im_start).any() and not (blocks[:3] == im_start).any()  # the chat block has the template
+    sets = domain_ids(tok.encode, 1024, template)
+    assert all(len(v) == 1024 for v in sets.values()) and im_start in sets["chat"]
+
+
+# ------------------------------------------------------------------ GPTQ and H-based losses
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """With a diagonal H nothing can be compensated: GPTQ must give RTN's integers exactly."""
+    from edge_vlm.quantize.gptq import gptq_quantize
+    from edge_vlm.quantize.groupwise import quantize_weight
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 256, generator=g)
+    h = torch.diag(torch.rand(256, generator=g) + 0.1)
+    a, b = gptq_quantize(w, h, 64, damp=0.0), quantize_weight(w, 64)
+    assert torch.equal(a.q, b.q) and torch.equal(a.zeros, b.zeros) and torch.equal(a.scales, b.scales)
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    from edge_vlm.quantize.gptq import gptq_quantize
+    from edge_vlm.quantize.groupwise import quantize_weight
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 32, generator=g) @ torch.randn(32, 256, generator=g)  # low-rank: strongly correlated
+    x = x + 0.1 * torch.randn(2048, 256, generator=g)
+    w = torch.randn(64, 256, generator=g)
+    h = x.t() @ x / x.shape[0]
+    err = {n: float((x @ (q.dequantize() - w).t()).pow(2).mean())
+           for n, q in (("rtn", quantize_weight(w, 64)), ("gptq", gptq_quantize(w, h, 64)))}
+    assert err["gptq"] < 0.5 * err["rtn"], err
+    q = gptq_quantize(w, h, 64)
+    assert q.q.max() <= 15 and q.scales.dtype == torch.float16 and q.zeros.shape == (64, 4)
+
+
+def test_hessian_loss_equals_the_token_loss():
+    """tr(dW H dW^T)/rows with H = X^T X / T is the mean squared output error over those T tokens."""
+    from edge_vlm.quantize.awq import AWQOptions, _linear_block, search_scales
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 128, generator=g) * torch.linspace(0.1, 4, 128)
+    ws = [torch.randn(96, 128, generator=g), torch.randn(32, 128, generator=g)]
+    opts = AWQOptions(group_size=64, n_grid=5)
+    s_tok, best_tok, rtn_tok = search_scales(x, x.abs().mean(0), ws, _linear_block, opts)
+    s_h, best_h, rtn_h = search_scales(x, x.abs().mean(0), ws, _linear_block, opts, h=x.t() @ x / 512)
+    assert rtn_h == pytest.approx(rtn_tok, rel=1e-3) and best_h == pytest.approx(best_tok, rel=1e-3)
+    torch.testing.assert_close(s_h, s_tok)
+
+
+def test_hessian_clip_search_matches_the_token_search_on_the_same_tokens():
+    from edge_vlm.quantize.awq import AWQOptions, search_clip, search_clip_hessian
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 128, generator=g)
+    w = torch.randn(16, 128, generator=g) ** 3  # heavy tails: clipping pays
+    opts = AWQOptions(group_size=64, clip_tokens=256)
+    lo_t, hi_t = search_clip(w, x, opts)
+    lo_h, hi_h = search_clip_hessian(w, x.t() @ x / 256, opts)
+    assert (lo_t == lo_h).float().mean() > 0.95 and (hi_t == hi_h).float().mean() > 0.95  # ties aside
+    full = search_clip_hessian(w, x.t() @ x / 256, AWQOptions(group_size=64, clip_damp=1e6))
+    lo0, hi0 = w.view(16, 2, 64).amin(-1), w.view(16, 2, 64).amax(-1)
+    # an overwhelming damp scores the weight error alone: never the more aggressive clips
+    assert bool((full[1] >= 0.7 * hi0).all() and (full[0] <= 0.7 * lo0).all())
+
+
+# ------------------------------------------------------------------ output shards
+
+def test_sharded_output_loads_to_the_same_logits(tmp_path):
+    from edge_vlm import load_model
+    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
+    from tests.factories import make_llm
+
+    make_llm(tmp_path / "src", "llama", 0, intermediate_size=128, num_hidden_layers=2)
+    common = dict(group_size=32, n_samples=4, seqlen=64)
+    one = quantize_checkpoint(tmp_path / "src", tmp_path / "one", QuantizeSettings(**common), progress=False)
+    many = quantize_checkpoint(tmp_path / "src", tmp_path / "many", QuantizeSettings(max_shard_bytes=60_000,
+                                                                                     **common), progress=False)
+    assert one.shards == ["model.safetensors"] and not (tmp_path / "one" / "model.safetensors.index.json").exists()
+    assert len(many.shards) >= 3 and many.shards[0] == f"model-00001-of-{len(many.shards):05d}.safetensors"
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == sorted(many.shards)
+    for out in ("one", "many"):  # no resume state left behind
+        assert sorted(p.name for p in (tmp_path / out).iterdir() if p.is_dir()) == []
+        assert not (tmp_path / out / "progress.json").exists() and not (tmp_path / out / "activations.pt").exists()
+    assert "calibration: prose: 2 x 64 tokens" in many.text() and "code: 1 x 64" in many.text()
+    ids = torch.randint(0, 380, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for out in ("one", "many"):
+        llm = load_model(tmp_path / out, device="cpu", progress=False, fast_path=False).llm
+        logits.append(llm(llm.embed(ids), llm.new_cache(12), all_logits=True))
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
