@@ -1,0 +1,1 @@
+"""`edge-vlm serve`: the NIM VILA API and OpenAI's chat completions over one loaded model."""

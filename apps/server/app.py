@@ -1,0 +1,277 @@
+"""The HTTP API: routes, request checks and responses (non-streaming JSON or server-sent events).
+
+    request -> limits (key, content type, body size) -> pydantic -> media decoded -> worker queue
+            -> text pieces -> chat.completion | chat.completion.chunk events
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from edge_vlm import GenerationConfig
+
+from . import protocol
+from .errors import APIError, error_body, error_response
+from .media import MediaLimits
+from .messages import to_messages
+from .metrics import Metrics
+from .worker import Job, ModelWorker, QueueFull
+
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/v1/health/", "/docs", "/openapi.json", "/static/")  # no key needed (probes, the page's files)
+
+
+@dataclass
+class ServerConfig:
+    model_id: str = "model"
+    aliases: tuple[str, ...] = ()  # other names the model answers to (its path, nvidia/vila, ...)
+    api_key: str | None = None
+    max_body_bytes: int = 20 * 2**20
+    request_timeout_s: float = 300.0
+    cors_origins: tuple[str, ...] = ()
+    media: MediaLimits = field(default_factory=MediaLimits)
+    gen_defaults: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+class Limits:
+    """ASGI middleware in front of every route: API key (constant-time compare), JSON content
+    type, body size, and the requests-by-status counter. The body is read here once (up to the
+    limit) and handed on, so disconnects still reach the route."""
+
+    def __init__(self, app, config: ServerConfig, metrics: Metrics):
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = "chat" if path == "/v1/chat/completions" or path.startswith("/v1/vlm/") else "other"
+        status = {}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                self.metrics.requests.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = self._check(scope, path, headers)
+        if problem is not None:
+            return await error_response(problem)(scope, receive, counted_send)
+        if scope["method"] != "POST":
+            return await self.app(scope, receive, counted_send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.config.max_body_bytes:
+                return await error_response(self._too_large())(scope, receive, counted_send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, counted_send)
+
+    def _too_large(self) -> APIError:
+        mb = self.config.max_body_bytes / 2**20
+        return APIError(413, f"request body over {mb:g} MB (the server's --max-body-mb)", None, "request_too_large")
+
+    def _check(self, scope, path: str, headers: dict) -> APIError | None:
+        key = self.config.api_key
+        if key and path.startswith(("/v1/", "/metrics")) and not path.startswith(OPEN_PATHS):
+            given = headers.get("authorization", "")
+            token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
+            if not hmac.compare_digest(token.encode(), key.encode()):
+                return APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", None,
+                                "invalid_api_key")
+        if scope["method"] == "POST":
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return APIError(415, f"content type must be application/json, not {ctype or 'none'}", None,
+                                "unsupported_media_type")
+            length = headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+                return self._too_large()
+        return None
+
+
+def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
+    metrics = metrics or worker.metrics or Metrics()
+    worker.metrics = metrics
+    app = FastAPI(title="edge-vlm", version="0.1.0",
+                  description="OpenAI chat completions and the NIM VILA API over a local model.")
+    names = {config.model_id, *config.aliases}
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        if err.get("type") == "json_invalid":
+            return error_response(APIError(400, f"invalid JSON: {err.get('ctx', {}).get('error', 'cannot parse')}",
+                                           None, "invalid_json"))
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "missing":
+            msg = "required field is missing"
+        return error_response(APIError(400, f"{param}: {msg}" if param else msg, param, err.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        msg = "no such route" if e.status_code == 404 else str(e.detail)
+        return JSONResponse(error_body(e.status_code, f"{msg}: {request.method} {request.url.path}"),
+                            status_code=e.status_code)
+
+    @app.get("/v1/health/live", tags=["health"])
+    async def live():
+        return {"status": "live"}
+
+    @app.get("/v1/health/ready", tags=["health"])
+    async def ready():
+        if not worker.ready:
+            return JSONResponse(error_body(503, "the model is still loading", None, "not_ready"), status_code=503)
+        return {"status": "ready"}
+
+    @app.get("/v1/models", tags=["models"])
+    async def models():
+        ctx = worker.session.max_context if worker.ready else None
+        return {"object": "list", "data": [{"id": config.model_id, "object": "model", "created": 0,
+                                            "owned_by": "edge-vlm", "max_model_len": ctx,
+                                            "aliases": sorted(names - {config.model_id})}]}
+
+    @app.get("/metrics", tags=["metrics"])
+    async def prometheus():
+        return Response(metrics.render(worker), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def chat(body: protocol.ChatRequest, request: Request):
+        body.check_fields()
+        if body.model is not None and body.model not in names:
+            raise APIError(404, f"model {body.model!r} is not served here; this server has {config.model_id!r}",
+                           "model", "model_not_found")
+        if not worker.ready:
+            raise APIError(503, "the model is still loading", None, "not_ready", {"Retry-After": "5"})
+        messages, _ = await to_messages(body, config.media, worker.model.is_multimodal)
+        d = config.gen_defaults
+        gen = GenerationConfig(
+            max_new_tokens=body.max_completion_tokens or body.max_tokens or d.max_new_tokens,
+            temperature=d.temperature if body.temperature is None else body.temperature,
+            top_p=d.top_p if body.top_p is None else body.top_p,
+            top_k=d.top_k if body.top_k is None else body.top_k,
+            repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
+            seed=body.seed if body.seed is not None else d.seed, stop=body.stops)
+        job = Job(messages, gen, asyncio.get_running_loop(), time.monotonic() + config.request_timeout_s)
+        try:
+            worker.submit(job)
+        except QueueFull as e:
+            raise APIError(503, f"the server is busy: {worker.max_queue} requests already queued; retry later",
+                           None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
+        cid, created = protocol.completion_id(), protocol.now()
+        first = await _next(job, request)  # errors before the first token (prompt too long) are plain 4xx
+        if first[0] == "error":
+            raise _stopped(job, first[1], metrics)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_events(job, request, first, cid, created, config.model_id, include_usage,
+                                             metrics), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        text, event = [], first
+        while event[0] == "piece":
+            text.append(event[1])
+            event = await _next(job, request)
+        if event[0] == "error":
+            raise _stopped(job, event[1], metrics)
+        return protocol.completion(cid, created, config.model_id, "".join(text), event[1])
+
+    for path in ("/v1/chat/completions", "/v1/vlm/{org}/{name}"):
+        app.add_api_route(path, chat, methods=["POST"], tags=["chat"],
+                          summary="chat completion (OpenAI) / NIM VLM inference", response_model=None)
+
+    if (STATIC / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def page():
+            return Response((STATIC / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
+    app.add_middleware(Limits, config=config, metrics=metrics)
+    return app
+
+
+async def _next(job: Job, request: Request):
+    """The job's next event; stops the job when the client goes away or its time is up."""
+    while True:
+        try:
+            return await asyncio.wait_for(job.events.get(), timeout=0.25)
+        except asyncio.TimeoutError:
+            if time.monotonic() > job.deadline:
+                job.cancel("timeout")
+            elif await request.is_disconnected():
+                job.cancel("disconnected")
+                return ("error", None)
+
+
+def _stopped(job: Job, error, metrics: Metrics) -> APIError:
+    if error is not None:
+        return error
+    metrics.cancelled.labels(job.why_stopped or "stopped").inc()
+    if job.why_stopped == "timeout":
+        return APIError(504, "the request ran past the server's --request-timeout", None, "timeout")
+    return APIError(499, "client closed the request", None, "client_closed")
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _events(job: Job, request: Request, first, cid: str, created: int, model: str, include_usage: bool,
+                  metrics: Metrics):
+    """chat.completion.chunk events: the role, the text pieces, the finish reason, the usage, [DONE]."""
+    ended = False  # the worker's last event (done or error) was seen
+    try:
+        yield _sse(protocol.chunk(cid, created, model, {"role": "assistant", "content": ""}))
+        event = first
+        while event[0] == "piece":
+            yield _sse(protocol.chunk(cid, created, model, {"content": event[1]}))
+            event = await _next(job, request)
+        ended = True
+        if event[0] == "error":
+            e = _stopped(job, event[1], metrics)
+            yield _sse(error_body(e.status, e.message, e.param, e.code))
+        else:
+            result = event[1]
+            yield _sse(protocol.chunk(cid, created, model, {}, protocol.FINISH.get(result.stop_reason, "stop")))
+            if include_usage:
+                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": protocol.usage(result), "timings": protocol.timings(result)})
+        yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects mid-stream: the generation stops at its next token
+        if not ended and not job.stop.is_set():
+            job.cancel("disconnected")
+            metrics.cancelled.labels("disconnected").inc()

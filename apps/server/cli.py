@@ -1,0 +1,118 @@
+"""`edge-vlm serve`: load one model and serve it over HTTP (OpenAI chat completions, NIM VILA).
+
+The port is open at once (`/v1/health/live`); the model loads in the background and
+`/v1/health/ready` turns 200 when it can answer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  edge-vlm serve --model ./VILA1.5-3b-awq                       # http://127.0.0.1:8000, page at /
+  edge-vlm serve --model ./VILA1.5-3b-awq --host 0.0.0.0 --api-key "$(cat key.txt)"
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":32}'
+"""
+
+
+def register(sub) -> None:
+    import argparse
+
+    from edge_vlm.commands import DEFAULT_MODEL, add_generation_options, add_model_options
+
+    p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI chat completions and the NIM VILA API",
+                       description="Serve one model to any program: POST /v1/chat/completions (OpenAI), "
+                                   "POST /v1/vlm/nvidia/vila (NIM), GET /v1/models, /v1/health/live|ready, "
+                                   "/metrics, the API page at /docs and a chat page at /.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder or Hugging Face repo id (default: "
+                                                          f"{DEFAULT_MODEL})")
+    p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="the id in /v1/models (default: the model folder's name); repeat to add aliases")
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=os.environ.get("EDGE_VLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $EDGE_VLM_API_KEY, else no key)")
+    g.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser pages from ORIGIN to call the API (repeat; default: none)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-queue", type=int, default=16, help="requests waiting or running; beyond it 503 (default 16)")
+    g.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MB (default 20)")
+    g.add_argument("--request-timeout", type=float, default=300, metavar="SECONDS",
+                   help="stop a request this long after it arrived, queue wait included (default 300)")
+    g.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest image or video frame, width x height (default 40M; guards decompression bombs)")
+    g.add_argument("--max-images", type=int, default=32, help="images plus video frames in one request (default 32)")
+    g.add_argument("--image-cache", type=int, default=64, metavar="N",
+                   help="image embeddings kept by content hash (default 64; 0 = off)")
+    g.add_argument("--allow-remote-media", action="store_true",
+                   help="let requests give http(s):// image URLs (fetched with the body size limit, 10 s timeout)")
+    g.add_argument("--media-dir", metavar="DIR", help="let requests give file:// URLs under DIR")
+    add_generation_options(p.add_argument_group("default answer settings (a request's own fields win)"))
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def _log(msg: str) -> None:
+    print(f"edge-vlm serve: {msg}", file=sys.stderr, flush=True)
+
+
+def config_from_args(args):
+    from edge_vlm.commands import generation_config
+    from edge_vlm.errors import EdgeVLMError
+
+    from .app import ServerConfig
+    from .media import MediaLimits
+
+    if args.max_queue < 1:
+        raise EdgeVLMError("--max-queue must be at least 1")
+    if args.media_dir and not Path(args.media_dir).is_dir():
+        raise EdgeVLMError(f"--media-dir is not a folder: {args.media_dir}")
+    names = args.served_model_name or [Path(str(args.model).rstrip("/")).name or str(args.model)]
+    max_bytes = int(args.max_body_mb * 2**20)
+    return ServerConfig(
+        model_id=names[0], aliases=(*names[1:], str(args.model), "nvidia/vila"), api_key=args.api_key or None,
+        max_body_bytes=max_bytes, request_timeout_s=args.request_timeout, cors_origins=tuple(args.cors),
+        media=MediaLimits(max_pixels=args.max_image_pixels, max_images=args.max_images, max_bytes=max_bytes,
+                          remote=args.allow_remote_media, media_dir=Path(args.media_dir) if args.media_dir else None),
+        gen_defaults=generation_config(args))
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from edge_vlm.commands import load_from_args
+
+    from .app import create_app
+    from .metrics import Metrics
+    from .worker import ModelWorker
+
+    config = config_from_args(args)
+    worker = ModelWorker(max_queue=args.max_queue, image_cache=args.image_cache, max_context=args.max_context,
+                         metrics=Metrics())
+    app = create_app(worker, config)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    failed: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            worker.attach(load_from_args(args))
+            _log(f"ready: {config.model_id} on http://{args.host}:{args.port} (API page /docs)")
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread, then the server stops
+            failed.append(e)
+            server.should_exit = True
+
+    _log(f"listening on http://{args.host}:{args.port}; loading {args.model}")
+    threading.Thread(target=load, name="edge-vlm-load", daemon=True).start()
+    server.run()
+    worker.close()
+    if failed:
+        raise failed[0]
+    return 0

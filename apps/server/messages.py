@@ -1,0 +1,68 @@
+"""OpenAI / NIM messages -> the runtime's `Message` list, media decoded where it stands.
+
+An image becomes an `<image>` mark at its place in the text (the session splices its embeddings
+there); a video becomes one mark per sampled frame. Media only in user messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from edge_vlm.chat_template import IMAGE_MARK
+from edge_vlm.session import Message
+
+from .errors import APIError
+from .media import Media, MediaLimits, decode_image, decode_video, fetch_bytes, split_inline
+from .protocol import ChatRequest, ImagePart, TextPart
+
+
+def _pieces(content, i: int) -> list[str | Media]:
+    if isinstance(content, str):
+        return split_inline(content)
+    out: list[str | Media] = []
+    for part in content:
+        if isinstance(part, TextPart):
+            out.append(part.text)
+        elif isinstance(part, ImagePart):
+            out.append(Media("image", part.image_url.url))
+        else:
+            out.append(Media("video", part.video_url.url))
+    return out
+
+
+async def to_messages(req: ChatRequest, limits: MediaLimits, multimodal: bool) -> tuple[list[Message], int]:
+    """(messages, number of images and frames) of a request; media errors are 400s naming the message."""
+    messages, total = [], 0
+    for i, m in enumerate(req.messages):
+        param = f"messages.{i}.content"
+        pieces = _pieces(m.content, i)
+        media = [p for p in pieces if isinstance(p, Media)]
+        if media and m.role != "user":
+            raise APIError(400, f"messages.{i}: only user messages can carry images or video", param, "invalid_media")
+        if media and not multimodal:
+            raise APIError(400, "this model is text-only: it cannot take images or video", param, "text_only_model")
+        images = []
+        texts: list[str] = []
+        for p in pieces:
+            if isinstance(p, str):
+                if IMAGE_MARK in p:
+                    raise APIError(400, f"the text may not contain {IMAGE_MARK} itself; send images as "
+                                        "image_url parts or <img src=...> tags", param, "invalid_value")
+                texts.append(p)
+                continue
+            data, mime = await fetch_bytes(p.url, p.kind, limits, param)
+            if p.kind == "image":
+                pics = [await asyncio.to_thread(decode_image, data, limits, param)]
+            else:
+                pics = await asyncio.to_thread(decode_video, data, req.num_frames_per_inference, limits, param)
+            total += len(pics)
+            if total > limits.max_images:
+                raise APIError(400, f"too many images/frames in one request (over {limits.max_images})", param,
+                               "too_many_images")
+            images += pics
+            texts.append(IMAGE_MARK * len(pics) if isinstance(m.content, str) else
+                         "\n".join([IMAGE_MARK] * len(pics)))
+        # inline NIM media stands in the text as it is; OpenAI parts are lines of their own
+        text = "".join(texts) if isinstance(m.content, str) else "\n".join(texts)
+        messages.append(Message(m.role, text, images))
+    return messages, total

@@ -1,0 +1,148 @@
+"""The request and response shapes: OpenAI's chat completions, with NIM VILA's extra field.
+
+pydantic checks every field (types, ranges) and the API page at /docs comes from these models.
+Fields that would change the answer but that the runtime cannot honour (n > 1, tools, logprobs,
+...) are refused by name; harmless ones clients always send (`user`, `n: 1`) are accepted.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import APIError
+
+# Fields of OpenAI's API that change the answer and that this server does not implement.
+UNSUPPORTED = {
+    "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
+    "functions": "function calls are not supported", "function_call": "function calls are not supported",
+    "parallel_tool_calls": "tool calls are not supported",
+    "logit_bias": "logit_bias is not supported", "top_logprobs": "logprobs are not supported",
+    "response_format": "structured output (response_format) is not supported",
+    "audio": "audio output is not supported", "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class URL(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: URL
+
+
+class VideoPart(Strict):
+    type: Literal["video_url"]
+    video_url: URL
+
+
+Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Part]
+    name: str | None = None
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """POST /v1/chat/completions and /v1/vlm/{org}/{name}."""
+
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name in `check_fields`
+
+    model: str | None = Field(None, description="the loaded model's id, or any alias of it (e.g. nvidia/vila)")
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    num_frames_per_inference: int = Field(8, ge=1, le=32, description="frames sampled evenly from a video")
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    n: int | None = None
+    logprobs: bool | None = None
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+
+    def check_fields(self) -> None:
+        for name in self.model_extra or {}:
+            why = UNSUPPORTED.get(name, "unknown field")
+            raise APIError(400, f"{name}: {why} by edge-vlm serve", name, "unsupported_field")
+        if self.n not in (None, 1):
+            raise APIError(400, "n: only n=1 is supported (one answer per request)", "n", "unsupported_value")
+        if self.logprobs:
+            raise APIError(400, "logprobs: logprobs are not supported", "logprobs", "unsupported_value")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):  # additive penalties are not what the sampler has: refuse, don't approximate
+                raise APIError(400, f"{name}: only 0 is supported; use repetition_penalty (multiplicative, "
+                                    ">1 makes repeated tokens less likely)", name, "unsupported_value")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stops) > 16 or any(not s for s in stops):
+            raise APIError(400, "stop: up to 16 non-empty strings", "stop", "invalid_value")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
+
+    @property
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def now() -> int:
+    return int(time.time())
+
+
+FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "context_full": "length"}
+
+
+def usage(result) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens}}
+
+
+def timings(result) -> dict:
+    return {"vision_ms": round(result.vision_s * 1000, 2), "ttft_ms": round(result.ttft_s * 1000, 2),
+            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+            "cached_prompt_tokens": result.cached_prompt_tokens}
+
+
+def completion(cid: str, created: int, model: str, text: str, result) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": FINISH.get(result.stop_reason, "stop"), "logprobs": None}],
+            "usage": usage(result), "timings": timings(result)}
+
+
+def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> dict:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}

@@ -1,0 +1,164 @@
+"""The one thread that runs the model: requests are served in arrival order from a bounded queue.
+
+The HTTP side never touches the model. It submits a `Job` and reads its events (text pieces,
+then `done` or `error`) from an asyncio queue the worker fills thread-safely. A job's `stop`
+event (client gone, timeout) ends its generation at the next token, and a job stopped while
+still waiting is skipped, so the model is free for the next one. One `ChatSession` serves all
+requests: a request that extends the conversation in its KV cache reuses that prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+from edge_vlm import ChatSession, EdgeVLMError, GenerationConfig
+
+from .errors import APIError
+from .image_cache import CachedImages
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+
+
+@dataclass
+class Result:
+    """What a finished generation reports (usage and timings of the response)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    ttft_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    vision_s: float = 0.0
+    stop_reason: str = ""
+
+
+@dataclass
+class Job:
+    messages: list
+    gen: GenerationConfig
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic() after which the job is stopped
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    why_stopped: str = ""  # "disconnected" | "timeout"
+    queued_at: float = field(default_factory=time.monotonic)
+
+    def cancel(self, why: str) -> None:
+        if not self.stop.is_set():
+            self.why_stopped = why
+            self.stop.set()
+
+    def emit(self, kind: str, value=None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is gone (shutdown)
+            pass
+
+
+class ModelWorker:
+    def __init__(self, max_queue: int = 16, image_cache: int = 64, max_context: int | None = None, metrics=None):
+        self.max_queue = max_queue
+        self.image_cache_size = image_cache
+        self.max_context = max_context
+        self.metrics = metrics
+        self.model = None  # CachedImages around the loaded model
+        self.session: ChatSession | None = None
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._admitted = 0  # waiting + running
+        self._avg_s = 1.0  # running mean of a job's time, for Retry-After
+        self._thread: threading.Thread | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None
+
+    @property
+    def waiting(self) -> int:
+        return self._jobs.qsize()
+
+    def attach(self, model) -> None:
+        """Serve `model` (loaded elsewhere): the worker thread starts here."""
+        self.model = CachedImages(model, self.image_cache_size)
+        self.session = ChatSession(self.model, max_context=self.max_context)
+        self._thread = threading.Thread(target=self._run, name="edge-vlm-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if self._admitted >= self.max_queue:
+                raise QueueFull(max(1, min(60, round(self._avg_s * self._admitted))))
+            self._admitted += 1
+        self._jobs.put(job)
+        self._gauge()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join(timeout=10)
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.waiting)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            self._gauge()
+            if job is None:
+                return
+            t0 = time.monotonic()
+            try:
+                if time.monotonic() > job.deadline:
+                    job.cancel("timeout")
+                if not job.stop.is_set():
+                    self._generate(job)
+                else:
+                    job.emit("error", None)
+            finally:
+                with self._lock:
+                    self._admitted -= 1
+                self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0)
+
+    def _generate(self, job: Job) -> None:
+        session = self.session
+        self.model.encode_s = 0.0
+        try:
+            for piece in session.chat(job.messages, job.gen, job.stop):
+                job.emit("piece", piece)
+                if time.monotonic() > job.deadline:
+                    job.cancel("timeout")
+        except EdgeVLMError as e:
+            job.emit("error", APIError(400, str(e), "messages", "invalid_request"))
+            return
+        except Exception as e:  # noqa: BLE001 - one failed request must not stop the server
+            print(f"edge-vlm serve: request failed: {type(e).__name__}: {e}", file=sys.stderr)
+            traceback.print_exc(file=sys.stderr)
+            out_of_memory = isinstance(e, MemoryError) or "out of memory" in str(e)
+            job.emit("error", APIError(503 if out_of_memory else 500,
+                                       "out of memory" if out_of_memory else f"internal error ({type(e).__name__})",
+                                       None, "out_of_memory" if out_of_memory else "internal_error"))
+            return
+        s = session.stats
+        if job.stop.is_set() and s.stop_reason == "stopped":
+            if self.metrics is not None:
+                self.metrics.generated_tokens.inc(s.new_tokens)
+            job.emit("error", None)  # the HTTP side says why (timeout, client gone)
+            return
+        turn = session.turns[-1]
+        result = Result(prompt_tokens=turn.start + s.prompt_tokens, completion_tokens=s.new_tokens,
+                        cached_prompt_tokens=s.cached_prompt_tokens, ttft_s=s.ttft_s,
+                        decode_tokens_per_s=s.decode_tokens_per_s, vision_s=self.model.encode_s,
+                        stop_reason=s.stop_reason)
+        if self.metrics is not None:
+            self.metrics.observe(result)
+        job.emit("done", result)
