@@ -9,6 +9,10 @@ logits), decode tokens/s at given contexts, the fraction of the bandwidth floor 
 - "ours int4": AutoAWQ int4 weights (`WQLinear`), `optimize_for_device`, `make_engine`
   (CUDA: Triton W4A16 kernels + CUDA-graph decode; CPU: torch's int4 CPU matmul, and the vision
   tower in bf16 where that is faster).
+- "ours int4 on llama.cpp" (`llama_cpp=True`): the same int4 weights exported as Q4_1-AWQ GGUF
+  blocks and run by llama.cpp (`--backend llama.cpp`; all layers on the GPU under CUDA), the vision
+  tower as in "ours int4". The export carries a real tokenizer (SmolLM2's, 49152 tokens), so the
+  vocabulary is at least that.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from edge_vlm.kv_cache import kv_cache_bytes
 from edge_vlm.vlm import weight_bytes
 
 from .random_model import build_llm, build_vision
-from .shapes import llm_config, vision_config
+from .shapes import LLM_SHAPES, llm_config, vision_config
 from .timing import bandwidth_share, copy_bandwidth, wall_time
 
 DEFAULT_IMAGE_TOKENS = 196
@@ -108,37 +112,72 @@ def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode
     return result
 
 
+LLAMA_CPP_VOCAB = 49152  # SmolLM2's tokenizer, written into the GGUF
+
+
+def llama_cpp_engine(llm, max_ctx: int, folder, kv_int8: bool):
+    """`llm` (AWQ-layout int4) exported as Q4_1-AWQ GGUF into `folder` and loaded in llama.cpp."""
+    from pathlib import Path
+
+    from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
+    from edge_vlm.backends.llamacpp.gguf_export import export_gguf
+    from edge_vlm.chat_template import ChatTemplate
+    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.vlm import ModelInfo, VisionLanguageModel
+
+    from .real_model import smollm2_folder
+
+    tok = Tokenizer(smollm2_folder())
+    model = VisionLanguageModel(llm, tok, ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token),
+                                ModelInfo("bench", "llm", llm.cfg.arch))
+    path = export_gguf(model, Path(folder) / "bench-q4_1-awq.gguf", "q4_1-awq", progress=False)
+    gpu_layers = -1 if llm.device.type == "cuda" else 0
+    return LlamaCppEngine(path, max_ctx, n_gpu_layers=gpu_layers, kv_cache_int8=kv_int8), path.stat().st_size
+
+
 def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, layers: int | None = None,
         vocab: int | None = None, vision_layers: int | None = None, max_context: int = 4096, repeats: int = 3,
         variants=("dense", "int4"), progress=print, int4_lm_head: bool = False,
-        int8_embedding: bool = False, kv_int8: bool = False) -> tuple[list[E2EResult], float]:
-    """Both variants in one process, one after the other; `int4_lm_head` / `int8_embedding` apply
+        int8_embedding: bool = False, kv_int8: bool = False, llama_cpp: bool = False) -> tuple[list[E2EResult], float]:
+    """The variants in one process, one after the other; `int4_lm_head` / `int8_embedding` apply
     to ours (what `edge-vlm quantize --quantize-lm-head / --quantize-embedding` writes), and so
-    does `kv_int8` (`--kv-cache int8`)."""
+    does `kv_int8` (`--kv-cache int8`). `llama_cpp` adds "ours int4 on llama.cpp" (a vocabulary of
+    at least LLAMA_CPP_VOCAB for every variant, so all three run the same shape)."""
+    import tempfile
+
     from .shapes import IMAGE_TOKENS  # counted on first use (seconds): not at import
 
     dev = torch.device(device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     image_tokens = IMAGE_TOKENS.get(model, DEFAULT_IMAGE_TOKENS)
+    if llama_cpp:
+        variants = (*variants, "llama.cpp")
+        vocab = max(vocab or LLM_SHAPES[model]["vocab_size"], LLAMA_CPP_VOCAB)
     max_ctx = max(max_context, max(contexts) + 4, image_tokens + TEXT_TOKENS + 1)
     cfg = llm_config(model, layers, vocab, max_positions=max_ctx)
     vcfg = vision_config(model, vision_layers)
     copy_bw = copy_bandwidth(dev)
     progress(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s on {dev}")
     results = []
+    tmp = tempfile.TemporaryDirectory()  # the llama.cpp variant's GGUF
     for variant in variants:
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        int4 = variant == "int4"
-        variant = "ours int4" if int4 else f"{str(dtype).replace('torch.', '')} eager"
+        int4, on_cpp = variant in ("int4", "llama.cpp"), variant == "llama.cpp"
+        variant = "ours int4 on llama.cpp" if on_cpp else "ours int4" if int4 else \
+            f"{str(dtype).replace('torch.', '')} eager"
         progress(f"building {variant} ({model}, {cfg.num_layers} layers)")
         llm = build_llm(cfg, dev, dtype, int4=int4, int4_lm_head=int4 and int4_lm_head,
                         int8_embedding=int4 and int8_embedding)
         vision = build_vision(vcfg, dev, dtype) if vcfg is not None else None
         swapped = {}
-        if int4:  # the runtime's own dispatch, on the LLM and the vision tower (bf16 on some CPUs)
+        if on_cpp:  # the GGUF is written from the AWQ layers, before any swap
+            engine, gguf_bytes = llama_cpp_engine(llm, max_ctx, tmp.name, kv_int8)
+            swapped = optimize_for_device(SimpleNamespace(llm=None, vision=vision))
+            swapped["llama.cpp Q4_1-AWQ"] = 1
+        elif int4:  # the runtime's own dispatch, on the LLM and the vision tower (bf16 on some CPUs)
             swapped = optimize_for_device(SimpleNamespace(llm=llm, vision=vision))
             llm.kv_cache_int8 = kv_int8
             engine = make_engine(llm, max_ctx)
@@ -147,12 +186,18 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         fast = ", ".join(f"{n} {kind}" for kind, n in swapped.items()) or "plain torch modules"
         progress(f"timing {variant} ({type(engine).__name__}, {fast})")
         r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens)
-        if dev.type == "cuda":
+        if on_cpp:  # llama.cpp holds the file's weights and an F16 (or Q8_0) KV cache
+            kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_ctx, 2, kv_int8)
+            r.weight_bytes = gguf_bytes + (weight_bytes(vision) if vision is not None else 0)
+            r.peak_bytes, r.peak_kind = r.weight_bytes + kv, "weights + KV cache"
+            engine.close()
+        elif dev.type == "cuda":
             r.peak_bytes, r.peak_kind = torch.cuda.max_memory_allocated(dev), "peak allocated"
         else:  # one process runs both variants: report what this variant holds (weights + KV cache)
             r.peak_bytes, r.peak_kind = r.weight_bytes + engine.cache.nbytes, "weights + KV cache"
         results.append(r)
         del engine, llm, vision
+    tmp.cleanup()
     return results, copy_bw
 
 
@@ -167,9 +212,11 @@ def format_table(results: list[E2EResult], model: str, device_name: str, copy_bw
         cells = [r.variant, vis, f"{r.ttft_ms:.1f}"] + [f"{r.decode_tps[c]:.2f}" for c in ctxs] + \
             [f"{r.floor_pct[c]:.0f}%" for c in ctxs] + [f"{r.peak_bytes / 1e9:.2f} ({r.peak_kind})"]
         lines.append("| " + " | ".join(cells) + " |")
-    if len(results) == 2:
-        base, ours = results
+    base = results[0]
+    if len(results) > 1:
+        lines.append("")
+    for ours in results[1:]:
         ratio = ", ".join(f"@{c}: {ours.decode_tps[c] / base.decode_tps[c]:.2f}x" for c in ctxs)
-        lines += ["", f"Decode speed-up, ours vs {base.variant}: {ratio}; TTFT ratio "
-                      f"{base.ttft_ms / ours.ttft_ms:.2f}x; memory ratio {ours.peak_bytes / base.peak_bytes:.2f}."]
+        lines.append(f"Decode speed-up, {ours.variant} vs {base.variant}: {ratio}; TTFT ratio "
+                     f"{base.ttft_ms / ours.ttft_ms:.2f}x; memory ratio {ours.peak_bytes / base.peak_bytes:.2f}.")
     return "\n".join(lines)

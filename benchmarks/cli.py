@@ -15,6 +15,7 @@ EXAMPLES = """examples:
       --kv-cache int8
   edge-vlm bench --device cuda --model-shape llama-3-8b --kernels
   edge-vlm bench --device cpu                                   # reduced size (2 layers), a few minutes
+  edge-vlm bench --device cpu --llama-cpp --layers 4 --vision-layers 4   # + ours int4 on llama.cpp
 """
 
 
@@ -42,6 +43,9 @@ def register(sub) -> None:
                    help="ours with int8 token embeddings, as `edge-vlm quantize --quantize-embedding` writes")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="ours with an int8 KV cache (`edge-vlm chat --kv-cache int8`); default the model's dtype")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help="also time ours int4 on llama.cpp (the same weights as a Q4_1-AWQ GGUF; needs edge-vlm[llamacpp]); "
+                        "the vocabulary becomes at least 49152, the exported tokenizer's")
     p.add_argument("--kernels", action="store_true", help="also print the per-layer GEMV kernel table")
     p.add_argument("--out", default="bench-results", help="folder for the table (.md) and plot (.png)")
     p.set_defaults(func=run)
@@ -66,6 +70,10 @@ def run(args) -> int:
     vision_layers = pick(args.vision_layers, "vision_layers", None)
     contexts = [int(c) for c in pick(args.contexts, "contexts", "128,2048").split(",")]
     steps = pick(args.decode_steps, "decode_steps", 64)
+    if args.llama_cpp and vocab is not None:  # as run_e2e makes it: the exported tokenizer's size at least
+        from .bench_e2e import LLAMA_CPP_VOCAB
+
+        vocab = max(vocab, LLAMA_CPP_VOCAB)
     note = (f"Reduced for CPU: {layers} layers, vocab {vocab}, {vision_layers} vision layers." if reduced else
             f"Full widths, {layers} layers." if layers else "Full shape.")
     extras = [what for flag, what in ((args.quantize_lm_head, "int4 lm_head"),
@@ -83,7 +91,8 @@ def run(args) -> int:
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr)  # noqa: E731
     results, bw = run_e2e(args.model_shape, str(device), contexts, steps, layers, vocab, vision_layers,
                           args.max_context, args.repeats, progress=log, int4_lm_head=args.quantize_lm_head,
-                          int8_embedding=args.quantize_embedding, kv_int8=args.kv_cache == "int8")
+                          int8_embedding=args.quantize_embedding, kv_int8=args.kv_cache == "int8",
+                          llama_cpp=args.llama_cpp)
     table = format_table(results, args.model_shape, device_name(device), bw, note)
     command = "edge-vlm " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "edge-vlm bench"
     text = f"`{command}`\n\n{table}\n"

@@ -3,8 +3,10 @@
 Measures, for the same chat prompt and greedy decoding: time to first token, decode
 tokens/s and the share of the bandwidth floor. Rows: our runtime in fp32 and on 4-bit
 copies of the same weights (quantized here in a second with RTN: AWQ checkpoints have the
-same layout and speed; with and without a 4-bit lm_head), transformers in fp32, and
-llama.cpp on the original Q4_1 GGUF file if llama-cpp-python is installed. Prints a Markdown table.
+same layout and speed; with and without a 4-bit lm_head), transformers in fp32, and, if
+llama-cpp-python is installed, llama.cpp's own generate loop and ours (`--backend llama.cpp`)
+on three GGUF files: the original Q4_1 file, our 4-bit checkpoint exported as Q4_1-AWQ, and
+llama.cpp's Q4_K_M of the 16-bit weights. Prints a Markdown table.
 
     python -m edge_vlm.benchmarks.runtime_vs_transformers [--new-tokens 64] [--threads 2] [--repeat 3]
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
@@ -62,24 +65,22 @@ def bench_ours_on_llama_cpp(gguf, folder, prompt_ids, new_tokens, repeat, thread
         engine.close()
 
 
-def bench_ours_int4(folder, prompt_ids, new_tokens, repeat) -> list[tuple]:
-    """Our runtime on 4-bit copies of the model (group 64: SmolLM2's 576 is not a multiple of 128)."""
-    import tempfile
-
+def bench_ours_int4(folder, prompt_ids, new_tokens, repeat, tmp) -> tuple[list[tuple], str]:
+    """Our runtime on 4-bit copies of the model (group 64: SmolLM2's 576 is not a multiple of 128),
+    and the folder of the one with the 4-bit lm_head (its GGUF export is timed in llama.cpp too)."""
     from edge_vlm.backends.cpu.timing import cpu_int4_compute_dtype
     from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     act = str(cpu_int4_compute_dtype()).replace("torch.", "")
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for head in (False, True):
-            out = f"{tmp}/int4-head{int(head)}"
-            quantize_checkpoint(folder, out, QuantizeSettings(method="rtn", quantize_lm_head=head), progress=False,
-                                log=lambda _msg: None)
-            runs, nbytes = bench_ours(out, prompt_ids, new_tokens, repeat)
-            what = "int4 linears + int4 lm_head" if head else "int4 linears, fp32 lm_head"
-            rows.append((f"edge-vlm ({what}; {act} activations)", runs, nbytes))
-    return rows
+    for head in (False, True):
+        out = f"{tmp}/int4-head{int(head)}"
+        quantize_checkpoint(folder, out, QuantizeSettings(method="rtn", quantize_lm_head=head), progress=False,
+                            log=lambda _msg: None)
+        runs, nbytes = bench_ours(out, prompt_ids, new_tokens, repeat)
+        what = "int4 linears + int4 lm_head" if head else "int4 linears, fp32 lm_head"
+        rows.append((f"edge-vlm ({what}; {act} activations)", runs, nbytes))
+    return rows, out
 
 
 def bench_transformers(folder, prompt_ids, new_tokens, repeat):
@@ -99,6 +100,21 @@ def bench_transformers(folder, prompt_ids, new_tokens, repeat):
             total = time.perf_counter() - t0
             runs.append((ttft, (new_tokens - 1) / max(total - ttft, 1e-9), out[0, len(prompt_ids):].tolist()))
     return runs[1:]
+
+
+def gguf_files(folder, int4_folder, tmp):
+    """The GGUF files both loops are timed on: SmolLM2's original file, our AWQ-layout checkpoint
+    exported as Q4_1 blocks of its own integers, and llama.cpp's Q4_K_M of the 16-bit weights."""
+    from .real_model import gguf_path
+
+    yield "original Q4_1 GGUF", gguf_path()
+    try:
+        from edge_vlm.backends.llamacpp.gguf_export import export_gguf
+    except ImportError:
+        return
+    yield "our int4 checkpoint -> Q4_1-AWQ export", export_gguf(int4_folder, f"{tmp}/awq.gguf", "q4_1-awq",
+                                                                 progress=False)
+    yield "Q4_K_M export of the 16-bit weights", export_gguf(folder, f"{tmp}/q4km.gguf", "q4_k_m", progress=False)
 
 
 def bench_llama_cpp(gguf, prompt_ids, new_tokens, repeat, threads):
@@ -125,7 +141,7 @@ def bench_llama_cpp(gguf, prompt_ids, new_tokens, repeat, threads):
 
 
 def main(argv=None) -> None:
-    from .real_model import gguf_path, smollm2_folder
+    from .real_model import smollm2_folder
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -147,12 +163,19 @@ def main(argv=None) -> None:
     rows = [("edge-vlm (fp32, static KV cache)", ours, fp32_bytes),
             ("transformers generate (fp32)", bench_transformers(folder, prompt_ids, args.new_tokens, args.repeat),
              fp32_bytes)]
-    rows += bench_ours_int4(folder, prompt_ids, args.new_tokens, args.repeat)
-    cpp = bench_llama_cpp(gguf_path(), prompt_ids, args.new_tokens, args.repeat, args.threads)
-    if cpp:  # it reads the 4-bit file, so its own floor is the file size
-        rows.append(("llama.cpp (Q4_1 GGUF)", cpp, gguf_path().stat().st_size))
-        ours_cpp = bench_ours_on_llama_cpp(gguf_path(), folder, prompt_ids, args.new_tokens, args.repeat, args.threads)
-        rows.append(("edge-vlm --backend llama.cpp (same GGUF)", ours_cpp, gguf_path().stat().st_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        int4_rows, int4_folder = bench_ours_int4(folder, prompt_ids, args.new_tokens, args.repeat, tmp)
+        rows += int4_rows
+        pairs = []  # (llama.cpp's own loop, ours) on the same file
+        for label, gguf in gguf_files(folder, int4_folder, tmp):
+            cpp = bench_llama_cpp(gguf, prompt_ids, args.new_tokens, args.repeat, args.threads)
+            if cpp is None:
+                break
+            ours_cpp = bench_ours_on_llama_cpp(gguf, folder, prompt_ids, args.new_tokens, args.repeat, args.threads)
+            size = gguf.stat().st_size  # it reads the 4-bit file, so its own floor is the file size
+            rows += [(f"llama.cpp's own loop ({label})", cpp, size), (f"edge-vlm --backend llama.cpp ({label})",
+                                                                       ours_cpp, size)]
+            pairs.append((label, cpp, ours_cpp))
     base = statistics.median(r[1] for r in rows[1][1])
     bw = copy_bandwidth(torch.device("cpu"), mib=512)
     print(f"SmolLM2-135M-Instruct, CPU, {args.threads} threads, prompt {len(prompt_ids)} tokens, "
@@ -168,6 +191,11 @@ def main(argv=None) -> None:
     print(f"\ncopy bandwidth measured in the same run: {bw / 1e9:.1f} GB/s")
     same = rows[0][1][0][2] == rows[1][1][0][2]
     print(f"\ngreedy tokens identical (ours vs transformers): {same}")
+    for label, cpp, ours_cpp in pairs:
+        tps = [statistics.median(r[1] for r in runs) for runs in (ours_cpp, cpp)]
+        ttft = [statistics.median(r[0] for r in runs) for runs in (ours_cpp, cpp)]
+        print(f"our loop over llama.cpp vs llama.cpp's own, {label}: decode {tps[0] / tps[1]:.2f}x, "
+              f"time to first token {ttft[0] / ttft[1]:.2f}x")
 
 
 if __name__ == "__main__":

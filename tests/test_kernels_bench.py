@@ -53,6 +53,21 @@ def test_bench_command_writes_table_and_plot(tmp_path, capsys):
     assert "ours int4" in (tmp_path / "tiny-cpu.md").read_text()
 
 
+def test_bench_llama_cpp_variant(tmp_path, capsys):
+    """`--llama-cpp`: the same int4 weights exported as Q4_1-AWQ and timed in llama.cpp, in the same
+    table, with the exported tokenizer's vocabulary for every row."""
+    from edge_vlm.cli import main
+
+    rc = main(["bench", "--device", "cpu", "--model-shape", "tiny", "--layers", "2", "--contexts", "16",
+               "--decode-steps", "2", "--repeats", "1", "--max-context", "64", "--out", str(tmp_path), "--llama-cpp"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| ours int4 |" in out and "| ours int4 on llama.cpp |" in out
+    assert "Decode speed-up, ours int4 on llama.cpp vs float32 eager" in out
+    row = next(line for line in out.splitlines() if line.startswith("| ours int4 on llama.cpp |"))
+    assert float(row.split("|")[4]) > 0  # a decode speed was measured
+
+
 def test_bench_on_a_missing_gpu_is_a_one_line_error(capsys):
     import pytest
 

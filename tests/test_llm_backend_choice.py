@@ -90,3 +90,24 @@ def test_cli_default_is_auto(tiny, capsys):
     assert "LLM on llama.cpp" in capsys.readouterr().err
     assert main(args + ["--backend", "torch"]) == 0
     assert "LLM on torch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("forced,dtype", [("1", torch.bfloat16), ("0", torch.float32)])
+def test_vision_side_keeps_its_cpu_choice_when_llama_cpp_runs_the_llm(tiny_vila, monkeypatch, forced, dtype):
+    """The LLM is llama.cpp's (a shape-only module here), yet the vision tower still gets the CPU's
+    bf16-or-fp32 choice the torch backend gives it (forced here: the timing depends on the CPU)."""
+    from edge_vlm.backends.cpu import timing
+
+    timing.cpu_bf16_matmul_is_faster.cache_clear()
+    monkeypatch.setenv("EDGE_VLM_CPU_BF16", forced)
+    try:
+        model = load_model(tiny_vila, device="cpu", progress=False, llm_backend="llama.cpp")
+    finally:
+        timing.cpu_bf16_matmul_is_faster.cache_clear()
+    assert model.info.llm_backend == "llama.cpp"
+    assert next(model.vision.parameters()).dtype == dtype and next(model.projector.parameters()).dtype == dtype
+    session = ChatSession(model)
+    from PIL import Image
+
+    session.answer("what is this?", images=[Image.new("RGB", (40, 30), (200, 30, 60))], gen=GREEDY)
+    assert session.stats.new_tokens > 0

@@ -48,9 +48,9 @@ def optimize_for_device(model, backend: str | None = None, check: bool = True) -
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     llm = getattr(model, "llm", model)
-    first = next(iter(llm.parameters()), None)
-    if first is None or first.device.type == "meta":
-        return {}
+    first = next(iter(llm.parameters()), None) if llm is not None else None
+    if first is None or first.device.type == "meta":  # no torch LLM here (llama.cpp holds it, or a shape only)
+        return _vision_only(model)
     backend = backend or choose_backend(first.device)
     if backend in ("triton", "cuda_int4"):
         from . import gpu_path
@@ -59,6 +59,15 @@ def optimize_for_device(model, backend: str | None = None, check: bool = True) -
     if backend == "cpu":
         return cpu.convert(llm, getattr(model, "vision", None), getattr(model, "projector", None))
     return {}
+
+
+def _vision_only(model) -> dict[str, int]:
+    """The vision side's CPU choice (bf16 where faster) when the LLM is not a torch module of ours."""
+    vision = getattr(model, "vision", None)
+    first = next(iter(vision.parameters()), None) if vision is not None else None
+    if first is None or first.device.type != "cpu":
+        return {}
+    return cpu.convert(None, vision, getattr(model, "projector", None))
 
 
 def make_engine(llm, max_context: int) -> Engine:

@@ -21,10 +21,11 @@ from .int4_linear import CpuInt4Linear, cpu_int4_available, cpu_int4_fits
 from .timing import cpu_bf16_matmul_is_faster
 
 
-def convert(llm: nn.Module, vision: nn.Module | None, projector: nn.Module | None) -> dict[str, int]:
-    """Swap `llm`'s AWQ linears for CpuInt4Linear and maybe cast the vision side; returns the counts."""
+def convert(llm: nn.Module | None, vision: nn.Module | None, projector: nn.Module | None) -> dict[str, int]:
+    """Swap `llm`'s AWQ linears for CpuInt4Linear (None: llama.cpp runs the LLM) and maybe cast the
+    vision side; returns the counts."""
     counts: dict[str, int] = {}
-    if cpu_int4_available():
+    if llm is not None and cpu_int4_available():
         counts = swap_modules(llm, lambda m: isinstance(m, WQLinear) and cpu_int4_fits(m), CpuInt4Linear,
                               "cpu_int4_linear", keep_inside=CpuInt4Linear)  # its fp32 fallback stays a WQLinear
     counts.update(_vision_to_bf16(vision, projector))
