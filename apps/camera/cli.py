@@ -6,6 +6,8 @@ import signal
 import sys
 import threading
 
+from PIL import Image
+
 DESCRIPTION = """\
 Watch a camera, stream, video file or image folder and ask the model about what it sees:
 every --interval seconds and/or when the scene changes (--on-change). Each answer is one
@@ -46,6 +48,10 @@ def register(sub) -> None:
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                    help="a question asked about each chosen frame; repeat for several (default: describe the scene)")
     p.add_argument("--system", help="system prompt (default: the model's own)")
+    p.add_argument("--server", metavar="URL",
+                   help="ask a running `edge-vlm serve` at URL instead of loading a model here (cameras share one "
+                        "model); the model options are then the server's")
+    p.add_argument("--api-key", default=None, help="the server's key (default: $EDGE_VLM_API_KEY)")
     g = p.add_argument_group("when to ask")
     g.add_argument("--interval", type=float, metavar="SECONDS",
                    help="ask every SECONDS (0 = as often as the model can; default 5, or off with --on-change)")
@@ -118,16 +124,8 @@ def run(args) -> int:
         video = AnnotatedVideo(args.output, fps=source.fps or 15.0) if args.output else None
         alerter = (Alerter(AlertRule(args.alert), args.cooldown, args.alert_cmd, args.webhook, log=_log)
                    if args.alert is not None else None)
-        from edge_vlm.commands import load_from_args
-        from edge_vlm.session import ChatSession
-
-        model = load_from_args(args)
-        if not model.is_multimodal:
-            from edge_vlm.errors import EdgeVLMError
-
-            raise EdgeVLMError(f"{args.model} is a text-only model: the camera needs a vision-language model")
         pipeline = CameraPipeline(
-            session=ChatSession(model, system=args.system), source=source,
+            session=_session(args), source=source,
             prompts=args.prompt or ["Describe what you see in one sentence."], trigger=trigger,
             gen=generation_config(args),
             json_out=JsonLines(sys.stdout), video_out=video, alerter=alerter, context_frames=args.context_frames,
@@ -136,9 +134,37 @@ def run(args) -> int:
         source.close()
         raise
     with _stop_on_signals(pipeline.stop):
-        stats = pipeline.run()
+        try:
+            stats = pipeline.run()
+        except Image.DecompressionBombError as e:  # an image in a folder source too large to decode
+            from edge_vlm.errors import EdgeVLMError
+
+            raise EdgeVLMError(f"cannot read an image of {args.source}: {e}") from None
     _log(stats.summary())
     return 0
+
+
+def _session(args):
+    """A ChatSession on a model loaded here, or the server's (`--server URL`)."""
+    from edge_vlm.errors import EdgeVLMError
+
+    if args.server:
+        import os
+
+        try:
+            from .remote import RemoteSession
+            session = RemoteSession(args.server, args.api_key or os.environ.get("EDGE_VLM_API_KEY"), args.system)
+        except ImportError as e:
+            raise EdgeVLMError(f"--server needs httpx: pip install 'edge-vlm[serve]' ({e})") from None
+        _log(f"asking {session.check()} at {args.server}")
+        return session
+    from edge_vlm.commands import load_from_args
+    from edge_vlm.session import ChatSession
+
+    model = load_from_args(args)
+    if not model.is_multimodal:
+        raise EdgeVLMError(f"{args.model} is a text-only model: the camera needs a vision-language model")
+    return ChatSession(model, system=args.system)
 
 
 class _stop_on_signals:
