@@ -299,8 +299,10 @@ def chat_info(report: dict) -> dict:
     from .loader import default_device, default_dtype
 
     device = default_device()
+    from .backends.llamacpp.choice import resolve_llm_backend
+
     info = {"device": device, "dtype": str(default_dtype(device)).replace("torch.", ""),
-            "backend": choose_backend(torch.device(device))}
+            "backend": choose_backend(torch.device(device)), "llm_backend": resolve_llm_backend("auto", device)}
     reason = _reference_decode_reason(torch.device(device))
     info["usable"], info["reason"] = reason is None, reason or ""
     if reason is not None and device != "cpu" and _reference_decode_reason(torch.device("cpu")) is None:
@@ -392,8 +394,9 @@ def format_report(r: dict) -> str:
     lines.append(f"  disk        {d['free_gib']:.1f} GiB free of {d['total_gib']:.1f} at {d['model_cache']}")
     c = r["chat"]
     if c["usable"]:
+        llm = ("the LLM in llama.cpp (--backend torch: " if c["llm_backend"] == "llama.cpp" else "the LLM in torch (")
         lines.append(f"  chat        would run on {c['device']} ({c['dtype']}, backend {c['backend']}): "
-                     f"int4 linears via {c['int4_linears']}, decode {c['decode']}"
+                     f"{llm}int4 linears via {c['int4_linears']}, decode {c['decode']})"
                      + (f", vision tower in {c['vision_dtype']}" if "vision_dtype" in c else ""))
     else:
         lines.append(f"  chat        NOTHING USABLE on {c['device']}: {c['reason']}"

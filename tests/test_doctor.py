@@ -61,6 +61,10 @@ def test_the_report_names_this_machines_real_state(machine):
     assert want_avx2 in text and "AVX512-BF16" in text
     assert machine["chat"]["usable"] and machine["chat"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert f"would run on {machine['chat']['device']}" in text
+    # the LLM backend chat's default (--backend auto) picks: llama.cpp on a CPU with llama-cpp-python
+    cpp = machine["chat"]["device"] == "cpu" and machine["llama_cpp"]["installed"]
+    assert machine["chat"]["llm_backend"] == ("llama.cpp" if cpp else "torch")
+    assert ("the LLM in llama.cpp" if cpp else "the LLM in torch") in text
     json.dumps(machine)  # plain data all the way down
 
 
