@@ -51,6 +51,16 @@ BUILTIN_TEMPLATES = {
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
+    # InternVL 2.5 / 3 (`internvl2_5` conversation): ChatML with InternVL's own default system message.
+    "internvl2_5": (
+        "{% if messages[0].role != 'system' %}<|im_start|>system\n"
+        "\u4f60\u662f\u4e66\u751f\u00b7\u4e07\u8c61\uff0c\u82f1\u6587\u540d\u662fInternVL\uff0c"
+        "\u662f\u7531\u4e0a\u6d77\u4eba\u5de5\u667a\u80fd\u5b9e\u9a8c\u5ba4\u3001\u6e05\u534e\u5927\u5b66"
+        "\u53ca\u591a\u5bb6\u5408\u4f5c\u5355\u4f4d\u8054\u5408\u5f00\u53d1\u7684\u591a\u6a21\u6001"
+        "\u5927\u8bed\u8a00\u6a21\u578b\u3002<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
 }
 
 # Text that ends an answer in each built-in template (a stop string for generation).
@@ -59,7 +69,27 @@ BUILTIN_STOPS = {
     "vicuna_v1": ["</s>", "USER:"],
     "llama_3": ["<|eot_id|>"],
     "chatml": ["<|im_end|>"],
+    "internvl2_5": ["<|im_end|>"],
 }
+
+# How one tiled image is written in the prompt: IMAGE_MARK stands for one tile's embeddings
+# (256 rows, where the reference repeats its context token 256 times).
+IMAGE_FORMATS = ("internvl", "nvlm")
+
+
+def image_text(style: str, tiles: int) -> str:
+    """The prompt text of one image of `tiles` tiles (thumbnail included), one IMAGE_MARK per tile.
+
+    - internvl: `<img>`, the tiles, `</img>`;
+    - nvlm (NVLM-D's 1-D tile tags): `<Image>`, then `<tile_1>` ... `<tile_{k}>` before the k grid
+      tiles and `<tile_global_thumbnail>` before the last one, then `</Image>`.
+    """
+    if style == "internvl":
+        return "<img>" + IMAGE_MARK * tiles + "</img>"
+    if style == "nvlm":
+        tags = [f"<tile_{i}>" for i in range(1, tiles)] + ["<tile_global_thumbnail>"]
+        return "<Image>" + "".join(tag + IMAGE_MARK for tag in tags) + "</Image>"
+    raise ValueError(f"unknown image format {style!r}; known: {', '.join(IMAGE_FORMATS)}")
 
 
 def _raise(msg):

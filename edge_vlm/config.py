@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from .errors import UnsupportedModelError
 
 SUPPORTED_LLMS = ("llama", "qwen2", "nemotron")
-SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model")
-SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu", "mlp_downsample")
+SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model", "intern_vit_6b", "internvl_vision")
+SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu", "mlp_downsample", "mlp1")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -112,6 +114,11 @@ class VisionConfig:
     hidden_act: str
     select_layer: int = -2
     drop_cls: bool = False  # "patch" / LLaVA "default": drop the first token (CLIP's CLS)
+    # InternViT switches (arch "internvit"): 300M is LayerNorm without q/k norm, 6B RMSNorm with
+    # q/k RMSNorm over all heads; both scale each residual branch by a learned vector (ls1, ls2).
+    norm: str = "layer_norm"  # or "rms_norm"
+    qk_norm: bool = False
+    qkv_bias: bool = True
 
     @property
     def num_patches(self) -> int:
@@ -148,6 +155,28 @@ class VisionConfig:
         )
 
     @classmethod
+    def from_internvit(cls, d: dict, select_layer: int = -1) -> "VisionConfig":
+        """InternViT's own config (`intern_vit_6b`, NVLM-D and InternVL repos) or transformers'
+        `internvl_vision` (the -hf repos); both read the patches after the CLS token."""
+        kind = d.get("model_type")
+        if kind not in ("intern_vit_6b", "internvl_vision"):
+            raise UnsupportedModelError(f"unsupported InternVL vision tower {kind!r}")
+        side = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731
+        hf = kind == "internvl_vision"
+        if hf and not d.get("use_mean_pooling", True) and select_layer == -1:
+            raise UnsupportedModelError("InternVL towers with a final LayerNorm (use_mean_pooling false) "
+                                        "are not supported")
+        return cls(
+            arch="internvit", image_size=side(d.get("image_size", 448)), patch_size=side(d.get("patch_size", 14)),
+            hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=d["num_attention_heads"],
+            layer_norm_eps=d.get("layer_norm_eps", 1e-6), hidden_act=d.get("hidden_act", "gelu"),
+            select_layer=select_layer, drop_cls=True, norm=d.get("norm_type", "layer_norm"),
+            qk_norm=bool(d.get("use_qk_norm" if hf else "qk_normalization", False)),
+            qkv_bias=bool(d.get("attention_bias" if hf else "qkv_bias", True)),
+        )
+
+    @classmethod
     def from_vila(cls, top: dict, tower: dict) -> "VisionConfig":
         """From a VILA top config.json and its vision_tower/config.json."""
         if top.get("s2") or top.get("dynamic_s2") or top.get("image_aspect_ratio") == "dynamic_s2":
@@ -169,15 +198,20 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    kind: str  # "linear", "mlp2x_gelu", ... or "mlp_downsample"
+    kind: str  # "linear", "mlp2x_gelu", ..., "mlp_downsample" or "mlp1" (InternVL)
     in_dim: int
     out_dim: int
+    # mlp1 only: width of the middle layer (InternVL: the LLM's hidden size, NVLM-D: its
+    # intermediate size), whether its Linears have biases (NVLM-D: no), the pixel-shuffle ratio
+    mid_dim: int | None = None
+    bias: bool = True
+    downsample_ratio: float = 0.5
 
     @property
     def depth(self) -> int:
         if self.kind == "linear":
             return 1
-        if self.kind == "mlp_downsample":
+        if self.kind in ("mlp_downsample", "mlp1"):
             return 2
         return int(self.kind[3:-6])  # "mlp{N}x_gelu"
 
@@ -198,7 +232,9 @@ class ProjectorConfig:
     def validate(self) -> None:
         import re
 
-        if self.kind not in ("linear", "mlp_downsample") and not re.fullmatch(r"mlp\d+x_gelu", self.kind):
+        if self.kind == "mlp1" and self.downsample_ratio != 0.5:
+            raise UnsupportedModelError(f"unsupported InternVL downsample ratio {self.downsample_ratio}; supported: 0.5")
+        if self.kind not in ("linear", "mlp_downsample", "mlp1") and not re.fullmatch(r"mlp\d+x_gelu", self.kind):
             raise UnsupportedModelError(
                 f"unsupported projector {self.kind!r}; supported: {', '.join(SUPPORTED_PROJECTORS)}")
 

@@ -5,6 +5,10 @@ Layouts:
   sub-folders, each a Hugging Face folder of its own;
 - LLaVA single folder, as transformers' LlavaForConditionalGeneration saves it (text_config +
   vision_config; keys under `model.language_model.` or the older `language_model.model.`);
+- InternVL / NVLM-D (InternViT tower, pixel shuffle + `mlp1`, dynamic tiling) in three layouts:
+  NVLM-D's repo (`NVLM_D`) and InternVL's original one (`internvl_chat`), both `vision_model.*`,
+  `mlp1.*`, `language_model.*` with `llm_config` + `vision_config`, and transformers' native
+  `-hf` one (`internvl`: `model.vision_tower.*`, `model.multi_modal_projector.*`, ...);
 - a plain Llama / Qwen2 / Nemotron LLM folder (text-only chat).
 Weights are read straight into modules built on the meta device, so loading needs one
 copy of the weights in memory, not two.
@@ -24,15 +28,20 @@ from tqdm import tqdm
 from .awq_format import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
 from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
-from .config import SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
+from .config import (IMAGENET_MEAN, IMAGENET_STD, SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig,
+                     QuantConfig, VisionConfig)
 from .errors import CheckpointError, EdgeVLMError, UnsupportedModelError
+from .internvit import InternViT
 from .llm import DecoderLM
 from .projector import Projector
+from .tiling import TilingConfig
 from .tokenizer import Tokenizer
 from .vision import VisionTower
 from .vlm import ModelInfo, VisionLanguageModel
 
-SUPPORTED_LAYOUTS = "VILA (llava_llama), LLaVA (llava), or a Llama / Qwen2 / Nemotron LLM folder"
+SUPPORTED_LAYOUTS = ("VILA (llava_llama), LLaVA (llava), InternVL (internvl_chat, internvl) and NVLM-D (NVLM_D), "
+                     "or a Llama / Qwen2 / Nemotron LLM folder")
+INTERNVL_KINDS = ("internvl_chat", "NVLM_D", "internvl")
 
 
 def default_device() -> str:
@@ -55,7 +64,7 @@ class CheckpointLayout:
     the projector's with `projector_prefix` in `projector_dir` (None for a text-only LLM).
     """
 
-    kind: str          # "vila", "llava" or "llm"
+    kind: str          # "vila", "llava", "internvl" (InternVL and NVLM-D, every layout) or "llm"
     folder: Path
     config: dict       # the folder's config.json
     llm_dir: Path      # the LLM's weights and tokenizer
@@ -86,6 +95,8 @@ class CheckpointLayout:
 
     def llm_section(self, config: dict) -> dict:
         """The LLM's part of the dict read from `config_path` (LLaVA nests it under text_config)."""
+        if self.kind == "internvl":
+            return config["text_config"] if "text_config" in config else config["llm_config"]
         return config["text_config"] if self.kind == "llava" else config
 
     def llm_key(self, key: str) -> str | None:
@@ -113,6 +124,8 @@ def detect_layout(name_or_path) -> CheckpointLayout:
         return _vila_layout(folder, top)
     if kind == "llava" and "text_config" in top:
         return _llava_layout(folder, top)
+    if kind in INTERNVL_KINDS:
+        return _internvl_layout(folder, top)
     if kind in SUPPORTED_LLMS:
         return CheckpointLayout("llm", folder, top, folder, top, folder / "config.json", _llm_config(top))
     raise UnsupportedModelError(f"unsupported model type {kind!r} in {folder}; supported: {SUPPORTED_LAYOUTS}")
@@ -141,6 +154,40 @@ def _llava_layout(folder: Path, top: dict) -> CheckpointLayout:
                             vision_dir=folder, projector_dir=folder, **prefixes)
 
 
+def _internvl_llm_config(d: dict) -> dict:
+    """InternVL / NVLM-D's `llm_config` as our LLMConfig reads it. NVLM-D writes its Qwen2 as
+    model_type "llama" (architectures say Qwen2ForCausalLM) with a dynamic rope_scaling that the
+    transformers Qwen2 it was run with never applied: it is read as the Qwen2 it is."""
+    d = dict(d)
+    if (d.get("architectures") or [None])[0] == "Qwen2ForCausalLM" and d.get("model_type") != "qwen2":
+        d["model_type"] = "qwen2"
+        d.pop("rope_scaling", None)
+    return d
+
+
+def _internvl_layout(folder: Path, top: dict) -> CheckpointLayout:
+    hf = top["model_type"] == "internvl"
+    if hf:  # as transformers writes it (and the Hub's -hf repos), or with its in-memory "model." names
+        llm_top = top["text_config"]
+        if any(k.startswith("model.language_model.") for k in TensorStore(folder).keys()):
+            prefixes = dict(llm_prefix="model.language_model.", vision_prefix="model.vision_tower.",
+                            projector_prefix="model.multi_modal_projector.")
+        else:
+            prefixes = dict(llm_prefix="language_model.model.", head_prefix="language_model.",
+                            vision_prefix="vision_tower.", projector_prefix="multi_modal_projector.")
+    else:
+        if "llm_config" not in top or "vision_config" not in top:
+            raise CheckpointError(f"{folder}/config.json lacks llm_config or vision_config")
+        llm_top = _internvl_llm_config(top["llm_config"])
+        prefixes = dict(llm_prefix="language_model.model.", head_prefix="language_model.",
+                        vision_prefix="vision_model.", projector_prefix="mlp1.")
+    llm = _llm_config(llm_top)
+    if not llm.tie_word_embeddings and prefixes.get("head_prefix", "") + "lm_head.weight" not in TensorStore(folder):
+        llm.tie_word_embeddings = True  # -hf folders of tied models (InternVL3-1B) store no lm_head
+    return CheckpointLayout("internvl", folder, top, folder, llm_top, folder / "config.json", llm,
+                            vision_dir=folder, projector_dir=folder, **prefixes)
+
+
 # ------------------------------------------------------------------ vision tower and projector
 
 class VisionConfigs(NamedTuple):
@@ -149,10 +196,12 @@ class VisionConfigs(NamedTuple):
     vision: VisionConfig
     projector: ProjectorConfig
     image: ImageConfig
+    tiling: TilingConfig | None = None  # InternVL / NVLM-D dynamic tiling
+    image_format: str | None = None  # how tiled images are written in the prompt ("internvl", "nvlm")
 
 
 class VisionParts(NamedTuple):
-    tower: VisionTower
+    tower: VisionTower | InternViT
     projector: Projector
     image: ImageConfig
     weight_bytes: int  # of their own weight files (0 when they share the LLM's)
@@ -165,6 +214,8 @@ def _preprocessor_config(folder: Path) -> dict:
 
 def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
     """The vision tower, projector and image configs of a VILA or LLaVA layout (read, not yet built)."""
+    if layout.kind == "internvl":
+        return _internvl_configs(layout)
     if layout.kind == "vila":
         vision = VisionConfig.from_vila(layout.config, read_json(layout.vision_dir / "config.json"))
         projector = ProjectorConfig.from_vila(layout.config, read_json(layout.projector_dir / "config.json"),
@@ -176,13 +227,139 @@ def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
     return VisionConfigs(vision, projector, image)
 
 
+def _internvl_configs(layout: CheckpointLayout) -> VisionConfigs:
+    top, llm = layout.config, layout.llm
+    pre = _preprocessor_config(layout.folder)
+    if top["model_type"] == "internvl":  # transformers' -hf: tiling from the image processor
+        layer = top.get("vision_feature_layer", -1)
+        if isinstance(layer, list) or top.get("vision_feature_select_strategy", "default") != "default":
+            raise UnsupportedModelError("InternVL checkpoints that keep the CLS token or concatenate several "
+                                        "vision layers are not supported")
+        vision = VisionConfig.from_internvit(top["vision_config"], select_layer=layer)
+        act = top.get("projector_hidden_act", "gelu")
+        tiling = TilingConfig(vision.image_size, pre.get("min_patches", 1),
+                              pre.get("max_patches", 12) if pre.get("crop_to_patches", True) else 1)
+        mid, bias, fmt = llm.hidden_size, True, "internvl"
+    else:
+        if top.get("ps_version", "v2") != "v2":
+            raise UnsupportedModelError(f"InternVL pixel shuffle {top.get('ps_version')!r} is not supported; "
+                                        "supported: v2 (InternVL 1.5 and later)")
+        vision = VisionConfig.from_internvit(top["vision_config"], select_layer=top.get("select_layer", -1))
+        vision.image_size = top.get("force_image_size") or vision.image_size
+        act = "gelu"
+        dynamic = top.get("dynamic_image_size", True)
+        tiling = TilingConfig(vision.image_size, top.get("min_dynamic_patch", 1),
+                              top.get("max_dynamic_patch", 12) if dynamic else 1, bool(top.get("use_thumbnail", True)))
+        nvlm = top["model_type"] == "NVLM_D"  # its mlp1: no biases, the LLM's intermediate size in the middle
+        mid, bias, fmt = (llm.intermediate_size, False, "nvlm") if nvlm else (llm.hidden_size, True, "internvl")
+    if act != "gelu":
+        raise UnsupportedModelError(f"unsupported projector activation {act!r}")
+    projector = ProjectorConfig("mlp1", vision.hidden_size, llm.hidden_size, mid_dim=mid, bias=bias,
+                                downsample_ratio=float(top.get("downsample_ratio", 0.5)))
+    size = pre.get("size", {})
+    image = ImageConfig(size=size.get("height", vision.image_size) if isinstance(size, dict) else vision.image_size,
+                        mean=tuple(pre.get("image_mean", IMAGENET_MEAN)), std=tuple(pre.get("image_std", IMAGENET_STD)),
+                        resize_mode="resize", shortest_edge=vision.image_size)
+    return VisionConfigs(vision, projector, image, tiling, fmt)
+
+
+class DerivedStore:
+    """A view of a TensorStore whose tensors are made from the stored ones (split, sliced,
+    reshaped) under our names: for checkpoints whose tensors do not map one to one onto ours.
+    `recipes[name](fetch)` builds tensor `name` from `fetch(key)`, the stored tensor (or its
+    meta-device stand-in, for shapes only)."""
+
+    def __init__(self, store: TensorStore, recipes: dict):
+        self.store, self.recipes, self.folder = store, recipes, store.folder
+
+    def keys(self) -> list[str]:
+        return list(self.recipes)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.recipes[name](self.store.get)
+
+    def meta(self, name: str) -> torch.Tensor:
+        return self.recipes[name](self.store.meta)
+
+
+def internvit_recipes(store: TensorStore, prefix: str, cfg: VisionConfig) -> dict:
+    """Our InternViT names -> how to make them from InternVL's original keys or transformers' -hf ones.
+
+    The original layout fuses q, k and v into `attn.qkv`; NVLM-D's also carries dummy heads (its
+    6B tower was padded from 25 to 32 heads for tensor parallelism, with q/k norms over the real
+    heads only): only the real heads are kept, and the dummy heads must be dead (their v rows or
+    their output columns zero), which is checked when the weights are read.
+    """
+    keys = set(store.keys())
+    d = cfg.hidden_size
+    hf = f"{prefix}embeddings.cls_token" in keys
+    same = lambda key: lambda fetch: fetch(key)  # noqa: E731
+    out = {}
+    if hf:
+        out["embeddings.class_embedding"] = lambda f: f(f"{prefix}embeddings.cls_token").reshape(d)
+        out["embeddings.position_embedding"] = lambda f: f(f"{prefix}embeddings.position_embeddings")[0]
+        for what in ("weight", "bias"):
+            out[f"embeddings.patch_embedding.{what}"] = same(f"{prefix}embeddings.patch_embeddings.projection.{what}")
+        names = {"attention.q_proj": "attn.q_proj", "attention.k_proj": "attn.k_proj",
+                 "attention.v_proj": "attn.v_proj", "attention.projection_layer": "attn.proj",
+                 "attention.q_norm": "attn.q_norm", "attention.k_norm": "attn.k_norm",
+                 "layernorm_before": "norm1", "layernorm_after": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+        for key in keys:
+            m = re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$", key)
+            if m and int(m.group(1)) < cfg.layers_used and m.group(2) in names:
+                out[f"layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"] = same(key)
+            m = re.match(re.escape(prefix) + r"encoder\.layer\.(\d+)\.lambda_([12])$", key)
+            if m and int(m.group(1)) < cfg.layers_used:
+                out[f"layers.{m.group(1)}.ls{m.group(2)}"] = same(key)
+        return out
+    out["embeddings.class_embedding"] = lambda f: f(f"{prefix}embeddings.class_embedding").reshape(d)
+    out["embeddings.position_embedding"] = lambda f: f(f"{prefix}embeddings.position_embedding")[0]
+    for what in ("weight", "bias"):
+        out[f"embeddings.patch_embedding.{what}"] = same(f"{prefix}embeddings.patch_embedding.{what}")
+    for i in range(cfg.layers_used):
+        src, dst = f"{prefix}encoder.layers.{i}.", f"layers.{i}."
+        for key in keys:
+            if key.startswith(src) and not key[len(src):].startswith(("attn.qkv.", "attn.proj.weight")):
+                rest = key[len(src):]
+                if rest.startswith(("attn.q_norm.", "attn.k_norm.")):
+                    out[dst + rest] = lambda f, key=key: f(key)[:d]
+                else:
+                    out[dst + rest] = same(key)
+        for what in ["weight"] + (["bias"] if f"{src}attn.qkv.bias" in keys else []):
+            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                out[f"{dst}attn.{name}.{what}"] = lambda f, k=f"{src}attn.qkv.{what}", j=j: _qkv_part(f(k), j, d)
+        out[f"{dst}attn.proj.weight"] = lambda f, src=src: _proj_real_heads(f, src, d)
+    return out
+
+
+def _qkv_part(qkv: torch.Tensor, j: int, d: int) -> torch.Tensor:
+    """Part j (q, k, v) of a fused qkv weight or bias, its real heads only (the first d rows)."""
+    return qkv.reshape(3, qkv.shape[0] // 3, *qkv.shape[1:])[j, :d]
+
+
+def _proj_real_heads(fetch, src: str, d: int) -> torch.Tensor:
+    proj = fetch(f"{src}attn.proj.weight")
+    if proj.shape[1] > d and proj.device.type != "meta":
+        dummy_out = proj[:, d:].abs().max() == 0
+        qkv = fetch(f"{src}attn.qkv.weight")
+        dummy_v = qkv.reshape(3, qkv.shape[0] // 3, -1)[2, d:].abs().max() == 0
+        if not (dummy_out or dummy_v):
+            raise UnsupportedModelError(f"{src}attn has padding heads that are not zero: cannot drop them")
+    return proj[:, :d]
+
+
 def load_vision(layout: CheckpointLayout, configs: VisionConfigs, dtype, device, progress=False) -> VisionParts:
     """Build and fill the vision tower (up to the layer the VLM reads) and the projector."""
     vstore = TensorStore(layout.vision_dir)
     pstore = vstore if layout.projector_dir == layout.vision_dir else TensorStore(layout.projector_dir)
-    tower = _build(VisionTower, configs.vision)
-    load_into(tower, vstore, rename_vision(layout.vision_prefix, configs.vision.layers_used), dtype, device,
-              _progress("loading vision tower", progress))
+    if configs.vision.arch == "internvit":
+        tower = _build(InternViT, configs.vision)
+        load_into(tower, DerivedStore(vstore, internvit_recipes(vstore, layout.vision_prefix, configs.vision)),
+                  lambda name: name, dtype, device, _progress("loading vision tower", progress))
+    else:
+        tower = _build(VisionTower, configs.vision)
+        load_into(tower, vstore, rename_vision(layout.vision_prefix, configs.vision.layers_used), dtype, device,
+                  _progress("loading vision tower", progress))
     projector = _build(Projector, configs.projector)
     load_into(projector, pstore, rename_projector(layout.projector_prefix, configs.projector.kind), dtype, device,
               _progress("loading projector", progress))
@@ -224,6 +401,11 @@ def rename_projector(prefix: str, kind: str):
         if not key.startswith(prefix):
             return None
         rest = key[len(prefix):]
+        if kind == "mlp1":  # InternVL mlp1 = Sequential(LayerNorm, Linear, GELU, Linear), or -hf names
+            m = re.match(r"(\d+|layer_norm|linear_1|linear_2)\.(weight|bias)$", rest)
+            part = {"0": "norm", "layer_norm": "norm", "1": "linears.0", "linear_1": "linears.0",
+                    "3": "linears.1", "linear_2": "linears.1"}.get(m.group(1)) if m else None
+            return f"{part}.{m.group(2)}" if part else None
         m = re.match(r"(?:layers\.)?(\d+)\.(weight|bias)$", rest)
         if kind == "linear" and re.match(r"(?:layers\.)?(weight|bias)$", rest):
             return "linears.0." + rest.split(".")[-1]
@@ -264,7 +446,8 @@ def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename, progress
 def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | None = None,
                max_context: int | None = None, template: str | None = None,
                progress=None, fast_path: bool = True, kv_cache: str | None = None,
-               llm_backend: str = "torch", vision_backend: str = "torch") -> VisionLanguageModel:
+               llm_backend: str = "torch", vision_backend: str = "torch",
+               max_tiles: int | None = None) -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
 
     `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
@@ -276,6 +459,8 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     CPU when llama-cpp-python is installed (backends/llamacpp/choice.py). `vision_backend="onnx"` runs the vision tower and
     projector in ONNX Runtime (TensorRT, CUDA or CPU int8; exported once into the cache folder),
     "auto" only where it is timed faster than torch; either falls back to torch with one warning.
+    `max_tiles` caps the tiles an image is cut into for tiled models (InternVL, NVLM-D; 1 = one
+    448 px tile per image, the fastest); None keeps the checkpoint's own maximum.
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
@@ -317,7 +502,13 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
         info.params.update(vision=_count(parts.tower), projector=_count(parts.projector))
         info.weight_bytes += parts.weight_bytes
     tok = Tokenizer(layout.llm_dir)
-    model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch), info, *parts[:3])
+    default = _internvl_template(layout.config) if layout.kind == "internvl" else None
+    model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch, default), info, *parts[:3])
+    if configs is not None and configs.tiling is not None:
+        model.tiling, model.image_format = configs.tiling, configs.image_format
+        if max_tiles is not None:
+            model.tiling = model.tiling.with_max_tiles(max_tiles)
+        model.info.max_tiles = model.tiling.max_tiles
     limit = model.llm.cfg.max_position_embeddings
     model.max_context = min(max_context or min(limit, 4096), limit)
     if template:
@@ -338,10 +529,19 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     return model
 
 
-def _template_for(tok: Tokenizer, arch: str) -> ChatTemplate:
+def _internvl_template(top: dict) -> str:
+    """The conversation an InternVL / NVLM-D config names (`template`), as our built-in of that name:
+    NVLM-D says chatml, InternVL 2.5/3 internvl2_5 (the -hf repos name none: internvl2_5)."""
+    from .chat_template import BUILTIN_TEMPLATES
+
+    name = top.get("template") or ("chatml" if top["model_type"] == "NVLM_D" else "internvl2_5")
+    return name if name in BUILTIN_TEMPLATES else "internvl2_5"
+
+
+def _template_for(tok: Tokenizer, arch: str, default: str | None = None) -> ChatTemplate:
     if tok.chat_template:
         return ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
-    return ChatTemplate.builtin(default_template_name(arch, tok), tok.bos_token, tok.eos_token)
+    return ChatTemplate.builtin(default or default_template_name(arch, tok), tok.bos_token, tok.eos_token)
 
 
 def _count(module) -> int:

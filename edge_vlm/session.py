@@ -119,47 +119,61 @@ class ChatSession:
             raise EdgeVLMError(f"the question has {marks} {IMAGE_MARK} marks but {n_images} images were given")
         return text if marks else (IMAGE_MARK + "\n") * n_images + text
 
-    def _prompt_chunks(self, content: str) -> list[list[int]]:
-        """Token-id chunks of the next prompt (the unfed tokens first), to interleave with images."""
+    def _prompt_chunks(self, content: str, tiles: Sequence[int] = ()) -> list[list[int]]:
+        """Token-id chunks of the next prompt (the unfed tokens first), to interleave with the
+        encoded pictures; `tiles[i]` is how many tiles picture i takes (tiled models)."""
         user = {"role": "user", "content": content}
         if not self._turns:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [user]
             text = self.model.template.render(msgs)
         else:
             text = self.model.template.continuation(self.messages, user)
-        chunks = [self.model.tokenizer.encode(c) for c in text.split(IMAGE_MARK)]
+        pieces = text.split(IMAGE_MARK)
+        if self.model.tiling is not None and len(pieces) > 1:  # each picture's mark -> its tiles' marks
+            text = pieces[0] + "".join(self.model.image_text(n) + rest for n, rest in zip(tiles, pieces[1:]))
+            pieces = text.split(IMAGE_MARK)
+        chunks = [self.model.tokenizer.encode(c) for c in pieces]
         chunks[0] = self._pending + chunks[0]
         return chunks
 
-    def _question(self, text: str, n_images: int) -> tuple[str, list[list[int]], int]:
-        """(user content, prompt chunks, tokens needed) for a question with `n_images` images."""
+    def _question(self, text: str, pictures) -> tuple[str, list[list[int]], int]:
+        """(user content, prompt chunks, tokens needed) for a question with `pictures` (decoded
+        images, or only their number: then tiled models count the most tiles a picture can take)."""
+        n_images = pictures if isinstance(pictures, int) else len(pictures)
         if n_images and not self.model.is_multimodal:
             raise EdgeVLMError("this model is text-only: it cannot take images or video")
         content = self._user_content(text, n_images)
-        chunks = self._prompt_chunks(content)
-        return content, chunks, sum(len(c) for c in chunks) + n_images * self.model.tokens_per_image
+        tiles = [self.model.tile_count(None if isinstance(pictures, int) else p)
+                 for p in (range(n_images) if isinstance(pictures, int) else pictures)]
+        chunks = self._prompt_chunks(content, tiles)
+        return content, chunks, sum(len(c) for c in chunks) + sum(tiles) * self.model.tokens_per_image
 
-    def tokens_needed(self, text: str, n_images: int = 0) -> int:
-        """How many context tokens asking `text` with `n_images` images (or video frames) takes now."""
+    def tokens_needed(self, text: str, n_images: int = 0, images=None) -> int:
+        """How many context tokens asking `text` with `n_images` images (or video frames) takes now.
+        Tiled models (InternVL, NVLM-D) count each image at its most tiles unless `images` (the
+        images themselves) are given."""
+        if images is not None:
+            return self._question(text, [load_image(im) for im in images])[2]
         return self._question(text, n_images)[2]
 
     def _check_fits(self, need: int, n_images: int) -> None:
         free = self.max_context - self.position
         if need + 1 > free:
-            what = f" ({n_images} images x {self.model.tokens_per_image} tokens)" if n_images else ""
+            per = "tokens per tile" if self.model.tiling is not None else "tokens"
+            what = f" ({n_images} images x {self.model.tokens_per_image} {per})" if n_images else ""
             raise ContextOverflowError(
                 f"prompt needs {need} tokens{what} but only {free - 1} fit in the context "
                 f"({self.max_context} tokens, {self.position} used by earlier turns): "
                 f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
 
     def _prompt(self, chunks: list[list[int]], images: list[Image.Image]) -> Prompt:
-        return Prompt(chunks, self.model.encode_images(images) if images else None)
+        tiles = [t for im in images for t in self.model.image_tiles(im)]  # tiled models: every tile
+        return Prompt(chunks, self.model.encode_images(tiles) if tiles else None)
 
-    @staticmethod
-    def _pictures(images, video, frames: int) -> list[Image.Image]:
+    def _pictures(self, images, video, frames: int) -> list[Image.Image]:
         pictures = [load_image(im) for im in images]  # each image is decoded here, once
         if video is not None:
-            pictures += sample_frames(video, frames)
+            pictures += [self.model.mark_video_frame(f) for f in sample_frames(video, frames)]
         return pictures
 
     # ---- asking ------------------------------------------------------------------------
@@ -173,7 +187,7 @@ class ChatSession:
     def _ask(self, text: str, pictures: list[Image.Image], gen: GenerationConfig | None,
              stop_event: threading.Event | None, t0: float, cached: int | None = None) -> Iterator[str]:
         gen = gen or GenerationConfig()
-        content, chunks, need = self._question(text, len(pictures))
+        content, chunks, need = self._question(text, pictures)
         self._check_fits(need, len(pictures))
         prompt = self._prompt(chunks, pictures)
         turn = Turn(content, pictures, "", self.position, self._pending)
@@ -223,7 +237,7 @@ class ChatSession:
             raise
 
     def _prefill_exchange(self, question: str, pictures: list[Image.Image], answer: str) -> None:
-        content, chunks, need = self._question(question, len(pictures))
+        content, chunks, need = self._question(question, pictures)
         if need + 1 > self.max_context - self.position:
             raise ContextOverflowError(f"the conversation is longer than the context ({self.max_context} tokens)")
         turn = Turn(content, pictures, answer, self.position, self._pending)

@@ -1,6 +1,10 @@
 """The vision-language model: vision tower -> projector -> LLM, plus what it needs to talk
 (tokenizer, chat template, image preprocessing). A text-only LLM is the same object with
-no vision tower."""
+no vision tower.
+
+Tiled models (InternVL, NVLM-D) cut each picture into tiles of the tower's size (tiling.py); every
+tile is then encoded like one image of a fixed-size model (`tokens_per_image` embeddings each), and
+`image_text` says how a picture's tiles are written in the prompt (one `<image>` mark per tile)."""
 
 from __future__ import annotations
 
@@ -9,12 +13,15 @@ from pathlib import Path
 
 import torch
 
-from .chat_template import ChatTemplate
+from PIL import Image
+
+from .chat_template import IMAGE_MARK, ChatTemplate, image_text
 from .config import ImageConfig
 from .kv_cache import kv_cache_bytes
 from .llm import DecoderLM
 from .preprocess import preprocess
 from .projector import Projector
+from .tiling import TilingConfig, split_tiles, tile_count
 from .tokenizer import Tokenizer
 from .vision import VisionTower
 
@@ -33,6 +40,7 @@ class ModelInfo:
     device: str = "cpu"
     llm_backend: str = "torch"  # or "llama.cpp" (the LLM runs from a GGUF export)
     vision_backend: str = "torch"  # or what ONNX Runtime runs it with, e.g. "onnxruntime CPU int8"
+    max_tiles: int | None = None  # tiled models (InternVL, NVLM-D): the most tiles an image is cut into
     params: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
 
@@ -49,6 +57,37 @@ class VisionLanguageModel:
         self.torch_device: torch.device | None = None  # where our torch modules run when `llm` is not loaded
         # ONNX Runtime vision backend: images -> LLM-space embeddings in its session (backends/onnx)
         self.encoder = None
+        # dynamic tiling (InternVL, NVLM-D): None for models that see each picture once
+        self.tiling: TilingConfig | None = None
+        self.image_format: str | None = None  # how a tiled picture is written: "internvl" or "nvlm"
+
+    # ---- pictures as the LLM sees them --------------------------------------------------
+
+    @staticmethod
+    def mark_video_frame(frame: Image.Image) -> Image.Image:
+        """Flag a picture as a video frame: tiled models give frames one tile (InternVL's video recipe)."""
+        frame.info["edge_vlm_video_frame"] = True
+        return frame
+
+    def _tiling_for(self, picture: Image.Image) -> TilingConfig:
+        return self.tiling.with_max_tiles(1) if picture.info.get("edge_vlm_video_frame") else self.tiling
+
+    def image_tiles(self, picture: Image.Image) -> list[Image.Image]:
+        """What the vision tower encodes for one picture: its tiles, or the picture itself."""
+        return split_tiles(picture, self._tiling_for(picture)) if self.tiling else [picture]
+
+    def tile_count(self, picture: Image.Image | None = None) -> int:
+        """Tiles of `picture` (None: the most any picture can take)."""
+        if self.tiling is None:
+            return 1
+        if picture is None:
+            cfg = self.tiling
+            return cfg.max_tiles + (1 if cfg.thumbnail and cfg.max_tiles > 1 else 0)
+        return tile_count(*picture.size, self._tiling_for(picture))
+
+    def image_text(self, tiles: int) -> str:
+        """A picture of `tiles` tiles in the prompt text, one `<image>` mark per tile's embeddings."""
+        return image_text(self.image_format, tiles) if self.image_format else IMAGE_MARK * tiles
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +116,7 @@ class VisionLanguageModel:
 
     @property
     def tokens_per_image(self) -> int:
+        """Embeddings per encoded picture: per tile for tiled models."""
         return self.projector.num_tokens(self.vision.num_tokens) if self.vision else 0
 
     @property

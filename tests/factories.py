@@ -216,3 +216,141 @@ def use_older_llava_key_names(folder: Path) -> None:
 
     path = Path(folder) / "model.safetensors"
     save_file({old(k): v for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------- InternVL / NVLM-D
+
+INTERNVL_SPECIALS = ["<img>", "</img>", "<IMG_CONTEXT>", "<|vision_pad|>"]
+
+
+def train_internvl_tokenizer(folder: Path) -> None:
+    """The tiny byte-level BPE of `train_tokenizer`, plus InternVL's image tokens (`<img>`, `</img>`,
+    `<IMG_CONTEXT>`) and NVLM-D's context token (Qwen2's `<|vision_pad|>`) as special tokens. NVLM-D's
+    tile tags and `<Image>` stay plain text, so prompt chunk boundaries are exercised."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL_TOKENS + INTERNVL_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS + " <tile_1> <tile_global_thumbnail> <Image></Image>"] * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": None, "eos_token": "<|im_end|>", "unk_token": "<unk>", "model_max_length": 512,
+           "tokenizer_class": "PreTrainedTokenizerFast"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+
+def internvl_preprocessor_config(image_size: int, max_patches: int) -> dict:
+    return {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": True, "min_patches": 1,
+            "max_patches": max_patches, "size": {"height": image_size, "width": image_size}, "resample": 3,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+
+
+def make_internvl_hf(folder: Path, norm: str = "layer_norm", qk_norm: bool = False, seed: int = 0,
+                     image_size: int = 56, max_patches: int = 6, layers: int = 2, projector_bias: bool = True,
+                     **text_over):
+    """A transformers InternVLForConditionalGeneration `-hf` folder (InternViT + Qwen2), tiny and random.
+    300M style: norm="layer_norm", qk_norm=False (q/k/v biases); 6B style: "rms_norm", qk_norm=True, no
+    q/k/v biases. `projector_bias=False` zeroes the projector's biases (to match NVLM-D's bias-free mlp1)."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
+
+    folder = Path(folder)
+    train_internvl_tokenizer(folder)
+    from tokenizers import Tokenizer
+
+    context_id = Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<IMG_CONTEXT>")
+    vision = InternVLVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                                  num_attention_heads=4, image_size=image_size, patch_size=14, norm_type=norm,
+                                  use_qk_norm=qk_norm, attention_bias=not qk_norm)
+    text = llm_config("qwen2", eos_token_id=4, **text_over)  # eos: <|im_end|>
+    cfg = InternVLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_id=context_id,
+                         image_seq_length=(image_size // 14) ** 2 // 4, downsample_ratio=0.5,
+                         tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    _randomize(model, seed)
+    if not projector_bias:
+        with torch.no_grad():
+            for name, p in model.model.multi_modal_projector.named_parameters():
+                if name.startswith("linear") and name.endswith("bias"):
+                    p.zero_()
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(internvl_preprocessor_config(image_size, max_patches)))
+    return model
+
+
+def write_internvl_original(folder: Path, hf_model, tokenizer_from: Path, style: str = "internvl",
+                            dummy_heads: int = 0, max_tiles: int = 6) -> None:
+    """Write a native InternVL model's weights in InternVL's original layout (`internvl_chat`) or
+    NVLM-D's (`NVLM_D`: bias-free mlp1 of the LLM's intermediate width, its Qwen2 written as model_type
+    llama, and `dummy_heads` zero padding heads in every attention, as NVLM-D's 6B tower has)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = Path(tokenizer_from)
+    cfg = hf_model.config
+    v = cfg.vision_config
+    d, heads = v.hidden_size, v.num_attention_heads
+    hd = d // heads
+    pad = dummy_heads * hd
+    sd = {k: t.detach().clone() for k, t in hf_model.state_dict().items()}
+    out = {}
+
+    def padded_rows(w):  # [d, ...] -> [d + pad, ...], the padding heads zero
+        return torch.cat([w, torch.zeros(pad, *w.shape[1:], dtype=w.dtype)])
+
+    vp, op = "model.vision_tower.", "vision_model."
+    out[op + "embeddings.class_embedding"] = sd[vp + "embeddings.cls_token"]
+    out[op + "embeddings.position_embedding"] = sd[vp + "embeddings.position_embeddings"]
+    for what in ("weight", "bias"):
+        out[op + f"embeddings.patch_embedding.{what}"] = sd[vp + f"embeddings.patch_embeddings.projection.{what}"]
+    for i in range(v.num_hidden_layers):
+        a, b = f"{vp}encoder.layer.{i}.", f"{op}encoder.layers.{i}."
+        out[b + "attn.qkv.weight"] = torch.cat([padded_rows(sd[a + f"attention.{x}_proj.weight"]) for x in "qkv"])
+        if a + "attention.q_proj.bias" in sd:
+            out[b + "attn.qkv.bias"] = torch.cat([padded_rows(sd[a + f"attention.{x}_proj.bias"]) for x in "qkv"])
+        proj = sd[a + "attention.projection_layer.weight"]
+        out[b + "attn.proj.weight"] = torch.cat([proj, torch.full((d, pad), 0.5)], 1)  # dead: v rows are zero
+        out[b + "attn.proj.bias"] = sd[a + "attention.projection_layer.bias"]
+        for x in ("q", "k"):
+            if a + f"attention.{x}_norm.weight" in sd:
+                out[b + f"attn.{x}_norm.weight"] = torch.cat([sd[a + f"attention.{x}_norm.weight"], torch.ones(pad)])
+        for ours, theirs in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"),
+                             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+            for what in ("weight", "bias"):
+                if f"{a}{theirs}.{what}" in sd:
+                    out[f"{b}{ours}.{what}"] = sd[f"{a}{theirs}.{what}"]
+        out[b + "ls1"], out[b + "ls2"] = sd[a + "lambda_1"], sd[a + "lambda_2"]
+    pp = "model.multi_modal_projector."
+    for n, theirs in (("0", "layer_norm"), ("1", "linear_1"), ("3", "linear_2")):
+        out[f"mlp1.{n}.weight"] = sd[f"{pp}{theirs}.weight"]
+        if style == "internvl" or n == "0":
+            out[f"mlp1.{n}.bias"] = sd[f"{pp}{theirs}.bias"]
+    for k, t in sd.items():
+        if k.startswith("model.language_model."):
+            out["language_model.model." + k[len("model.language_model."):]] = t
+    out["language_model.lm_head.weight"] = sd["lm_head.weight"]
+    save_file({k: t.contiguous() for k, t in out.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    llm = cfg.text_config.to_dict()
+    llm["architectures"] = ["Qwen2ForCausalLM"]
+    if style == "nvlm":
+        llm.update(model_type="llama", attention_bias=True, rope_scaling={"factor": 3.0, "type": "dynamic"})
+    vis = {"model_type": "intern_vit_6b", "architectures": ["InternVisionModel"], "hidden_size": d,
+           "intermediate_size": v.intermediate_size, "num_hidden_layers": v.num_hidden_layers,
+           "num_attention_heads": heads, "image_size": v.image_size[0], "patch_size": v.patch_size[0],
+           "qkv_bias": v.attention_bias, "qk_normalization": v.use_qk_norm, "norm_type": v.norm_type,
+           "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu"}
+    top = {"architectures": ["NVLM_D" if style == "nvlm" else "InternVLChatModel"],
+           "model_type": "NVLM_D" if style == "nvlm" else "internvl_chat", "llm_config": llm, "vision_config": vis,
+           "select_layer": -1, "downsample_ratio": 0.5, "ps_version": "v2", "force_image_size": v.image_size[0],
+           "dynamic_image_size": True, "min_dynamic_patch": 1, "max_dynamic_patch": max_tiles, "use_thumbnail": True,
+           "template": "chatml" if style == "nvlm" else "internvl2_5"}
+    (folder / "config.json").write_text(json.dumps(top))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / f, folder / f)
