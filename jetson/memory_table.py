@@ -5,14 +5,20 @@ table in `edge_vlm.benchmarks.shapes` the benchmarks use too), in fp16 and with 
 (group 128) language-model linears, and sized with
 `VisionLanguageModel.memory_estimate`: the same figure `edge-vlm info` prints (weights plus
 the fp16 KV cache at the given context). Run: python jetson/memory_table.py [--context 4096]
+
+A second table projects the InternViT models (InternVL3-1B/2B, NVLM-D-72B): the LLM in AWQ int4, the
+tower in fp16 or in int8 weights (one fp16 scale per output row; edge-vlm does not quantize the
+tower yet, so that row is a projection), the mlp1 projector in fp16, and the KV cache; the sum is shown.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from edge_vlm.benchmarks.shapes import LLM_SHAPES, VLMS, meta_vlm
-from edge_vlm.config import QuantConfig
+import torch
+
+from edge_vlm.benchmarks.shapes import LLM_SHAPES, VLMS, meta_llm, meta_vlm
+from edge_vlm.config import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 
 # Orin modules and their unified memory (CPU and GPU share it), in GB as NVIDIA states it.
 MODULES = [("Nano 4GB", 4), ("Nano 8GB / NX 8GB", 8), ("NX 16GB", 16), ("AGX 32GB", 32), ("AGX 64GB", 64)]
@@ -47,10 +53,90 @@ def table(context: int = 4096) -> str:
     return "\n".join(lines)
 
 
+# The InternViT models' published shapes (their config.json files). They belong in
+# edge_vlm.benchmarks.shapes once that table takes InternViT towers.
+QWEN25_VOCAB = 151674  # InternVL3's llm_config vocab_size
+INTERNVL_LLMS = {
+    "qwen2.5-0.5b": dict(arch="qwen2", vocab_size=QWEN25_VOCAB, hidden_size=896, intermediate_size=4864,
+                         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, norm_eps=1e-6, qkv_bias=True,
+                         tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(arch="qwen2", vocab_size=QWEN25_VOCAB, hidden_size=1536, intermediate_size=8960,
+                         num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, norm_eps=1e-6, qkv_bias=True,
+                         tie_word_embeddings=True),
+    "qwen2-72b": dict(arch="qwen2", vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_layers=80,
+                      num_heads=64, num_kv_heads=8, head_dim=128, norm_eps=1e-6, qkv_bias=True),
+}
+INTERNVIT_300M = dict(arch="internvit", image_size=448, patch_size=14, hidden_size=1024, intermediate_size=4096,
+                      num_layers=24, num_heads=16, layer_norm_eps=1e-6, hidden_act="gelu", select_layer=-1,
+                      drop_cls=True, norm="layer_norm", qk_norm=False, qkv_bias=True)
+INTERNVIT_6B = dict(arch="internvit", image_size=448, patch_size=14, hidden_size=3200, intermediate_size=12800,
+                    num_layers=45, num_heads=25, layer_norm_eps=1e-6, hidden_act="gelu", select_layer=-1,
+                    drop_cls=True, norm="rms_norm", qk_norm=True, qkv_bias=False)
+# name: (LLM, tower, mlp1 middle width: the LLM's hidden ("hidden") or intermediate size (NVLM-D), mlp1 biases,
+#        the modules it must fit)
+INTERNVL_VLMS = {
+    "InternVL3-1B": ("qwen2.5-0.5b", INTERNVIT_300M, "hidden", True),
+    "InternVL3-2B": ("qwen2.5-1.5b", INTERNVIT_300M, "hidden", True),
+    "NVLM-D-72B": ("qwen2-72b", INTERNVIT_6B, "intermediate", False),
+}
+
+
+def int8_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module` with every Linear in int8 (plus one fp16 scale per output row), the rest fp16."""
+    total = 0
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(m, torch.nn.Linear) and name == "weight":
+                total += p.numel() + 2 * p.shape[0]
+            else:
+                total += 2 * p.numel()
+    return total
+
+
+def internvl_parts(name: str, context: int, tower_int8: bool) -> dict[str, int]:
+    """Bytes of each part of an InternViT VLM: int4 LLM, tower (fp16 or int8), mlp1 (fp16), KV cache."""
+    from edge_vlm.internvit import InternViT
+    from edge_vlm.projector import Projector
+    from edge_vlm.vlm import ModelInfo, VisionLanguageModel, weight_bytes
+
+    llm_shape, tower, mid, bias = INTERNVL_VLMS[name]
+    cfg, vcfg = LLMConfig(max_position_embeddings=32768, **INTERNVL_LLMS[llm_shape]), VisionConfig(**tower)
+    llm = meta_llm(cfg, AWQ_INT4)
+    with torch.device("meta"):
+        vision = InternViT(vcfg).to(torch.float16)
+        width = cfg.intermediate_size if mid == "intermediate" else cfg.hidden_size
+        projector = Projector(ProjectorConfig("mlp1", vcfg.hidden_size, cfg.hidden_size, mid_dim=width,
+                                              bias=bias)).to(torch.float16)
+    vlm = VisionLanguageModel(llm, None, None, ModelInfo(name, "internvl", "qwen2", "internvit", "mlp1"),
+                              vision, projector)
+    est = vlm.memory_estimate(context)
+    return {"llm": weight_bytes(llm), "vision": int8_weight_bytes(vision) if tower_int8 else weight_bytes(vision),
+            "projector": weight_bytes(projector), "kv_cache": est["kv_cache"]}
+
+
+def internvl_table(context: int = 4096) -> str:
+    head = (f"| model | LLM int4 AWQ | vision tower | mlp1 fp16 | KV cache at {context} | sum | "
+            + " | ".join(m for m, _ in MODULES) + " |")
+    lines = [head, "|" + "---|" * (6 + len(MODULES))]
+    for name in INTERNVL_VLMS:
+        for tower_int8 in (False, True):
+            b = internvl_parts(name, context, tower_int8)
+            gb = {k: v / 1e9 for k, v in b.items()}
+            total = sum(gb.values())
+            fits = ["yes" if total + RESERVE_GB <= mem else "no" for _, mem in MODULES]
+            lines.append(f"| {name} | {gb['llm']:.2f} GB | {gb['vision']:.2f} GB "
+                         f"({'int8, projected' if tower_int8 else 'fp16'}) | {gb['projector']:.2f} GB | "
+                         f"{gb['kv_cache']:.2f} GB | {total:.2f} GB | " + " | ".join(fits) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--context", type=int, default=4096, help="KV-cache size in tokens (default 4096)")
-    print(table(p.parse_args(argv).context))
+    context = p.parse_args(argv).context
+    print(table(context))
+    print()
+    print(internvl_table(context))
     return 0
 
 
