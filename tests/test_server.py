@@ -121,6 +121,7 @@ ERROR_ROWS = [
     ("invalid JSON", b'{"messages": [', 400, None, "invalid_json"),
     ("missing messages", {"max_tokens": 3}, 400, "messages", "missing"),
     ("ill-typed field", {"messages": MSG, "max_tokens": "lots"}, 400, "max_tokens", None),
+    ("seed out of range", {"messages": MSG, "seed": 2**64}, 400, "seed", None),
     ("temperature range", {"messages": MSG, "temperature": 2.5}, 400, "temperature", None),
     ("top_p range", {"messages": MSG, "top_p": 0}, 400, "top_p", None),
     ("bad role", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", None),

@@ -153,3 +153,24 @@ def test_before_the_model_is_loaded_ready_and_chat_are_503():
     assert live.status_code == 200 and ready.status_code == 503 and ready.json()["error"]["code"] == "not_ready"
     assert chat.status_code == 503 and chat.headers["Retry-After"] and chat.json()["error"]["code"] == "not_ready"
     assert "edge_vlm_ready 0.0" in metrics.text
+
+
+def test_cors_is_off_unless_an_origin_is_given_and_preflights_need_no_key():
+    from edge_vlm.apps.server.app import ServerConfig, create_app
+    from edge_vlm.apps.server.worker import ModelWorker
+
+    preflight = {"Origin": "http://board.local", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+
+    async def go(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.options("/v1/chat/completions", headers=preflight),
+                    await c.get("/v1/health/live", headers={"Origin": "http://board.local"}))
+
+    off = asyncio.run(go(create_app(ModelWorker(), ServerConfig(api_key="k"))))
+    assert all("access-control-allow-origin" not in r.headers for r in off)
+    on = asyncio.run(go(create_app(ModelWorker(), ServerConfig(api_key="k", cors_origins=("http://board.local",)))))
+    assert on[0].status_code == 200 and on[0].headers["access-control-allow-origin"] == "http://board.local"
+    assert on[1].headers["access-control-allow-origin"] == "http://board.local"
+    other = asyncio.run(go(create_app(ModelWorker(), ServerConfig(cors_origins=("http://elsewhere",)))))
+    assert "access-control-allow-origin" not in other[1].headers

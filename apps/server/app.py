@@ -53,7 +53,7 @@ class Limits:
         self.app, self.config, self.metrics = app, config, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":  # CORS preflights carry no key
             return await self.app(scope, receive, send)
         path = scope["path"]
         route = "chat" if path == "/v1/chat/completions" or path.startswith("/v1/vlm/") else "other"
