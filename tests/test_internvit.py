@@ -290,3 +290,17 @@ def test_video_frames_take_one_tile_and_several_images_their_own(native, tmp_pat
     before = session.position
     "".join(session.ask("And this one?", images=[b], gen=GenerationConfig(max_new_tokens=2, temperature=0)))
     assert session.position - before >= tile_count(60, 140, ours.tiling) * ours.tokens_per_image
+
+
+def test_max_tiles_cli_option_reaches_the_model(native):
+    import argparse
+
+    from edge_vlm.commands import add_model_options, load_from_args
+
+    _, folder, _ = native
+    p = argparse.ArgumentParser()
+    add_model_options(p)
+    args = p.parse_args(["--max-tiles", "2", "--device", "cpu", "--backend", "torch"])
+    args.model = str(folder)
+    model = load_from_args(args)
+    assert model.tiling.max_tiles == 2 and model.tile_count(picture(15, (400, 100))) == 3
