@@ -36,15 +36,17 @@ from .timing import wall_time
 FRAMES = 8
 
 
-def random_parts(name: str, layers: int | None = None, seed: int = 0):
+def random_parts(name: str, layers: int | None = None, seed: int = 0, llm_hidden: int | None = None):
     """Tower + projector of a bench shape with weights that keep every layer working: unit LayerNorm gains,
     weights ~ N(0, 1/fan_in), small biases. (random_model.build_vision zeroes norms, convs and biases, which
-    is fine for speed but makes every image give the same features: useless for a cosine.)"""
+    is fine for speed but makes every image give the same features: useless for a cosine.) `llm_hidden`
+    projects to another LLM's width (a real small LLM in the image-question benchmark)."""
     cfg = vision_config(name, layers)
     kind, hidden = "mlp_downsample", 64
     if name in BENCH_VLMS:
         llm, _, kind = VLMS[BENCH_VLMS[name]]
         hidden = LLM_SHAPES[llm]["hidden_size"]
+    hidden = llm_hidden or hidden
     tower, projector = VisionTower(cfg), Projector(ProjectorConfig(kind, cfg.hidden_size, hidden))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -405,3 +405,16 @@ def test_benchmark_runs_every_backend_on_the_tiny_tower(capsys):
     for row in ("| torch fp32 |", "| ORT fp32 |", "| ORT int8 dynamic |", "| ORT int8 static |", "| torch bf16 |"):
         assert row in out
     assert "physical floor (fp32)" in out and "peak fp32 FMA" in out
+
+
+def test_image_question_benchmark_runs_each_backend_pair(smollm2, capsys):
+    """The TTFT benchmark of a 1-image question (a 2-layer real-width SigLIP tower here): every row is a
+    real session through the backends it names."""
+    from edge_vlm.benchmarks.image_question import main
+
+    main(["--layers", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "LLM on torch, vision on torch" in out and "LLM on llama.cpp, vision on torch" in out
+    assert "LLM on llama.cpp, vision on onnxruntime CPU int8" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " ms |" in line]
+    assert len(rows) == 3 and all(float(r.split("|")[2].split()[0]) > 0 for r in rows)
