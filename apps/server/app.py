@@ -29,7 +29,7 @@ from .metrics import Metrics
 from .worker import Job, ModelWorker, QueueFull
 
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/v1/health/", "/docs", "/openapi.json", "/static/")  # no key needed (probes, the page's files)
+OPEN_PATHS = ("/v1/health/",)  # the API paths that need no key (probes); the page and /docs need none either
 
 
 @dataclass
@@ -187,22 +187,11 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {worker.max_queue} requests already queued; retry later",
                            None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
-        cid, created = protocol.completion_id(), protocol.now()
-        first = await _next(job, request)  # errors before the first token (prompt too long) are plain 4xx
-        if first[0] == "error":
-            raise _stopped(job, first[1], metrics)
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_events(job, request, first, cid, created, config.model_id, include_usage,
-                                             metrics), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        text, event = [], first
-        while event[0] == "piece":
-            text.append(event[1])
-            event = await _next(job, request)
-        if event[0] == "error":
-            raise _stopped(job, event[1], metrics)
-        return protocol.completion(cid, created, config.model_id, "".join(text), event[1])
+        try:
+            return await _respond(job, request, body, metrics, config.model_id)
+        except BaseException:  # cancelled (shutdown) or failed here: the model must not go on for nobody
+            job.cancel("disconnected")
+            raise
 
     for path in ("/v1/chat/completions", "/v1/vlm/{org}/{name}"):
         app.add_api_route(path, chat, methods=["POST"], tags=["chat"],
@@ -222,6 +211,26 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
     app.add_middleware(Limits, config=config, metrics=metrics)
     return app
+
+
+async def _respond(job: Job, request: Request, body: protocol.ChatRequest, metrics: Metrics, model_id: str):
+    """The answer as one chat.completion, or as a stream of chunks once the first piece is there."""
+    cid, created = protocol.completion_id(), protocol.now()
+    first = await _next(job, request)  # errors before the first token (prompt too long) are plain 4xx
+    if first[0] == "error":
+        raise _stopped(job, first[1], metrics)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_events(job, request, first, cid, created, model_id, include_usage,
+                                         metrics), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    text, event = [], first
+    while event[0] == "piece":
+        text.append(event[1])
+        event = await _next(job, request)
+    if event[0] == "error":
+        raise _stopped(job, event[1], metrics)
+    return protocol.completion(cid, created, model_id, "".join(text), event[1])
 
 
 async def _next(job: Job, request: Request):
