@@ -523,9 +523,10 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
 
         optimize_for_device(model)
     if vision_backend != "torch" and model.is_multimodal:
-        from .backends.onnx import attach_onnx_vision
+        from .backends.onnx import attach_onnx_vision, release_torch_tower
 
         model.info.vision_backend = attach_onnx_vision(model, vision_backend, progress=show)
+        release_torch_tower(model)  # ONNX Runtime holds the vision weights now (no-op on the torch path)
     return model
 
 

@@ -29,7 +29,8 @@ import onnxruntime as ort
 
 from edge_vlm import load_model
 from edge_vlm.backends.onnx import (
-    OnnxFallbackWarning, OnnxVisionEncoder, add_export_arguments, attach_onnx_vision, export_vision, run_export)
+    OnnxFallbackWarning, OnnxVisionEncoder, add_export_arguments, attach_onnx_vision, export_vision,
+    release_torch_tower, run_export)
 from edge_vlm.backends.onnx import cache, choice, export, int8, providers
 from edge_vlm.errors import EdgeVLMError
 from tests.factories import make_llm, make_vila
@@ -209,6 +210,25 @@ def test_auto_follows_the_measured_int8_speedup(tiny_vila, monkeypatch):
     assert attach(model, "auto")[0] == "onnxruntime CPU int8"
     monkeypatch.setattr(choice, "cpu_int8_speedup", lambda *a: choice.AUTO_MIN_SPEEDUP * 0.9)
     assert attach(model, "auto") == ("torch", []) and model.encoder is None
+
+
+def test_load_model_with_onnx_frees_the_torch_tower(tiny_vila, cache_root):
+    """Through load_model, once ONNX Runtime encodes the images the torch tower's weights are gone
+    (on the meta device), the answer still comes, and the fallback keeps the torch tower whole."""
+    from edge_vlm import ChatSession, GenerationConfig
+
+    ref = load(tiny_vila)
+    images = fresh_images(1, seed=21)
+    want = ref.encode_images(images)
+    model = load_model(tiny_vila, device="cpu", progress=False, vision_backend="onnx")
+    assert model.encoder is not None and model.info.vision_backend.startswith("onnxruntime CPU")
+    assert all(p.device.type == "meta" for m in (model.vision, model.projector) for p in m.parameters())
+    assert int8.cosine(model.encode_images(images), want) >= int8.MIN_COSINE
+    session = ChatSession(model)
+    session.answer("what is this?", images=images, gen=GenerationConfig(max_new_tokens=3, temperature=0))
+    assert session.stats.vision_backend.startswith("onnxruntime")
+    assert attach_onnx_vision(ref, "torch") == "torch" and release_torch_tower(ref) == 0  # the torch path keeps it
+    assert all(p.device.type == "cpu" for p in ref.vision.parameters())
 
 
 def assert_fell_back(model, caught, reason: str, images):

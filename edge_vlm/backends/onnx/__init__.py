@@ -11,10 +11,10 @@
 onnxruntime and onnx are optional (`pip install 'edge-vlm[onnx]'`): importing this package needs neither.
 """
 
-from .choice import MODES, OnnxFallbackWarning, attach_onnx_vision, cpu_int8_speedup
+from .choice import MODES, OnnxFallbackWarning, attach_onnx_vision, cpu_int8_speedup, release_torch_tower
 from .cli import add_export_arguments, run_export
 from .encoder import OnnxVisionEncoder
 from .export import PRECISIONS, export_vision
 
 __all__ = ["MODES", "PRECISIONS", "OnnxFallbackWarning", "OnnxVisionEncoder", "add_export_arguments",
-           "attach_onnx_vision", "cpu_int8_speedup", "export_vision", "run_export"]
+           "attach_onnx_vision", "cpu_int8_speedup", "export_vision", "release_torch_tower", "run_export"]

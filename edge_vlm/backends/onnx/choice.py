@@ -162,3 +162,20 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
                          "to export again")
     model.encoder = encoder
     return encoder.describe()
+
+
+def release_torch_tower(model) -> int:
+    """Free the torch tower's and projector's weights once ONNX Runtime encodes the images (`model.encoder`
+    set); returns the bytes freed. At VILA1.5's SigLIP-so400m that is ~1.6 GB in fp32, about as much as the
+    rest of a 3B int4 model: keeping both would double the vision side's memory for nothing. The modules
+    stay, on the meta device, for their shapes and configs; attaching "torch" again needs a fresh load.
+    """
+    if model.encoder is None or model.vision is None:
+        return 0
+    parts = [m for m in (model.vision, model.projector) if m is not None]
+    freed = sum(t.numel() * t.element_size() for m in parts for t in (*m.parameters(), *m.buffers())
+                if t.device.type != "meta")
+    for m in parts:
+        m.to("meta")
+    return freed
+
