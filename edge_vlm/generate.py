@@ -2,7 +2,8 @@
 
 `Engine` owns the cache and the two model calls (prefill, step); `generate` drives them with
 a sampler and timing, and `AnswerText` decides where the answer ends (EOS, stop strings) and
-what text is safe to stream. Faster engines (CUDA graphs) replace `step`; engines that are not
+what text is safe to stream. A `constraint` (edge_vlm/constrained.py) masks the logits of every
+engine before sampling, so the answer matches a JSON schema or a list of choices. Faster engines (CUDA graphs) replace `step`; engines that are not
 torch modules (llama.cpp) take a `Prompt` of token ids and image embeddings as it is.
 """
 
@@ -16,6 +17,7 @@ from typing import Iterator
 
 import torch
 
+from .constrained import compile_constraint
 from .llm import DecoderLM
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
@@ -30,6 +32,9 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    # the answer must match: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}},
+    # a JSON schema dict (NIM's guided_json), a list of choices, or a constrained.Constraint (None: free text)
+    constraint: object = None
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
@@ -43,7 +48,10 @@ class GenerationStats:
     decode_tokens_per_s: float = 0.0
     total_s: float = 0.0
     peak_memory_bytes: int = 0
-    stop_reason: str = ""  # eos | stop_string | max_new_tokens | context_full | stopped
+    # eos | stop_string | max_new_tokens | context_full | stopped. Under a constraint, "eos" means the
+    # answer is a complete match (the grammar ended it, or the model chose EOS where the grammar may end);
+    # any other reason means the answer was cut short and may not parse (a half-written JSON object)
+    stop_reason: str = ""
     cached_prompt_tokens: int = 0  # tokens of earlier turns reused from the KV cache, not run again
     backend: str = "torch"  # what ran the language model (torch, llama.cpp)
     vision_backend: str = ""  # what ran the vision tower, for multimodal models (torch, onnxruntime ...)
@@ -144,6 +152,7 @@ class AnswerText:
     """
 
     def __init__(self, tokenizer, eos_ids: set[int], stop_strings: list[str]):
+        self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.stops = [s for s in stop_strings if s]
         self._hold = max((len(s) for s in self.stops), default=1) - 1
@@ -187,6 +196,8 @@ def generate(engine: Engine, prompt: Prompt | torch.Tensor, gen: GenerationConfi
     last one is NOT yet in the cache (it was never fed), nor are any after a stop string.
 
     Fills `stats` as it goes: TTFT from `t0` (default: now) to the first sampled token.
+    With `gen.constraint`, only tokens the grammar allows are sampled (EOS only where it may end), and
+    the answer ends as soon as the grammar is complete and takes nothing more (no further model step).
     """
     stats = stats if stats is not None else GenerationStats()
     device = engine.device
@@ -194,6 +205,7 @@ def generate(engine: Engine, prompt: Prompt | torch.Tensor, gen: GenerationConfi
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter() if t0 is None else t0
     sampler = Sampler(gen.sampling())
+    mask = None if gen.constraint is None else compile_constraint(gen.constraint, answer.tokenizer, answer.eos_ids)
     stats.prompt_tokens = prompt.shape[1] if isinstance(prompt, torch.Tensor) else len(prompt)
     logits = engine.prefill(prompt)
     history = answer.tokens
@@ -205,19 +217,24 @@ def generate(engine: Engine, prompt: Prompt | torch.Tensor, gen: GenerationConfi
                 stats.stop_reason = "stopped"
                 break
             hist = torch.tensor(history, dtype=torch.long) if gen.repetition_penalty != 1.0 else None
-            token = sampler(logits, hist)
+            token = sampler(logits, hist, None if mask is None else mask.allowed(logits.shape[-1]))
             if t_first is None:
                 t_first = time.perf_counter()
                 stats.ttft_s = t_first - t0
             if answer.is_eos(token):
                 stats.stop_reason = "eos"
                 break
+            if mask is not None:
+                mask.advance(token)
             piece = answer.push(token)
             stats.new_tokens = len(history)
             if piece:
                 yield piece
             if answer.stopped:
                 stats.stop_reason = "stop_string"
+                break
+            if mask is not None and mask.done:  # only EOS could follow: end without sampling it
+                stats.stop_reason = "eos"
                 break
             if len(history) >= gen.max_new_tokens:
                 break

@@ -1,6 +1,8 @@
 """Next-token selection: greedy, or temperature / top-k / top-p sampling with a repetition penalty.
 
-A seeded `torch.Generator` makes sampled answers reproducible: same seed, same text.
+A seeded `torch.Generator` makes sampled answers reproducible: same seed, same text. An optional
+mask of allowed tokens (constrained decoding, edge_vlm/constrained.py) removes the others before
+anything else, so the same seed draws the same token whenever the mask allows every token.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ class Sampler:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> int:
-        """logits: [vocab] float32; history: ids seen so far (for the repetition penalty)."""
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None,
+                 allowed: torch.Tensor | None = None) -> int:
+        """logits: [vocab] float32; history: ids seen so far (for the repetition penalty);
+        allowed: bool [vocab], the only tokens that may be drawn (None: all)."""
         p = self.p
+        if allowed is not None:
+            logits = logits.detach().float().cpu().masked_fill(~allowed, float("-inf"))
         if p.temperature <= 0 and p.repetition_penalty == 1.0:
             return int(torch.argmax(logits))
         logits = logits.detach().float().cpu().clone()

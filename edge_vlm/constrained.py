@@ -1,0 +1,204 @@
+"""Constrained decoding: the answer must match a grammar (any JSON object, a JSON schema, one of
+a list of choices), enforced as a mask over the next token's logits in our sampler.
+
+Why here and not in an engine: every engine (torch, llama.cpp) hands the generate loop logits
+[vocab], so one mask applied before sampling constrains them all. The grammar engine is
+llguidance (MIT, no dependencies, reads tokenizer.json as it is): benchmarks/constrained_overhead.py
+measured it against xgrammar and outlines-core on the real SmolLM2 tokenizer (RESULTS.md).
+
+Three steps, each in one place:
+- `Constraint.parse` turns what a caller or an API request gives (OpenAI `response_format`,
+  NIM's `guided_json` schema, a list of choices) into one spec; an invalid one is an EdgeVLMError.
+- `compile_constraint` builds the grammar for a tokenizer once (the tokenizer's byte table once
+  per tokenizer, each grammar once per tokenizer) and keeps both cached.
+- `TokenMask` (one per answer) gives the allowed tokens before each sample and advances with each
+  sampled token; EOS is allowed only where the grammar may end, and `done` says when the grammar
+  can take nothing more, which ends the answer without another model step.
+JSON is compact (no free whitespace): a small model cannot spend its budget on blank lines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .errors import EdgeVLMError
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What the answer must be. kind: "json_object" (any JSON object), "json_schema" (`schema`),
+    "choice" (exactly one of `choices`), or "lark" (a grammar in llguidance's Lark syntax)."""
+
+    kind: str
+    schema: str = ""  # the JSON schema as canonical JSON text (hashable, a cache key)
+    choices: tuple[str, ...] = ()
+    lark: str = ""
+
+    @classmethod
+    def parse(cls, spec) -> "Constraint":
+        """A Constraint from what an API gives: a Constraint; `{"type": "json_object"}`;
+        `{"type": "json_schema", "json_schema": {"schema": {...}}}` (OpenAI response_format);
+        a JSON schema itself (NIM's `nvext.guided_json`, as a dict or JSON text); a list of strings."""
+        if isinstance(spec, Constraint):
+            return spec
+        if isinstance(spec, (list, tuple)):
+            return cls.choice(spec)
+        if isinstance(spec, str):
+            try:
+                spec = json.loads(spec)
+            except json.JSONDecodeError as e:
+                raise EdgeVLMError(f"constraint: a JSON schema given as text is not JSON ({e})") from None
+        if not isinstance(spec, dict):
+            raise EdgeVLMError(f"constraint: expected a JSON schema, a response_format or a list of choices, "
+                               f"got {type(spec).__name__}")
+        kind = spec.get("type")
+        if kind == "json_object" and set(spec) <= {"type"}:
+            return cls("json_object")
+        if kind == "json_schema" and "json_schema" in spec:
+            inner = spec["json_schema"]
+            if not isinstance(inner, dict) or not isinstance(inner.get("schema"), dict):
+                raise EdgeVLMError('constraint: response_format json_schema needs {"json_schema": {"schema": {...}}}')
+            return cls.json_schema(inner["schema"])
+        if kind == "text" and set(spec) <= {"type"}:
+            raise EdgeVLMError('constraint: response_format {"type": "text"} means no constraint; pass None')
+        return cls.json_schema(spec)
+
+    @classmethod
+    def json_schema(cls, schema: dict) -> "Constraint":
+        if not isinstance(schema, dict):
+            raise EdgeVLMError(f"constraint: a JSON schema must be an object, got {type(schema).__name__}")
+        try:
+            text = json.dumps(schema)  # property order is the order the answer writes them
+        except (TypeError, ValueError) as e:
+            raise EdgeVLMError(f"constraint: the JSON schema is not JSON-serialisable ({e})") from None
+        return cls("json_schema", schema=text)
+
+    @classmethod
+    def choice(cls, choices) -> "Constraint":
+        choices = tuple(choices)
+        if not choices or not all(isinstance(c, str) and c for c in choices):
+            raise EdgeVLMError("constraint: choices must be a non-empty list of non-empty strings")
+        return cls("choice", choices=choices)
+
+    def grammar(self) -> str:
+        """This constraint as an llguidance grammar (JSON text)."""
+        from llguidance import LLMatcher
+
+        compact = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
+        if self.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=compact)
+        if self.kind == "json_schema":
+            return LLMatcher.grammar_from_json_schema(self.schema, overrides=compact)
+        if self.kind == "choice":
+            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choices))
+        if self.kind == "lark":
+            return LLMatcher.grammar_from_lark(self.lark)
+        raise EdgeVLMError(f"constraint: unknown kind {self.kind!r}")
+
+    def describe(self) -> str:
+        return {"json_object": "a JSON object", "json_schema": "JSON matching the schema",
+                "choice": "one of " + ", ".join(map(repr, self.choices)), "lark": "the grammar"}.get(self.kind, self.kind)
+
+
+def llguidance_module():
+    try:
+        import llguidance
+    except ImportError:
+        raise EdgeVLMError("constrained decoding needs llguidance: pip install 'edge-vlm[structured]'") from None
+    return llguidance
+
+
+class _Compiled:
+    """One tokenizer's llguidance tables and its compiled grammars (a fresh matcher per grammar,
+    copied for each answer: copying is cheap, compiling is not)."""
+
+    MAX_GRAMMARS = 64
+
+    def __init__(self, tokenizer, eos_ids: tuple[int, ...]):
+        llg = llguidance_module()
+        if tokenizer.hf is None:
+            raise EdgeVLMError("constrained decoding needs a tokenizer.json tokenizer (this checkpoint has only "
+                               "sentencepiece's tokenizer.model)")
+        self.llg = llg
+        self.tokenizer = llg.LLTokenizer(tokenizer.hf.to_str(), eos_token=list(eos_ids))
+        self.vocab_size = self.tokenizer.vocab_size
+        self.grammars: OrderedDict[Constraint, object] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def matcher(self, constraint: Constraint):
+        with self.lock:
+            fresh = self.grammars.get(constraint)
+            if fresh is None:
+                grammar = constraint.grammar()
+                fresh = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+                if fresh.is_error():
+                    raise EdgeVLMError(f"constraint: invalid {constraint.kind.replace('_', ' ')}: "
+                                       + _one_line(fresh.get_error()))
+                self.grammars[constraint] = fresh
+                while len(self.grammars) > self.MAX_GRAMMARS:
+                    self.grammars.popitem(last=False)
+            self.grammars.move_to_end(constraint)
+            return fresh.deep_copy()
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split("\n<state>")[0].split())
+
+
+_compiled: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> {eos ids: _Compiled}
+_compiled_lock = threading.Lock()
+
+
+def compile_constraint(constraint, tokenizer, eos_ids) -> "TokenMask":
+    """A TokenMask for one answer under `constraint` (anything `Constraint.parse` takes), for
+    `tokenizer` (our Tokenizer) ending at `eos_ids`. Compiles once per tokenizer and grammar."""
+    constraint = Constraint.parse(constraint)
+    key = tuple(sorted(eos_ids))
+    with _compiled_lock:
+        per_tokenizer = _compiled.setdefault(tokenizer, {})
+        if key not in per_tokenizer:
+            per_tokenizer[key] = _Compiled(tokenizer, key)
+        compiled = per_tokenizer[key]
+    return TokenMask(compiled.matcher(constraint), compiled.vocab_size, constraint)
+
+
+class TokenMask:
+    """The grammar's state for one answer: which tokens may come next, and advancing past one."""
+
+    def __init__(self, matcher, vocab_size: int, constraint: Constraint):
+        self.constraint = constraint
+        self._m = matcher
+        self.vocab_size = vocab_size
+        self._bits = torch.zeros((vocab_size + 31) // 32, dtype=torch.int32)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self, n_logits: int) -> torch.Tensor:
+        """bool [n_logits]: True where the next token may be sampled (rows past the tokenizer's
+        vocabulary, padding of the embedding table, are never allowed)."""
+        self._m.unsafe_compute_mask_ptr(self._bits.data_ptr(), self._bits.numel() * 4)
+        bits = ((self._bits.unsqueeze(-1) >> self._shifts) & 1).view(-1).bool()
+        if n_logits <= bits.numel():
+            return bits[:n_logits]
+        return torch.cat([bits, torch.zeros(n_logits - bits.numel(), dtype=torch.bool)])
+
+    def advance(self, token: int) -> None:
+        """Move past a sampled token (one the mask allowed)."""
+        if not self._m.consume_token(token):
+            raise EdgeVLMError(f"constraint: token {token} does not fit {self.constraint.describe()}: "
+                               + _one_line(self._m.get_error()))
+
+    @property
+    def complete(self) -> bool:
+        """The answer so far is a whole match (EOS is allowed now)."""
+        return self._m.is_accepting()
+
+    @property
+    def done(self) -> bool:
+        """Complete, and the grammar takes no further token: the answer ends here."""
+        return self._m.is_stopped()
