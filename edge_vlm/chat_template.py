@@ -7,26 +7,51 @@ the rendered prompt there and splices in the image embeddings.
 
 For multi-turn chat the KV cache already holds everything up to the end of the last answer,
 so `ChatTemplate.continuation` renders only what comes after it (end of the answer, the new
-user turn, the assistant prefix).
+user or tool turn, the assistant prefix).
+
+Tools and RAG documents reach the template as Hugging Face's `apply_chat_template` passes them:
+`tools` (OpenAI-shaped specs), `documents` (`[{"text": ...}]`), assistant messages with
+`tool_calls` (arguments as dicts) and `role: "tool"` messages. `tojson` behaves as in
+transformers (no HTML escaping, keys in their order), so a checkpoint's template renders tools
+exactly as it does there. `tool_format` says which tool-call syntax the model writes.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import EdgeVLMError
 
 IMAGE_MARK = "<image>"
 _ANSWER_SENTINEL = "\uE000ANSWER\uE001"
 
 BUILTIN_TEMPLATES = {
-    # NeVA / Nemovision (Nemotron-Mini) format.
+    # NeVA / Nemovision (Nemotron-Mini) format. With tools or documents the system turn gains the
+    # card's block: a blank line, one `<tool> {spec} </tool>` / `<context> {text} </context>` line
+    # each, a blank line; calls are `<toolcall> {"name", "arguments"} </toolcall>`, results a Tool turn.
     "nemovision": (
+        "{% set ns = namespace(block='') %}"
+        "{% for t in tools or [] %}{% set ns.block = ns.block + ('\\n' if ns.block else '') + '<tool> '"
+        " + (t | tojson) + ' </tool>' %}{% endfor %}"
+        "{% for d in documents or [] %}{% set ns.block = ns.block + ('\\n' if ns.block else '') + '<context> '"
+        " + (d.text if d is mapping else d) + ' </context>' %}{% endfor %}"
         "{% for m in messages %}"
         "{% if m.role == 'system' %}<extra_id_0>System\n{{ m.content }}\n"
-        "{% elif m.role == 'user' %}{% if loop.first %}<extra_id_0>System\n\n{% endif %}<extra_id_1>User\n{{ m.content }}\n"
-        "{% else %}<extra_id_1>Assistant\n{{ m.content }}\n{% endif %}{% endfor %}"
+        "{% if ns.block %}{{ '\\n' + ns.block + '\\n\\n' }}{% endif %}"
+        "{% else %}{% if loop.first and m.role != 'assistant' %}<extra_id_0>System\n"
+        "{{ ns.block + '\\n\\n' if ns.block else '\\n' }}{% endif %}"
+        "{% if m.role == 'user' %}<extra_id_1>User\n{{ m.content }}\n"
+        "{% elif m.role == 'tool' %}<extra_id_1>Tool\n{{ m.content }}\n"
+        "{% else %}<extra_id_1>Assistant\n{{ m.content if m.content is not none else '' }}"
+        "{% for c in m.tool_calls or [] %}{% set f = c.function if c.function is defined else c %}"
+        "{{ '\\n' if m.content or not loop.first else '' }}<toolcall> "
+        "{{ {'name': f.name, 'arguments': f.arguments} | tojson }} </toolcall>{% endfor %}{{ '\\n' }}"
+        "{% endif %}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<extra_id_1>Assistant\n{% endif %}"
     ),
     # VILA's conv_vicuna_v1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
@@ -96,16 +121,28 @@ def _raise(msg):
     raise jinja2.exceptions.TemplateError(msg)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """transformers' `tojson`: plain json.dumps (Jinja's own escapes <, >, & and sorts keys)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+# Tool-call syntaxes we parse (edge_vlm.tools), recognised by their opening tag in the template.
+TOOL_CALL_TAGS = {"nemovision": ("<toolcall>", "</toolcall>"), "hermes": ("<tool_call>", "</tool_call>")}
+
+
 class ChatTemplate:
     def __init__(self, source: str, name: str = "checkpoint", bos_token: str | None = None,
                  eos_token: str | None = None, stop_strings: list[str] | None = None):
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = _tojson
         self.template = env.from_string(source)
+        self.source = source
         self.name = name
         self.bos_token, self.eos_token = bos_token or "", eos_token or ""
         self.stop_strings = list(stop_strings or [])
+        self._variables = jinja2.meta.find_undeclared_variables(env.parse(source))
 
     @classmethod
     def builtin(cls, name: str, bos_token=None, eos_token=None) -> "ChatTemplate":
@@ -113,19 +150,58 @@ class ChatTemplate:
             raise ValueError(f"unknown chat template {name!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
         return cls(BUILTIN_TEMPLATES[name], name, bos_token, eos_token, BUILTIN_STOPS[name])
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token)
+    @property
+    def takes_tools(self) -> bool:
+        """Whether the template renders a `tools` list (and so tool calls and results)."""
+        return "tools" in self._variables
 
-    def continuation(self, history: list[dict], user: dict) -> str:
-        """Text that follows the last assistant answer in `history` when `user` speaks next.
+    @property
+    def takes_documents(self) -> bool:
+        """Whether the template renders RAG `documents` (Nemovision's `<context>` block)."""
+        return "documents" in self._variables
+
+    @property
+    def tool_format(self) -> str | None:
+        """The tool-call syntax the model answers in (a key of TOOL_CALL_TAGS), None if unknown."""
+        if not self.takes_tools:
+            return None
+        for fmt, (opening, _) in TOOL_CALL_TAGS.items():
+            if opening in self.source:
+                return fmt
+        return None
+
+    def check_tools(self, tools, documents) -> None:
+        """EdgeVLMError unless this template can render these tools and documents and its model's
+        tool calls can be parsed."""
+        if tools and self.tool_format is None:
+            why = ("its tool-call syntax is not one edge-vlm parses (known: "
+                   + ", ".join(o for o, _ in TOOL_CALL_TAGS.values()) + ")") if self.takes_tools \
+                else "it has no tool format"
+            raise EdgeVLMError(f"this model's chat template ({self.name}) cannot take tools: {why}")
+        if documents and not self.takes_documents:
+            raise EdgeVLMError(f"this model's chat template ({self.name}) has no place for context documents "
+                               "(Nemovision's <context> block)")
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools=None, documents=None) -> str:
+        extra = {}
+        if tools:
+            extra["tools"] = list(tools)
+        if documents:
+            extra["documents"] = list(documents)
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token, **extra)
+
+    def continuation(self, history: list[dict], user, tools=None, documents=None) -> str:
+        """Text that follows the last assistant answer in `history` when `user` (one message, or a
+        list: tool results, then perhaps a user message) speaks next.
 
         Renders the conversation with a sentinel in place of the last answer and keeps what
         follows it; the answer's own tokens are already in the KV cache.
         """
         assert history and history[-1]["role"] == "assistant"
-        marked = history[:-1] + [{"role": "assistant", "content": _ANSWER_SENTINEL}, user]
-        text = self.render(marked, add_generation_prompt=True)
+        new = [user] if isinstance(user, dict) else list(user)
+        marked = history[:-1] + [{"role": "assistant", "content": _ANSWER_SENTINEL}] + new
+        text = self.render(marked, add_generation_prompt=True, tools=tools, documents=documents)
         at = text.rfind(_ANSWER_SENTINEL)
         if at < 0:
             raise ValueError(f"chat template {self.name!r} drops earlier answers; cannot continue a chat")
