@@ -42,7 +42,7 @@ BUILTIN_TEMPLATES = {
         " + (d.text if d is mapping else d) + ' </context>' %}{% endfor %}"
         "{% for m in messages %}"
         "{% if m.role == 'system' %}<extra_id_0>System\n{{ m.content }}\n"
-        "{% if ns.block %}{{ '\\n' + ns.block + '\\n\\n' }}{% endif %}"
+        "{% if ns.block %}{{ '\\n' + ns.block + '\\n\\n' }}{% else %}{{ '\\n' }}{% endif %}"
         "{% else %}{% if loop.first and m.role != 'assistant' %}<extra_id_0>System\n"
         "{{ ns.block + '\\n\\n' if ns.block else '\\n' }}{% endif %}"
         "{% if m.role == 'user' %}<extra_id_1>User\n{{ m.content }}\n"

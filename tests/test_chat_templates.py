@@ -17,9 +17,10 @@ CONVERSATION = [
 
 
 def test_nemovision_format():
+    """As the Nemovision-4B-Instruct card writes it: a blank line after the system prompt."""
     t = ChatTemplate.builtin("nemovision")
     assert t.render(CONVERSATION[:2]) == (
-        "<extra_id_0>System\nBe brief.\n<extra_id_1>User\n<image>\nWhat is this?\n<extra_id_1>Assistant\n")
+        "<extra_id_0>System\nBe brief.\n\n<extra_id_1>User\n<image>\nWhat is this?\n<extra_id_1>Assistant\n")
 
 
 def test_vicuna_v1_format_matches_vila():
