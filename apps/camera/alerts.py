@@ -28,23 +28,54 @@ def _stderr_fd():
 
 
 class AlertRule:
-    """`yes` / `no`: the answer starts with that word (for yes/no questions); anything else: a regex."""
+    """When an answer raises an alert.
 
-    def __init__(self, pattern: str):
-        self.pattern = pattern
+    Free text: `yes` / `no` means the answer starts with that word (for yes/no questions), anything
+    else is a regex. Structured answers (`structured` = "choice" or "json", from --choices /
+    --json-schema) match the parsed value instead of guessing from text: a choice equals the pattern
+    (case-insensitive); a JSON answer matches `KEY=VALUE` when that field (dots for nested keys) has
+    that value (compared as JSON: `count=2`, `label=person`, `seen=true`), or else the pattern as a
+    regex over the compact JSON text.
+    """
+
+    def __init__(self, pattern: str, structured: str | None = None):
+        self.pattern, self.structured = pattern, structured
         word = pattern.strip().lower()
-        self.yes_no = word if word in ("yes", "no") else None
-        if self.yes_no is None:
+        self.yes_no = word if word in ("yes", "no") and structured is None else None
+        self.field = None
+        if structured == "json" and re.fullmatch(r"[\w.]+=.*", pattern.strip()):
+            key, value = pattern.strip().split("=", 1)
+            self.field = (key.split("."), value)
+        elif structured is None or structured == "json":
             try:
                 self.regex = re.compile(pattern, re.IGNORECASE)
             except re.error as e:
                 raise EdgeVLMError(f"--alert {pattern!r} is not a valid regular expression: {e}") from None
 
-    def matches(self, answer: str) -> bool:
+    def matches(self, answer: str, value=None) -> bool:
+        if self.structured == "choice":
+            return value is not None and str(value).lower() == self.pattern.strip().lower()
+        if self.structured == "json":
+            if value is None:  # cut short or unparsable: nothing to decide on
+                return False
+            if self.field is not None:
+                return _field_equals(value, *self.field)
+            return self.regex.search(json.dumps(value, separators=(",", ":"))) is not None
         if self.yes_no:
             first = re.match(r"\W*(\w+)", answer)
             return bool(first) and first.group(1).lower() == self.yes_no
         return self.regex.search(answer) is not None
+
+
+def _field_equals(value, path: list[str], want: str) -> bool:
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return False
+        value = value[key]
+    try:
+        return value == json.loads(want)
+    except json.JSONDecodeError:  # a bare word: compare with the field's text
+        return isinstance(value, str) and value.lower() == want.lower()
 
 
 class Alerter:
@@ -69,7 +100,7 @@ class Alerter:
 
     def maybe_fire(self, record: dict, now: float) -> bool:
         """True if `record` (a JSON-line dict with an 'answer') raised an alert now."""
-        if not self.rule.matches(record["answer"]):
+        if not self.rule.matches(record["answer"], record.get("value")):
             return False
         if self.last_fired is not None and now - self.last_fired < self.cooldown:
             return False

@@ -61,7 +61,15 @@ def register(sub) -> None:
     g.add_argument("--context-frames", type=int, default=1, metavar="K",
                    help="show the model the last K answered frames together (motion, events); default 1")
     g.add_argument("--max-frames", type=int, metavar="N", help="stop after N source frames")
-    add_generation_options(p.add_argument_group("answers"), temperature=0.0, max_new_tokens=64)
+    g = p.add_argument_group("answers")
+    add_generation_options(g, temperature=0.0, max_new_tokens=64)
+    shape = g.add_mutually_exclusive_group()
+    shape.add_argument("--choices", metavar="A,B,...",
+                       help="constrain every answer to exactly one of these (e.g. yes,no); the JSON line's "
+                            "'value' is the choice, and --alert matches it exactly")
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="constrain every answer to JSON valid under this schema; the JSON line's 'value' is "
+                            "the parsed object, and --alert KEY=VALUE matches a field (dots for nested keys)")
     g = p.add_argument_group("outputs and alerts")
     g.add_argument("--output", metavar="PATH|URL",
                    help="annotated video: a file (.mp4 .avi .mkv) or a stream (udp://HOST:PORT, rtsp://SERVER/PATH)")
@@ -104,6 +112,30 @@ def _check_args(args) -> None:
         raise EdgeVLMError("--alert-cmd / --webhook need --alert PATTERN to know when to fire")
 
 
+def _constraint(args):
+    """The answers' constraint from --choices / --json-schema (checked before the model loads), or None."""
+    import json
+    from pathlib import Path
+
+    from edge_vlm.constrained import Constraint
+    from edge_vlm.errors import EdgeVLMError
+
+    if args.choices is not None:
+        choices = [c.strip() for c in args.choices.split(",") if c.strip()]
+        if len(choices) < 2:
+            raise EdgeVLMError(f"--choices needs at least two comma-separated answers, got {args.choices!r}")
+        return Constraint.parse(choices)
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(Path(args.json_schema).read_text())
+        except OSError as e:
+            raise EdgeVLMError(f"--json-schema: cannot read {args.json_schema}: {e.strerror or e}") from None
+        except json.JSONDecodeError as e:
+            raise EdgeVLMError(f"--json-schema: {args.json_schema} is not JSON ({e})") from None
+        return Constraint.parse(schema)
+    return None
+
+
 def run(args) -> int:
     from edge_vlm.apps.media.frame_sources import open_source
     from edge_vlm.commands import generation_config
@@ -112,6 +144,8 @@ def run(args) -> int:
     from .outputs import AnnotatedVideo, JsonLines
     from .pipeline import CameraPipeline
     from .triggers import Trigger
+
+    from edge_vlm.errors import EdgeVLMError
 
     _check_args(args)
     # Everything the user can get wrong fails here, before the (slow) model load.
@@ -122,12 +156,18 @@ def run(args) -> int:
         interval = args.interval if args.interval is not None else (None if args.on_change is not None else 5.0)
         trigger = Trigger(interval, args.on_change)
         video = AnnotatedVideo(args.output, fps=source.fps or 15.0) if args.output else None
-        alerter = (Alerter(AlertRule(args.alert), args.cooldown, args.alert_cmd, args.webhook, log=_log)
+        constraint = _constraint(args)
+        if constraint is not None and args.server:
+            raise EdgeVLMError("--choices / --json-schema run in this process's sampler: not with --server")
+        kind = None if constraint is None else "choice" if constraint.kind == "choice" else "json"
+        alerter = (Alerter(AlertRule(args.alert, kind), args.cooldown, args.alert_cmd, args.webhook, log=_log)
                    if args.alert is not None else None)
+        gen = generation_config(args)
+        gen.constraint = constraint
         pipeline = CameraPipeline(
             session=_session(args), source=source,
             prompts=args.prompt or ["Describe what you see in one sentence."], trigger=trigger,
-            gen=generation_config(args),
+            gen=gen, structured=kind,
             json_out=JsonLines(sys.stdout), video_out=video, alerter=alerter, context_frames=args.context_frames,
             realtime=args.realtime, max_frames=args.max_frames, log=_log)
     except BaseException:

@@ -14,6 +14,7 @@ recreated, and frame buffers are reused, so memory stays flat for days.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,19 @@ from .alerts import Alerter
 from .capture import CaptureThread
 from .outputs import AnnotatedVideo, JsonLines
 from .triggers import Trigger
+
+
+def structured_value(answer: str, kind: str, stop_reason: str) -> dict:
+    """The record's `value` for a constrained answer: the choice, or the parsed JSON; None with a
+    `value_error` when the answer was cut short (max_new_tokens, a stop) before the grammar ended."""
+    if stop_reason != "eos":
+        return {"value": None, "value_error": f"answer cut short ({stop_reason}): raise --max-new-tokens"}
+    if kind == "choice":
+        return {"value": answer}
+    try:
+        return {"value": json.loads(answer)}
+    except json.JSONDecodeError as e:  # cannot happen for a completed grammar; reported, never raised
+        return {"value": None, "value_error": f"not JSON: {e}"}
 
 
 @dataclass
@@ -56,6 +70,7 @@ class CameraPipeline:
     video_out: AnnotatedVideo | None = None
     alerter: Alerter | None = None
     context_frames: int = 1  # >1: each question sees the last K answered frames (oldest first)
+    structured: str | None = None  # "choice" / "json": answers are constrained; records carry the parsed value
     realtime: bool = False  # read a recorded source like a camera (capture thread, wall clock)
     max_frames: int | None = None  # stop after this many frames from the source (trials, tests)
     stop: threading.Event = field(default_factory=threading.Event)
@@ -157,6 +172,8 @@ class CameraPipeline:
             }
             if score is not None:
                 record["change_score"] = round(score, 4)
+            if self.structured:
+                record.update(structured_value(answer, self.structured, self.session.stats.stop_reason))
             record["alert"] = bool(self.alerter and self.alerter.maybe_fire(record, frame.timestamp))
             self.stats.alerts += record["alert"]
             self.stats.answers += 1
