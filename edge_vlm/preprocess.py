@@ -39,6 +39,8 @@ def load_image(src) -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decode now: truncated files fail here, not later
             return img.convert("RGB")
+    except Image.DecompressionBombError as e:  # a huge image (or a zip bomb): refused before it is decoded
+        raise MediaError(f"cannot read image {path}: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise MediaError(f"cannot read image {path}: not an image or corrupt ({e})") from None
 

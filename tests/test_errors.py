@@ -170,3 +170,17 @@ def test_unknown_projector_is_refused_clearly(tiny_vila, tmp_path):
     (m / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp_downsample_3x3_fix"}))
     with pytest.raises(UnsupportedModelError, match="unsupported projector 'mlp_downsample_3x3_fix'; supported"):
         load_model(m, device="cpu", progress=False)
+
+
+def test_a_decompression_bomb_image_is_one_line_in_the_cli(tiny_vila, tmp_path, capsys):
+    """A 14000 x 14000 PNG (196 Mpixel, over Pillow's bomb limit): refused from its header, one line."""
+    from PIL import Image
+
+    from edge_vlm.cli import main
+
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (14000, 14000)).save(bomb)  # 1-bit: a few kB on disk
+    assert main(["chat", "--model", str(tiny_vila), "--backend", "torch", "--image", str(bomb), "hi"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edge-vlm: error: cannot read image") and "decompression bomb" in err.lower()
+    assert len(err.splitlines()) == 1

@@ -103,6 +103,7 @@ def test_the_wheel_holds_only_edge_vlm(tmp_path):
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"edge_vlm"}
     for sub in ("edge_vlm/apps/media/frame_sources.py", "edge_vlm/quantize/pipeline.py",
-                "edge_vlm/benchmarks/shapes.py", "edge_vlm/session.py"):
+                "edge_vlm/benchmarks/shapes.py", "edge_vlm/session.py",
+                "edge_vlm/apps/server/static/index.html", "edge_vlm/apps/server/static/app.js"):  # the chat page
         assert sub in names
     assert not any("aot_check" in n for n in names)  # a developer tool, not part of the runtime
