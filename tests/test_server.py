@@ -28,7 +28,7 @@ HOLD_PROMPT = "Count from 1 to 1000, one number per line."
 
 @pytest.fixture(scope="module")
 def server(smollm2):
-    s = Server(smollm2, "--max-context", "1024").wait_ready()
+    s = Server(smollm2, "--max-context", "1024", backend="auto").wait_ready()
     yield s
     s.stop()
 
@@ -40,7 +40,7 @@ def client(server):
 
 def cli_answer(model, question: str, *flags: str) -> str:
     out = subprocess.run([sys.executable, "-m", "edge_vlm.cli", "chat", "--model", str(model), "--device", "cpu",
-                          "--backend", "torch", "--quiet", *flags, question],
+                          "--quiet", *flags, question],
                          capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.endswith("\n")

@@ -55,8 +55,12 @@ def test_camera_through_the_server_answers_like_a_local_model(tiny_vila, frames)
     assert gone.returncode == 1 and "cannot reach the server" in gone.stderr and "Traceback" not in gone.stderr
 
 
-def test_a_decompression_bomb_in_a_folder_is_one_line(tiny_vila, tmp_path):
+def test_a_decompression_bomb_in_a_folder_is_skipped_with_one_line(tiny_vila, tmp_path):
     (tmp_path / "00.png").write_bytes(bomb_png())
-    out = camera("--model", str(tiny_vila), "--device", "cpu", "--source", str(tmp_path), "--interval", "0")
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].startswith("edge-vlm: error: ")
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "01.png")
+    out = camera("--model", str(tiny_vila), "--device", "cpu", "--source", str(tmp_path), "--interval", "0",
+                 "--max-new-tokens", "2")
+    assert out.returncode == 0 and "Traceback" not in out.stderr
+    skipped = [line for line in out.stderr.splitlines() if line.startswith("edge-vlm: skipping 00.png: ")]
+    assert len(skipped) == 1 and "decompression bomb" in skipped[0].lower()
+    assert [json.loads(line)["frame"] for line in out.stdout.splitlines()] == [0]  # the good image is answered

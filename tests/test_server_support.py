@@ -29,12 +29,15 @@ def free_port() -> int:
 class Server:
     """`python -m edge_vlm.cli serve ...` on 127.0.0.1; `stop()` ends it by its pid."""
 
-    def __init__(self, model, *flags: str, env: dict | None = None):
+    def __init__(self, model, *flags: str, env: dict | None = None, backend: str = "torch"):
+        """`backend`: the LLM backend; "auto" (the CLI's default: llama.cpp on this CPU) where a test
+        compares answers with `edge-vlm chat`'s default and decodes a lot, torch where a test needs a
+        slow, steady generation (queue, timeout)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block the server
         cmd = [sys.executable, "-m", "edge_vlm.cli", "serve", "--model", str(model), "--port", str(self.port),
-               "--device", "cpu", "--backend", "torch", *flags]
+               "--device", "cpu", "--backend", backend, *flags]
         # run outside the source tree: a stale *.egg-info there would shadow the installed entry points
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=tempfile.gettempdir(),
                                      env={**os.environ, **(env or {})})

@@ -30,7 +30,8 @@ SEEDED = dict(temperature=0.7, top_p=0.9, seed=3, max_tokens=8)
 @pytest.fixture(scope="module")
 def server(real_vila, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
-    s = Server(real_vila, "--max-context", "1024", "--max-images", "4", "--media-dir", str(media)).wait_ready()
+    s = Server(real_vila, "--max-context", "1024", "--max-images", "4", "--media-dir", str(media),
+               backend="auto").wait_ready()
     s.media = media
     yield s
     s.stop()
@@ -62,7 +63,7 @@ def test_openai_image_parts_answer_like_edge_vlm_chat_with_the_image(server, cli
     path = tmp_path / "cat.png"
     cat.save(path)
     cli = subprocess.run([sys.executable, "-m", "edge_vlm.cli", "chat", "--model", str(real_vila), "--device", "cpu",
-                          "--backend", "torch", "--quiet", "--image", str(path), "--temperature", "0.7", "--top-p",
+                          "--quiet", "--image", str(path), "--temperature", "0.7", "--top-p",
                           "0.9", "--seed", "3", "--max-new-tokens", "8", "What is in this picture?"],
                          capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
     assert cli.returncode == 0, cli.stderr[-2000:]
@@ -210,7 +211,7 @@ def test_two_hundred_image_requests_keep_the_server_memory_flat(tiny_vila):
     """Bound: RSS may grow by at most 40 MB from request 20 to request 220. Each request sends a
     different 256x256 image (196 KB decoded), so keeping any per-request image, prompt, cache or
     session alive would add about 40 MB over 200 requests; a bounded image cache does not."""
-    s = Server(tiny_vila, "--image-cache", "16").wait_ready()
+    s = Server(tiny_vila, "--image-cache", "16", backend="auto").wait_ready()
     try:
         base = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
         with httpx.Client(base_url=s.url, timeout=120) as c:

@@ -253,7 +253,8 @@ class ImageFolderSource(FrameSource):
             self._next += 1
             try:
                 image = np.asarray(load_image(path))
-            except MediaError:  # an unreadable file in the folder is skipped, not fatal
+            except MediaError as e:  # an unreadable file (corrupt, a decompression bomb) is skipped, not fatal
+                print(f"edge-vlm: skipping {path.name}: {e}", file=sys.stderr)
                 continue
             return _into(out, image)
         return None
