@@ -9,7 +9,7 @@ written to disk by the real pipeline and loaded back by the runtime (WQLinear), 
 are those of the checkpoints a user would get. recovery = (RTN - method) / (RTN - 16-bit).
 
     python -m edge_vlm.benchmarks.quality                      # the real SmolLM2-135M (group 64), default AWQ
-    python -m edge_vlm.benchmarks.quality --variants awq,awq-clip,gptq --n-samples 32
+    python -m edge_vlm.benchmarks.quality --variants awq,awq-gptq,gptq --n-samples 32
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 # name -> QuantizeSettings fields (over the defaults): the rows the benchmark can compare
 VARIANTS = {
     "rtn": dict(method="rtn"),
-    "awq": dict(),                                                   # the default: AWQ scales + GPTQ rounding
-    "awq-clip": dict(rounding="rtn"),                                # AWQ scales + clipping (H) + rounding
+    "awq": dict(),                                                   # the default: AWQ scales + clipping (H) + rounding
+    "awq-gptq": dict(rounding="gptq"),                               # AWQ scales + GPTQ rounding
     "awq-clip-damp": dict(rounding="rtn", clip_damp=0.1),            # ... clipping regularised toward none
     "awq-noclip": dict(rounding="rtn", clip=False),                  # AWQ scales + rounding
     "awq-v1": dict(rounding="rtn", hessian=False),                   # the previous default: token-sample losses,

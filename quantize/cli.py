@@ -8,8 +8,8 @@ from pathlib import Path
 
 DESCRIPTION = """\
 Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ (activation-aware
-scales, then GPTQ-style error-compensating rounding), or with plain round-to-nearest (--method rtn, the
-baseline). The vision tower and projector stay 16-bit. The built-in calibration set mixes prose, code
+scales, a clipping search, then rounding; --rounding gptq rounds with GPTQ-style error compensation
+instead), or with plain round-to-nearest (--method rtn, the baseline). The vision tower and projector stay 16-bit. The built-in calibration set mixes prose, code
 and chat turns in the model's own template (all from Python's standard library, so it works offline).
 OUT is written in the AutoAWQ GEMM layout (readable by edge-vlm, transformers and vLLM) and
 appears only when complete; an interrupted run continues with --resume.
@@ -34,10 +34,11 @@ def register(sub) -> None:
     p.add_argument("src", metavar="SRC", help="16-bit model folder or Hugging Face repo id")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
     p.add_argument("--method", choices=["awq", "gptq", "rtn"], default="awq",
-                   help="awq (default: AWQ scales + GPTQ rounding), gptq (no scales) or rtn round-to-nearest")
-    p.add_argument("--rounding", choices=["gptq", "rtn"], default="gptq",
-                   help="how AWQ rounds after its scales: gptq error compensation (default) or rtn after a "
-                        "clipping search (the original AWQ)")
+                   help="awq (default: AWQ scales + clipping), gptq (no scales) or rtn round-to-nearest")
+    p.add_argument("--rounding", choices=["gptq", "rtn"], default="rtn",
+                   help="how AWQ rounds after its scales: rtn after a clipping search (default, the original AWQ; "
+                        "it generalised best to held-out text, RESULTS.md) or gptq error compensation (best on "
+                        "text like the calibration set, worse on other text)")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits (only 4)")
     p.add_argument("--group-size", type=_group_size, default="auto",
                    help="input channels per scale: 128, 64 or 32 (default auto: 128, or 64/32 when a layer "
