@@ -18,18 +18,9 @@ import torch.nn.functional as F
 
 from .config import VisionConfig
 from .errors import UnsupportedModelError
+from .llm import RMSNorm  # the decoder's: the same float32 normalisation
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
 
 
 def _norm(cfg: VisionConfig) -> nn.Module:

@@ -141,15 +141,20 @@ def _vila_layout(folder: Path, top: dict) -> CheckpointLayout:
                             projector_dir=folder / "mm_projector")
 
 
+def _hf_vlm_prefixes(folder: Path) -> dict:
+    """Key prefixes of a transformers VLM folder (LLaVA, InternVL -hf): transformers >= 4.52 writes
+    `model.language_model.*`, older versions `language_model.model.*`."""
+    if any(k.startswith("model.language_model.") for k in TensorStore(folder).keys()):
+        return dict(llm_prefix="model.language_model.", vision_prefix="model.vision_tower.",
+                    projector_prefix="model.multi_modal_projector.")
+    return dict(llm_prefix="language_model.model.", head_prefix="language_model.",
+                vision_prefix="vision_tower.", projector_prefix="multi_modal_projector.")
+
+
 def _llava_layout(folder: Path, top: dict) -> CheckpointLayout:
     """transformers >= 4.52 writes `model.language_model.*`, older versions `language_model.model.*`."""
     llm = _llm_config(top["text_config"])
-    if any(k.startswith("model.language_model.") for k in TensorStore(folder).keys()):
-        prefixes = dict(llm_prefix="model.language_model.", vision_prefix="model.vision_tower.",
-                        projector_prefix="model.multi_modal_projector.")
-    else:
-        prefixes = dict(llm_prefix="language_model.model.", head_prefix="language_model.",
-                        vision_prefix="vision_tower.", projector_prefix="multi_modal_projector.")
+    prefixes = _hf_vlm_prefixes(folder)
     return CheckpointLayout("llava", folder, top, folder, top["text_config"], folder / "config.json", llm,
                             vision_dir=folder, projector_dir=folder, **prefixes)
 
@@ -169,12 +174,7 @@ def _internvl_layout(folder: Path, top: dict) -> CheckpointLayout:
     hf = top["model_type"] == "internvl"
     if hf:  # as transformers writes it (and the Hub's -hf repos), or with its in-memory "model." names
         llm_top = top["text_config"]
-        if any(k.startswith("model.language_model.") for k in TensorStore(folder).keys()):
-            prefixes = dict(llm_prefix="model.language_model.", vision_prefix="model.vision_tower.",
-                            projector_prefix="model.multi_modal_projector.")
-        else:
-            prefixes = dict(llm_prefix="language_model.model.", head_prefix="language_model.",
-                            vision_prefix="vision_tower.", projector_prefix="multi_modal_projector.")
+        prefixes = _hf_vlm_prefixes(folder)
     else:
         if "llm_config" not in top or "vision_config" not in top:
             raise CheckpointError(f"{folder}/config.json lacks llm_config or vision_config")
