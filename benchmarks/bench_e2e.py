@@ -188,6 +188,13 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens)
         if on_cpp:  # llama.cpp holds the file's weights and an F16 (or Q8_0) KV cache
             kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_ctx, 2, kv_int8)
+            # its floor: the file's bytes (16-bit tables: half of our fp32 lm_head), the embedding table
+            # read one row a step, and its F16 KV cache up to the context
+            table = cfg.vocab_size * cfg.hidden_size * 2
+            for ctx, tps in r.decode_tps.items():
+                step = gguf_bytes - table + cfg.hidden_size * 2 + \
+                    kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, 2, kv_int8)
+                r.floor_pct[ctx] = 100.0 * bandwidth_share(step, 1.0 / tps, copy_bw)
             r.weight_bytes = gguf_bytes + (weight_bytes(vision) if vision is not None else 0)
             r.peak_bytes, r.peak_kind = r.weight_bytes + kv, "weights + KV cache"
             engine.close()
