@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_vlm import GenerationConfig
+from edge_vlm import EdgeVLMError, GenerationConfig
 
 from . import protocol
 from .errors import APIError, error_body, error_response
@@ -173,6 +173,15 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
         if not worker.ready:
             raise APIError(503, "the model is still loading", None, "not_ready", {"Retry-After": "5"})
         messages, _ = await to_messages(body, config.media, worker.model.is_multimodal)
+        constraint = body.constraint()
+        if constraint is not None:  # a schema the grammar compiler refuses is the request's fault: 400 now
+            from edge_vlm.constrained import compile_constraint
+
+            try:
+                compile_constraint(constraint, worker.model.tokenizer, worker.model.eos_token_ids)
+            except EdgeVLMError as e:
+                param = "response_format" if body.response_format else "nvext"
+                raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
         d = config.gen_defaults
         gen = GenerationConfig(
             max_new_tokens=body.max_completion_tokens or body.max_tokens or d.max_new_tokens,
@@ -180,7 +189,7 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
             top_p=d.top_p if body.top_p is None else body.top_p,
             top_k=d.top_k if body.top_k is None else body.top_k,
             repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
-            seed=body.seed if body.seed is not None else d.seed, stop=body.stops)
+            seed=body.seed if body.seed is not None else d.seed, stop=body.stops, constraint=constraint)
         job = Job(messages, gen, asyncio.get_running_loop(), time.monotonic() + config.request_timeout_s)
         try:
             worker.submit(job)

@@ -21,7 +21,6 @@ UNSUPPORTED = {
     "functions": "function calls are not supported", "function_call": "function calls are not supported",
     "parallel_tool_calls": "tool calls are not supported",
     "logit_bias": "logit_bias is not supported", "top_logprobs": "logprobs are not supported",
-    "response_format": "structured output (response_format) is not supported",
     "audio": "audio output is not supported", "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
 }
@@ -89,6 +88,9 @@ class ChatRequest(BaseModel):
     user: str | None = None
     store: bool | None = None
     metadata: dict[str, str] | None = None
+    response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
+                                                           '"json_schema": {"schema": {...}}}')
+    nvext: dict | None = Field(None, description="NIM's extensions: guided_json (a JSON schema), guided_choice")
 
     def check_fields(self) -> None:
         for name in self.model_extra or {}:
@@ -107,6 +109,35 @@ class ChatRequest(BaseModel):
             raise APIError(400, "stop: up to 16 non-empty strings", "stop", "invalid_value")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
+
+    def constraint(self):
+        """What the answer must match (edge_vlm.constrained), from `response_format` or NIM's
+        `nvext.guided_json` / `guided_choice`; None for free text. A bad one is a 400 naming its field."""
+        from edge_vlm.constrained import Constraint
+        from edge_vlm.errors import EdgeVLMError
+
+        ext = dict(self.nvext or {})
+        guided = {k: ext.pop(k) for k in ("guided_json", "guided_choice") if k in ext}
+        if ext:
+            name = next(iter(ext))
+            raise APIError(400, f"nvext.{name}: not supported by edge-vlm serve", f"nvext.{name}", "unsupported_field")
+        given = [(k, v) for k, v in (("response_format", self.response_format), *guided.items()) if v is not None]
+        if self.response_format is not None and self.response_format.get("type") == "text" \
+                and set(self.response_format) <= {"type"}:
+            given = [(k, v) for k, v in given if k != "response_format"]
+        if len(given) > 1:
+            raise APIError(400, f"{given[1][0]}: give one of response_format, nvext.guided_json, nvext.guided_choice",
+                           given[1][0], "invalid_value")
+        if not given:
+            return None
+        name, spec = given[0]
+        if name == "guided_choice" and not (isinstance(spec, list) and all(isinstance(c, str) for c in spec)):
+            raise APIError(400, "nvext.guided_choice: a list of strings", "nvext.guided_choice", "invalid_value")
+        try:
+            return Constraint.parse(spec)
+        except EdgeVLMError as e:
+            param = name if name == "response_format" else f"nvext.{name}"
+            raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
 
     @property
     def stops(self) -> list[str]:
