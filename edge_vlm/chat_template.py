@@ -128,6 +128,11 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 # Tool-call syntaxes we parse (edge_vlm.tools), recognised by their opening tag in the template.
 TOOL_CALL_TAGS = {"nemovision": ("<toolcall>", "</toolcall>"), "hermes": ("<tool_call>", "</tool_call>")}
+# How each syntax's templates write a call's JSON `{"name": ..., "arguments": {...}}` (json.dumps
+# spacing): the text before it, after it, and between two calls. A constrained call
+# (`constrained.Constraint.tool_calls`) is written exactly so, as the template would render it.
+TOOL_CALL_LAYOUT = {"nemovision": ("<toolcall> ", " </toolcall>", "\n"),
+                    "hermes": ("<tool_call>\n", "\n</tool_call>", "\n")}
 
 
 class ChatTemplate:

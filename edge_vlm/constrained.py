@@ -33,11 +33,12 @@ from .errors import EdgeVLMError
 @dataclass(frozen=True)
 class Constraint:
     """What the answer must be. kind: "json_object" (any JSON object), "json_schema" (`schema`),
-    "choice" (exactly one of `choices`), or "lark" (a grammar in llguidance's Lark syntax)."""
+    "choice" (exactly one of `choices`), "lark" (a grammar in llguidance's Lark syntax), or
+    "tool_call" (a call to one of some functions in a model's tool-call syntax: `tool_calls`)."""
 
     kind: str
     schema: str = ""  # the JSON schema as canonical JSON text (hashable, a cache key)
-    choices: tuple[str, ...] = ()
+    choices: tuple[str, ...] = ()  # "tool_call": the functions' names
     lark: str = ""
 
     @classmethod
@@ -86,6 +87,34 @@ class Constraint:
             raise EdgeVLMError("constraint: choices must be a non-empty list of non-empty strings")
         return cls("choice", choices=choices)
 
+    @classmethod
+    def tool_calls(cls, fmt: str, tools, several: bool = False) -> "Constraint":
+        """The answer is a call to one of `tools` (OpenAI specs, checked), or with `several` one or
+        more calls a line apart, written in tool-call syntax `fmt` exactly as the chat template
+        writes them (`chat_template.TOOL_CALL_LAYOUT`), the arguments valid for the function's
+        parameter schema. How the server forces `tool_choice` "required" or a named function."""
+        from .chat_template import TOOL_CALL_LAYOUT
+        from .tools import tool_specs
+
+        if fmt not in TOOL_CALL_LAYOUT:
+            raise EdgeVLMError(f"constraint: unknown tool-call format {fmt!r}; known: {', '.join(TOOL_CALL_LAYOUT)}")
+        specs = tool_specs(tools)
+        if not specs:
+            raise EdgeVLMError("constraint: a tool call needs at least one tool")
+        before, after, between = TOOL_CALL_LAYOUT[fmt]
+        rules, names = [], []
+        for i, spec in enumerate(specs):
+            fn = spec["function"]
+            schema = dict(fn["parameters"])  # json.dumps spacing, as the template's tojson writes arguments
+            schema["x-guidance"] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+            head = before + '{"name": ' + json.dumps(fn["name"]) + ', "arguments": '
+            rules.append(f"call_{i}: {json.dumps(head)} args_{i} {json.dumps('}' + after)}")
+            rules.append(f"args_{i}: %json {json.dumps(schema)}")
+            names.append(fn["name"])
+        one = " | ".join(f"call_{i}" for i in range(len(specs)))
+        start = f"start: call ({json.dumps(between)} call)*" if several else "start: call"
+        return cls("tool_call", choices=tuple(names), lark="\n".join([start, f"call: {one}", *rules]))
+
     def grammar(self) -> str:
         """This constraint as an llguidance grammar (JSON text)."""
         from llguidance import LLMatcher
@@ -97,13 +126,14 @@ class Constraint:
             return LLMatcher.grammar_from_json_schema(self.schema, overrides=compact)
         if self.kind == "choice":
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choices))
-        if self.kind == "lark":
+        if self.kind in ("lark", "tool_call"):
             return LLMatcher.grammar_from_lark(self.lark)
         raise EdgeVLMError(f"constraint: unknown kind {self.kind!r}")
 
     def describe(self) -> str:
         return {"json_object": "a JSON object", "json_schema": "JSON matching the schema",
-                "choice": "one of " + ", ".join(map(repr, self.choices)), "lark": "the grammar"}.get(self.kind, self.kind)
+                "choice": "one of " + ", ".join(map(repr, self.choices)), "lark": "the grammar",
+                "tool_call": "a call to " + " or ".join(self.choices)}.get(self.kind, self.kind)
 
 
 def llguidance_module():

@@ -211,3 +211,40 @@ def test_length_limit_and_stop_strings_still_apply(model, fast):
         json.loads(cut)
     stopped, stats, _ = run(model, fast, "A dog runs.", constraint=EVENT, temperature=0, stop=['"count"'])
     assert stats.stop_reason == "stop_string" and stopped == full[:full.index('"count"')]
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                            "unit": {"type": "string", "enum": ["C", "F"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "lookup", "parameters": PERSON}}]
+
+
+@pytest.mark.parametrize("fmt", ["nemovision", "hermes"])
+def test_tool_call_constraint_writes_calls_that_parse_and_validate(model, fast, fmt):
+    """A forced call (the server's tool_choice) is the template's own call text around arguments
+    that validate; `several` lets one or more calls a line apart through."""
+    from edge_vlm.chat_template import TOOL_CALL_LAYOUT
+    from edge_vlm.tools import parse_tool_calls
+
+    before, after, _ = TOOL_CALL_LAYOUT[fmt]
+    for q, gen in [("Weather in Rome?", dict(temperature=0)), ("Who lives in Paris?", dict(temperature=1.0, seed=7))]:
+        text, stats, _ = run(model, fast, q, constraint=Constraint.tool_calls(fmt, TOOLS), **gen)
+        assert stats.stop_reason == "eos" and text.startswith(before) and text.endswith(after), text
+        left, calls = parse_tool_calls(text, fmt)
+        assert left == "" and len(calls) == 1, text
+        name = calls[0]["function"]["name"]
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), {"weather": WEATHER, "lookup": PERSON}[name])
+        # the arguments are written with json.dumps' spacing, as the template renders a call
+        assert text == before + json.dumps({"name": name, "arguments": json.loads(calls[0]["function"]["arguments"])}) + after
+    one = Constraint.tool_calls(fmt, TOOLS[1:])
+    text, _, _ = run(model, fast, "Weather in Oslo?", constraint=one, temperature=0)  # only `lookup` is allowed
+    assert [c["function"]["name"] for c in parse_tool_calls(text, fmt)[1]] == ["lookup"]
+    many = Constraint.tool_calls(fmt, TOOLS, several=True)
+    text, stats, _ = run(model, fast, "Weather in Rome and Oslo?", constraint=many, temperature=0, max_new_tokens=60)
+    left, calls = parse_tool_calls(text, fmt)
+    assert len(calls) >= 1 and (left == "" or stats.stop_reason == "max_new_tokens"), text
+    with pytest.raises(EdgeVLMError, match="unknown tool-call format"):
+        Constraint.tool_calls("xml", TOOLS)
+    with pytest.raises(EdgeVLMError, match="at least one tool"):
+        Constraint.tool_calls(fmt, [])
