@@ -155,18 +155,22 @@ def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: Q
 
     tok = Tokenizer(layout.llm_dir)
     sources = [] if sources is None else sources
-    image_embeds = None
+    emb = _embed_weight(layout, store, device, dtype)
+    images = None
     text_len = settings.seqlen
     if settings.calib_images:
         if not layout.multimodal:
-            raise QuantizeError("--calib-images needs a vision-language model (VILA or LLaVA folder)")
-        from .visual import image_embeddings
+            raise QuantizeError("--calib-images needs a vision-language model (VILA, LLaVA or InternVL folder)")
+        from .visual import image_sequences
 
-        image_embeds = image_embeddings(layout, list_images(settings.calib_images), device, dtype)
-        text_len = settings.seqlen - image_embeds.shape[1]
-        if text_len < 16:
+        paths = list_images(settings.calib_images)
+        embed = lambda ids: emb[torch.tensor(ids, dtype=torch.long, device=device)]  # noqa: E731
+        images, what = image_sequences(layout, paths, device, dtype, embed, settings.seqlen - 16)
+        longest = max(len(s) for s in images)
+        if settings.seqlen - longest < 16:
             raise QuantizeError(f"--seqlen {settings.seqlen} leaves no room for text after "
-                                f"{image_embeds.shape[1]} image tokens")
+                                f"{longest} image tokens")
+        text_len = settings.seqlen - min(len(s) for s in images)  # each sample's text is cut to fill seqlen
     if settings.calib:
         ids = calibration_blocks(tok.encode(read_calibration_file(settings.calib)), settings.n_samples, text_len,
                                  str(settings.calib))
@@ -175,14 +179,13 @@ def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: Q
         ids, lines = builtin_blocks(tok.encode, settings.n_samples, text_len,
                                     chat_template_of(tok, layout.llm.arch))
         sources += lines
-    if image_embeds is not None:
-        sources.append(f"image tokens of {image_embeds.shape[0]} images from {settings.calib_images}")
-    emb = _embed_weight(layout, store, device, dtype)
     x = emb[ids.to(device)]
-    if image_embeds is not None:  # every sample: one image's tokens, then text
-        imgs = image_embeds[torch.arange(settings.n_samples) % image_embeds.shape[0]]
-        x = torch.cat([imgs.to(dtype), x], dim=1)
-    return x
+    if images is None:
+        return x
+    sources.append(f"image tokens of {len(images)} images from {settings.calib_images} ({what})")
+    # every sample: one image's rows (round robin), then text up to seqlen
+    rows = [images[i % len(images)].to(dtype) for i in range(settings.n_samples)]
+    return torch.stack([torch.cat([img, x[i, :settings.seqlen - len(img)]]) for i, img in enumerate(rows)])
 
 
 # ------------------------------------------------------------------ writing
@@ -286,8 +289,8 @@ def _folder_bytes(folder: Path) -> int:
 def quantization_config(layout: CheckpointLayout, settings: QuantizeSettings, group_size: int) -> QuantConfig:
     """What the output's config says: the LLM's linears in int4, lm_head too only when asked."""
     skip = [] if settings.quantize_lm_head else ["lm_head"]
-    if layout.kind == "llava":
-        skip += ["vision_tower", "multi_modal_projector"]
+    if layout.kind in ("llava", "internvl"):  # their module names, as transformers / vLLM match them
+        skip += [p.rstrip(".").rsplit(".", 1)[-1] for p in (layout.vision_prefix, layout.projector_prefix)]
     return QuantConfig(bits=settings.w_bit, group_size=group_size, modules_to_not_convert=tuple(skip),
                        quantize_lm_head=settings.quantize_lm_head, quantize_embedding=settings.quantize_embedding)
 

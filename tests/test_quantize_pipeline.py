@@ -424,3 +424,114 @@ def test_calibration_images_go_through_the_loaders_checks(tiny_vila, tmp_path):
     with pytest.raises(UnsupportedModelError, match="S2 multi-scale image tiling") as e:
         quantize_checkpoint(src, tmp_path / "out", QuantizeSettings(calib_images=str(imgs), **FAST), progress=False)
     assert "\n" not in str(e.value) and not (tmp_path / "out.partial").exists()
+
+
+# ---------------------------------------------------------------- InternVL / NVLM-D
+
+def _internvl_sources(root: Path) -> dict[str, Path]:
+    """One tiny random InternVL in each of its three layouts (same weights; NVLM-D's bias-free mlp1)."""
+    from tests.factories import make_internvl_hf, write_internvl_original
+
+    ref = make_internvl_hf(root / "hf", seed=6, projector_bias=False, intermediate_size=64)
+    write_internvl_original(root / "orig", ref, root / "hf", style="internvl")
+    write_internvl_original(root / "nvlm", ref, root / "hf", style="nvlm", dummy_heads=1)
+    return {name: root / name for name in ("hf", "orig", "nvlm")}
+
+
+@pytest.fixture(scope="module")
+def internvl_sources(tmp_path_factory):
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("internvl-awq")
+    imgs = root / "imgs"
+    imgs.mkdir()
+    Image.fromarray(skimage.data.chelsea()).save(imgs / "cat.png")  # 451x300: a 3x2 grid + thumbnail
+    Image.fromarray(skimage.data.astronaut()).save(imgs / "astronaut.jpg")
+    return _internvl_sources(root), imgs
+
+
+def _image_prompt_logits(model, image) -> torch.Tensor:
+    from edge_vlm import ChatSession
+
+    session = ChatSession(model)
+    _, chunks, _ = session._question("What is in the picture?", [image])
+    with torch.no_grad():
+        embeds = session.engine.embed(session._prompt(chunks, [image]))
+        return model.llm(embeds, model.llm.new_cache(embeds.shape[1] + 4), all_logits=True)[0]
+
+
+@pytest.mark.parametrize("name", ["hf", "orig", "nvlm"])
+def test_internvl_layouts_quantize_on_image_tokens_and_load_back(internvl_sources, tmp_path, name):
+    """Each layout: AWQ of the Qwen2 LLM calibrated on tiled image tokens, vision tower and projector
+    copied bit for bit, the output read back by our loader; image-prompt logits stay within int4 noise.
+
+    Tolerance: asymmetric int4 over groups of 32 rounds each weight to one of 16 levels across its
+    group's range (~4 sigma for these Gaussian weights), an rms error of range/15/sqrt(12) ~ 8% of
+    each weight's scale, independent per matrix; through 2 decoder layers (7 linears each) and the
+    residual stream that gives logits off by ~10-25% of their norm. A misplaced or unscaled matrix
+    gives ~1.4 (unrelated logits), so < 0.4 tells the two apart."""
+    import skimage.data
+
+    from edge_vlm import ChatSession, GenerationConfig, load_model
+    from edge_vlm.checkpoint import TensorStore
+
+    sources, imgs = internvl_sources
+    src, out = sources[name], tmp_path / f"{name}-awq"
+    summary = quantize_checkpoint(src, out, QuantizeSettings(calib_images=str(imgs), group_size=32, **FAST),
+                                  progress=False)
+    image_line = summary.calibration[-1]
+    fmt = "nvlm" if name == "nvlm" else "internvl"
+    assert image_line.startswith("image tokens of 2 images") and f"tiles of 4 tokens in the {fmt} format" in image_line
+    tiles = [int(n) for n in image_line.split("(")[1].split(" ")[0].split("+")]
+    # (sorted by name) the 512 px astronaut's 2x2 grid of 56 px tiles, the cat's 3x2, each + the thumbnail;
+    # NVLM-D's tile tags are plain text in this tokenizer (many tokens each): at --seqlen 64, smaller grids
+    assert tiles == [5, 7] if fmt == "internvl" else (max(tiles) > 1 and sum(tiles) < 12)
+    conf = json.loads((out / "config.json").read_text())["quantization_config"]
+    kept = ["vision_tower", "multi_modal_projector"] if name == "hf" else ["vision_model", "mlp1"]
+    assert conf["modules_to_not_convert"] == ["lm_head"] + kept
+    before, after = TensorStore(src), TensorStore(out)
+    vision_keys = [k for k in before.keys() if set(k.split(".")[:2]) & set(kept)]
+    assert vision_keys and all(torch.equal(before.get(k), after.get(k)) for k in vision_keys)
+    assert any(k.endswith("layers.1.mlp.down_proj.qweight") for k in after.keys())
+
+    ref = load_model(src, device="cpu", progress=False, fast_path=False)
+    model = load_model(out, device="cpu", progress=False, fast_path=False)
+    assert model.info.quantization == "awq w4 g32" and model.image_format == ref.image_format == fmt
+    image = skimage.data.coffee()
+    from PIL import Image
+
+    image = Image.fromarray(image)
+    got, expected = _image_prompt_logits(model, image), _image_prompt_logits(ref, image)
+    assert got.shape == expected.shape and got.shape[0] > 3 * model.tokens_per_image  # several tiles
+    err = float((got - expected).norm() / expected.norm())
+    assert 0 < err < 0.4, err
+    session = ChatSession(model)
+    answer = session.answer("What is this?", images=[image], gen=GenerationConfig(max_new_tokens=4, temperature=0))
+    assert session.stats.new_tokens >= 1 and isinstance(answer, str)
+
+
+def test_internvl_calibration_sample_starts_with_the_image_as_the_runtime_feeds_it(internvl_sources):
+    """The calibration rows of an image equal the runtime's embedded prompt text for that image: NVLM-D's
+    tile tags around each tile's projected embeddings (tiles and projector as `load_model` runs them)."""
+    from edge_vlm import ChatSession, load_model
+    from edge_vlm.chat_template import IMAGE_MARK
+    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.preprocess import load_image
+    from edge_vlm.quantize.pipeline import calibration_inputs, inspect_source
+
+    sources, imgs = internvl_sources
+    layout = inspect_source(sources["nvlm"])
+    settings = QuantizeSettings(calib_images=str(imgs), n_samples=3, seqlen=512)
+    x = calibration_inputs(layout, TensorStore(layout.llm_dir), settings, "cpu", torch.float32)
+    assert x.shape == (3, 512, layout.llm.hidden_size)
+    model = load_model(sources["nvlm"], device="cpu", progress=False, fast_path=False)
+    session = ChatSession(model)
+    for i, name in enumerate(["astronaut.jpg", "cat.png", "astronaut.jpg"]):  # round robin over the images
+        img = load_image(imgs / name)
+        text = model.image_text(model.tile_count(img)) + "\n"  # 512 tokens: every tile fits
+        chunks = [model.tokenizer.encode(p) for p in text.split(IMAGE_MARK)]
+        with torch.no_grad():
+            expected = session.engine.embed(session._prompt(chunks, [img]))[0]
+        assert model.tile_count(img) > 1 and torch.allclose(x[i, :len(expected)], expected, atol=1e-6)
+        assert not torch.allclose(x[i, len(expected):len(expected) + 4], expected[:4])  # then text
