@@ -94,11 +94,13 @@ def documents(context) -> list[dict]:
 
 class ChatSession:
     def __init__(self, model: VisionLanguageModel, system: str | None = None, max_context: int | None = None,
-                 tools: Sequence[dict] | None = None, context=None):
+                 tools: Sequence[dict] | None = None, context=None, engine=None):
+        """`engine`: run on this prefill/step engine (e.g. one slot of a batched llama.cpp
+        context, the server's --parallel) instead of a fresh one of the model's."""
         self.model = model
         self.system = system
         self._set_tools(tools, context)
-        self.engine = model.new_engine(max_context)  # CUDA graphs on GPU, or llama.cpp
+        self.engine = engine if engine is not None else model.new_engine(max_context)  # CUDA graphs, or llama.cpp
         self._turns: list[Turn] = []
         self._pending: list[int] = []  # sampled tokens not yet fed to the model (lead the next prompt)
         self._results: list[dict] = []  # tool results given since the last answer, not yet asked

@@ -1,0 +1,284 @@
+"""Several conversations on one llama.cpp model, decoded together (the server's `--parallel N`).
+
+Decoding one token reads every weight once; on a CPU that read, not the arithmetic, is most of
+a step's time. So N conversations that each need one token are cheaper as one `llama_decode`
+of N tokens (one per sequence) than as N decodes.
+
+`BatchedContext` owns one llama.cpp context with N sequences (each with `max_context` KV
+cells). Its `engines[i]` is an ordinary prefill/step/rewind engine for sequence i, used from
+that conversation's own thread exactly like `LlamaCppEngine`: nothing above it (session,
+sampler, stop strings, streaming) knows it is batched. A call blocks until the context runs a
+decode that includes it: the first caller waits (at most `gather_s`) for the other slots that
+took part in the previous decode, then decodes everything asked so far. A slot that finished
+its answer says so with `idle()`, so nobody waits for it.
+
+Batching changes which rows share a `llama_decode`, not what a row computes: each sequence
+attends only to its own cells, so a slot's logits match a lone engine's to llama.cpp's
+rounding (tests/test_llamacpp_batched.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...errors import EdgeVLMError
+from ...generate import Prompt
+from .engine import default_threads, llama_cpp_module
+
+_init_lock = threading.Lock()
+
+
+@dataclass
+class _Request:
+    slot: int
+    rows: list[int] | np.ndarray  # token ids, or [n, n_embd] float32 embeddings
+    start: int  # position of the first row
+    logits: torch.Tensor | None = None
+    error: Exception | None = None
+    done: bool = False
+
+    @property
+    def is_embd(self) -> bool:
+        return isinstance(self.rows, np.ndarray)
+
+
+@dataclass
+class _Gather:
+    """What the context is waiting to decode, and who it is waiting for."""
+
+    pending: list[_Request] = field(default_factory=list)
+    expected: set[int] = field(default_factory=set)  # slots in the last decode that are not idle
+    busy: bool = False  # a thread is inside llama.cpp
+
+
+class BatchedContext:
+    """One GGUF model, `slots` sequences, decoded together; `engines[i]` drives sequence i."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str | Path, slots: int, max_context: int, n_gpu_layers: int = 0,
+                 n_threads: int | None = None, batch_size: int = 512, kv_cache_int8: bool = False,
+                 gather_s: float = 0.02):
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        lib = llama_cpp_module()
+        self._lib = lib
+        with _init_lock:
+            lib.llama_backend_init()
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise EdgeVLMError(f"GGUF file not found: {path}")
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = slots * max_context  # split evenly: each sequence has max_context cells
+        cparams.n_seq_max = slots
+        cparams.kv_unified = False
+        cparams.n_batch = cparams.n_ubatch = batch_size
+        cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
+        if kv_cache_int8:
+            cparams.type_k = cparams.type_v = lib.GGML_TYPE_Q8_0
+            cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            lib.llama_model_free(self._model)
+            raise EdgeVLMError(f"llama.cpp could not create {slots} sequences of {max_context} tokens for {path}")
+        self._memory = lib.llama_get_memory(self._ctx)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
+        self.n_embd = lib.llama_model_n_embd(self._model)
+        self._batch_size = int(cparams.n_batch)
+        self._tokens = lib.llama_batch_init(self._batch_size, 0, 1)
+        self._embeds = lib.llama_batch_init(self._batch_size, self.n_embd, 1)
+        self.max_context = max_context
+        self.gather_s = gather_s
+        self.gguf_path = path
+        self._cond = threading.Condition()
+        self._gather = _Gather()
+        self.decodes = 0  # llama_decode calls so far
+        self.decoded_rows = 0  # rows (tokens or embeddings) they carried
+        self.engines = [SlotEngine(self, i) for i in range(slots)]
+
+    # ---- what the slot engines call ---------------------------------------------------
+
+    def run(self, slot: int, rows, start: int) -> torch.Tensor:
+        """Decode `rows` for `slot` at positions start.. (together with whatever the other slots
+        ask); the logits [vocab] after the last row."""
+        req = _Request(slot, rows, start)
+        g = self._gather
+        with self._cond:
+            g.pending.append(req)
+            self._cond.notify_all()
+            deadline = time.monotonic() + self.gather_s
+            while not req.done:
+                if g.busy:
+                    self._cond.wait()
+                    continue
+                missing = g.expected - {r.slot for r in g.pending}
+                left = deadline - time.monotonic()
+                if missing and left > 0:
+                    self._cond.wait(left)
+                    continue
+                batch, g.pending, g.busy = g.pending, [], True
+                self._cond.release()
+                try:
+                    self._decode(batch)
+                finally:
+                    self._cond.acquire()
+                    g.busy = False
+                    g.expected = {r.slot for r in batch if r.error is None}
+                    for r in batch:  # under the lock: a slot that sees its result can't have been re-expected after idling
+                        r.done = True
+                    self._cond.notify_all()
+        if req.error is not None:
+            raise req.error
+        return req.logits
+
+    def idle(self, slot: int) -> None:
+        """`slot` asks nothing more for now (its answer is over): do not wait for it."""
+        with self._cond:
+            self._gather.expected.discard(slot)
+            self._cond.notify_all()
+
+    def remove(self, slot: int, position: int) -> None:
+        """Drop sequence `slot`'s cells from `position` on."""
+        with self._cond:
+            while self._gather.busy:
+                self._cond.wait()
+            self._lib.llama_memory_seq_rm(self._memory, slot, position, -1)
+
+    # ---- llama.cpp ---------------------------------------------------------------------
+
+    def _decode(self, batch: list[_Request]) -> None:
+        """Every request's rows, token requests packed together, each embedding request alone
+        (a llama_batch holds either token ids or embeddings)."""
+        tokens = [r for r in batch if not r.is_embd]
+        try:
+            if tokens:
+                self._decode_rows(tokens, self._tokens)
+            for r in batch:
+                if r.is_embd:
+                    self._decode_rows([r], self._embeds)
+        except Exception as e:  # noqa: BLE001 - each waiting slot gets the failure as its own
+            for r in batch:
+                if r.logits is None:
+                    r.error = e
+
+    def _decode_rows(self, reqs: list[_Request], batch) -> None:
+        rows = [(r, j) for r in reqs for j in range(len(r.rows))]
+        for lo in range(0, len(rows), self._batch_size):
+            chunk = rows[lo:lo + self._batch_size]
+            last = []
+            for k, (r, j) in enumerate(chunk):
+                if r.is_embd:
+                    ctypes.memmove(ctypes.addressof(batch.embd.contents) + k * self.n_embd * 4,
+                                   r.rows[j].ctypes.data, self.n_embd * 4)
+                else:
+                    batch.token[k] = int(r.rows[j])
+                batch.pos[k] = r.start + j
+                batch.n_seq_id[k] = 1
+                batch.seq_id[k][0] = r.slot
+                is_last = j == len(r.rows) - 1
+                batch.logits[k] = 1 if is_last else 0
+                if is_last:
+                    last.append((k, r))
+            batch.n_tokens = len(chunk)
+            code = self._lib.llama_decode(self._ctx, batch)
+            if code != 0:
+                raise EdgeVLMError(f"llama.cpp could not decode the batch (llama_decode returned {code})")
+            self.decodes += 1
+            self.decoded_rows += len(chunk)
+            for k, r in last:
+                ptr = self._lib.llama_get_logits_ith(self._ctx, k)
+                r.logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+
+    def close(self) -> None:
+        """Free llama.cpp's context, model and batches (also done when collected)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        for name in ("_tokens", "_embeds"):
+            if hasattr(self, name):
+                lib.llama_batch_free(getattr(self, name))
+                delattr(self, name)
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class SlotEngine:
+    """The prefill/step engine of one sequence of a `BatchedContext` (one conversation)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, context: BatchedContext, slot: int):
+        self.context = context
+        self.slot = slot
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def max_context(self) -> int:
+        return self.context.max_context
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def prefill(self, prompt: Prompt | torch.Tensor) -> torch.Tensor:
+        pieces = [prompt[0]] if isinstance(prompt, torch.Tensor) else list(prompt.pieces())
+        if not pieces:
+            raise ValueError("an empty prompt")
+        logits = None
+        for piece in pieces:
+            logits = self._run(piece)
+        return logits
+
+    def step(self, token_id: int) -> torch.Tensor:
+        return self._run([token_id])
+
+    def idle(self) -> None:
+        self.context.idle(self.slot)
+
+    def rewind(self, position: int) -> None:
+        position = max(0, min(position, self._position))
+        if position < self._position:
+            self.context.remove(self.slot, position)
+        self._position = position
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    def _run(self, piece) -> torch.Tensor:
+        if isinstance(piece, torch.Tensor):
+            if piece.dim() != 2 or piece.shape[1] != self.context.n_embd:
+                raise ValueError(f"embeddings must be [n, {self.context.n_embd}], got {tuple(piece.shape)}")
+            rows = np.ascontiguousarray(piece.detach().to(torch.float32).cpu().numpy())
+        else:
+            rows = list(piece)
+        if self._position + len(rows) > self.max_context:
+            raise ValueError(f"positions up to {self._position + len(rows)} exceed the context {self.max_context}")
+        logits = self.context.run(self.slot, rows, self._position)
+        self._position += len(rows)
+        return logits
