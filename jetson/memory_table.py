@@ -7,8 +7,8 @@ table in `edge_vlm.benchmarks.shapes` the benchmarks use too), in fp16 and with 
 the fp16 KV cache at the given context). Run: python jetson/memory_table.py [--context 4096]
 
 A second table projects the InternViT models (InternVL3-1B/2B, NVLM-D-72B): the LLM in AWQ int4, the
-tower in fp16 or in int8 weights (one fp16 scale per output row; edge-vlm does not quantize the
-tower yet, so that row is a projection), the mlp1 projector in fp16, and the KV cache; the sum is shown.
+tower in fp16 or with int8 Linear weights (one fp16 scale per output row: `load_model(vision_int8=True)`,
+the tower built here with those very modules), the mlp1 projector in fp16, and the KV cache; the sum is shown.
 """
 
 from __future__ import annotations
@@ -81,20 +81,9 @@ INTERNVL_VLMS = {
 }
 
 
-def int8_weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of `module` with every Linear in int8 (plus one fp16 scale per output row), the rest fp16."""
-    total = 0
-    for m in module.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if isinstance(m, torch.nn.Linear) and name == "weight":
-                total += p.numel() + 2 * p.shape[0]
-            else:
-                total += 2 * p.numel()
-    return total
-
-
 def internvl_parts(name: str, context: int, tower_int8: bool) -> dict[str, int]:
     """Bytes of each part of an InternViT VLM: int4 LLM, tower (fp16 or int8), mlp1 (fp16), KV cache."""
+    from edge_vlm.int8_rows import use_int8_linears
     from edge_vlm.internvit import InternViT
     from edge_vlm.projector import Projector
     from edge_vlm.vlm import ModelInfo, VisionLanguageModel, weight_bytes
@@ -104,13 +93,15 @@ def internvl_parts(name: str, context: int, tower_int8: bool) -> dict[str, int]:
     llm = meta_llm(cfg, AWQ_INT4)
     with torch.device("meta"):
         vision = InternViT(vcfg).to(torch.float16)
+        if tower_int8:
+            use_int8_linears(vision)  # what load_model(vision_int8=True) runs
         width = cfg.intermediate_size if mid == "intermediate" else cfg.hidden_size
         projector = Projector(ProjectorConfig("mlp1", vcfg.hidden_size, cfg.hidden_size, mid_dim=width,
                                               bias=bias)).to(torch.float16)
     vlm = VisionLanguageModel(llm, None, None, ModelInfo(name, "internvl", "qwen2", "internvit", "mlp1"),
                               vision, projector)
     est = vlm.memory_estimate(context)
-    return {"llm": weight_bytes(llm), "vision": int8_weight_bytes(vision) if tower_int8 else weight_bytes(vision),
+    return {"llm": weight_bytes(llm), "vision": weight_bytes(vision),
             "projector": weight_bytes(projector), "kv_cache": est["kv_cache"]}
 
 
@@ -125,7 +116,7 @@ def internvl_table(context: int = 4096) -> str:
             total = sum(gb.values())
             fits = ["yes" if total + RESERVE_GB <= mem else "no" for _, mem in MODULES]
             lines.append(f"| {name} | {gb['llm']:.2f} GB | {gb['vision']:.2f} GB "
-                         f"({'int8, projected' if tower_int8 else 'fp16'}) | {gb['projector']:.2f} GB | "
+                         f"({'int8' if tower_int8 else 'fp16'}) | {gb['projector']:.2f} GB | "
                          f"{gb['kv_cache']:.2f} GB | {total:.2f} GB | " + " | ".join(fits) + " |")
     return "\n".join(lines)
 

@@ -304,3 +304,54 @@ def test_max_tiles_cli_option_reaches_the_model(native):
     args.model = str(folder)
     model = load_from_args(args)
     assert model.tiling.max_tiles == 2 and model.tile_count(picture(15, (400, 100))) == 3
+
+
+# ---------------------------------------------------------------- int8 vision weights (InternViT-6B)
+
+def test_int8_linear_error_is_within_half_a_step_per_weight():
+    """y_q - y = x @ (W_q - W)^T and each |W_q - W| <= scale_row / 2, so every output is off by at most
+    sum_j |x_j| * scale_i / 2: checked exactly (fp64 arithmetic) on random inputs."""
+    from edge_vlm.int8_rows import Int8Linear, int8_weight_recipes, use_int8_linears
+
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(96, 40)).double()
+    with torch.no_grad():
+        ref[0].weight[3] *= 30  # one row with a big range: its own scale, the others unaffected
+    q = torch.nn.Sequential(torch.nn.Linear(96, 40)).double()
+    assert use_int8_linears(q) == ["0"] and isinstance(q[0], Int8Linear)
+    recipes = int8_weight_recipes({"0.weight": lambda f: f("w"), "0.bias": lambda f: f("b")}, ["0"], torch.float64)
+    got = {k: r({"w": ref[0].weight.detach(), "b": ref[0].bias.detach()}.get) for k, r in recipes.items()}
+    assert got["0.qweight"].dtype == torch.int8 and set(got) == {"0.qweight", "0.scales", "0.bias"}
+    q.load_state_dict(got)
+    x = torch.randn(16, 96, dtype=torch.float64)
+    with torch.no_grad():
+        err = (q(x) - ref(x)).abs()
+    bound = x.abs() @ (got["0.scales"] / 2)[None].expand(96, -1)
+    assert bool((err <= bound + 1e-12).all()) and float(err.max()) > 0
+    assert float(got["0.scales"][3]) > 10 * float(got["0.scales"][2])
+
+
+@pytest.mark.parametrize("variant", ["6b", "300m"])
+def test_vision_int8_tower_stays_close_to_fp32(tmp_path, variant):
+    """load_model(vision_int8=True): every tower Linear int8 (the projector as loaded), its features within
+    int8 rounding of the fp32 tower's on random tiles. Each weight is off by at most max|row|/254 (uniform:
+    rms max|row|/440, ~0.5% of a weight for these 32-wide rows); independent over the tower's 12 Linears
+    and through its norms, the features move ~1%: 3% is the bound, and a dropped scale (error ~100%) or an
+    unquantized tower (error 0) fail it."""
+    from edge_vlm.int8_rows import Int8Linear
+
+    make_internvl_hf(tmp_path / variant, seed=5, **VARIANTS[variant])
+    ref = load_model(tmp_path / variant, device="cpu", progress=False, fast_path=False)
+    q = load_model(tmp_path / variant, device="cpu", progress=False, fast_path=False, vision_int8=True)
+    linears = [m for m in q.vision.modules() if isinstance(m, (Int8Linear, torch.nn.Linear))]
+    assert len(linears) == 6 * 2 and all(isinstance(m, Int8Linear) for m in linears)
+    assert q.info.vision_quantization == "int8" and not any(isinstance(m, Int8Linear) for m in q.projector.modules())
+    tiles = [picture(20 + i, (56, 56)) for i in range(3)]
+    with torch.no_grad():
+        expected, got = ref.encode_images(tiles), q.encode_images(tiles)
+    err = float((got - expected).norm() / expected.norm())
+    assert 0 < err < 0.03, err
+    fp32 = sum(m.weight.numel() * 4 for m in ref.vision.modules() if isinstance(m, torch.nn.Linear))
+    int8 = sum(m.qweight.numel() + m.scales.numel() * 4 for m in linears)
+    saved = ref.memory_estimate()["weights"] - q.memory_estimate()["weights"]
+    assert saved == fp32 - int8 > 0
