@@ -115,6 +115,16 @@ class Constraint:
         start = f"start: call ({json.dumps(between)} call)*" if several else "start: call"
         return cls("tool_call", choices=tuple(names), lark="\n".join([start, f"call: {one}", *rules]))
 
+    @classmethod
+    def without(cls, text: str) -> "Constraint":
+        """Any answer that never contains `text` (e.g. a tool call's opening tag: the server's
+        tool_choice "none" shows the tools yet lets no call begin). One regex lexeme: the model
+        writes freely, only a token that would complete `text` is masked."""
+        if not text:
+            raise EdgeVLMError("constraint: the text to keep out must not be empty")
+        literal = "".join("\\" + c if c in "\\.+*?()|[]{}^$#&-~/" else c for c in text)
+        return cls("lark", choices=(text,), lark=f"start: TEXT\nTEXT: /(?s:.*)/ & ~/(?s:.*{literal}.*)/")
+
     def grammar(self) -> str:
         """This constraint as an llguidance grammar (JSON text)."""
         from llguidance import LLMatcher

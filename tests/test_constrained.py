@@ -248,3 +248,47 @@ def test_tool_call_constraint_writes_calls_that_parse_and_validate(model, fast, 
         Constraint.tool_calls("xml", TOOLS)
     with pytest.raises(EdgeVLMError, match="at least one tool"):
         Constraint.tool_calls(fmt, [])
+
+
+def test_without_keeps_a_text_out_and_nothing_else(model, fast):
+    """Constraint.without (tool_choice "none"): the tag can never be completed, whatever leads to
+    it; anything else, the tag's own pieces included, may be written, and EOS is allowed anywhere."""
+    tok = model.tokenizer
+    ids = tok.encode("Sure: <toolcall")
+    mask = compile_constraint(Constraint.without("<toolcall>"), tok, model.eos_token_ids)
+    for t in ids:
+        assert mask.allowed(mask.vocab_size)[t]
+        mask.advance(t)
+    allowed = mask.allowed(mask.vocab_size)
+    assert not allowed[tok.encode(">")[0]] and allowed[tok.encode("s")[0]] and mask.complete
+    assert all(allowed[e] for e in model.eos_token_ids)
+    want = tok.encode("<toolcall> <toolcall>")  # a model that wants to write the tag, twice
+    free, _, _ = run(model, Pushy(fast, want), "Hi", temperature=0, max_new_tokens=len(want))
+    kept, _, _ = run(model, Pushy(fast, want), "Hi", temperature=0, max_new_tokens=len(want),
+                     constraint=Constraint.without("<toolcall>"))
+    assert free.startswith("<toolcall> <toolcall>") and kept.startswith("<toolcall") and "<toolcall>" not in kept, kept
+    assert Constraint.without("a.b").lark.endswith(r"~/(?s:.*a\.b.*)/")
+    with pytest.raises(EdgeVLMError, match="must not be empty"):
+        Constraint.without("")
+
+
+class Pushy:
+    """An engine whose logits put `script`'s tokens on top, one per step (a model set on writing them)."""
+
+    def __init__(self, engine, script):
+        self.engine, self.script = engine, list(script)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _push(self, logits):
+        if self.script:
+            logits = logits.clone()
+            logits[self.script.pop(0)] = logits.max() + 1e4
+        return logits
+
+    def prefill(self, prompt):
+        return self._push(self.engine.prefill(prompt))
+
+    def step(self, token):
+        return self._push(self.engine.step(token))
