@@ -89,3 +89,42 @@ def metric(text: str, name: str, **labels) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
+
+
+def in_process(model, **config):
+    """(app, worker): the server's app over `model` (loaded here) in this process, for tests that
+    must see inside the model (`Scripted`); `worker.close()` ends its thread."""
+    from apps.server.app import ServerConfig, create_app
+    from apps.server.worker import ModelWorker
+
+    worker = ModelWorker(max_queue=4)
+    worker.attach(model)
+    return create_app(worker, ServerConfig(model_id="tiny", **config)), worker
+
+
+class Scripted:
+    """Records every token an engine is fed (prefill chunks, then each step); while `script` holds
+    tokens, the logits favour them in order, so greedy decoding writes that text (a random tiny
+    model never calls a tool by itself), and the cache holds exactly what was fed."""
+
+    def __init__(self, engine):
+        self.fed: list[int] = []
+        self.script: list[int] = []
+        real_prefill, real_step = engine.prefill, engine.step
+
+        def force(logits):
+            if self.script:
+                logits = logits.clone()
+                logits[self.script.pop(0)] = logits.max() + 1e4
+            return logits
+
+        def prefill(prompt):
+            for chunk in prompt.chunks:
+                self.fed += chunk
+            return force(real_prefill(prompt))
+
+        def step(token):
+            self.fed.append(token)
+            return force(real_step(token))
+
+        engine.prefill, engine.step = prefill, step

@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_vlm import EdgeVLMError, GenerationConfig
+from edge_vlm.chat_template import TOOL_CALL_TAGS
 
 from . import protocol
 from .errors import APIError, error_body, error_response
@@ -173,14 +174,27 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
         if not worker.ready:
             raise APIError(503, "the model is still loading", None, "not_ready", {"Retry-After": "5"})
         messages, _ = await to_messages(body, config.media, worker.model.is_multimodal)
-        constraint = body.constraint()
+        plan = body.tool_plan()
+        template = worker.model.template
+        if plan is not None:
+            try:
+                template.check_tools(plan.tools, [])
+            except EdgeVLMError as e:
+                raise APIError(400, f"tools: {e}", "tools", "tools_not_supported") from None
+        context = body.context if isinstance(body.context, list) else [body.context] if body.context else []
+        if context:
+            try:
+                template.check_tools([], context)
+            except EdgeVLMError as e:
+                raise APIError(400, f"context: {e}", "context", "context_not_supported") from None
+        constraint = body.constraint() if plan is None else plan.constraint(template.tool_format)
         if constraint is not None:  # a schema the grammar compiler refuses is the request's fault: 400 now
             from edge_vlm.constrained import compile_constraint
 
             try:
                 compile_constraint(constraint, worker.model.tokenizer, worker.model.eos_token_ids)
             except EdgeVLMError as e:
-                param = "response_format" if body.response_format else "nvext"
+                param = "tools" if plan is not None else "response_format" if body.response_format else "nvext"
                 raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
         d = config.gen_defaults
         gen = GenerationConfig(
@@ -190,14 +204,16 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
             top_k=d.top_k if body.top_k is None else body.top_k,
             repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed if body.seed is not None else d.seed, stop=body.stops, constraint=constraint)
-        job = Job(messages, gen, asyncio.get_running_loop(), time.monotonic() + config.request_timeout_s)
+        job = Job(messages, gen, asyncio.get_running_loop(), time.monotonic() + config.request_timeout_s,
+                  tools=plan.tools if plan else [], context=context)
         try:
             worker.submit(job)
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {worker.max_queue} requests already queued; retry later",
                            None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
         try:
-            return await _respond(job, request, body, metrics, config.model_id)
+            opening = TOOL_CALL_TAGS[template.tool_format][0] if plan is not None else None
+            return await _respond(job, request, body, metrics, config.model_id, opening)
         except BaseException:  # cancelled (shutdown) or failed here: the model must not go on for nobody
             job.cancel("disconnected")
             raise
@@ -222,8 +238,11 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
     return app
 
 
-async def _respond(job: Job, request: Request, body: protocol.ChatRequest, metrics: Metrics, model_id: str):
-    """The answer as one chat.completion, or as a stream of chunks once the first piece is there."""
+async def _respond(job: Job, request: Request, body: protocol.ChatRequest, metrics: Metrics, model_id: str,
+                   opening: str | None = None):
+    """The answer as one chat.completion, or as a stream of chunks once the first piece is there.
+    `opening`: the tag that opens a tool call when the request offers tools (its calls are then
+    the session's parsed ones, and `content` the text beside them)."""
     cid, created = protocol.completion_id(), protocol.now()
     first = await _next(job, request)  # errors before the first token (prompt too long) are plain 4xx
     if first[0] == "error":
@@ -231,7 +250,7 @@ async def _respond(job: Job, request: Request, body: protocol.ChatRequest, metri
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_events(job, request, first, cid, created, model_id, include_usage,
-                                         metrics), media_type="text/event-stream",
+                                         metrics, opening), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     text, event = [], first
     while event[0] == "piece":
@@ -239,7 +258,8 @@ async def _respond(job: Job, request: Request, body: protocol.ChatRequest, metri
         event = await _next(job, request)
     if event[0] == "error":
         raise _stopped(job, event[1], metrics)
-    return protocol.completion(cid, created, model_id, "".join(text), event[1])
+    result = event[1]
+    return protocol.completion(cid, created, model_id, "".join(text) if opening is None else result.content, result)
 
 
 async def _next(job: Job, request: Request):
@@ -269,14 +289,18 @@ def _sse(obj) -> str:
 
 
 async def _events(job: Job, request: Request, first, cid: str, created: int, model: str, include_usage: bool,
-                  metrics: Metrics):
-    """chat.completion.chunk events: the role, the text pieces, the finish reason, the usage, [DONE]."""
+                  metrics: Metrics, opening: str | None = None):
+    """chat.completion.chunk events: the role, the text pieces, the finish reason, the usage, [DONE].
+    With tools, text that may be call markup is held back; the calls follow as `tool_calls` deltas."""
     ended = False  # the worker's last event (done or error) was seen
+    held = protocol.ContentFilter(opening) if opening is not None else None
     try:
         yield _sse(protocol.chunk(cid, created, model, {"role": "assistant", "content": ""}))
         event = first
         while event[0] == "piece":
-            yield _sse(protocol.chunk(cid, created, model, {"content": event[1]}))
+            piece = event[1] if held is None else held.push(event[1])
+            if piece:
+                yield _sse(protocol.chunk(cid, created, model, {"content": piece}))
             event = await _next(job, request)
         ended = True
         if event[0] == "error":
@@ -284,7 +308,13 @@ async def _events(job: Job, request: Request, first, cid: str, created: int, mod
             yield _sse(error_body(e.status, e.message, e.param, e.code))
         else:
             result = event[1]
-            yield _sse(protocol.chunk(cid, created, model, {}, protocol.FINISH.get(result.stop_reason, "stop")))
+            if held is not None:
+                rest = held.rest(result.content)
+                if rest:
+                    yield _sse(protocol.chunk(cid, created, model, {"content": rest}))
+                for delta in protocol.call_deltas(result.tool_calls):
+                    yield _sse(protocol.chunk(cid, created, model, delta))
+            yield _sse(protocol.chunk(cid, created, model, {}, protocol.finish_reason(result)))
             if include_usage:
                 yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                             "choices": [], "usage": protocol.usage(result), "timings": protocol.timings(result)})

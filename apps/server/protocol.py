@@ -1,14 +1,20 @@
 """The request and response shapes: OpenAI's chat completions, with NIM VILA's extra field.
 
 pydantic checks every field (types, ranges) and the API page at /docs comes from these models.
-Fields that would change the answer but that the runtime cannot honour (n > 1, tools, logprobs,
-...) are refused by name; harmless ones clients always send (`user`, `n: 1`) are accepted.
+Fields that would change the answer but that the runtime cannot honour (n > 1, logprobs, ...)
+are refused by name; harmless ones clients always send (`user`, `n: 1`) are accepted.
+
+Function calling: `tools` and `tool_choice` become a `ToolPlan` (which tools the prompt offers,
+whether the answer may, must or must not call one); a forced call is a grammar over the model's
+tool-call syntax (edge_vlm.constrained). Nemovision's RAG documents come in the top-level
+`context` field (a string or a list of strings).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,9 +23,8 @@ from .errors import APIError
 
 # Fields of OpenAI's API that change the answer and that this server does not implement.
 UNSUPPORTED = {
-    "tools": "tool calls are not supported", "tool_choice": "tool calls are not supported",
-    "functions": "function calls are not supported", "function_call": "function calls are not supported",
-    "parallel_tool_calls": "tool calls are not supported",
+    "functions": "the legacy `functions` are not supported (use `tools`)",
+    "function_call": "the legacy `function_call` is not supported (use `tool_choice`)",
     "logit_bias": "logit_bias is not supported", "top_logprobs": "logprobs are not supported",
     "audio": "audio output is not supported", "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
@@ -53,10 +58,28 @@ class VideoPart(Strict):
 Part = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str = Field(description="the arguments as a JSON object in text, as OpenAI sends them")
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+    index: int | None = None  # what clients that rebuild messages from stream deltas carry along
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[Part]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[Part] | None = None  # None only for an assistant message with tool_calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="assistant messages: the calls it made")
+    tool_call_id: str | None = Field(None, description="tool messages: the call whose result this is")
+    refusal: None = None  # the openai client's own message objects carry these, always null here
+    function_call: None = None
+    audio: None = None
+    annotations: list | None = None
 
 
 class StreamOptions(Strict):
@@ -91,6 +114,14 @@ class ChatRequest(BaseModel):
     response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
                                                            '"json_schema": {"schema": {...}}}')
     nvext: dict | None = Field(None, description="NIM's extensions: guided_json (a JSON schema), guided_choice")
+    tools: list | None = Field(None, description='functions the model may call: [{"type": "function", "function": '
+                                                 '{"name", "description", "parameters": JSON schema}}]')
+    tool_choice: str | dict | None = Field(None, description='"auto" (default with tools), "none", "required", or '
+                                                             '{"type": "function", "function": {"name": ...}}')
+    parallel_tool_calls: bool | None = Field(None, description="tool_choice required or a named function makes "
+                                                               "one call; false with auto is refused")
+    context: str | list[str] | None = Field(None, description="RAG documents for the model's context block "
+                                                              "(Nemovision's <context>)")
 
     def check_fields(self) -> None:
         for name in self.model_extra or {}:
@@ -139,9 +170,118 @@ class ChatRequest(BaseModel):
             param = name if name == "response_format" else f"nvext.{name}"
             raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
 
+    def tool_plan(self) -> "ToolPlan | None":
+        """The request's tools (checked, OpenAI's shape) and what `tool_choice` asks; None without
+        tools. A malformed tool, an unknown function, tools with response_format: 400s naming the field."""
+        from edge_vlm.errors import EdgeVLMError
+        from edge_vlm.tools import tool_spec, tool_specs
+
+        if not self.tools:
+            if self.tool_choice not in (None, "none"):
+                raise APIError(400, "tool_choice: only allowed when tools are given", "tool_choice", "invalid_value")
+            if self.parallel_tool_calls is not None:
+                raise APIError(400, "parallel_tool_calls: only allowed when tools are given", "parallel_tool_calls",
+                               "invalid_value")
+            return None
+        for i, tool in enumerate(self.tools):
+            if isinstance(tool, dict) and "function" not in tool:  # a bare function is not OpenAI's shape
+                raise APIError(400, f'tools.{i}: a tool is {{"type": "function", "function": {{"name", '
+                                    f'"description", "parameters"}}}}', f"tools.{i}", "invalid_value")
+            try:
+                tool_spec(tool)
+            except EdgeVLMError as e:
+                raise APIError(400, f"tools.{i}: {e}", f"tools.{i}", "invalid_value") from None
+        try:
+            specs = tool_specs(self.tools)
+        except EdgeVLMError as e:
+            raise APIError(400, f"tools: {e}", "tools", "invalid_value") from None
+        names = [t["function"]["name"] for t in specs]
+        choice = "auto" if self.tool_choice is None else self.tool_choice
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if choice.get("type") != "function" or set(choice) - {"type", "function"} or not isinstance(name, str):
+                raise APIError(400, 'tool_choice: "auto", "none", "required" or {"type": "function", "function": '
+                                    '{"name": ...}}', "tool_choice", "invalid_value")
+            if name not in names:
+                raise APIError(400, f"tool_choice: no tool named {name!r} in tools (they are: {', '.join(names)})",
+                               "tool_choice", "unknown_tool")
+        elif choice not in ("auto", "none", "required"):
+            raise APIError(400, f'tool_choice: "auto", "none", "required" or a named function, not {choice!r}',
+                           "tool_choice", "invalid_value")
+        if self.parallel_tool_calls is False and choice == "auto":
+            raise APIError(400, 'parallel_tool_calls: false is supported with tool_choice "required" or a named '
+                                "function (those make exactly one call); with auto the model may write several",
+                           "parallel_tool_calls", "unsupported_value")
+        for name, value in (("response_format", self.response_format), ("nvext", self.nvext)):
+            if value and not (name == "response_format" and value == {"type": "text"}):
+                raise APIError(400, f"{name}: cannot be combined with tools (a tool call is itself constrained)",
+                               name, "invalid_value")
+        return ToolPlan(specs, choice if isinstance(choice, str) else choice["function"]["name"])
+
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """The tools a request offers and what its answer may do with them. choice: "auto" (the model
+    decides; its calls are parsed out of the text), "none" (tools shown as with auto, so the prompt
+    and its cache are the same, but the answer is constrained never to open a call), "required" (exactly one call, to any of the tools: a small model
+    asked for "one or more" repeats its call until max_tokens), or a function's name (one call to it)."""
+
+    tools: list
+    choice: str
+
+    def constraint(self, fmt: str):
+        """The answer's grammar (edge_vlm.constrained): a forced call, or no call; None for auto."""
+        from edge_vlm.constrained import Constraint
+
+        if self.choice == "auto":
+            return None
+        if self.choice == "none":
+            from edge_vlm.chat_template import TOOL_CALL_TAGS
+
+            return Constraint.without(TOOL_CALL_TAGS[fmt][0])
+        if self.choice == "required":
+            return Constraint.tool_calls(fmt, self.tools)
+        return Constraint.tool_calls(fmt, [t for t in self.tools if t["function"]["name"] == self.choice])
+
+
+class ContentFilter:
+    """What of a streamed answer that may call tools is safe to send as `content`: the text before
+    the first call's opening tag, less what may still become one (a partial tag at the end) and less
+    trailing whitespace (trimmed when a call follows). The rest waits for the parsed reply, so call
+    markup never reaches `content`; `rest(final)` is what is left to send of the final content."""
+
+    def __init__(self, opening: str):
+        self.opening, self.text, self.sent, self.closed = opening, "", 0, False
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        if self.closed:
+            return ""
+        upto = self.text.find(self.opening)
+        if upto >= 0:
+            self.closed = True
+        else:
+            upto = len(self.text)
+            for k in range(min(len(self.opening) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(self.opening[:k]):
+                    upto -= k
+                    break
+        while upto > self.sent and self.text[upto - 1].isspace():
+            upto -= 1
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent:upto], upto
+        return out
+
+    def rest(self, final: str | None) -> str:
+        sent = self.text[:self.sent]
+        final = final or ""
+        return final[len(sent):] if final.startswith(sent) else ""
 
 
 def completion_id() -> str:
@@ -167,11 +307,28 @@ def timings(result) -> dict:
             "cached_prompt_tokens": result.cached_prompt_tokens}
 
 
-def completion(cid: str, created: int, model: str, text: str, result) -> dict:
+def finish_reason(result) -> str:
+    return "tool_calls" if result.tool_calls else FINISH.get(result.stop_reason, "stop")
+
+
+def completion(cid: str, created: int, model: str, text: str | None, result) -> dict:
+    message = {"role": "assistant", "content": text}
+    if result.tool_calls:
+        message["tool_calls"] = [dict(c) for c in result.tool_calls]
     return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": FINISH.get(result.stop_reason, "stop"), "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(result), "logprobs": None}],
             "usage": usage(result), "timings": timings(result)}
+
+
+def call_deltas(calls) -> list[dict]:
+    """Stream deltas of tool calls in OpenAI's shape: per call its index, id, type and name (empty
+    arguments), then its arguments; clients accumulate them by index."""
+    out = []
+    for i, c in enumerate(calls):
+        out.append({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                    "function": {"name": c["function"]["name"], "arguments": ""}}]})
+        out.append({"tool_calls": [{"index": i, "function": {"arguments": c["function"]["arguments"]}}]})
+    return out
 
 
 def chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> dict:

@@ -39,6 +39,8 @@ class Result:
     decode_tokens_per_s: float = 0.0
     vision_s: float = 0.0
     stop_reason: str = ""
+    tool_calls: list = field(default_factory=list)  # parsed from the answer when tools were offered
+    content: str | None = None  # the answer's text beside its calls (the session's reply)
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     why_stopped: str = ""  # "disconnected" | "timeout"
     queued_at: float = field(default_factory=time.monotonic)
+    tools: list = field(default_factory=list)  # OpenAI specs offered in the prompt (the session's tools)
+    context: list = field(default_factory=list)  # RAG documents
 
     def cancel(self, why: str) -> None:
         if not self.stop.is_set():
@@ -133,7 +137,7 @@ class ModelWorker:
         session = self.session
         self.model.encode_s = 0.0
         try:
-            for piece in session.chat(job.messages, job.gen, job.stop):
+            for piece in session.chat(job.messages, job.gen, job.stop, tools=job.tools, context=job.context):
                 job.emit("piece", piece)
                 if time.monotonic() > job.deadline:
                     job.cancel("timeout")
@@ -158,7 +162,7 @@ class ModelWorker:
         result = Result(prompt_tokens=turn.start + s.prompt_tokens, completion_tokens=s.new_tokens,
                         cached_prompt_tokens=s.cached_prompt_tokens, ttft_s=s.ttft_s,
                         decode_tokens_per_s=s.decode_tokens_per_s, vision_s=self.model.encode_s,
-                        stop_reason=s.stop_reason)
+                        stop_reason=s.stop_reason, tool_calls=session.tool_calls, content=session.reply["content"])
         if self.metrics is not None:
             self.metrics.observe(result)
         job.emit("done", result)
