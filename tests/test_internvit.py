@@ -355,3 +355,61 @@ def test_vision_int8_tower_stays_close_to_fp32(tmp_path, variant):
     int8 = sum(m.qweight.numel() + m.scales.numel() * 4 for m in linears)
     saved = ref.memory_estimate()["weights"] - q.memory_estimate()["weights"]
     assert saved == fp32 - int8 > 0
+
+
+# ---------------------------------------------------------------- NVLM-D's chat format
+
+# NVLM-D's prompt as the public reference builds it: vLLM's NVLM-D example renders the repo tokenizer's
+# chat template (Qwen2-72B-Instruct's ChatML: "You are a helpful assistant." unless a system message is
+# given, every turn `<|im_start|>ROLE\n...<|im_end|>\n`), with `<image>\n` before the question, and
+# NVLM-D's chat() writes each image as <Image>, <tile_k> + context tokens per grid tile,
+# <tile_global_thumbnail> + context tokens, </Image>. Written here from that format, not from our code.
+def nvlm_reference(turns: list[tuple[str, str | None]], system: str | None = None) -> str:
+    out = f"<|im_start|>system\n{system or 'You are a helpful assistant.'}<|im_end|>\n"
+    for user, answer in turns:
+        out += f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+        if answer is not None:
+            out += f"{answer}<|im_end|>\n"
+    return out
+
+
+# The same ChatML as a checkpoint would carry it in tokenizer_config.json (our own Jinja for it)
+QWEN2_CHATML_JINJA = (
+    "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("source", ["builtin", "checkpoint"])
+def test_nvlm_chat_template_is_the_reference_chatml(tmp_path, source):
+    """Without a template in the checkpoint we render NVLM-D's config `template: chatml` as the built-in
+    chatml; with one (the real repo's tokenizer has it) the checkpoint's Jinja is used. Both equal the
+    reference string for one and two turns, with and without a system message, and the session's
+    image prompt (2 grid tiles + thumbnail) is that string token for token."""
+    import json
+
+    ref = make_internvl_hf(tmp_path / "hf", seed=6, projector_bias=False, intermediate_size=64)
+    write_internvl_original(tmp_path / "nvlm", ref, tmp_path / "hf", style="nvlm", dummy_heads=1, max_tiles=2)
+    if source == "checkpoint":
+        path = tmp_path / "nvlm" / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "chat_template": QWEN2_CHATML_JINJA}))
+    model = load_model(tmp_path / "nvlm", device="cpu", progress=False, fast_path=False)
+    assert model.template.name == ("chatml" if source == "builtin" else "checkpoint")
+    tpl = model.template
+    one = [{"role": "user", "content": "<image>\nWhat is this?"}]
+    assert tpl.render(one) == nvlm_reference([("<image>\nWhat is this?", None)])
+    two = one + [{"role": "assistant", "content": "A cat."}, {"role": "user", "content": "And its colour?"}]
+    assert tpl.render(two) == nvlm_reference([("<image>\nWhat is this?", "A cat."), ("And its colour?", None)])
+    sys = [{"role": "system", "content": "Answer briefly."}] + one
+    assert tpl.render(sys) == nvlm_reference([("<image>\nWhat is this?", None)], system="Answer briefly.")
+    # the second turn continues the first exactly: history + continuation == the two-turn reference
+    assert tpl.render(one) + "A cat." + tpl.continuation(one + [{"role": "assistant", "content": "A cat."}],
+                                                          [{"role": "user", "content": "And its colour?"}]) \
+        == tpl.render(two)
+
+    img = picture(11, (112, 56))
+    n, ctx = model.tokens_per_image, "<|vision_pad|>"
+    image = "<Image><tile_1>" + ctx * n + "<tile_2>" + ctx * n + "<tile_global_thumbnail>" + ctx * n + "</Image>"
+    ids, _ = session_ids(ChatSession(model), "What is this?", [img], model.tokenizer.token_to_id(ctx))
+    assert ids == model.tokenizer.encode(nvlm_reference([(image + "\nWhat is this?", None)]))
