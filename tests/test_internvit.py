@@ -334,10 +334,13 @@ def test_int8_linear_error_is_within_half_a_step_per_weight():
 @pytest.mark.parametrize("variant", ["6b", "300m"])
 def test_vision_int8_tower_stays_close_to_fp32(tmp_path, variant):
     """load_model(vision_int8=True): every tower Linear int8 (the projector as loaded), its features within
-    int8 rounding of the fp32 tower's on random tiles. Each weight is off by at most max|row|/254 (uniform:
-    rms max|row|/440, ~0.5% of a weight for these 32-wide rows); independent over the tower's 12 Linears
-    and through its norms, the features move ~1%: 3% is the bound, and a dropped scale (error ~100%) or an
-    unquantized tower (error 0) fail it."""
+    int8 rounding of the fp32 tower's on random tiles. Each weight is off by at most max|row|/254, uniformly:
+    rms max|row|/440, which for these 32-wide Gaussian rows (max ~2.1 sigma) is ~0.5% of a weight, so each
+    Linear's output moves by ~0.5% of its size. The 12 Linears' errors are independent and enter the
+    residual stream through branches that make up only part of it (the embeddings pass unquantized), so
+    the features move by less than that (measured 0.09%): 1% is the bound, and more than 1e-4 shows the
+    weights really are int8 (fp32 alone differs by ~1e-7). Layer scales are set to 1 so that the branches
+    carry their full weight."""
     from edge_vlm.int8_rows import Int8Linear
 
     make_internvl_hf(tmp_path / variant, seed=5, **VARIANTS[variant])
@@ -348,9 +351,12 @@ def test_vision_int8_tower_stays_close_to_fp32(tmp_path, variant):
     assert q.info.vision_quantization == "int8" and not any(isinstance(m, Int8Linear) for m in q.projector.modules())
     tiles = [picture(20 + i, (56, 56)) for i in range(3)]
     with torch.no_grad():
+        for m in (ref, q):  # full-strength branches (the factory's random layer scales are ~0.08)
+            for layer in m.vision.layers:
+                layer.ls1.fill_(1.0), layer.ls2.fill_(1.0)
         expected, got = ref.encode_images(tiles), q.encode_images(tiles)
     err = float((got - expected).norm() / expected.norm())
-    assert 0 < err < 0.03, err
+    assert 1e-4 < err < 0.01, err
     fp32 = sum(m.weight.numel() * 4 for m in ref.vision.modules() if isinstance(m, torch.nn.Linear))
     int8 = sum(m.qweight.numel() + m.scales.numel() * 4 for m in linears)
     saved = ref.memory_estimate()["weights"] - q.memory_estimate()["weights"]
