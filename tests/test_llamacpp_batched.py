@@ -88,6 +88,7 @@ def test_slots_decoded_together_match_lone_engines(model):
         assert all(cosine(a, b) > 0.9999 for a, b in zip(rows, want_rows))
     steps = len(QUESTIONS) * 13
     assert ctx.decoded_rows >= steps and ctx.decodes <= steps - len(QUESTIONS)  # rows really shared decodes
+    assert ctx.shared_decodes >= 12 - 1
 
 
 def test_rewind_of_one_slot_leaves_the_others(model):

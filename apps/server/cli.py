@@ -15,6 +15,7 @@ EXAMPLES = """\
 examples:
   edge-vlm serve --model ./VILA1.5-3b-awq                       # http://127.0.0.1:8000, page at /
   edge-vlm serve --model ./VILA1.5-3b-awq --host 0.0.0.0 --api-key "$(cat key.txt)"
+  edge-vlm serve --model ./VILA1.5-3b-awq --parallel 4            # 4 requests decoded together (llama.cpp)
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
       -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":32}'
 """
@@ -43,6 +44,9 @@ def register(sub) -> None:
                    help="allow browser pages from ORIGIN to call the API (repeat; default: none)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-queue", type=int, default=16, help="requests waiting or running; beyond it 503 (default 16)")
+    g.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="answer up to N requests at once, their tokens decoded together in llama.cpp (needs the "
+                        "llama.cpp backend; N times the KV cache). Default 1: one at a time, in arrival order")
     g.add_argument("--max-body-mb", type=float, default=20, help="largest request body in MB (default 20)")
     g.add_argument("--request-timeout", type=float, default=300, metavar="SECONDS",
                    help="stop a request this long after it arrived, queue wait included (default 300)")
@@ -72,6 +76,11 @@ def config_from_args(args):
 
     if args.max_queue < 1:
         raise EdgeVLMError("--max-queue must be at least 1")
+    if args.parallel < 1:
+        raise EdgeVLMError("--parallel must be at least 1")
+    if args.parallel > 1 and args.llm_backend == "torch":
+        raise EdgeVLMError("--parallel decodes requests together in llama.cpp: use --backend llama.cpp or auto, "
+                           "or --parallel 1 with --backend torch")
     if args.media_dir and not Path(args.media_dir).is_dir():
         raise EdgeVLMError(f"--media-dir is not a folder: {args.media_dir}")
     names = args.served_model_name or [Path(str(args.model).rstrip("/")).name or str(args.model)]
@@ -91,11 +100,13 @@ def run(args) -> int:
 
     from .app import create_app
     from .metrics import Metrics
+    from .parallel import ParallelWorker
     from .worker import ModelWorker
 
     config = config_from_args(args)
-    worker = ModelWorker(max_queue=args.max_queue, image_cache=args.image_cache, max_context=args.max_context,
-                         metrics=Metrics())
+    options = dict(max_queue=args.max_queue, image_cache=args.image_cache, max_context=args.max_context,
+                   metrics=Metrics())
+    worker = ParallelWorker(args.parallel, **options) if args.parallel > 1 else ModelWorker(**options)
     app = create_app(worker, config)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                            timeout_graceful_shutdown=5))

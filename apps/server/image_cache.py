@@ -25,7 +25,16 @@ class CachedImages:
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
-        self.encode_s = 0.0  # vision time of the last call (0 when every image was cached)
+        self._calls = threading.local()  # per thread: lanes of --parallel encode side by side
+
+    @property
+    def encode_s(self) -> float:
+        """Vision time of this thread's last call (0 when every image was cached)."""
+        return getattr(self._calls, "encode_s", 0.0)
+
+    @encode_s.setter
+    def encode_s(self, value: float) -> None:
+        self._calls.encode_s = value
 
     def __getattr__(self, name):  # everything else is the model's own
         return getattr(self._model, name)

@@ -30,6 +30,11 @@ class Metrics:
         self.memory = Gauge("edge_vlm_memory_bytes", "memory in use: resident set (cpu) or CUDA allocated (cuda)",
                             ["kind"], registry=r)
         self.ready = Gauge("edge_vlm_ready", "1 once the model is loaded", registry=r)
+        self.decodes = Gauge("edge_vlm_batched_decodes", "llama.cpp decodes of the --parallel lanes", registry=r)
+        self.shared_decodes = Gauge("edge_vlm_batched_decodes_shared", "those decodes that carried several lanes' rows",
+                                    registry=r)
+        self.decoded_rows = Gauge("edge_vlm_batched_rows", "rows (tokens, image embeddings) those decodes carried",
+                                  registry=r)
 
     def observe(self, result) -> None:
         self.prompt_tokens.inc(result.prompt_tokens)
@@ -45,6 +50,11 @@ class Metrics:
         if worker.model is not None:
             self.image_hits.set(worker.model.hits)
             self.image_misses.set(worker.model.misses)
+        batched = getattr(worker, "context", None)  # --parallel: the lanes' shared llama.cpp context
+        if batched is not None:
+            self.decodes.set(batched.decodes)
+            self.shared_decodes.set(batched.shared_decodes)
+            self.decoded_rows.set(batched.decoded_rows)
         self.memory.labels("rss").set(rss_bytes())
         try:
             import torch

@@ -106,6 +106,7 @@ class BatchedContext:
         self._gather = _Gather()
         self.decodes = 0  # llama_decode calls so far
         self.decoded_rows = 0  # rows (tokens or embeddings) they carried
+        self.shared_decodes = 0  # decodes that carried rows of more than one slot
         self.engines = [SlotEngine(self, i) for i in range(slots)]
 
     # ---- what the slot engines call ---------------------------------------------------
@@ -197,6 +198,7 @@ class BatchedContext:
                 raise EdgeVLMError(f"llama.cpp could not decode the batch (llama_decode returned {code})")
             self.decodes += 1
             self.decoded_rows += len(chunk)
+            self.shared_decodes += len({r.slot for r, _ in chunk}) > 1
             for k, r in last:
                 ptr = self._lib.llama_get_logits_ith(self._ctx, k)
                 r.logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
@@ -222,6 +224,16 @@ class BatchedContext:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def batched_context(model, slots: int, max_context: int) -> BatchedContext:
+    """`slots` sequences over `model`'s GGUF (its LLM must run on llama.cpp), set up as the
+    model's own engines are (layers on the GPU when it runs there, its KV cache type)."""
+    if model.gguf_path is None:
+        raise EdgeVLMError("batched decoding (--parallel) needs the LLM on llama.cpp: use --backend llama.cpp, "
+                           "or --backend auto on a CPU with llama-cpp-python installed")
+    return BatchedContext(model.gguf_path, slots, max_context, n_gpu_layers=-1 if model.device.type == "cuda" else 0,
+                          kv_cache_int8=getattr(model.llm, "kv_cache_int8", False))
 
 
 class SlotEngine:
