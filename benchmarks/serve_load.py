@@ -1,14 +1,16 @@
 """`edge-vlm serve` under load, side by side with llama.cpp's own OpenAI-compatible server.
 
-Both servers run the real SmolLM2-135M-Instruct on this machine: ours from the fp16 folder
-(`--backend torch`, and `--backend llama.cpp` when asked), llama.cpp's `python -m llama_cpp.server`
-on the GGUF that `edge-vlm export gguf` writes of the same weights. The same chat prompts go to
+Both servers run the real SmolLM2-135M-Instruct on this machine, on the same Q8_0 GGUF: ours
+from the fp16 folder with its default CPU backend (llama.cpp over the Q8_0 file it exports once),
+at `--parallel 1` (one request at a time) and at each `--parallel N` asked for (N requests'
+tokens decoded together); llama.cpp's `python -m llama_cpp.server` on that file (it answers one
+request at a time); `--ours-torch` adds our torch fp32 path. The same chat prompts go to
 each at concurrency 1, 4 and 16 as streamed chat completions (greedy, `max_tokens` each); with
 `--vila FOLDER` a VILA model also gets rows with an image (ours only: llama.cpp's server has no
 vision tower for it). Reported per row: time to first token p50/p99 and inter-token latency p50
 (both seen by the client), generated tokens/s and requests/s over the whole wave, errors.
 
-    python -m edge_vlm.benchmarks.serve_load [--requests 16] [--max-tokens 32] [--threads 2] [--vila DIR]
+    python -m edge_vlm.benchmarks.serve_load [--requests 16] [--max-tokens 32] [--parallel 4] [--vila DIR]
 """
 
 from __future__ import annotations
@@ -174,7 +176,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--ours-llamacpp", action="store_true", help="also our server with --backend llama.cpp")
+    ap.add_argument("--parallel", default="4", help="our server's --parallel values besides 1 (default 4; '' none)")
+    ap.add_argument("--ours-torch", action="store_true", help="also our server with --backend torch (fp32)")
     ap.add_argument("--vila", help="a VILA folder for the rows with an image (our server only)")
     args = ap.parse_args()
     from .real_model import smollm2_folder
@@ -182,24 +185,27 @@ def main() -> None:
     folder = smollm2_folder()
     levels = [int(c) for c in args.concurrency.split(",")]
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
-    gguf = work / "smollm2-f16.gguf"
+    gguf = work / "smollm2-q8_0.gguf"  # what our server's llama.cpp backend exports the fp16 folder as
     subprocess.run([sys.executable, "-m", "edge_vlm.cli", "export", "gguf", str(folder), str(gguf), "--outtype",
-                    "f16", "--no-progress"], check=True, cwd=tempfile.gettempdir())
+                    "q8_0", "--no-progress"], check=True, cwd=tempfile.gettempdir())
     servers = []
-    ours = lambda model, backend: [sys.executable, "-m", "edge_vlm.cli", "serve", "--model", str(model),  # noqa: E731
-                                   "--device", "cpu", "--backend", backend, "--max-context", "2048",
-                                   "--max-queue", "64"]
-    servers.append(("edge-vlm serve (torch fp32)", ours(folder, "torch"), "/v1/health/ready", PROMPTS))
-    if args.ours_llamacpp:
-        servers.append(("edge-vlm serve (llama.cpp f16)", ours(folder, "llama.cpp"), "/v1/health/ready", PROMPTS))
-    servers.append(("llama_cpp.server (f16)", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+    ours = lambda model, backend, *more: [  # noqa: E731
+        sys.executable, "-m", "edge_vlm.cli", "serve", "--model", str(model), "--device", "cpu", "--backend", backend,
+        "--max-context", "2048", "--max-queue", "64", *more]
+    servers.append(("edge-vlm serve (llama.cpp q8_0)", ours(folder, "llama.cpp"), "/v1/health/ready", PROMPTS))
+    for n in [int(v) for v in args.parallel.split(",") if v.strip()]:
+        servers.append((f"edge-vlm serve --parallel {n} (llama.cpp q8_0)",
+                        ours(folder, "llama.cpp", "--parallel", str(n)), "/v1/health/ready", PROMPTS))
+    if args.ours_torch:
+        servers.append(("edge-vlm serve (torch fp32)", ours(folder, "torch"), "/v1/health/ready", PROMPTS))
+    servers.append(("llama_cpp.server (q8_0)", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
                                                "--n_ctx", "2048", "--n_threads", str(args.threads),
                                                "--n_threads_batch", str(args.threads),
                                                # queue concurrent requests as ours does (its default cuts
                                                # the running request short when a new one arrives)
                                                "--interrupt_requests", "False"], "/v1/models", PROMPTS))
     if args.vila:
-        servers.append(("edge-vlm serve, 1 image (torch fp32)", ours(args.vila, "torch"), "/v1/health/ready",
+        servers.append(("edge-vlm serve, 1 image (llama.cpp)", ours(args.vila, "llama.cpp"), "/v1/health/ready",
                         [image_content(p) for p in PROMPTS]))
     rows, turns, running = [], None, []
     try:  # all servers up at once, then each wave goes to each in turn: the machine's load is shared fairly
