@@ -1,0 +1,86 @@
+"""What decoding several conversations together buys: tokens/s of N slots of one llama.cpp
+context (`BatchedContext`, what `edge-vlm serve --parallel N` runs on) against one slot, in
+the same run, on the real SmolLM2-135M GGUF files.
+
+Each slot is driven from its own thread exactly as the server's lanes drive it (prefill a chat
+prompt, then greedy steps); a step of every slot is one `llama_decode`. Reported: total
+tokens/s, per-stream tokens/s, and the total's ratio to one slot.
+
+    python -m edge_vlm.benchmarks.batched_decode [--slots 1,2,4,8] [--steps 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+from edge_vlm.backends.llamacpp.batched import BatchedContext
+from edge_vlm.generate import Prompt
+
+from .real_model import gguf_path, smollm2_folder
+
+PROMPT = "<|im_start|>user\nTell me a long story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def run(path, slots: int, steps: int, ids: list[int]) -> float:
+    """Total decode tokens/s of `slots` streams of `steps` greedy tokens each (prefill not timed)."""
+    ctx = BatchedContext(path, slots, max_context=len(ids) + steps + 8)
+    ready = threading.Barrier(slots + 1)
+    spans = [0.0] * slots
+
+    def stream(i):
+        engine = ctx.engines[i]
+        logits = engine.prefill(Prompt([ids]))
+        engine.idle()
+        ready.wait()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            logits = engine.step(int(logits.argmax()))
+        spans[i] = time.perf_counter() - t0
+        engine.idle()
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(slots)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    for t in threads:
+        t.join()
+    ctx.close()
+    return slots * steps / max(spans)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slots", default="1,2,4,8")
+    ap.add_argument("--steps", type=int, default=64)
+    args = ap.parse_args()
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(smollm2_folder() / "tokenizer.json")).encode(PROMPT, add_special_tokens=False).ids
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    q8 = Path(tempfile.mkdtemp(prefix="batched-")) / "smollm2-q8_0.gguf"
+    subprocess.run([sys.executable, "-m", "edge_vlm.cli", "export", "gguf", str(smollm2_folder()), str(q8),
+                    "--outtype", "q8_0", "--no-progress"], check=True, cwd=tempfile.gettempdir())
+    files = [("Q4_1 (the original file)", gguf_path()), ("Q8_0 (our export of its fp16 weights)", q8)]
+    slots = sorted({1, *(int(s) for s in args.slots.split(","))})
+    print(f"SmolLM2-135M-Instruct, {args.steps} greedy steps per stream, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at the start\n")
+    print("| file | slots | total tok/s | per stream tok/s | total vs 1 slot |\n|---|---|---|---|---|")
+    for name, path in files:
+        base = None
+        for n in slots:
+            run(path, n, 8, ids)  # warm-up
+            tok_s = run(path, n, args.steps, ids)
+            base = base or tok_s
+            print(f"| {name} | {n} | {tok_s:.1f} | {tok_s / n:.1f} | {tok_s / base:.2f}x |", flush=True)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()
