@@ -127,6 +127,21 @@ def test_onnx_tower_gives_the_torch_features_for_every_tile(folders):
         ChatSession(torch_model(folders["nvlm"])).answer("What is this?", images=[picture(35)], gen=GREEDY)
 
 
+def test_int8_tower_exports_to_its_own_onnx_folder_and_keeps_its_features(folders):
+    """vision_int8 + ONNX: the graph carries the rounded weights, so it is cached apart from the 16-bit
+    tower's export, and in fp32 it gives the int8 torch tower's features."""
+    from edge_vlm.backends.onnx import attach_onnx_vision
+    from edge_vlm.backends.onnx.cache import export_dir
+
+    plain = torch_model(folders["nvlm"])
+    q = load_model(folders["nvlm"], device="cpu", progress=False, fast_path=False, vision_int8=True)
+    assert export_dir(q) != export_dir(plain) and export_dir(plain) == export_dir(torch_model(folders["nvlm"]))
+    tiles = q.image_tiles(picture(37, (150, 70)))
+    ref = q.encode_images(tiles)
+    assert attach_onnx_vision(q, "onnx", precision="fp32") == "onnxruntime CPU fp32"
+    assert float((q.encode_images(tiles) - ref).abs().max() / ref.abs().max()) <= 1e-4
+
+
 # ---------------------------------------------------------------- server and camera
 
 def png_uri(image) -> str:

@@ -45,20 +45,25 @@ def model_cache_dir(model_path) -> Path:
     return beside if _writable(beside) else Path.home() / ".cache" / "edge-vlm" / digest
 
 
-def fingerprint(model_path, vision_cfg, projector_cfg) -> str:
-    """What the exported graph depends on, hashed: configs, checkpoint file stats, torch, the export format."""
+def fingerprint(model_path, vision_cfg, projector_cfg, vision_weights: str = "none") -> str:
+    """What the exported graph depends on, hashed: configs, checkpoint file stats, torch, the export format,
+    and how the tower's weights were held when it was exported (`vision_weights`: "int8" for
+    `load_model(vision_int8=True)`, whose rounded weights the graph then carries)."""
     root = Path(model_path).expanduser().resolve()
     files = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
                    if p.suffix in WEIGHT_SUFFIXES and ".edge-vlm" not in p.parts and p.is_file())
     key = {"vision": dataclasses.asdict(vision_cfg), "projector": dataclasses.asdict(projector_cfg), "files": files,
            "torch": torch.__version__.split("+")[0], "format": FORMAT_VERSION}
+    if vision_weights != "none":  # keyed only then: the 16-bit exports keep their folders
+        key["vision_weights"] = vision_weights
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def export_dir(model) -> Path:
     """The folder of this loaded model's ONNX export (it may not exist yet)."""
     return model_cache_dir(model.info.path) / "onnx" / fingerprint(model.info.path, model.vision.cfg,
-                                                                    model.projector.cfg)
+                                                                    model.projector.cfg,
+                                                                    getattr(model.info, "vision_quantization", "none"))
 
 
 def ensure_exported(model, precision: str, progress: bool = False) -> tuple[Path, dict]:
