@@ -2,7 +2,7 @@
 held-out text domain, in one run.
 
 Calibration is the built-in mix of quantize/calibration.py (standard-library prose, code and chat
-turns); evaluation is every domain of benchmarks/text_domains.py (third-party packages only:
+turns, READMEs of torch's and requests' dependencies); evaluation is every domain of benchmarks/text_domains.py (third-party packages only:
 numpy's docs, the dependencies' READMEs, jinja2/tqdm source, chat turns about torch.nn), plus the
 held-out tail of the calibration prose as an in-domain reference. Every quantized model is
 written to disk by the real pipeline and loaded back by the runtime (WQLinear), so the numbers
@@ -66,6 +66,7 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
     """{row: {"ppl": {domain: perplexity}, "seconds": quantize time, ...}}. `cache` (a JSON file) keeps
     finished rows, keyed by everything that decides them, so a later run adds variants without redoing
     the others."""
+    from edge_vlm.quantize.calibration import MIX
     from edge_vlm.quantize.pipeline import QuantizeSettings, inspect_source, quantize_checkpoint
 
     if model is None:
@@ -93,7 +94,8 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
         settings = QuantizeSettings(group_size=group_size, n_samples=n_samples, seqlen=seqlen, device=device,
                                     search_tokens=search_tokens, **over)
         key = {"row": name, "group_size": group_size,
-               **({} if name == "rtn" else dict(n_samples=n_samples, seqlen=seqlen, search_tokens=search_tokens))}
+               **({} if name == "rtn" else dict(n_samples=n_samples, seqlen=seqlen, search_tokens=search_tokens,
+                                                 mix=",".join(f"{k}{w}" for k, w in MIX)))}
 
         def compute(name=name, settings=settings):
             summary = quantize_checkpoint(model, work / name, settings, force=True)

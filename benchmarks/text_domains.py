@@ -1,9 +1,11 @@
 """Held-out evaluation text for quantization quality: domains that share no source with calibration.
 
-The built-in calibration mix (quantize/calibration.py) reads only Python's standard library.
-Every domain here reads only third-party packages that an edge-vlm install already has (core
-dependencies: numpy, torch, jinja2, tqdm, safetensors, tokenizers, huggingface_hub, Pillow), so
-they install offline and no evaluation text can come from a calibration source
+The built-in calibration mix (quantize/calibration.py) reads Python's standard library and the
+READMEs of torch's and requests' own dependencies (filelock, sympy, urllib3, ...). Every domain
+here reads only other third-party packages that an edge-vlm install already has (core
+dependencies: numpy, torch, jinja2, tqdm, safetensors, tokenizers, huggingface_hub, Pillow, and
+the test/optional extras for READMEs), so they install offline and no evaluation text can come
+from a calibration source
 (tests/test_quality_domains.py checks both the modules and the text itself):
 
 - docs: numpy's API reference (the docstrings of its public functions) - technical prose with

@@ -1,14 +1,18 @@
 """Calibration data: the text (and, for VLMs, images) the LLM sees while AWQ picks its scales.
 
-The built-in set is a mix of three formats, all from Python's own standard library so that it
-works offline and so that no evaluation text (benchmarks/text_domains.py, which reads only
-third-party packages) can share a source with it:
+The built-in set is a mix of four formats, all from what every install already has (it works
+offline) and none from a package that an evaluation domain reads (benchmarks/text_domains.py;
+tests/test_quality_domains.py checks the sources and the text):
 
 - prose: the language reference prose of `pydoc_data.topics` (its first 80%; the last 20% is
   kept as an in-domain check for benchmarks/quality.py);
 - code: the source of a fixed list of standard-library modules;
 - chat: conversations in the model's own chat template, a user asking about a standard-library
-  module or function and the assistant answering with its documentation.
+  module or function and the assistant answering with its documentation;
+- readmes: the published descriptions (Markdown / reStructuredText READMEs: headings, badges, URLs,
+  tables, install commands) of the packages that torch, huggingface_hub and requests pull in
+  (filelock, sympy, fsspec, urllib3, ...). None of the first three looks like Markdown, and a
+  model calibrated without it rounded README-like text worse than plain RTN did.
 
 Users quantize once and then talk about anything: one source alone fits the scales and the
 clipping to that source's statistics (and, for a chat model, never shows the template's tokens).
@@ -51,7 +55,12 @@ CHAT_MODULES = ("os", "sys", "re", "math", "random", "datetime", "itertools", "o
                 "webbrowser", "wsgiref", "xmlrpc.client", "quopri", "plistlib", "netrc",
                 "tomllib", "stat", "pwd", "grp", "termios", "tty", "pty", "fcntl", "resource", "syslog")
 
-MIX = (("prose", 2), ("code", 1), ("chat", 1))  # share of the samples per source
+# installed with every edge-vlm (dependencies of torch, huggingface_hub, requests), never read by an
+# evaluation domain: their published descriptions are the readmes part
+README_DISTS = ("filelock", "typing_extensions", "sympy", "networkx", "fsspec", "mpmath", "packaging", "pyyaml",
+                "requests", "charset_normalizer", "idna", "urllib3", "certifi")
+
+MIX = (("prose", 2), ("code", 1), ("chat", 1), ("readmes", 1))  # share of the samples per source
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,23 @@ def _read_chat(max_chars: int, template=None) -> str:
     return render_chats(chat_conversations(CHAT_MODULES, _stdlib_question), template, max_chars)
 
 
+def _read_readmes(max_chars: int, template=None) -> str:
+    """All of them (about 90k characters): the blocks are then spread over every package."""
+    import importlib.metadata
+
+    parts = []
+    for dist in README_DISTS:
+        try:
+            meta = importlib.metadata.metadata(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        text = (meta.get_payload() or meta.get("Description") or "").strip()
+        if len(text) < 500:
+            continue
+        parts.append(text)
+    return "\n\n".join(parts)
+
+
 SOURCES = {
     "prose": CalibrationSource("prose", "Python language reference prose (pydoc_data.topics, first 80%)",
                                ("pydoc_data.topics",), _read_prose),
@@ -171,6 +197,9 @@ SOURCES = {
                               CODE_MODULES, _read_code),
     "chat": CalibrationSource("chat", "chat turns in the model's template about standard-library modules "
                               "(their docstrings as answers)", CHAT_MODULES, _read_chat),
+    "readmes": CalibrationSource("readmes", "published READMEs of torch's and requests' own dependencies "
+                                 f"({len(README_DISTS)} packages: filelock, sympy, fsspec, urllib3, ...)",
+                                 README_DISTS, _read_readmes),
 }
 
 
@@ -187,15 +216,25 @@ def mix_counts(n_samples: int) -> dict[str, int]:
 
 def builtin_blocks(tokenize: Callable[[str], list[int]], n_samples: int, seqlen: int, template=None
                    ) -> tuple[torch.Tensor, list[str]]:
-    """[n_samples, seqlen] token blocks from the built-in mix, and one line per source used."""
+    """[n_samples, seqlen] token blocks from the built-in mix, and one line per source used. A source
+    shorter than its share (the readmes, with long blocks or a slim install) gives the rest to prose."""
+    counts = mix_counts(n_samples)
+    first = MIX[0][0]
+    ids = {}
+    for name, n in counts.items():
+        if name == first or not n:
+            continue
+        got = tokenize(SOURCES[name].read(n * seqlen * CHARS_PER_TOKEN, template))
+        counts[name] = min(n, len(got) // seqlen)
+        counts[first] += n - counts[name]
+        ids[name] = got
+    ids[first] = tokenize(SOURCES[first].read(counts[first] * seqlen * CHARS_PER_TOKEN, template))
     blocks, lines = [], []
-    for name, n in mix_counts(n_samples).items():
+    for name, n in counts.items():
         if not n:
             continue
-        src = SOURCES[name]
-        text = src.read(n * seqlen * CHARS_PER_TOKEN, template)
-        blocks.append(calibration_blocks(tokenize(text), n, seqlen, f"the built-in {name} text"))
-        lines.append(f"{name}: {n} x {seqlen} tokens of {src.origin}")
+        blocks.append(calibration_blocks(ids[name], n, seqlen, f"the built-in {name} text"))
+        lines.append(f"{name}: {n} x {seqlen} tokens of {SOURCES[name].origin}")
     return torch.cat(blocks), lines
 
 

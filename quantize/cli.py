@@ -10,7 +10,9 @@ DESCRIPTION = """\
 Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ (activation-aware
 scales, a clipping search, then rounding; --rounding gptq rounds with GPTQ-style error compensation
 instead), or with plain round-to-nearest (--method rtn, the baseline). The vision tower and projector stay 16-bit. The built-in calibration set mixes prose, code
-and chat turns in the model's own template (all from Python's standard library, so it works offline).
+and chat turns in the model's own template (from Python's standard library) with Markdown READMEs of
+packages every install has (torch's and requests' dependencies), so it works offline; the summary
+names the sources used.
 OUT is written in the AutoAWQ GEMM layout (readable by edge-vlm, transformers and vLLM) and
 appears only when complete; an interrupted run continues with --resume.
 Runs on CUDA when present (else CPU), one decoder layer at a time."""
@@ -44,7 +46,7 @@ def register(sub) -> None:
                    help="input channels per scale: 128, 64 or 32 (default auto: 128, or 64/32 when a layer "
                         "width is not a multiple of 128, e.g. SmolLM2's 576)")
     p.add_argument("--calib", metavar="FILE", help="calibration text, .txt or .jsonl with {\"text\": ...} lines "
-                                                    "(default: built-in English prose)")
+                                                    "(default: the built-in mix of prose, code, chat turns and READMEs)")
     p.add_argument("--calib-images", metavar="DIR", help="images shown to a VLM during calibration")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")

@@ -17,12 +17,20 @@ def _top(module: str) -> str:
     return module.split(".")[0]
 
 
+def _dist(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
 def test_no_calibration_source_is_an_evaluation_source():
-    calib = {m for s in SOURCES.values() for m in s.modules}
-    assert all(_top(m) in sys.stdlib_module_names for m in calib)  # calibration reads the standard library only
+    from edge_vlm.quantize.calibration import README_DISTS
+
+    stdlib = {m for s in SOURCES.values() if s.name != "readmes" for m in s.modules}
+    assert all(_top(m) in sys.stdlib_module_names for m in stdlib)  # prose, code, chat: the standard library
+    assert SOURCES["readmes"].modules == README_DISTS
+    calib = {_top(m) for m in stdlib} | {_dist(d) for d in README_DISTS}
     for d in DOMAINS.values():
-        top = {_top(m) for m in d.modules}
-        assert not top & {_top(m) for m in calib}, d.name
+        top = {_top(m) for m in d.modules} | {_dist(m) for m in d.modules}
+        assert not top & calib, (d.name, top & calib)
         assert not top & sys.stdlib_module_names, d.name  # evaluation reads third-party packages only
 
 
@@ -52,9 +60,30 @@ def test_the_check_catches_a_leak():
 
 
 def test_mix_has_every_source_and_the_paper_size():
-    assert mix_counts(128) == {"prose": 64, "code": 32, "chat": 32}
-    assert mix_counts(4) == {"prose": 2, "code": 1, "chat": 1}
+    assert mix_counts(128) == {"prose": 53, "code": 25, "chat": 25, "readmes": 25}
+    assert mix_counts(5) == {"prose": 2, "code": 1, "chat": 1, "readmes": 1}
     assert sum(mix_counts(2).values()) == 2 and sum(mix_counts(7).values()) == 7
+
+
+def test_readmes_source_is_markdown_from_several_packages():
+    text = SOURCES["readmes"].read(10**9)
+    assert text.count("](http") > 20 and "\n# " in text and "|---" in text.replace(" ", "")  # links, headings, tables
+    assert sum(f"# {name}" in text.lower() for name in ("filelock", "sympy", "requests")) == 3
+
+
+def test_a_short_source_gives_its_blocks_to_prose(monkeypatch):
+    """The readmes of a slim install may not fill their share: prose takes the rest, n_samples holds."""
+    from edge_vlm.quantize import calibration
+
+    short = calibration.CalibrationSource("readmes", "short", (), lambda n, t=None: "x" * 400)
+    monkeypatch.setitem(calibration.SOURCES, "readmes", short)
+    tokenize = lambda text: list(range(len(text) // 3))  # noqa: E731 (the readmes: 133 tokens)
+    assert mix_counts(10)["readmes"] == 2
+    blocks, lines = builtin_blocks(tokenize, 10, 128)
+    assert blocks.shape == (10, 128)
+    assert lines[0].startswith("prose: 5 x 128") and lines[-1].startswith("readmes: 1 x 128")
+    blocks, lines = builtin_blocks(tokenize, 10, 512)  # none fits: prose takes both, no readmes line
+    assert blocks.shape == (10, 512) and lines[0].startswith("prose: 6 x 512") and len(lines) == 3
 
 
 def test_builtin_blocks_render_chat_in_the_models_template(smollm2):
@@ -64,9 +93,10 @@ def test_builtin_blocks_render_chat_in_the_models_template(smollm2):
     tok = Tokenizer(smollm2)
     template = ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
     blocks, lines = builtin_blocks(tok.encode, 4, 256, template)
-    assert blocks.shape == (4, 256) and [ln.split(":")[0] for ln in lines] == ["prose", "code", "chat"]
+    assert blocks.shape == (4, 256) and [ln.split(":")[0] for ln in lines] == ["prose", "code", "chat", "readmes"]
     im_start = tok.token_to_id("<|im_start|>")
-    assert (blocks[3] == im_start).any() and not (blocks[:3] == im_start).any()  # the chat block has the template
+    has = [bool((b == im_start).any()) for b in blocks]
+    assert has == [False, False, True, False]  # only the chat block is in the template
     sets = domain_ids(tok.encode, 1024, template)
     assert all(len(v) == 1024 for v in sets.values()) and im_start in sets["chat"]
 
@@ -150,7 +180,8 @@ def test_sharded_output_loads_to_the_same_logits(tmp_path):
     for out in ("one", "many"):  # no resume state left behind
         assert sorted(p.name for p in (tmp_path / out).iterdir() if p.is_dir()) == []
         assert not (tmp_path / out / "progress.json").exists() and not (tmp_path / out / "activations.pt").exists()
-    assert "calibration: prose: 2 x 64 tokens" in many.text() and "code: 1 x 64" in many.text()
+    assert "calibration: prose: 1 x 64 tokens" in many.text() and "code: 1 x 64" in many.text()
+    assert "readmes: 1 x 64 tokens of published READMEs" in many.text()
     ids = torch.randint(0, 380, (1, 12), generator=torch.Generator().manual_seed(0))
     logits = []
     for out in ("one", "many"):
