@@ -29,6 +29,9 @@ def register(sub) -> None:
                        description="Describe a model folder without loading its weights.")
     p.add_argument("model", help="model folder or Hugging Face repo id")
     p.add_argument("--max-context", type=int, default=4096, help="context to size the KV cache for (default 4096)")
+    p.add_argument("--vision-int8", action="store_true",
+                   help="hold the vision tower's Linear weights in int8, one scale per output row, quantized as "
+                        "they load (InternViT-6B: 11.8 -> 5.9 GB; features within 0.1%% of fp32 on the test tower)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="size the KV cache in the model's dtype (default) or int8 (`chat --kv-cache int8`)")
     p.add_argument("--backend", choices=["auto", "torch", "llama.cpp"], default="auto",
@@ -105,6 +108,9 @@ def add_model_options(p, backend_flag: str = "--backend") -> None:
     p.add_argument("--max-tiles", type=int,
                    help="InternVL / NVLM-D: the most 448 px tiles an image is cut into (default: the model's, 12 or "
                         "6); fewer tiles answer faster, 1 is one tile per image")
+    p.add_argument("--vision-int8", action="store_true",
+                   help="hold the vision tower's Linear weights in int8, one scale per output row, quantized as "
+                        "they load (InternViT-6B: 11.8 -> 5.9 GB; features within 0.1%% of fp32 on the test tower)")
     p.add_argument("--kv-cache", choices=["model", "int8"], default="model",
                    help="KV-cache storage: the model's dtype (default) or int8, half the memory of fp16 for long "
                         "contexts (perplexity +0.3%% measured on SmolLM2)")
@@ -139,7 +145,7 @@ def load_from_args(args):
                       template=args.template, kv_cache=getattr(args, "kv_cache", None),
                       llm_backend=getattr(args, "llm_backend", "auto"),
                       vision_backend=getattr(args, "vision_backend", "torch"),
-                      max_tiles=getattr(args, "max_tiles", None))
+                      max_tiles=getattr(args, "max_tiles", None), vision_int8=getattr(args, "vision_int8", False))
 
 
 def _stream(session, question, images, video, args) -> None:

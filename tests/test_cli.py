@@ -141,3 +141,15 @@ def test_vision_backend_option_runs_the_tower_on_onnx_runtime(tiny_vila, tmp_pat
     assert "vision on onnxruntime CPU" in err, err
     assert main(["info", str(tiny_vila), "--vision-backend", "onnx"]) == 0
     assert "vision backend: onnx" in capsys.readouterr().out
+
+
+def test_vision_int8_option_loads_the_tower_in_int8(tiny_vila):
+    from edge_vlm import commands
+    from edge_vlm.cli import build_parser
+    from edge_vlm.int8_rows import Int8Linear
+
+    args = build_parser().parse_args(["chat", "--model", str(tiny_vila), "--device", "cpu",
+                                                           "--backend", "torch", "--vision-int8", "hi"])
+    model = commands.load_from_args(args)
+    assert model.info.vision_quantization == "int8"
+    assert any(isinstance(m, Int8Linear) for m in model.vision.modules())
