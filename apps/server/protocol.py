@@ -228,8 +228,9 @@ class ChatRequest(BaseModel):
 class ToolPlan:
     """The tools a request offers and what its answer may do with them. choice: "auto" (the model
     decides; its calls are parsed out of the text), "none" (tools shown as with auto, so the prompt
-    and its cache are the same, but the answer is constrained never to open a call), "required" (exactly one call, to any of the tools: a small model
-    asked for "one or more" repeats its call until max_tokens), or a function's name (one call to it)."""
+    and its cache are the same, but the answer is constrained never to open a call), "required"
+    (exactly one call, to any of the tools: a small model asked for "one or more" repeats its call
+    until max_tokens), or a function's name (one call to it)."""
 
     tools: list
     choice: str
