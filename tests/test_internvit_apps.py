@@ -184,3 +184,23 @@ def test_camera_pipeline_answers_on_frames(folders, tmp_path, capsys):
     assert code == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [r["frame"] for r in lines] == [0, 10] and all(isinstance(r["answer"], str) for r in lines)
+
+
+def test_camera_context_frames_take_one_tile_each(folders, tmp_path, capsys):
+    """A question about the last K frames is about a clip: tiled models give each frame one tile
+    (InternVL's video recipe), a lone frame is tiled like a photo."""
+    from edge_vlm.cli import main
+    from tests.test_vlm import write_video
+
+    clip = write_video(tmp_path / "cam.mp4", frames=20, size=(160, 64))  # 2.5:1, several tiles + thumbnail
+    code = main(["camera", "--model", str(folders["nvlm"]), "--source", str(clip), "--interval", "1",
+                 "--context-frames", "2", "--max-new-tokens", "1", "--max-context", "2048", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    alone, clip_of_two = [json.loads(line) for line in out.splitlines()]
+    assert (alone["images"], clip_of_two["images"]) == (1, 2)
+    model = torch_model(folders["nvlm"])
+    per_tile, tiles = model.tokens_per_image, model.tile_count(picture(1, (160, 64)))
+    assert tiles >= 3
+    # one frame tiled outweighs two frames of one tile each
+    assert 2 * per_tile < clip_of_two["prompt_tokens"] < alone["prompt_tokens"]  # tiled twice it would be ~2x

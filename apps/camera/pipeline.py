@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from edge_vlm.apps.media.frame_sources import FrameSource, PacedSource
 from edge_vlm.apps.media.latest_frame import Frame, LatestFrameBuffer
@@ -153,6 +154,9 @@ class CameraPipeline:
 
     def answer(self, frame: Frame, reason: str, score: float | None) -> None:
         images = self._context_images(frame.image)
+        model = self.session.model
+        if len(images) > 1 and model.tiling is not None:  # a clip of frames: one tile each (InternVL's video recipe)
+            images = [model.mark_video_frame(Image.fromarray(im)) for im in images]
         self.stats.frames_answered += 1
         for prompt in self.prompts:
             if self.stop.is_set():
@@ -169,6 +173,7 @@ class CameraPipeline:
                 "latency_s": round(time.perf_counter() - t0, 4),
                 "trigger": reason,
                 "images": len(images),
+                "prompt_tokens": self.session.stats.prompt_tokens + self.session.stats.cached_prompt_tokens,
             }
             if score is not None:
                 record["change_score"] = round(score, 4)
