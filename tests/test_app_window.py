@@ -521,3 +521,31 @@ def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path
     # and the restored context matters: without it the same question gets another answer
     greedy = GenerationConfig(max_new_tokens=12, temperature=0.0)
     assert ChatSession(model).answer("Where is the person?", gen=greedy) != answer
+
+
+def test_an_internvl_model_answers_about_a_photo_like_its_session(qtbot, tmp_path):
+    """A tiled model (InternVL -hf, tiny and random) in the window: the photo is cut into tiles
+    and the streamed answer is the runtime's."""
+    from edge_vlm import ChatSession, load_model
+    from tests.factories import make_internvl_hf
+
+    folder = tmp_path / "internvl"
+    make_internvl_hf(folder, seed=5, intermediate_size=64)
+    win = make_window(qtbot, tmp_path)
+    try:
+        load(qtbot, win, folder)
+        assert "internvit" in win.model_panel.info.text().lower()
+        _, pieces = ask(qtbot, win, "What is in this picture?", [photo()], max_new_tokens=12, seed=4)
+        model = load_model(folder, device="cpu", progress=False)
+        assert model.tile_count(model.image_tiles(photo_image())[0]) == 1 and model.tile_count(photo_image()) > 1
+        reference = ChatSession(model).answer("What is in this picture?", images=[photo()], gen=GenerationConfig(
+            max_new_tokens=12, temperature=0.2, top_p=0.9, seed=4))
+        assert "".join(pieces) == win.chat.conversation.turns[1].text == reference
+    finally:
+        win.shutdown()
+
+
+def photo_image():
+    from PIL import Image
+
+    return Image.fromarray(photo())
