@@ -71,6 +71,26 @@ def test_readmes_source_is_markdown_from_several_packages():
     assert sum(f"# {name}" in text.lower() for name in ("filelock", "sympy", "requests")) == 3
 
 
+def test_readmes_blocks_are_the_installed_descriptions_spread_evenly():
+    """Against a plain reading: every listed installed package's description, joined, cut into blocks."""
+    import importlib.metadata
+
+    from edge_vlm.quantize.calibration import README_DISTS, calibration_blocks
+
+    texts = []
+    for d in README_DISTS:
+        try:
+            t = (importlib.metadata.metadata(d).get_payload() or "").strip()
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if len(t) >= 500:
+            texts.append(t)
+    tokenize = lambda text: [ord(c) for c in text]  # noqa: E731 (one token per character)
+    blocks, lines = builtin_blocks(tokenize, 10, 256)
+    want = calibration_blocks(tokenize("\n\n".join(texts)), 2, 256, "plain")
+    assert lines[-1].startswith("readmes: 2 x 256") and torch.equal(blocks[-2:], want)
+
+
 def test_a_short_source_gives_its_blocks_to_prose(monkeypatch):
     """The readmes of a slim install may not fill their share: prose takes the rest, n_samples holds."""
     from edge_vlm.quantize import calibration
