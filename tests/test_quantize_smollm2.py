@@ -83,3 +83,42 @@ def test_cpu_int4_fast_path_keeps_the_quantized_models_perplexity(smollm2, tmp_p
         want, got = perplexity(reference.llm, ids, window=512), perplexity(fast.llm, ids, window=512)
     assert want < 20  # a working 4-bit model
     assert abs(got - want) <= 0.005 * want, (got, want)
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: two real layers, the full search, calibrated on the built-in mix
+def test_awq_on_the_builtin_mix_beats_rtn_on_foreign_readmes_and_chat(smollm2):
+    """Calibrated on the default mix (stdlib prose/code/chat, dependencies' READMEs), AWQ's layers must
+    beat RTN's on held-out domains of other sources: the evaluation READMEs and torch.nn chat turns."""
+    import json
+
+    from edge_vlm.benchmarks.text_domains import domain_ids
+    from edge_vlm.chat_template import ChatTemplate
+    from edge_vlm.quantize.calibration import builtin_blocks
+
+    cfg = LLMConfig.from_hf(json.loads((smollm2 / "config.json").read_text()))
+    store, tok = TensorStore(smollm2), Tokenizer(smollm2)
+    template = ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
+    emb = store.get("model.embed_tokens.weight").float()
+    ids, lines = builtin_blocks(tok.encode, 8, SEQ, template)
+    assert [ln.split(":")[0] for ln in lines] == ["prose", "code", "chat", "readmes"]
+    calib = emb[ids]
+    held = {k: emb[torch.tensor(v).view(-1, SEQ)]
+            for k, v in domain_ids(tok.encode, 4 * SEQ, template, ("readmes", "chat"), piece=SEQ).items()}
+    runner = LayerRunner(cfg, SEQ, "cpu")
+    opts = AWQOptions(group_size=64, search_tokens=1024, batch_tokens=1024)
+    err = {(d, m): 0.0 for d in held for m in ("awq", "rtn")}
+    for i in range(LAYERS):
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg)
+        p = f"model.layers.{i}."
+        load_into(layer, store, lambda k: k[len(p):] if k.startswith(p) else None, torch.float32, "cpu")
+        rtn = copy.deepcopy(layer)
+        quantize_layer_rtn(rtn, opts)
+        want = {d: runner(layer, h) for d, h in held.items()}
+        _, calib = quantize_layer_awq(layer, cfg, calib, runner, opts)
+        for d, h in held.items():
+            for name, q in (("awq", layer), ("rtn", rtn)):
+                err[d, name] += float((runner(q, h) - want[d]).pow(2).mean() / (want[d] - h).pow(2).mean())
+        held = want
+    for d in ("readmes", "chat"):
+        assert err[d, "awq"] < 0.8 * err[d, "rtn"], err
