@@ -204,3 +204,31 @@ def test_camera_context_frames_take_one_tile_each(folders, tmp_path, capsys):
     assert tiles >= 3
     # one frame tiled outweighs two frames of one tile each
     assert 2 * per_tile < clip_of_two["prompt_tokens"] < alone["prompt_tokens"]  # tiled twice it would be ~2x
+
+
+def test_server_video_frames_take_one_tile_each_like_chat(folders, tmp_path):
+    """A video sent to the server is the video `ChatSession.ask(video=...)` sees: the same sampled
+    frames, one tile each, so the same prompt and the same answer."""
+    from fastapi.testclient import TestClient
+
+    from tests.test_server_support import in_process
+    from tests.test_vlm import write_video
+
+    clip = write_video(tmp_path / "clip.mp4", frames=12, size=(160, 64))  # a still would take 3+ tiles
+    session = ChatSession(torch_model(folders["hf"]))
+    expected = session.answer("What happens?", video=clip, frames=3, gen=GREEDY)
+    want_tokens = session.stats.prompt_tokens
+    app, worker = in_process(torch_model(folders["hf"]))
+    try:
+        with TestClient(app) as http:
+            uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+            content = [{"type": "video_url", "video_url": {"url": uri}}, {"type": "text", "text": "What happens?"}]
+            r = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                        "max_tokens": 4, "temperature": 0,
+                                                        "num_frames_per_inference": 3})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["prompt_tokens"] == want_tokens
+            assert body["choices"][0]["message"]["content"] == expected
+    finally:
+        worker.close()

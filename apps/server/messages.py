@@ -1,7 +1,7 @@
 """OpenAI / NIM messages -> the runtime's `Message` list, media decoded where it stands.
 
 An image becomes an `<image>` mark at its place in the text (the session splices its embeddings
-there); a video becomes one mark per sampled frame. Media only in user messages. Assistant
+there); a video becomes one mark per sampled frame (flagged as a video frame: tiled models give it one tile). Media only in user messages. Assistant
 messages may carry `tool_calls` (content then may be null) and `role: "tool"` messages the
 result of one call (text, with its `tool_call_id`); the session renders both in the model's format.
 """
@@ -13,6 +13,7 @@ import asyncio
 from edge_vlm.chat_template import IMAGE_MARK
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.session import Message
+from edge_vlm.vlm import VisionLanguageModel
 
 from .errors import APIError
 from .media import Media, MediaLimits, decode_image, decode_video, fetch_bytes, split_inline
@@ -61,6 +62,7 @@ async def to_messages(req: ChatRequest, limits: MediaLimits, multimodal: bool) -
                 pics = [await asyncio.to_thread(decode_image, data, limits, param)]
             else:
                 pics = await asyncio.to_thread(decode_video, data, req.num_frames_per_inference, limits, param)
+                pics = [VisionLanguageModel.mark_video_frame(f) for f in pics]  # tiled models: one tile a frame
             total += len(pics)
             if total > limits.max_images:
                 raise APIError(400, f"too many images/frames in one request (over {limits.max_images})", param,

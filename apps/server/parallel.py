@@ -29,7 +29,6 @@ def _key(m) -> tuple:
 @dataclass
 class _Lane:
     session: ChatSession
-    runner: ModelWorker  # the single worker's per-request code, over this lane's session
     jobs: queue.Queue = field(default_factory=queue.Queue)
     seen: list = field(default_factory=list)  # message keys of the conversation in its cache
     idle_since: float = field(default_factory=time.monotonic)
@@ -59,7 +58,7 @@ class ParallelWorker(ModelWorker):
         self.model = CachedImages(model, self.image_cache_size)
         ctx = self.max_context or model.max_context
         self.context = batched_context(model, self.parallel, ctx)
-        self._lanes = [self._lane(ChatSession(self.model, engine=e)) for e in self.context.engines]
+        self._lanes = [_Lane(ChatSession(self.model, engine=e)) for e in self.context.engines]
         for i, lane in enumerate(self._lanes):
             t = threading.Thread(target=self._lane_loop, args=(lane,), name=f"edge-vlm-lane-{i}", daemon=True)
             t.start()
@@ -67,11 +66,6 @@ class ParallelWorker(ModelWorker):
         self.session = self._lanes[0].session  # what /v1/models reads (max_context)
         self._thread = threading.Thread(target=self._run, name="edge-vlm-dispatch", daemon=True)
         self._thread.start()
-
-    def _lane(self, session: ChatSession) -> _Lane:
-        runner = ModelWorker(max_context=self.max_context, metrics=self.metrics)
-        runner.model, runner.session = self.model, session
-        return _Lane(session, runner)
 
     def close(self) -> None:
         super().close()  # the dispatcher ends, and hands each lane its end
@@ -109,21 +103,13 @@ class ParallelWorker(ModelWorker):
             job = lane.jobs.get()
             if job is None:
                 return
-            t0 = time.monotonic()
             try:
-                if time.monotonic() > job.deadline:
-                    job.cancel("timeout")
-                if not job.stop.is_set():
-                    lane.runner._generate(job)
-                else:
-                    job.emit("error", None)
+                self._serve(job, lane.session, lanes=self.parallel)
             finally:
-                with self._lock:
-                    self._admitted -= 1
-                self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0) / self.parallel
                 engine.idle()
                 turns = lane.session.turns
-                lane.seen = [_key(m) for m in job.messages] + ([("assistant", turns[-1].answer, 0, 0, None)] if turns else [])
+                answer = [("assistant", turns[-1].answer, 0, 0, None)] if turns else []
+                lane.seen = [_key(m) for m in job.messages] + answer
                 with self._free:
                     lane.busy, lane.idle_since = False, time.monotonic()
                     self._free.notify_all()

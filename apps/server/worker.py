@@ -120,21 +120,25 @@ class ModelWorker:
             self._gauge()
             if job is None:
                 return
-            t0 = time.monotonic()
-            try:
-                if time.monotonic() > job.deadline:
-                    job.cancel("timeout")
-                if not job.stop.is_set():
-                    self._generate(job)
-                else:
-                    job.emit("error", None)
-            finally:
-                with self._lock:
-                    self._admitted -= 1
-                self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0)
+            self._serve(job, self.session)
 
-    def _generate(self, job: Job) -> None:
-        session = self.session
+    def _serve(self, job: Job, session: ChatSession, lanes: int = 1) -> None:
+        """Answer one job on `session` (unless it was stopped while waiting), then count it out.
+        `lanes`: how many jobs run side by side (the --parallel worker), for Retry-After."""
+        t0 = time.monotonic()
+        try:
+            if time.monotonic() > job.deadline:
+                job.cancel("timeout")
+            if not job.stop.is_set():
+                self._generate(job, session)
+            else:
+                job.emit("error", None)
+        finally:
+            with self._lock:
+                self._admitted -= 1
+            self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0) / lanes
+
+    def _generate(self, job: Job, session: ChatSession) -> None:
         self.model.encode_s = 0.0
         try:
             for piece in session.chat(job.messages, job.gen, job.stop, tools=job.tools, context=job.context):
