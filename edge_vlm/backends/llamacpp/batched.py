@@ -30,9 +30,7 @@ import torch
 
 from ...errors import EdgeVLMError
 from ...generate import Prompt
-from .engine import default_threads, llama_cpp_module
-
-_init_lock = threading.Lock()
+from .engine import LlamaContext
 
 
 @dataclass
@@ -68,40 +66,11 @@ class BatchedContext:
                  gather_s: float = 0.02):
         if slots < 1:
             raise ValueError("slots must be at least 1")
-        lib = llama_cpp_module()
-        self._lib = lib
-        with _init_lock:
-            lib.llama_backend_init()
-        path = Path(gguf_path)
-        if not path.is_file():
-            raise EdgeVLMError(f"GGUF file not found: {path}")
-        mparams = lib.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
-        self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self._model:
-            raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
-        cparams = lib.llama_context_default_params()
-        cparams.n_ctx = slots * max_context  # split evenly: each sequence has max_context cells
-        cparams.n_seq_max = slots
-        cparams.kv_unified = False
-        cparams.n_batch = cparams.n_ubatch = batch_size
-        cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
-        if kv_cache_int8:
-            cparams.type_k = cparams.type_v = lib.GGML_TYPE_Q8_0
-            cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self._ctx = lib.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            lib.llama_model_free(self._model)
-            raise EdgeVLMError(f"llama.cpp could not create {slots} sequences of {max_context} tokens for {path}")
-        self._memory = lib.llama_get_memory(self._ctx)
-        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
-        self.n_embd = lib.llama_model_n_embd(self._model)
-        self._batch_size = int(cparams.n_batch)
-        self._tokens = lib.llama_batch_init(self._batch_size, 0, 1)
-        self._embeds = lib.llama_batch_init(self._batch_size, self.n_embd, 1)
+        self._llama = LlamaContext(gguf_path, max_context, slots, n_gpu_layers, n_threads, batch_size, kv_cache_int8)
+        self.n_vocab, self.n_embd = self._llama.n_vocab, self._llama.n_embd
         self.max_context = max_context
         self.gather_s = gather_s
-        self.gguf_path = path
+        self.gguf_path = self._llama.path
         self._cond = threading.Condition()
         self._gather = _Gather()
         self.decodes = 0  # llama_decode calls so far
@@ -155,7 +124,7 @@ class BatchedContext:
         with self._cond:
             while self._gather.busy:
                 self._cond.wait()
-            self._lib.llama_memory_seq_rm(self._memory, slot, position, -1)
+            self._llama.remove(slot, position)
 
     # ---- llama.cpp ---------------------------------------------------------------------
 
@@ -165,10 +134,10 @@ class BatchedContext:
         tokens = [r for r in batch if not r.is_embd]
         try:
             if tokens:
-                self._decode_rows(tokens, self._tokens)
+                self._decode_rows(tokens, self._llama.tokens)
             for r in batch:
                 if r.is_embd:
-                    self._decode_rows([r], self._embeds)
+                    self._decode_rows([r], self._llama.embeds)
         except Exception as e:  # noqa: BLE001 - each waiting slot gets the failure as its own
             for r in batch:
                 if r.logits is None:
@@ -176,8 +145,9 @@ class BatchedContext:
 
     def _decode_rows(self, reqs: list[_Request], batch) -> None:
         rows = [(r, j) for r in reqs for j in range(len(r.rows))]
-        for lo in range(0, len(rows), self._batch_size):
-            chunk = rows[lo:lo + self._batch_size]
+        size = self._llama.batch_size
+        for lo in range(0, len(rows), size):
+            chunk = rows[lo:lo + size]
             last = []
             for k, (r, j) in enumerate(chunk):
                 if r.is_embd:
@@ -193,37 +163,16 @@ class BatchedContext:
                 if is_last:
                     last.append((k, r))
             batch.n_tokens = len(chunk)
-            code = self._lib.llama_decode(self._ctx, batch)
-            if code != 0:
-                raise EdgeVLMError(f"llama.cpp could not decode the batch (llama_decode returned {code})")
+            self._llama.decode(batch)
             self.decodes += 1
             self.decoded_rows += len(chunk)
             self.shared_decodes += len({r.slot for r, _ in chunk}) > 1
             for k, r in last:
-                ptr = self._lib.llama_get_logits_ith(self._ctx, k)
-                r.logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+                r.logits = self._llama.logits(k)
 
     def close(self) -> None:
         """Free llama.cpp's context, model and batches (also done when collected)."""
-        lib = getattr(self, "_lib", None)
-        if lib is None:
-            return
-        for name in ("_tokens", "_embeds"):
-            if hasattr(self, name):
-                lib.llama_batch_free(getattr(self, name))
-                delattr(self, name)
-        if getattr(self, "_ctx", None):
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            lib.llama_model_free(self._model)
-            self._model = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
+        self._llama.close()
 
 
 def batched_context(model, slots: int, max_context: int) -> BatchedContext:

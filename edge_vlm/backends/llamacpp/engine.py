@@ -52,18 +52,17 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class LlamaCppEngine:
-    """Prefill/step over a GGUF language model in llama.cpp, for one conversation at a time."""
+class LlamaContext:
+    """A GGUF model in llama.cpp with one context of `n_seq` sequences of `seq_cells` KV cells
+    each, and its two batches (token ids, embeddings rows): what both engines decode through."""
 
-    name = "llama.cpp"
-
-    def __init__(self, gguf_path: str | Path, max_context: int, n_gpu_layers: int = 0,
+    def __init__(self, gguf_path: str | Path, seq_cells: int, n_seq: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, batch_size: int = 512, kv_cache_int8: bool = False):
         """`kv_cache_int8`: llama.cpp's Q8_0 K and V cache (`--kv-cache int8`: about half the bytes of
         its F16 cache; quantized V needs flash attention, so that is switched on with it)."""
         global _initialised
         lib = llama_cpp_module()
-        self._lib = lib
+        self.lib = lib
         with _init_lock:
             if not _initialised:
                 lib.llama_backend_init()
@@ -73,31 +72,82 @@ class LlamaCppEngine:
             raise EdgeVLMError(f"GGUF file not found: {path}")
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self._model:
+        self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self.model:
             raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
-        threads = n_threads or default_threads()
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = max_context
-        cparams.n_batch = cparams.n_ubatch = min(batch_size, max_context)
-        cparams.n_seq_max = 1
-        cparams.n_threads = cparams.n_threads_batch = threads
+        cparams.n_ctx = n_seq * seq_cells  # split evenly between the sequences
+        cparams.n_seq_max = n_seq
+        cparams.kv_unified = False
+        cparams.n_batch = cparams.n_ubatch = min(batch_size, n_seq * seq_cells)
+        cparams.n_threads = cparams.n_threads_batch = n_threads or default_threads()
         if kv_cache_int8:
             cparams.type_k = cparams.type_v = lib.GGML_TYPE_Q8_0
             cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self._ctx = lib.llama_init_from_model(self._model, cparams)
-        if not self._ctx:
-            lib.llama_model_free(self._model)
-            raise EdgeVLMError(f"llama.cpp could not create a context of {max_context} tokens for {path}")
-        self._memory = lib.llama_get_memory(self._ctx)
-        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self._model))
-        self.n_embd = lib.llama_model_n_embd(self._model)
-        self._batch_size = int(cparams.n_batch)
-        self._tokens = lib.llama_batch_init(self._batch_size, 0, 1)
-        self._embeds = lib.llama_batch_init(self._batch_size, self.n_embd, 1)
+        self.ctx = lib.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            lib.llama_model_free(self.model)
+            self.model = None
+            what = f"a context of {seq_cells} tokens" if n_seq == 1 else f"{n_seq} sequences of {seq_cells} tokens"
+            raise EdgeVLMError(f"llama.cpp could not create {what} for {path}")
+        self.memory = lib.llama_get_memory(self.ctx)
+        self.n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(self.model))
+        self.n_embd = lib.llama_model_n_embd(self.model)
+        self.batch_size = int(cparams.n_batch)
+        self.tokens = lib.llama_batch_init(self.batch_size, 0, 1)
+        self.embeds = lib.llama_batch_init(self.batch_size, self.n_embd, 1)
+        self.path = path
+
+    def decode(self, batch) -> None:
+        code = self.lib.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise EdgeVLMError(f"llama.cpp could not decode the batch (llama_decode returned {code})")
+
+    def logits(self, i: int) -> torch.Tensor:
+        """Logits [vocab] (float32) of row `i` of the last decoded batch (-1: its last)."""
+        ptr = self.lib.llama_get_logits_ith(self.ctx, i)
+        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+
+    def remove(self, seq: int, position: int) -> None:
+        """Forget sequence `seq`'s cells from `position` on."""
+        self.lib.llama_memory_seq_rm(self.memory, seq, position, -1)
+
+    def close(self) -> None:
+        """Free the batches, the context and the model (also done when collected)."""
+        lib = getattr(self, "lib", None)
+        if lib is None:
+            return
+        for name in ("tokens", "embeds"):
+            if getattr(self, name, None) is not None:
+                lib.llama_batch_free(getattr(self, name))
+                setattr(self, name, None)
+        if getattr(self, "ctx", None):
+            lib.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            lib.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free into
+            pass
+
+
+class LlamaCppEngine:
+    """Prefill/step over a GGUF language model in llama.cpp, for one conversation at a time."""
+
+    name = "llama.cpp"
+
+    def __init__(self, gguf_path: str | Path, max_context: int, n_gpu_layers: int = 0,
+                 n_threads: int | None = None, batch_size: int = 512, kv_cache_int8: bool = False):
+        """`kv_cache_int8`: a Q8_0 K/V cache (see `LlamaContext`)."""
+        self._llama = LlamaContext(gguf_path, max_context, 1, n_gpu_layers, n_threads, batch_size, kv_cache_int8)
+        self.n_vocab, self.n_embd = self._llama.n_vocab, self._llama.n_embd
         self._max_context = max_context
         self._position = 0
-        self.gguf_path = path
+        self.gguf_path = self._llama.path
 
     # ---- what generate() and the session use ------------------------------------------
 
@@ -112,7 +162,7 @@ class LlamaCppEngine:
     @property
     def state_bytes(self) -> int:
         """The size of llama.cpp's saved state: the KV cache's cells in use, plus the last logits."""
-        return int(self._lib.llama_state_get_size(self._ctx))
+        return int(self._llama.lib.llama_state_get_size(self._llama.ctx))
 
     @property
     def device(self) -> torch.device:
@@ -135,7 +185,7 @@ class LlamaCppEngine:
         """Forget the cached tokens after `position` (0: everything)."""
         position = max(0, min(position, self._position))
         if position < self._position:
-            self._lib.llama_memory_seq_rm(self._memory, 0, position, -1)
+            self._llama.remove(0, position)
         self._position = position
 
     def reset(self) -> None:
@@ -153,9 +203,10 @@ class LlamaCppEngine:
         n = rows.shape[0] if is_embd else len(piece)
         if self._position + n > self._max_context:
             raise ValueError(f"positions up to {self._position + n} exceed the context {self._max_context}")
-        for start in range(0, n, self._batch_size):
-            end = min(start + self._batch_size, n)
-            batch = self._embeds if is_embd else self._tokens
+        llama = self._llama
+        for start in range(0, n, llama.batch_size):
+            end = min(start + llama.batch_size, n)
+            batch = llama.embeds if is_embd else llama.tokens
             if is_embd:
                 ctypes.memmove(batch.embd, rows[start:end].ctypes.data, rows[start:end].nbytes)
             for j in range(end - start):
@@ -166,33 +217,12 @@ class LlamaCppEngine:
                 batch.seq_id[j][0] = 0
                 batch.logits[j] = 1 if logits and start + j == n - 1 else 0
             batch.n_tokens = end - start
-            code = self._lib.llama_decode(self._ctx, batch)
-            if code != 0:
-                raise EdgeVLMError(f"llama.cpp could not decode the batch (llama_decode returned {code})")
+            llama.decode(batch)
             self._position += end - start
 
     def _logits(self) -> torch.Tensor:
-        ptr = self._lib.llama_get_logits_ith(self._ctx, -1)
-        return torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
+        return self._llama.logits(-1)
 
     def close(self) -> None:
         """Free llama.cpp's context, model and batches (also done when the engine is collected)."""
-        lib = getattr(self, "_lib", None)
-        if lib is None:
-            return
-        for batch in ("_tokens", "_embeds"):
-            if hasattr(self, batch):
-                lib.llama_batch_free(getattr(self, batch))
-                delattr(self, batch)
-        if getattr(self, "_ctx", None):
-            lib.llama_free(self._ctx)
-            self._ctx = None
-        if getattr(self, "_model", None):
-            lib.llama_model_free(self._model)
-            self._model = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: nothing left to free into
-            pass
+        self._llama.close()
