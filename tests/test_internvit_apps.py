@@ -21,6 +21,7 @@ import torch
 from edge_vlm import ChatSession, GenerationConfig, load_model
 from tests.factories import make_internvl_hf, write_internvl_original
 from tests.test_internvit import VARIANTS, picture
+from tests.test_llamacpp_backend import first_logits as llama_cpp_first_logits
 
 GREEDY = GenerationConfig(max_new_tokens=4, temperature=0)
 
@@ -44,14 +45,7 @@ def torch_model(folder):
 
 
 def first_logits(session: ChatSession, text: str, images=()) -> torch.Tensor:
-    seen = []
-    real = session.engine.prefill
-    session.engine.prefill = lambda prompt: seen.append(real(prompt)) or seen[-1]
-    try:
-        session.answer(text, images=images, gen=GenerationConfig(max_new_tokens=1, temperature=0))
-    finally:
-        session.engine.prefill = real
-    return seen[-1].float()
+    return llama_cpp_first_logits(session, text, images).float()
 
 
 def cosine(a, b) -> float:

@@ -107,9 +107,9 @@ class Scripted:
     tokens, the logits favour them in order, so greedy decoding writes that text (a random tiny
     model never calls a tool by itself), and the cache holds exactly what was fed."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, script: list[int] | None = None):
         self.fed: list[int] = []
-        self.script: list[int] = []
+        self.script: list[int] = list(script or [])
         real_prefill, real_step = engine.prefill, engine.step
 
         def force(logits):

@@ -36,6 +36,7 @@ from edge_vlm.chat_template import ChatTemplate
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.session import Message
 from edge_vlm.tools import parse_tool_calls, result_text, tool_call, tool_spec, tool_specs
+from tests.test_server_support import Scripted
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -239,33 +240,10 @@ def nemo(tiny_llava):
     return load_model(tiny_llava, device="cpu", progress=False)
 
 
-class Recorder:
-    """Records every token the engine is fed (prefill chunks, then each step). With `script`,
-    the logits favour those tokens in order, so greedy decoding writes that text: a random tiny
-    model cannot be made to call a tool, and the cache still holds exactly what was fed."""
-
-    def __init__(self, session, script: list[int] | None = None):
-        self.fed: list[int] = []
-        self.script = list(script or [])
-        engine = session.engine
-        real_prefill, real_step = engine.prefill, engine.step
-
-        def force(logits):
-            if self.script:
-                logits = logits.clone()
-                logits[self.script.pop(0)] = logits.max() + 1e4
-            return logits
-
-        def prefill(prompt):
-            for chunk in prompt.chunks:
-                self.fed += chunk
-            return force(real_prefill(prompt))
-
-        def step(token):
-            self.fed.append(token)
-            return force(real_step(token))
-
-        engine.prefill, engine.step = prefill, step
+def Recorder(session, script: list[int] | None = None) -> Scripted:  # noqa: N802 - reads as the class it makes
+    """Records every token the session's engine is fed; with `script`, greedy decoding writes those
+    tokens (a random tiny model cannot be made to call a tool by itself)."""
+    return Scripted(session.engine, script)
 
 
 def test_session_round_trip_feeds_the_card_format_and_parses_the_call(nemo):
