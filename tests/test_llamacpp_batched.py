@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from edge_vlm import ChatSession, GenerationConfig, load_model
+from edge_vlm import ChatSession, EdgeVLMError, GenerationConfig, load_model
 from edge_vlm.backends.llamacpp.batched import BatchedContext
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
 from edge_vlm.benchmarks.real_model import gguf_path
@@ -82,7 +82,10 @@ def test_slots_decoded_together_match_lone_engines(model):
         finally:
             ctx.engines[i].idle()
 
-    got = in_threads(run, len(QUESTIONS))
+    try:
+        got = in_threads(run, len(QUESTIONS))
+    finally:
+        ctx.close()
     for (tokens, rows), (want_tokens, want_rows) in zip(got, want):
         assert tokens == want_tokens
         assert all(cosine(a, b) > 0.9999 for a, b in zip(rows, want_rows))
@@ -107,6 +110,9 @@ def test_rewind_of_one_slot_leaves_the_others(model):
     assert cosine(b.step(7), want) > 0.9999  # b's cells were untouched by a's rewind
     with pytest.raises(ValueError, match="exceed the context"):
         a.prefill(Prompt([[1] * 200]))
+    ctx.close()
+    with pytest.raises(EdgeVLMError, match="closed"):
+        a.step(1)
 
 
 @pytest.fixture(scope="module")
@@ -133,5 +139,8 @@ def test_sessions_on_slots_answer_like_sessions_on_their_own(model_lc):
         finally:
             ctx.engines[i].idle()
 
-    assert in_threads(ask, len(QUESTIONS)) == want
+    try:
+        assert in_threads(ask, len(QUESTIONS)) == want
+    finally:
+        ctx.close()
     assert all(s.stats.backend == "llama.cpp" for s in sessions)

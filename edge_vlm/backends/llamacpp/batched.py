@@ -7,10 +7,11 @@ of N tokens (one per sequence) than as N decodes.
 `BatchedContext` owns one llama.cpp context with N sequences (each with `max_context` KV
 cells). Its `engines[i]` is an ordinary prefill/step/rewind engine for sequence i, used from
 that conversation's own thread exactly like `LlamaCppEngine`: nothing above it (session,
-sampler, stop strings, streaming) knows it is batched. A call blocks until the context runs a
-decode that includes it: the first caller waits (at most `gather_s`) for the other slots that
-took part in the previous decode, then decodes everything asked so far. A slot that finished
-its answer says so with `idle()`, so nobody waits for it.
+sampler, stop strings, streaming) knows it is batched. A call blocks until the context's own
+decode thread runs a decode that includes it: that thread waits (at most `gather_s` after the
+first request) for the other slots that took part in the previous decode, then decodes
+everything asked so far. A slot that finished its answer says so with `idle()`, so nobody waits
+for it. `close()` ends the thread and frees llama.cpp's memory.
 
 Batching changes which rows share a `llama_decode`, not what a row computes: each sequence
 attends only to its own cells, so a slot's logits match a lone engine's to llama.cpp's
@@ -53,6 +54,7 @@ class _Gather:
 
     pending: list[_Request] = field(default_factory=list)
     expected: set[int] = field(default_factory=set)  # slots in the last decode that are not idle
+    idle: set[int] = field(default_factory=set)  # slots that said they ask nothing more for now
     busy: bool = False  # a thread is inside llama.cpp
 
 
@@ -77,6 +79,9 @@ class BatchedContext:
         self.decoded_rows = 0  # rows (tokens or embeddings) they carried
         self.shared_decodes = 0  # decodes that carried rows of more than one slot
         self.engines = [SlotEngine(self, i) for i in range(slots)]
+        self._closed = False
+        self._thread = threading.Thread(target=self._decoder, name="edge-vlm-llama-decode", daemon=True)
+        self._thread.start()
 
     # ---- what the slot engines call ---------------------------------------------------
 
@@ -84,20 +89,39 @@ class BatchedContext:
         """Decode `rows` for `slot` at positions start.. (together with whatever the other slots
         ask); the logits [vocab] after the last row."""
         req = _Request(slot, rows, start)
+        with self._cond:
+            if self._closed:
+                raise EdgeVLMError("the batched llama.cpp context is closed")
+            self._gather.idle.discard(slot)
+            self._gather.pending.append(req)
+            self._cond.notify_all()
+            while not req.done:
+                self._cond.wait()
+        if req.error is not None:
+            raise req.error
+        return req.logits
+
+    def _decoder(self) -> None:
+        """The one thread that calls llama_decode (a different caller each step costs llama.cpp's
+        CPU threads about a third more time a step): waits for the expected slots, at most
+        `gather_s` after the first request, then decodes everything asked."""
         g = self._gather
         with self._cond:
-            g.pending.append(req)
-            self._cond.notify_all()
-            deadline = time.monotonic() + self.gather_s
-            while not req.done:
-                if g.busy:
+            while True:
+                while not g.pending and not self._closed:
                     self._cond.wait()
-                    continue
-                missing = g.expected - {r.slot for r in g.pending}
-                left = deadline - time.monotonic()
-                if missing and left > 0:
+                if self._closed:
+                    for r in g.pending:
+                        r.error, r.done = EdgeVLMError("the batched llama.cpp context is closed"), True
+                    self._cond.notify_all()
+                    return
+                deadline = time.monotonic() + self.gather_s
+                while not self._closed:
+                    missing = g.expected - {r.slot for r in g.pending}
+                    left = deadline - time.monotonic()
+                    if not missing or left <= 0:
+                        break
                     self._cond.wait(left)
-                    continue
                 batch, g.pending, g.busy = g.pending, [], True
                 self._cond.release()
                 try:
@@ -105,18 +129,16 @@ class BatchedContext:
                 finally:
                     self._cond.acquire()
                     g.busy = False
-                    g.expected = {r.slot for r in batch if r.error is None}
+                    g.expected = {r.slot for r in batch if r.error is None} - g.idle
                     for r in batch:  # under the lock: a slot that sees its result can't have been re-expected after idling
                         r.done = True
                     self._cond.notify_all()
-        if req.error is not None:
-            raise req.error
-        return req.logits
 
     def idle(self, slot: int) -> None:
         """`slot` asks nothing more for now (its answer is over): do not wait for it."""
         with self._cond:
             self._gather.expected.discard(slot)
+            self._gather.idle.add(slot)
             self._cond.notify_all()
 
     def remove(self, slot: int, position: int) -> None:
@@ -171,7 +193,14 @@ class BatchedContext:
                 r.logits = self._llama.logits(k)
 
     def close(self) -> None:
-        """Free llama.cpp's context, model and batches (also done when collected)."""
+        """Stop the decode thread, then free llama.cpp's context, model and batches."""
+        cond = getattr(self, "_cond", None)
+        if cond is not None:
+            with cond:
+                self._closed = True
+                cond.notify_all()
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=30)
         self._llama.close()
 
 
