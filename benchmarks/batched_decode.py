@@ -4,7 +4,9 @@ the same run, on the real SmolLM2-135M GGUF files.
 
 Each slot is driven from its own thread exactly as the server's lanes drive it (prefill a chat
 prompt, then greedy steps); a step of every slot is one `llama_decode`. Reported: total
-tokens/s, per-stream tokens/s, and the total's ratio to one slot.
+tokens/s, per-stream tokens/s, and the total's ratio to one slot. Beside it, the ceiling:
+`llama_decode` of the same N-row batches called back to back from one thread, no sampling and
+no threads (what llama.cpp's kernels give batching on this CPU).
 
     python -m edge_vlm.benchmarks.batched_decode [--slots 1,2,4,8] [--steps 64]
 """
@@ -51,6 +53,30 @@ def run(path, slots: int, steps: int, ids: list[int]) -> float:
     return slots * steps / max(spans)
 
 
+def raw_rate(path, slots: int, steps: int, ids: list[int]) -> float:
+    """Tokens/s of `steps` decodes of one token per sequence, back to back from this thread."""
+    from edge_vlm.backends.llamacpp.engine import LlamaContext
+
+    llama = LlamaContext(path, len(ids) + steps + 8, slots)
+
+    def decode(rows):  # (token, position, sequence)
+        b = llama.tokens
+        for k, (tok, pos, seq) in enumerate(rows):
+            b.token[k], b.pos[k], b.n_seq_id[k], b.logits[k] = tok, pos, 1, 1
+            b.seq_id[k][0] = seq
+        b.n_tokens = len(rows)
+        llama.decode(b)
+
+    for seq in range(slots):
+        decode([(t, i, seq) for i, t in enumerate(ids)])
+    t0 = time.perf_counter()
+    for k in range(steps):
+        decode([(ids[k % len(ids)], len(ids) + k, seq) for seq in range(slots)])
+    rate = slots * steps / (time.perf_counter() - t0)
+    llama.close()
+    return rate
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--slots", default="1,2,4,8")
@@ -71,14 +97,17 @@ def main() -> None:
     slots = sorted({1, *(int(s) for s in args.slots.split(","))})
     print(f"SmolLM2-135M-Instruct, {args.steps} greedy steps per stream, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the start\n")
-    print("| file | slots | total tok/s | per stream tok/s | total vs 1 slot |\n|---|---|---|---|---|")
+    print("| file | slots | total tok/s | per stream tok/s | total vs 1 slot | llama_decode alone: tok/s | vs 1 |\n"
+          "|---|---|---|---|---|---|---|")
     for name, path in files:
-        base = None
+        base = raw_base = None
         for n in slots:
             run(path, n, 8, ids)  # warm-up
             tok_s = run(path, n, args.steps, ids)
-            base = base or tok_s
-            print(f"| {name} | {n} | {tok_s:.1f} | {tok_s / n:.1f} | {tok_s / base:.2f}x |", flush=True)
+            raw = raw_rate(path, n, args.steps, ids)
+            base, raw_base = base or tok_s, raw_base or raw
+            print(f"| {name} | {n} | {tok_s:.1f} | {tok_s / n:.1f} | {tok_s / base:.2f}x | {raw:.1f} | "
+                  f"{raw / raw_base:.2f}x |", flush=True)
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 
