@@ -53,7 +53,7 @@ class QuantizeSettings:
     group_size: int | None = None    # None: 128, or the largest of 64/32 that divides every layer
     n_samples: int = 128
     seqlen: int = 512
-    calib: str | None = None         # .txt / .jsonl; None: the built-in pydoc prose
+    calib: str | None = None         # .txt / .jsonl; None: the built-in mix (prose, code, chat, readmes)
     calib_images: str | None = None  # folder of images (VLM sources)
     device: str | None = None
     clip: bool = True                # clipping search (rounding "rtn" only)
