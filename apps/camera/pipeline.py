@@ -154,8 +154,8 @@ class CameraPipeline:
 
     def answer(self, frame: Frame, reason: str, score: float | None) -> None:
         images = self._context_images(frame.image)
-        model = self.session.model
-        if len(images) > 1 and model.tiling is not None:  # a clip of frames: one tile each (InternVL's video recipe)
+        model = getattr(self.session, "model", None)  # None: a server's session (--server), which tiles there
+        if len(images) > 1 and model is not None and model.tiling is not None:  # a clip: one tile a frame (InternVL)
             images = [model.mark_video_frame(Image.fromarray(im)) for im in images]
         self.stats.frames_answered += 1
         for prompt in self.prompts:
@@ -173,8 +173,10 @@ class CameraPipeline:
                 "latency_s": round(time.perf_counter() - t0, 4),
                 "trigger": reason,
                 "images": len(images),
-                "prompt_tokens": self.session.stats.prompt_tokens + self.session.stats.cached_prompt_tokens,
             }
+            stats = getattr(self.session, "stats", None)  # a server's session (--server) reports none
+            if stats is not None:
+                record["prompt_tokens"] = stats.prompt_tokens + stats.cached_prompt_tokens
             if score is not None:
                 record["change_score"] = round(score, 4)
             if self.structured:
