@@ -25,12 +25,15 @@ import torch
 # name -> QuantizeSettings fields (over the defaults): the rows the benchmark can compare
 VARIANTS = {
     "rtn": dict(method="rtn"),
-    "awq": dict(),                                                   # the default: AWQ scales + clipping (H) + rounding
-    "awq-gptq": dict(rounding="gptq"),                               # AWQ scales + GPTQ rounding
+    "awq": dict(),                                                   # the default: AWQ scales + GPTQ rounding on
+                                                                     # clipped grids, H from every calibration token
+    "awq-h16k": dict(hessian_tokens=16384),                          # ... H from 16k tokens (the previous cap)
+    "awq-gptq-noclip": dict(rounding="gptq", clip=False),            # ... GPTQ on each group's min-max grid
+    "awq-gptq-damp": dict(gptq_damp=0.1, hessian_tokens=16384),
+    "awq-rtn": dict(rounding="rtn", hessian_tokens=16384),          # the previous default: clipping + rounding
     "awq-clip-damp": dict(rounding="rtn", clip_damp=0.1),            # ... clipping regularised toward none
     "awq-noclip": dict(rounding="rtn", clip=False),                  # AWQ scales + rounding
-    "awq-v1": dict(rounding="rtn", hessian=False),                   # the previous default: token-sample losses,
-                                                                     # clipping on 512 tokens
+    "awq-v1": dict(rounding="rtn", hessian=False),                   # token-sample losses, clipping on 512 tokens
     "awq-noduo": dict(duo_scaling=False),
     "gptq": dict(method="gptq"),                                     # GPTQ alone, no scales
 }
@@ -167,7 +170,8 @@ def main(argv=None) -> int:
     p.add_argument("--group-size", type=int, help="default: 128, or 64 where widths need it (SmolLM2)")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=1024, help="tokens per evaluation domain (default 1024)")
+    p.add_argument("--eval-tokens", type=int, default=4096,
+                   help="tokens per evaluation domain (default 4096: 1024 was too noisy to rank methods)")
     p.add_argument("--window", type=int, default=512, help="perplexity window (default 512)")
     p.add_argument("--variants", default="rtn,awq", help=f"comma-separated rows: {', '.join(VARIANTS)}")
     p.add_argument("--out-dir", help="keep the quantized folders here (default: a temporary folder)")

@@ -20,11 +20,12 @@ from a calibration source
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from edge_vlm.quantize.calibration import published_readmes
 
 # distributions whose published description forms the readmes domain (core dependencies first)
 README_DISTS = ("torch", "numpy", "safetensors", "tokenizers", "huggingface_hub", "pillow", "jinja2", "tqdm",
@@ -55,16 +56,7 @@ def _numpy_docs(template=None) -> str:
 
 
 def _readmes(template=None) -> str:
-    parts = []
-    for dist in README_DISTS:
-        try:
-            meta = importlib.metadata.metadata(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        text = meta.get_payload() or meta.get("Description") or ""
-        if len(text) > 500:
-            parts.append(text.strip())
-    return "\n\n".join(parts)
+    return published_readmes(README_DISTS)
 
 
 def _package_source(template=None) -> str:

@@ -173,21 +173,26 @@ def _read_chat(max_chars: int, template=None) -> str:
     return render_chats(chat_conversations(CHAT_MODULES, _stdlib_question), template, max_chars)
 
 
-def _read_readmes(max_chars: int, template=None) -> str:
-    """All of them (about 90k characters): the blocks are then spread over every package."""
+def published_readmes(dists, min_chars: int = 500) -> str:
+    """The published descriptions (PyPI READMEs) of those of `dists` that are installed, joined;
+    stubs shorter than `min_chars` are left out."""
     import importlib.metadata
 
     parts = []
-    for dist in README_DISTS:
+    for dist in dists:
         try:
             meta = importlib.metadata.metadata(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
         text = (meta.get_payload() or meta.get("Description") or "").strip()
-        if len(text) < 500:
-            continue
-        parts.append(text)
+        if len(text) >= min_chars:
+            parts.append(text)
     return "\n\n".join(parts)
+
+
+def _read_readmes(max_chars: int, template=None) -> str:
+    """All of them (about 90k characters): the blocks are then spread over every package."""
+    return published_readmes(README_DISTS)
 
 
 SOURCES = {

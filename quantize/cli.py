@@ -8,8 +8,8 @@ from pathlib import Path
 
 DESCRIPTION = """\
 Quantize the language model of a 16-bit checkpoint to 4-bit weights (W4A16) with AWQ (activation-aware
-scales, a clipping search, then rounding; --rounding gptq rounds with GPTQ-style error compensation
-instead), or with plain round-to-nearest (--method rtn, the baseline). The vision tower and projector stay 16-bit. The built-in calibration set mixes prose, code
+scales, then GPTQ-style rounding with error compensation on grids picked by a clipping search;
+--rounding rtn is the original AWQ's plain rounding after the clipping search), or with plain round-to-nearest (--method rtn, the baseline). The vision tower and projector stay 16-bit. The built-in calibration set mixes prose, code
 and chat turns in the model's own template (from Python's standard library) with Markdown READMEs of
 packages every install has (torch's and requests' dependencies), so it works offline; the summary
 names the sources used.
@@ -36,11 +36,12 @@ def register(sub) -> None:
     p.add_argument("src", metavar="SRC", help="16-bit model folder or Hugging Face repo id")
     p.add_argument("out", metavar="OUT", help="output folder (must not exist unless --force)")
     p.add_argument("--method", choices=["awq", "gptq", "rtn"], default="awq",
-                   help="awq (default: AWQ scales + clipping), gptq (no scales) or rtn round-to-nearest")
-    p.add_argument("--rounding", choices=["gptq", "rtn"], default="rtn",
-                   help="how AWQ rounds after its scales: rtn after a clipping search (default, the original AWQ; "
-                        "it generalised best to held-out text, RESULTS.md) or gptq error compensation (best on "
-                        "text like the calibration set, worse on other text)")
+                   help="awq (default: AWQ scales, then --rounding), gptq (GPTQ rounding, no scales) or rtn "
+                        "round-to-nearest")
+    p.add_argument("--rounding", choices=["gptq", "rtn"], default="gptq",
+                   help="how AWQ rounds after its scales: gptq error compensation on clipped grids (default: it "
+                        "recovered most on held-out text, RESULTS.md) or rtn after the clipping search (the "
+                        "original AWQ)")
     p.add_argument("--w-bit", type=int, default=4, help="weight bits (only 4)")
     p.add_argument("--group-size", type=_group_size, default="auto",
                    help="input channels per scale: 128, 64 or 32 (default auto: 128, or 64/32 when a layer "
@@ -56,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--quantize-embedding", action="store_true",
                    help="also store the token embeddings in int8 (halves the largest 16-bit table of "
                         "big-vocabulary models such as Nemotron; our runtime only)")
-    p.add_argument("--no-clip", action="store_true", help="with --rounding rtn: skip the clipping search")
+    p.add_argument("--no-clip", action="store_true", help="skip the clipping search (grids from each group's min and max)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

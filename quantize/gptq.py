@@ -10,6 +10,8 @@ column order (no act-order), so the result is a plain `QuantizedWeight` in the A
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .groupwise import QuantizedWeight, group_grid, round_to_grid
@@ -33,8 +35,13 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int = 4, damp: float = 0.01,
-                  block: int = 128) -> QuantizedWeight:
-    """w [N, K] -> integers, zero points and fp16 scales, with error compensation under H [K, K]."""
+                  block: int = 128,
+                  group_range: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> QuantizedWeight:
+    """w [N, K] -> integers, zero points and fp16 scales, with error compensation under H [K, K].
+
+    `group_range(weights [N, G], first column)` picks each group's [lo, hi] from its weights as
+    updated so far (e.g. the clipping search); by default the group's min and max."""
     w = w.float().clone()
     n, k = w.shape
     if k % group_size:
@@ -54,7 +61,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, bits: int =
             if col % group_size == 0:  # the group's grid, from its weights as updated so far
                 g = col // group_size
                 grp = wb[:, i:i + group_size]
-                scales[:, g], zeros[:, g] = group_grid(grp.amin(1), grp.amax(1), bits)
+                lo, hi = (grp.amin(1), grp.amax(1)) if group_range is None else group_range(grp, col)
+                scales[:, g], zeros[:, g] = group_grid(lo, hi, bits)
             g = col // group_size
             qi = round_to_grid(wb[:, i], scales[:, g], zeros[:, g], bits)
             q[:, col] = qi.to(torch.uint8)

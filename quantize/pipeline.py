@@ -56,13 +56,15 @@ class QuantizeSettings:
     calib: str | None = None         # .txt / .jsonl; None: the built-in mix (prose, code, chat, readmes)
     calib_images: str | None = None  # folder of images (VLM sources)
     device: str | None = None
-    clip: bool = True                # clipping search (rounding "rtn" only)
+    clip: bool = True                # clipping search (each group's grid, for either rounding)
     duo_scaling: bool = True
     search_tokens: int = 4096        # calibration tokens scoring each MLP scale candidate (cost ~ linear)
-    rounding: str = "rtn"            # after the AWQ scales: "rtn" (+ clipping; the default: it held best on
-                                     # held-out domains, RESULTS.md) or "gptq" error compensation
+    rounding: str = "gptq"           # after the AWQ scales: "gptq" error compensation on clipped grids (the
+                                     # default: it recovered most on held-out domains, RESULTS.md) or "rtn"
     hessian: bool = True             # losses of linear blocks from X^T X (False: the original token-sample search)
     clip_damp: float = 0.0           # regularises the clipping search toward no clipping
+    hessian_tokens: int = 65536      # calibration tokens summed into each linear's X^T X (128 x 512: all of them)
+    gptq_damp: float = 0.01          # GPTQ's damping of H (fraction of its mean diagonal)
     max_shard_bytes: int = 2 * 10**9  # output shards, like Hugging Face's save_pretrained
     quantize_lm_head: bool = False   # int4 lm_head (RTN): big vocabularies, e.g. Nemotron's 256k
     quantize_embedding: bool = False  # int8 token embeddings (per-row scale)
@@ -397,6 +399,7 @@ class _Run:
         gptq = s.method == "gptq"
         return AWQOptions(group_size=self.group, bits=s.w_bit, clip=s.clip, duo_scaling=s.duo_scaling,
                           search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
+                          hessian_tokens=s.hessian_tokens, gptq_damp=s.gptq_damp,
                           scale_search=not gptq, rounding="gptq" if gptq else s.rounding)
 
     def first_inputs(self) -> torch.Tensor:

@@ -151,6 +151,49 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert q.q.max() <= 15 and q.scales.dtype == torch.float16 and q.zeros.shape == (64, 4)
 
 
+def test_gptq_uses_the_group_range_it_is_given():
+    """Each group's grid comes from `group_range` on the weights as updated so far: with a diagonal H
+    (no compensation) that is the given range of the original weights, group by group."""
+    from edge_vlm.quantize.gptq import gptq_quantize
+    from edge_vlm.quantize.groupwise import group_grid
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(32, 192, generator=g)
+    seen = []
+
+    def half_range(grp, col):
+        seen.append(col)
+        return 0.5 * grp.amin(1), 0.5 * grp.amax(1)
+    q = gptq_quantize(w, torch.eye(192), 64, damp=0.0, group_range=half_range)
+    assert seen == [0, 64, 128]
+    for i in range(3):
+        wg = w[:, 64 * i:64 * (i + 1)]
+        scale, zero = group_grid(0.5 * wg.amin(1), 0.5 * wg.amax(1), 4)
+        assert torch.equal(q.scales[:, i].float(), scale) and torch.equal(q.zeros[:, i].float(), zero)
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_gptq_on_clipped_grids_with_uncorrelated_inputs_is_the_clipped_rounding(seed):
+    """With a diagonal H GPTQ compensates nothing, so on the clipping search's grids it must give
+    exactly the clipped round-to-nearest of the AWQ default, and beat min-max grids on heavy tails."""
+    from edge_vlm.quantize.awq import AWQOptions, _clipped_range, search_clip_hessian
+    from edge_vlm.quantize.gptq import gptq_quantize
+    from edge_vlm.quantize.groupwise import quantize_weight
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 256, generator=g) ** 3
+    h = torch.diag(torch.rand(256, generator=g) + 0.1)
+    opts = AWQOptions(group_size=64)
+    a = gptq_quantize(w, h, 64, damp=0.0, group_range=_clipped_range(h, opts))
+    b = quantize_weight(w, 64, 4, *search_clip_hessian(w, h, opts))
+    assert torch.equal(a.q, b.q) and torch.equal(a.zeros, b.zeros) and torch.equal(a.scales, b.scales)
+
+    def err(q):
+        d = q.dequantize() - w
+        return float((d @ h * d).sum())
+    assert err(a) < err(gptq_quantize(w, h, 64, damp=0.0))  # no group worse (ratio 1 is a candidate), some better
+
+
 def test_hessian_loss_equals_the_token_loss():
     """tr(dW H dW^T)/rows with H = X^T X / T is the mean squared output error over those T tokens."""
     from edge_vlm.quantize.awq import AWQOptions, _linear_block, search_scales
