@@ -9,7 +9,7 @@ written to disk by the real pipeline and loaded back by the runtime (WQLinear), 
 are those of the checkpoints a user would get. recovery = (RTN - method) / (RTN - 16-bit).
 
     python -m edge_vlm.benchmarks.quality                      # the real SmolLM2-135M (group 64), default AWQ
-    python -m edge_vlm.benchmarks.quality --variants awq,awq-gptq,gptq --n-samples 32
+    python -m edge_vlm.benchmarks.quality --variants awq,awq-rtn,gptq --n-samples 32
 """
 
 from __future__ import annotations

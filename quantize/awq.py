@@ -392,12 +392,12 @@ def _quantize_linears(layer: DecoderLayer, inputs: dict[str, InputStats] | None,
     for name, lin in layer_linears(layer).items():
         lo = hi = None
         stats = inputs[name] if inputs is not None else None
+        clip = stats is not None and opts.clip and name not in NO_CLIP
         if stats is not None and opts.rounding == "gptq":
-            clip = opts.clip and name not in NO_CLIP
             qw = gptq_quantize(lin.weight, stats.hessian, opts.group_size, opts.bits, opts.gptq_damp,
                                group_range=_clipped_range(stats.hessian, opts) if clip else None)
         else:
-            if stats is not None and opts.clip and name not in NO_CLIP:
+            if clip:
                 if opts.hessian:
                     lo, hi = search_clip_hessian(lin.weight, stats.hessian, opts)
                 else:
