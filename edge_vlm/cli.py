@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from importlib.metadata import entry_points
 
 from .errors import EdgeVLMError
@@ -47,7 +48,13 @@ def _missing(err: ImportError) -> int:
     return 2
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the CLI's own lines (`edge-vlm: warning: ...`), not file:line plus source."""
+    return f"edge-vlm: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -236,6 +236,7 @@ def run_info(args) -> int:
                      f"layers used, {i.params.get('vision', 0) / 1e6:.1f}M params")
         lines.append(f"projector:     {i.projector}, {model.tokens_per_image} tokens per image, "
                      f"{i.params.get('projector', 0) / 1e6:.1f}M params")
+        lines.append(f"images:        {i.image_preparation}")
     lines += [
         f"quantization:  {i.quantization}",
         f"LLM backend:   {_backend_line(args.backend, getattr(args, 'device', None))}",

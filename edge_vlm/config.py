@@ -7,7 +7,7 @@ knows those spellings, so the model code only sees plain dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UnsupportedModelError
 
@@ -295,41 +295,54 @@ class QuantConfig:
         return f"{self.method} w{self.bits} g{self.group_size}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageConfig:
-    """How images are turned into pixel tensors (read from preprocessor_config.json)."""
+    """How one picture becomes the tower's square pixel tensor: the steps of the Hugging Face image
+    processors, in their order (image_processor_config.py reads them from a checkpoint).
 
-    size: int  # square side fed to the tower
+    1. `pad_to_square`: pad to a square with the mean colour (LLaVA / VILA "pad", `do_pad`);
+    2. `squash_first`: squash to this square first (VILA's "resize" aspect ratio), PIL bicubic;
+    3. resize: "square" squashes to `resize_to` x `resize_to`, "shortest_edge" scales the short side
+       to `resize_to` (the long side truncated, as transformers does);
+    4. `crop`: centre-crop to `size` (zero-padded where the picture is smaller);
+    5. rescale by `rescale_factor`, normalise with `mean` / `std`.
+    """
+
+    size: int  # the square side fed to the tower
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resize_mode: str = "resize"  # "resize" (square), "shortest_edge_crop" (CLIP), "pad" (LLaVA square pad)
-    shortest_edge: int | None = None
+    resize: str = "square"  # or "shortest_edge"
+    resize_to: int | None = None  # None: `size`
+    crop: bool = False
+    pad_to_square: bool = False
+    squash_first: int | None = None
     resample: int = 3  # PIL bicubic
+    rescale_factor: float = 1 / 255
 
-    @classmethod
-    def from_hf(cls, pre: dict, tower_image_size: int, model_config: dict | None = None) -> "ImageConfig":
-        """From a preprocessor_config.json dict ({} for the tower's defaults); the model config's
-        `image_aspect_ratio` ("pad" / "resize") overrides the resize mode."""
-        size = pre.get("size", tower_image_size)
-        crop = pre.get("crop_size")
-        is_clip_style = isinstance(size, dict) and "shortest_edge" in size or (
-            isinstance(size, int) and crop is not None and pre.get("do_center_crop", True))
-        side = tower_image_size
-        if isinstance(crop, dict):
-            side = crop.get("height", side)
-        elif isinstance(crop, int):
-            side = crop
-        elif isinstance(size, dict) and "height" in size:
-            side = size["height"]
-        shortest = size["shortest_edge"] if isinstance(size, dict) and "shortest_edge" in size else (
-            size if isinstance(size, int) else None)
-        mean = tuple(pre.get("image_mean", CLIP_MEAN if is_clip_style else (0.5, 0.5, 0.5)))
-        std = tuple(pre.get("image_std", CLIP_STD if is_clip_style else (0.5, 0.5, 0.5)))
-        mode = "shortest_edge_crop" if is_clip_style else "resize"
-        aspect = (model_config or {}).get("image_aspect_ratio")
-        if aspect == "pad":
-            mode = "pad"
-        elif aspect == "resize":
-            mode = "resize"
-        return cls(size=side, mean=mean, std=std, resize_mode=mode, shortest_edge=shortest or side,
-                   resample=int(pre.get("resample", 3)))
+    def __post_init__(self):
+        if self.resize not in ("square", "shortest_edge"):
+            raise UnsupportedModelError(f"unsupported image resize {self.resize!r}; supported: square, shortest_edge")
+        if self.resize_to is None:
+            object.__setattr__(self, "resize_to", self.size)
+        if not self.crop and (self.resize != "square" or self.resize_to != self.size):
+            raise UnsupportedModelError(f"image preparation without a centre crop must squash to the tower's "
+                                        f"{self.size} px, not {self.resize} {self.resize_to}")
+
+    def with_squash_first(self) -> "ImageConfig":
+        return replace(self, squash_first=self.size)
+
+    def with_pad_to_square(self) -> "ImageConfig":
+        return replace(self, pad_to_square=True)
+
+    def describe(self) -> str:
+        """One readable line: the steps, the mean and std."""
+        steps = ["pad to a square with the mean colour"] if self.pad_to_square else []
+        if self.squash_first:
+            steps.append(f"squash to {self.squash_first} px")
+        steps.append(f"resize the short side to {self.resize_to} px" if self.resize == "shortest_edge"
+                     else f"squash to {self.resize_to} px")
+        if self.crop:
+            steps.append(f"centre-crop {self.size} px")
+        fmt = lambda v: "/".join(f"{x:.3g}" for x in v)  # noqa: E731
+        resample = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}.get(self.resample, str(self.resample))
+        return f"{', '.join(steps)} ({resample}), mean {fmt(self.mean)}, std {fmt(self.std)}"

@@ -16,8 +16,10 @@ copy of the weights in memory, not two.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -28,9 +30,10 @@ from tqdm import tqdm
 from .awq_format import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
 from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
-from .config import (IMAGENET_MEAN, IMAGENET_STD, SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig,
-                     QuantConfig, VisionConfig)
+from .config import SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 from .errors import CheckpointError, EdgeVLMError, UnsupportedModelError
+from .image_processor_config import (ImagePreparation, ImagePreparationWarning, internvl_original_preparation,
+                                     transformers_preparation, vila_preparation)
 from .internvit import InternViT
 from .llm import DecoderLM
 from .projector import Projector
@@ -195,9 +198,16 @@ class VisionConfigs(NamedTuple):
 
     vision: VisionConfig
     projector: ProjectorConfig
-    image: ImageConfig
-    tiling: TilingConfig | None = None  # InternVL / NVLM-D dynamic tiling
+    preparation: ImagePreparation  # how pictures become pixels (and tiles, for InternVL / NVLM-D)
     image_format: str | None = None  # how tiled images are written in the prompt ("internvl", "nvlm")
+
+    @property
+    def image(self) -> ImageConfig:
+        return self.preparation.image
+
+    @property
+    def tiling(self) -> TilingConfig | None:
+        return self.preparation.tiling
 
 
 class VisionParts(NamedTuple):
@@ -207,29 +217,24 @@ class VisionParts(NamedTuple):
     weight_bytes: int  # of their own weight files (0 when they share the LLM's)
 
 
-def _preprocessor_config(folder: Path) -> dict:
-    path = folder / "preprocessor_config.json"
-    return read_json(path) if path.is_file() else {}
-
-
 def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
-    """The vision tower, projector and image configs of a VILA or LLaVA layout (read, not yet built)."""
+    """The vision tower, projector and image preparation of a multimodal layout (read, not yet built)."""
     if layout.kind == "internvl":
         return _internvl_configs(layout)
     if layout.kind == "vila":
         vision = VisionConfig.from_vila(layout.config, read_json(layout.vision_dir / "config.json"))
         projector = ProjectorConfig.from_vila(layout.config, read_json(layout.projector_dir / "config.json"),
                                               vision.hidden_size, layout.llm.hidden_size)
+        prep = vila_preparation(layout.vision_dir, vision.arch, vision.image_size, layout.config)
     else:
         vision = VisionConfig.from_llava(layout.config)
         projector = ProjectorConfig.from_llava(layout.config, vision.hidden_size, layout.llm.hidden_size)
-    image = ImageConfig.from_hf(_preprocessor_config(layout.vision_dir), vision.image_size, layout.config)
-    return VisionConfigs(vision, projector, image)
+        prep = transformers_preparation(layout.folder, vision.arch, vision.image_size, "llava")
+    return VisionConfigs(vision, projector, prep)
 
 
 def _internvl_configs(layout: CheckpointLayout) -> VisionConfigs:
     top, llm = layout.config, layout.llm
-    pre = _preprocessor_config(layout.folder)
     if top["model_type"] == "internvl":  # transformers' -hf: tiling from the image processor
         layer = top.get("vision_feature_layer", -1)
         if isinstance(layer, list) or top.get("vision_feature_select_strategy", "default") != "default":
@@ -237,8 +242,10 @@ def _internvl_configs(layout: CheckpointLayout) -> VisionConfigs:
                                         "vision layers are not supported")
         vision = VisionConfig.from_internvit(top["vision_config"], select_layer=layer)
         act = top.get("projector_hidden_act", "gelu")
-        tiling = TilingConfig(vision.image_size, pre.get("min_patches", 1),
-                              pre.get("max_patches", 12) if pre.get("crop_to_patches", True) else 1)
+        prep = transformers_preparation(layout.folder, vision.arch, vision.image_size, "internvl")
+        if prep.image.size != vision.image_size:
+            raise UnsupportedModelError(f"the image processor's {prep.image.size} px tiles do not match the "
+                                        f"InternViT tower's {vision.image_size} px")
         mid, bias, fmt = llm.hidden_size, True, "internvl"
     else:
         if top.get("ps_version", "v2") != "v2":
@@ -247,20 +254,14 @@ def _internvl_configs(layout: CheckpointLayout) -> VisionConfigs:
         vision = VisionConfig.from_internvit(top["vision_config"], select_layer=top.get("select_layer", -1))
         vision.image_size = top.get("force_image_size") or vision.image_size
         act = "gelu"
-        dynamic = top.get("dynamic_image_size", True)
-        tiling = TilingConfig(vision.image_size, top.get("min_dynamic_patch", 1),
-                              top.get("max_dynamic_patch", 12) if dynamic else 1, bool(top.get("use_thumbnail", True)))
+        prep = internvl_original_preparation(top, vision.image_size)
         nvlm = top["model_type"] == "NVLM_D"  # its mlp1: no biases, the LLM's intermediate size in the middle
         mid, bias, fmt = (llm.intermediate_size, False, "nvlm") if nvlm else (llm.hidden_size, True, "internvl")
     if act != "gelu":
         raise UnsupportedModelError(f"unsupported projector activation {act!r}")
     projector = ProjectorConfig("mlp1", vision.hidden_size, llm.hidden_size, mid_dim=mid, bias=bias,
                                 downsample_ratio=float(top.get("downsample_ratio", 0.5)))
-    size = pre.get("size", {})
-    image = ImageConfig(size=size.get("height", vision.image_size) if isinstance(size, dict) else vision.image_size,
-                        mean=tuple(pre.get("image_mean", IMAGENET_MEAN)), std=tuple(pre.get("image_std", IMAGENET_STD)),
-                        resize_mode="resize", shortest_edge=vision.image_size)
-    return VisionConfigs(vision, projector, image, tiling, fmt)
+    return VisionConfigs(vision, projector, prep, fmt)
 
 
 class DerivedStore:
@@ -486,6 +487,8 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     dtype = dtype or default_dtype(device)
     show = sys.stderr.isatty() if progress is None else progress
     configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
+    if configs is not None and configs.preparation.assumed:
+        warnings.warn(configs.preparation.assumed, ImagePreparationWarning, stacklevel=2)
     store, q = open_llm_store(layout.llm_dir, layout.quantization)
     gguf = None
     if llm_backend == "llama.cpp" and str(device) != "meta":
@@ -514,11 +517,14 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     tok = Tokenizer(layout.llm_dir)
     default = _internvl_template(layout.config) if layout.kind == "internvl" else None
     model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch, default), info, *parts[:3])
-    if configs is not None and configs.tiling is not None:
-        model.tiling, model.image_format = configs.tiling, configs.image_format
-        if max_tiles is not None:
-            model.tiling = model.tiling.with_max_tiles(max_tiles)
-        model.info.max_tiles = model.tiling.max_tiles
+    if configs is not None:
+        prep = configs.preparation
+        if prep.tiling is not None:
+            if max_tiles is not None:
+                prep = dataclasses.replace(prep, tiling=prep.tiling.with_max_tiles(max_tiles))
+            model.tiling, model.image_format = prep.tiling, configs.image_format
+            model.info.max_tiles = prep.tiling.max_tiles
+        model.info.image_preparation = prep.describe()
     limit = model.llm.cfg.max_position_embeddings
     model.max_context = min(max_context or min(limit, 4096), limit)
     if template:

@@ -42,6 +42,7 @@ class ModelInfo:
     vision_backend: str = "torch"  # or what ONNX Runtime runs it with, e.g. "onnxruntime CPU int8"
     max_tiles: int | None = None  # tiled models (InternVL, NVLM-D): the most tiles an image is cut into
     vision_quantization: str = "none"  # or "int8" (the tower's Linear weights, one scale per row)
+    image_preparation: str | None = None  # the image steps in use and where they were read (multimodal only)
     params: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
 
