@@ -23,6 +23,7 @@ import torch
 
 from ...errors import EdgeVLMError
 from ...generate import Prompt
+from .extra_buffers import extra_buffers_safe
 
 _init_lock = threading.Lock()
 _initialised = False
@@ -72,6 +73,8 @@ class LlamaContext:
             raise EdgeVLMError(f"GGUF file not found: {path}")
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        if n_gpu_layers == 0:  # AMX / repacked CPU weights crash on some machines: asked once in a child
+            mparams.use_extra_bufts = extra_buffers_safe(path)
         self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if not self.model:
             raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
