@@ -352,8 +352,24 @@ def test_plan_types_per_outtype(tiny_awq):
 # ------------------------------------------------------------------ with llama.cpp: the real SmolLM2
 
 def _llama(llama_cpp, path: Path, n_ctx: int = 512):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True,
-                           verbose=False)
+    """llama-cpp-python's own `Llama`, with the extra CPU buffer types as our engine loads them (its
+    constructor takes no such option: its default params are wrapped while it reads them)."""
+    from edge_vlm.backends.llamacpp.extra_buffers import extra_buffers_safe
+
+    safe, lib = extra_buffers_safe(path), llama_cpp.llama_cpp
+    original = lib.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = safe
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True,
+                               verbose=False)
+    finally:
+        lib.llama_model_default_params = original
 
 
 def _llama_logits(model, ids: list[int]) -> np.ndarray:
