@@ -127,26 +127,18 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
 def stand_in_llm(arch: str, device: torch.device, dtype: torch.dtype):
     """A one-layer random int4 model of `arch` (llama: RMSNorm + gated SiLU; nemotron: LayerNorm1P +
     relu^2, partial rotary): every kernel variant a real model of that family uses, in seconds."""
+    from .backends.stand_in import fill_random
     from .config import LLMConfig, QuantConfig
     from .llm import DecoderLM
     from .quant_linear import prepare_quantized
 
     cfg = LLMConfig(arch=arch, partial_rotary_factor=0.5 if arch == "nemotron" else 1.0, **STAND_IN)
-    gen = torch.Generator().manual_seed(0)
-    llm = DecoderLM(cfg).to(dtype)
-    prepare_quantized(llm, QuantConfig(group_size=128))
-    with torch.no_grad():
-        for name, t in list(llm.named_parameters()) + list(llm.named_buffers()):
-            if t.dtype == torch.int32:  # packed nibbles and zero points: any bits are valid
-                t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, dtype=torch.int32))
-            elif name.endswith("scales"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 0.01 + 0.002)
-            elif "norm" in name:
-                t.copy_((1.0 if cfg.norm == "rms" and name.endswith("weight") else 0.0)
-                        + 0.1 * torch.randn(t.shape, generator=gen))
-            else:
-                t.copy_(0.05 * torch.randn(t.shape, generator=gen))
-    return llm.to(device).eval()
+    with torch.device("meta"):
+        llm = DecoderLM(cfg).to(dtype)
+        prepare_quantized(llm, QuantConfig(group_size=128))
+    llm = llm.to_empty(device=device)
+    fill_random(llm)
+    return llm.eval()
 
 
 def triton_info(device: torch.device, run_checks: bool) -> dict:
