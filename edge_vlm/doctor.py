@@ -5,9 +5,9 @@ GPU or the CPU and its vector flags, Triton and whether each kernel passes the s
 `load_model` runs (on a small stand-in model, so no download is needed; on a GPU first in a child
 process, as at load), torch's int4 matmul, the first-run verdicts kept for this machine
 (`--recheck` discards them), llama.cpp and ONNX Runtime when installed, OpenCV's GStreamer
-support and the cameras it opens, free disk in the model cache, and the backend `chat` would use. Progress goes to stderr as it
-goes; the report to stdout, for people or (`--json`) programs. Exit status 1 when `chat` would
-find nothing usable on its default device.
+support and the cameras it opens, free disk in the model cache, and the backend `chat` would use.
+Progress goes to stderr as it goes; the report to stdout, for people or (`--json`) programs.
+Exit status 1 when `chat` would find nothing usable on its default device.
 """
 
 from __future__ import annotations

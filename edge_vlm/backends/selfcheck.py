@@ -17,8 +17,9 @@ order, zero point, group or position gives errors of order 1, NaN is named as su
 decode step through many layers is allowed 128 roundoffs (at most 1/8).
 
 Cost: a handful of launches per op kind plus a one-token fused decode step and two recorded
-(CUDA graph) steps on scratch caches of 8 positions; the reference layers are dequantized once, at most ~16M weights each (larger ones,
-e.g. a big-vocabulary lm_head, are checked on their first and last 512 output columns).
+(CUDA graph) steps on scratch caches of 8 positions; the reference layers are dequantized once,
+at most ~16M weights each (larger ones, e.g. a big-vocabulary lm_head, are checked on their
+first and last 512 output columns).
 """
 
 from __future__ import annotations

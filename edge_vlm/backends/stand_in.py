@@ -35,9 +35,10 @@ def shape_family(llm: nn.Module, triton: bool) -> dict:
     for name, m in llm.named_modules():
         if isinstance(m, WQLinear):
             int4[_LAYER.sub("layers.0.", name)] = m.group_size
-    return {"llm": cfg, "int4": dict(sorted(int4.items())), "int8_embedding": isinstance(llm.embed_tokens, Int8Embedding),
-            "dtype": str(llm.dtype).replace("torch.", ""), "kv_cache_int8": bool(getattr(llm, "kv_cache_int8", False)),
-            "triton": bool(triton)}
+    return {"llm": cfg, "int4": dict(sorted(int4.items())),
+            "int8_embedding": isinstance(llm.embed_tokens, Int8Embedding),
+            "dtype": str(llm.dtype).replace("torch.", ""),
+            "kv_cache_int8": bool(getattr(llm, "kv_cache_int8", False)), "triton": bool(triton)}
 
 
 def build(family: dict, device: torch.device, seed: int = 0) -> DecoderLM:

@@ -95,9 +95,10 @@ def device_identity(device: torch.device) -> dict:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return {"type": "cuda", "name": torch.cuda.get_device_name(device), "capability": f"{major}.{minor}"}
+    capability = None
     with contextlib.suppress(Exception):
-        return {"type": device.type, "name": "Triton interpreter", "capability": torch.backends.cpu.get_cpu_capability()}
-    return {"type": device.type, "name": "Triton interpreter", "capability": None}
+        capability = torch.backends.cpu.get_cpu_capability()
+    return {"type": device.type, "name": "Triton interpreter", "capability": capability}
 
 
 def _cuda_driver() -> int | None:
