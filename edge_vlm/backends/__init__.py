@@ -82,8 +82,9 @@ def _vision_only(model) -> dict[str, int]:
 
 
 def make_engine(llm, max_context: int) -> Engine:
-    """The fastest engine `llm` passed the self-check for: CUDA-graph decode over the fused step
-    when `optimize_for_device` checked that step and its recording, else the plain one. A
+    """The engine `llm` passed the self-check for: CUDA-graph decode over the fused step (built
+    to be the fastest; its speed is unmeasured, no GPU has run it in this project) when
+    `optimize_for_device` checked that step and its recording, else the plain one. A
     KV-cache kind changed since the check (e.g. `kv_cache_int8` set after loading) has its fused
     step checked now (first in a child process, when the load's check was made in one)."""
     report = getattr(llm, "selfcheck_report", None)
