@@ -190,7 +190,8 @@ def run_child(request: dict, limits: Limits) -> ChildOutcome:
     outcome = ChildOutcome({})
     with tempfile.TemporaryFile() as stderr:
         proc = subprocess.Popen(child_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-                                env=_child_env(), text=True, encoding="utf-8", errors="replace")
+                                env=_child_env(), text=True, encoding="utf-8", errors="replace",
+                                start_new_session=True)  # POSIX: its own group, so a kill takes its helpers too
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_reports, args=(proc.stdout, lines), daemon=True)
         reader.start()
@@ -256,8 +257,12 @@ def _read_reports(stream, lines: queue.Queue) -> None:
 
 
 def _kill(proc: subprocess.Popen) -> None:
+    """Kill the child and, on POSIX, its process group (e.g. a compiler it started that hangs)."""
     with contextlib.suppress(OSError):
-        proc.kill()
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
     _wait(proc)
 
 
