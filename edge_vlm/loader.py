@@ -455,7 +455,8 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
                max_context: int | None = None, template: str | None = None,
                progress=None, fast_path: bool = True, kv_cache: str | None = None,
                llm_backend: str = "torch", vision_backend: str = "torch",
-               max_tiles: int | None = None, vision_int8: bool = False) -> VisionLanguageModel:
+               max_tiles: int | None = None, vision_int8: bool = False,
+               recheck_kernels: bool = False) -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
 
     `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
@@ -471,6 +472,8 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     448 px tile per image, the fastest); None keeps the checkpoint's own maximum. `vision_int8=True`
     holds the vision tower's Linear weights in int8 with one scale per output row (int8_rows.py), half
     of fp16: for InternViT-6B (NVLM-D) 11.8 GB -> 5.9 GB; the projector stays in `dtype`.
+    `recheck_kernels=True` discards the kept first-run verdict for this model on this GPU (which
+    fast ops passed their check in a child process: backends/first_run.py) and checks again.
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
@@ -537,7 +540,7 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     if fast_path and str(device) != "meta":
         from .backends import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
 
-        optimize_for_device(model)
+        optimize_for_device(model, recheck=recheck_kernels)
     if vision_backend != "torch" and model.is_multimodal:
         from .backends.onnx import attach_onnx_vision, release_torch_tower
 
