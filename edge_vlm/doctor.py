@@ -231,6 +231,8 @@ def first_run_info(discarded: int = 0) -> dict:
 
 def family_summary(family: dict) -> str:
     """A model shape family in a few words: 'llama 2048x5632, 32/8 heads of 64, vocab 32000, float16, int4 g128'."""
+    if "summary" in family:  # a non-GPU verdict (llama.cpp's extra CPU buffers) says itself what it covers
+        return family["summary"]
     c = family.get("llm", {})
     groups = sorted(set(family.get("int4", {}).values()))
     return (f"{c.get('arch')} {c.get('hidden_size')}x{c.get('intermediate_size')}, {c.get('num_heads')}/"

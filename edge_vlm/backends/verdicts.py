@@ -111,7 +111,8 @@ def versions(device_type: str) -> dict:
     """The software a kernel's fate depends on, as installed now."""
     triton = _version("triton") or _version("triton-windows")
     return {"driver": _cuda_driver() if device_type == "cuda" else None, "cuda": torch.version.cuda,
-            "torch": torch.__version__, "triton": triton, "edge_vlm": _version("edge-vlm")}
+            "torch": torch.__version__, "triton": triton, "edge_vlm": _version("edge-vlm"),
+            "llama_cpp": _version("llama_cpp_python")}
 
 
 def make_key(device: torch.device, family: dict) -> dict:
