@@ -3,6 +3,7 @@ of image sizes (tiny, extreme aspect ratios) and several scale sets."""
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -17,14 +18,18 @@ from edge_vlm.s2_tiling import (S2Config, candidate_grids, cut_dynamic_s2, dynam
 
 # ------------------------------------------------------------------ the reference, read plainly
 
-def reference_grid(width, height, scales, max_num, image_size):
-    """VILA's choice for the last scale: (cols, rows). Candidates: a set comprehension over tile budgets,
-    sorted by tile count; walk them keeping the closest aspect ratio, an exact tie going to the later one
-    when the image's area is over half the candidate's."""
-    min_num = (scales[-1] // scales[0]) ** 2
+@functools.lru_cache(maxsize=None)
+def reference_ratios(min_num, max_num):
+    """Candidates: a set comprehension over tile budgets, sorted by tile count (cached: the tests ask often)."""
     ratios = {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
               if min_num <= i * j <= max_num}
-    ratios = sorted(ratios, key=lambda r: r[0] * r[1])
+    return sorted(ratios, key=lambda r: r[0] * r[1])
+
+
+def reference_grid(width, height, scales, max_num, image_size):
+    """VILA's choice for the last scale: (cols, rows). Walk the candidates keeping the closest aspect ratio,
+    an exact tie going to the later one when the image's area is over half the candidate's."""
+    ratios = reference_ratios((scales[-1] // scales[0]) ** 2, max_num)
     aspect = width / height
     best_diff, best = float("inf"), (1, 1)
     for r in ratios:
@@ -131,6 +136,14 @@ def test_nvila_8b_numbers():
     # resized to scale 0's map instead (LlavaConfig's default index): one block whatever the image
     first = S2Config(scales=(448, 896, 1344), dynamic=True, resize_output_to_scale_idx=0)
     assert projector_blocks(plan_dynamic_s2(800, 600, first), first) == (1, 1)
+
+
+def test_tie_rule():
+    """Equal aspect ratios (1x1, 2x2, 3x3 for a square image): the bigger grid wins while the image's area
+    is over half of it."""
+    cfg = S2Config(scales=(448,), dynamic=True, resize_output_to_scale_idx=-1, max_tiles=12)
+    assert [plan_dynamic_s2(s, s, cfg).grid for s in (448, 634, 900, 951, 1344)] == \
+        [(1, 1), (2, 2), (2, 2), (3, 3), (3, 3)]
 
 
 def test_candidate_order_is_the_references():
