@@ -56,6 +56,8 @@ class S2Config:
             scales = tuple(int(s) for s in (raw.split(",") if isinstance(raw, str) else raw))
         except (TypeError, ValueError):
             raise UnsupportedModelError(f"s2_scales {raw!r} is not a list of image sizes (e.g. \"448,896,1344\")")
+        if not dynamic:
+            scales = tuple(sorted(scales))  # VILA's fixed-S2 tower sorts them; its dynamic tiling does not
         aspect = top.get("image_aspect_ratio")
         if dynamic and aspect not in ("dynamic_s2", "resize", "pad", None):
             raise UnsupportedModelError(f"dynamic_s2 with image_aspect_ratio {aspect!r} is not supported; "

@@ -14,7 +14,8 @@ from edge_vlm.config import ProjectorConfig
 from edge_vlm.projector import Projector
 from edge_vlm.s2_features import (assemble_projected, dynamic_s2_projector_input, encode_dynamic_s2,
                                   fixed_s2_features, merge_chessboard, split_chessboard)
-from edge_vlm.s2_tiling import DynamicS2Tiles, S2Config, plan_dynamic_s2
+from edge_vlm.s2_tiling import (DynamicS2Tiles, S2Config, dynamic_s2_image_tokens, fixed_s2_image_tokens,
+                                plan_dynamic_s2)
 
 from .test_s2_tiling import CONFIGS, random_sizes, reference_grid
 
@@ -223,6 +224,9 @@ def test_encode_dynamic_s2_end_to_end(kind, idx):
             want = reference_assemble([projector(b[None])[0] for b in blocks], grids)
         assert len(got) == 2 and all(close(g, w) for g, w in zip(got, want)), (width, height)
         assert got[0].shape[0] == len(blocks[:-1]) * projector.num_tokens(G * G)
+        for image, (w, h, alone) in zip(got, [(width, height, True), (height, width, False)]):
+            assert image.shape[0] == dynamic_s2_image_tokens(w, h, cfg, grid_side=G, end_tokens=0, alone=alone,
+                                                             projector_tokens=projector.num_tokens)
 
 
 def test_untiled_image_repeats_its_features_per_scale():
@@ -274,6 +278,9 @@ def test_fixed_s2_matches_s2wrapper(scales, max_split, idx):
         # float32 bicubic/area against float64 loops, values of order 1
         assert close(got[b], want, tol=1e-5), b
     assert got.shape[-1] == C * len(scales)
+    projector = Projector(ProjectorConfig("mlp_downsample", C * len(scales), 4))
+    assert projector(got).shape[1] == fixed_s2_image_tokens(cfg, grid_side=G, end_tokens=0,
+                                                            projector_tokens=projector.num_tokens)
 
 
 def test_fixed_s2_keeps_the_dtype():

@@ -239,6 +239,8 @@ def test_config_from_vila():
     both = S2Config.from_vila({**nvila, "s2": True})
     assert both.dynamic  # VILA's builder checks dynamic_s2 first
     assert S2Config.from_vila({"image_aspect_ratio": "resize"}) is None
+    fixed = S2Config.from_vila({"s2": True, "s2_scales": "1152,384,768", "s2_max_split_size": 384})
+    assert fixed.scales == (384, 768, 1152) and not fixed.dynamic
     assert S2Config.from_vila({**nvila, "s2_resize_output_to_scale_idx": None}).resize_output_to_scale_idx == 0
 
 
