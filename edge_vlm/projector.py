@@ -57,7 +57,7 @@ def merge_square(x: torch.Tensor, k: int) -> torch.Tensor:
     if side * side != t:
         raise ValueError(f"a {k}x{k} merge needs a square grid of patches, got {t}")
     pad = -side % k
-    grid = F.pad(x.view(n, side, side, c), (0, 0, 0, pad, 0, pad))
+    grid = F.pad(x.reshape(n, side, side, c), (0, 0, 0, pad, 0, pad))
     b = (side + pad) // k
     grid = grid.view(n, b, k, b, k, c)  # [n, row block, row in block, col block, col in block, c]
     return grid.permute(0, 1, 3, 2, 4, 5).reshape(n, b * b, k * k * c)
