@@ -13,7 +13,9 @@ from .errors import UnsupportedModelError
 
 SUPPORTED_LLMS = ("llama", "qwen2", "nemotron")
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model", "intern_vit_6b", "internvl_vision")
-SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu", "mlp_downsample", "mlp1")
+VILA_DOWNSAMPLE_PROJECTORS = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix",
+                              "mlp_downsample_3x3_s2", "mlp_downsample_3x3_s2_new")
+SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu") + VILA_DOWNSAMPLE_PROJECTORS + ("mlp1",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -198,7 +200,15 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    kind: str  # "linear", "mlp2x_gelu", ..., "mlp_downsample" or "mlp1" (InternVL)
+    """A projector's kind and widths. `kind` is VILA's `mm_projector_type` (or InternVL's `mlp1`).
+
+    The downsampling kinds first merge each k x k block of patches into one token (k = `merge_factor`),
+    then LayerNorm, then Linears with GELU between them; the 3x3 kinds also put a LayerNorm after every
+    GELU but the last (`inner_norms`). Widths of the Linears' outputs: `linear_dims`.
+    """
+
+    kind: str  # "linear", "mlp2x_gelu", ..., "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix",
+    #            "mlp_downsample_3x3_s2", "mlp_downsample_3x3_s2_new" or "mlp1" (InternVL)
     in_dim: int
     out_dim: int
     # mlp1 only: width of the middle layer (InternVL: the LLM's hidden size, NVLM-D: its
@@ -208,18 +218,65 @@ class ProjectorConfig:
     downsample_ratio: float = 0.5
 
     @property
+    def merge(self) -> str:
+        """How patches become tokens: "none", "2x2_columns" (VILA1.5's mlp_downsample: column blocks
+        outermost), "2x2_rows" / "3x3_rows" (NVILA's: row blocks outermost) or "pixel_shuffle" (InternVL)."""
+        if self.kind == "mlp_downsample":
+            return "2x2_columns"
+        if self.kind == "mlp_downsample_2x2_fix":
+            return "2x2_rows"
+        if self.kind.startswith("mlp_downsample_3x3"):
+            return "3x3_rows"
+        return "pixel_shuffle" if self.kind == "mlp1" else "none"
+
+    @property
+    def merge_factor(self) -> int:
+        """Side of the block of patches merged into one token (1: no merge)."""
+        return {"none": 1, "3x3_rows": 3}.get(self.merge, 2)
+
+    @property
+    def inner_norms(self) -> bool:
+        """A LayerNorm after each GELU except the last one (VILA's 3x3 projectors)."""
+        return self.merge == "3x3_rows"
+
+    @property
+    def linear_dims(self) -> list[int]:
+        """Output width of each Linear, in order."""
+        m, h = self.in_dim, self.out_dim
+        if self.kind == "mlp_downsample_3x3_fix":
+            return [3 * m, h, h]
+        if self.kind == "mlp_downsample_3x3_s2":
+            return [3 * m, m, m // 3, h, h]
+        if self.kind == "mlp_downsample_3x3_s2_new":
+            return [4 * m, 2 * m, m, m // 3, h, h]
+        if self.kind == "mlp1" and self.mid_dim:
+            return [self.mid_dim, h]
+        return [h] * self.depth
+
+    @property
     def depth(self) -> int:
+        """How many Linears."""
         if self.kind == "linear":
             return 1
-        if self.kind in ("mlp_downsample", "mlp1"):
+        if self.kind in ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp1"):
             return 2
+        if self.kind.startswith("mlp_downsample_3x3"):
+            return len(self.linear_dims)
         return int(self.kind[3:-6])  # "mlp{N}x_gelu"
 
     @classmethod
     def from_vila(cls, top: dict, projector: dict, vision_hidden: int, llm_hidden: int) -> "ProjectorConfig":
-        """From a VILA top config.json and its mm_projector/config.json."""
-        return cls(projector.get("mm_projector_type", top.get("mm_projector_type", "linear")),
-                   top.get("mm_hidden_size", vision_hidden), llm_hidden)
+        """From a VILA top config.json and its mm_projector/config.json.
+
+        `mlp_downsample` changed its token order in VILA's NVILA release (Dec 2024): VILA1.5 was trained
+        with column blocks outermost, NVILA with row blocks outermost (the same module as
+        `mlp_downsample_2x2_fix`). A config written by the NVILA-era code has the keys that code added
+        (`dynamic_s2`, `image_encoder`, `video_encoder`); VILA1.5's have none of them.
+        """
+        kind = projector.get("mm_projector_type", top.get("mm_projector_type", "linear"))
+        if kind == "mlp_downsample" and any(k in top for k in ("dynamic_s2", "image_encoder", "video_encoder")):
+            kind = "mlp_downsample_2x2_fix"
+        return cls(kind, top.get("mm_hidden_size", vision_hidden), llm_hidden)
 
     @classmethod
     def from_llava(cls, top: dict, vision_hidden: int, llm_hidden: int) -> "ProjectorConfig":
@@ -234,9 +291,13 @@ class ProjectorConfig:
 
         if self.kind == "mlp1" and self.downsample_ratio != 0.5:
             raise UnsupportedModelError(f"unsupported InternVL downsample ratio {self.downsample_ratio}; supported: 0.5")
-        if self.kind not in ("linear", "mlp_downsample", "mlp1") and not re.fullmatch(r"mlp\d+x_gelu", self.kind):
+        if self.kind not in VILA_DOWNSAMPLE_PROJECTORS + ("linear", "mlp1") and not re.fullmatch(r"mlp\d+x_gelu",
+                                                                                              self.kind):
             raise UnsupportedModelError(
                 f"unsupported projector {self.kind!r}; supported: {', '.join(SUPPORTED_PROJECTORS)}")
+        if self.kind.startswith("mlp_downsample_3x3_s2") and self.in_dim % 3:
+            raise UnsupportedModelError(f"projector {self.kind!r} needs a vision width divisible by 3, "
+                                        f"not {self.in_dim}")
 
 
 @dataclass(frozen=True)
