@@ -25,11 +25,11 @@ from edge_vlm.backends.onnx.encoder import OnnxVisionEncoder
 from edge_vlm.backends.onnx.export import VisionGraph, export_parts
 from edge_vlm.backends.onnx.int8 import calibration_pixels, check_pixels, cosine, quantize, synthetic_images
 from edge_vlm.backends.onnx.providers import CPU, ProviderPlan
-from edge_vlm.config import ImageConfig, ProjectorConfig
-from edge_vlm.image_processor_config import settings_image_config
-from edge_vlm.preprocess import preprocess
-from edge_vlm.projector import Projector
-from edge_vlm.vision import VisionTower
+from edge_vlm.formats.configs import ImageConfig, ProjectorConfig
+from edge_vlm.formats.image_processor_config import settings_image_config
+from edge_vlm.imaging.preprocess import preprocess
+from edge_vlm.models.projector import Projector
+from edge_vlm.models.vision import VisionTower
 
 from .shapes import BENCH_VLMS, LLM_SHAPES, VLMS, vision_config
 from .timing import wall_time

@@ -159,7 +159,7 @@ def _stream(session, question, images, video, args) -> None:
 
 def run_chat(args) -> int:
     from .errors import EdgeVLMError
-    from .preprocess import load_image
+    from .imaging.preprocess import load_image
     from .session import ChatSession
 
     images = [load_image(p) for p in args.image]  # fail on a bad image before loading the model
@@ -194,7 +194,7 @@ def _interactive(session, images, args) -> int:
             continue
         if line.startswith("/image "):
             try:
-                from .preprocess import load_image
+                from .imaging.preprocess import load_image
 
                 images.append(load_image(line[7:].strip()))
                 print(f"(image attached: {len(images)} waiting for the next question)", file=sys.stderr)

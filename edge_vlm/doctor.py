@@ -140,9 +140,9 @@ def stand_in_llm(arch: str, device: torch.device, dtype: torch.dtype):
     """A one-layer random int4 model of `arch` (llama: RMSNorm + gated SiLU; nemotron: LayerNorm1P +
     relu^2, partial rotary): every kernel variant a real model of that family uses, in seconds."""
     from .backends.stand_in import fill_random
-    from .config import LLMConfig, QuantConfig
-    from .llm import DecoderLM
-    from .quant_linear import prepare_quantized
+    from .formats.configs import LLMConfig, QuantConfig
+    from .models.llm import DecoderLM
+    from .models.quant_linear import prepare_quantized
 
     cfg = LLMConfig(arch=arch, partial_rotary_factor=0.5 if arch == "nemotron" else 1.0, **STAND_IN)
     llm = DecoderLM(cfg).to(dtype)

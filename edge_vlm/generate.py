@@ -18,7 +18,7 @@ from typing import Iterator
 import torch
 
 from .constrained import compile_constraint
-from .llm import DecoderLM
+from .models.llm import DecoderLM
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 

@@ -27,19 +27,19 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from .awq_format import open_llm_store
+from .formats.tinychat import open_llm_store
 from .chat_template import ChatTemplate, default_template_name
-from .checkpoint import TensorStore, load_into, read_json, resolve_model_path
-from .config import SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
+from .formats.checkpoint import TensorStore, load_into, read_json, resolve_model_path
+from .formats.configs import SUPPORTED_LLMS, ImageConfig, LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 from .errors import CheckpointError, EdgeVLMError, UnsupportedModelError
-from .image_processor_config import (ImagePreparation, ImagePreparationWarning, internvl_original_preparation,
+from .formats.image_processor_config import (ImagePreparation, ImagePreparationWarning, internvl_original_preparation,
                                      transformers_preparation, vila_preparation)
-from .internvit import InternViT
-from .llm import DecoderLM
-from .projector import Projector
-from .tiling import TilingConfig
+from .models.internvit import InternViT
+from .models.llm import DecoderLM
+from .models.projector import Projector
+from .imaging.tiling import TilingConfig
 from .tokenizer import Tokenizer
-from .vision import VisionTower
+from .models.vision import VisionTower
 from .vlm import ModelInfo, VisionLanguageModel
 
 SUPPORTED_LAYOUTS = ("VILA (llava_llama), LLaVA (llava), InternVL (internvl_chat, internvl) and NVLM-D (NVLM_D), "
@@ -363,7 +363,7 @@ def load_vision(layout: CheckpointLayout, configs: VisionConfigs, dtype, device,
         rename = rename_vision(layout.vision_prefix, configs.vision.layers_used)
         recipes = {name: (lambda f, key=key: f(key)) for key in vstore.keys() if (name := rename(key))}
     if int8:
-        from .int8_rows import int8_weight_recipes, use_int8_linears
+        from .formats.int8_rows import int8_weight_recipes, use_int8_linears
 
         recipes = int8_weight_recipes(recipes, use_int8_linears(tower), dtype)
     load_into(tower, DerivedStore(vstore, recipes), lambda name: name, dtype, device,
@@ -441,7 +441,7 @@ def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename, progress
     llm = _build(DecoderLM, cfg)
     qcfg = QuantConfig.from_hf(quantization)
     if qcfg is not None:
-        from .quant_linear import prepare_quantized  # int4 layers in place of nn.Linear
+        from .models.quant_linear import prepare_quantized  # int4 layers in place of nn.Linear
 
         prepare_quantized(llm, qcfg)
     load_into(llm, store, rename, dtype, device, progress,

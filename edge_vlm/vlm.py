@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 
 from .chat_template import IMAGE_MARK, ChatTemplate, image_text
-from .config import ImageConfig
-from .kv_cache import kv_cache_bytes
-from .llm import DecoderLM
-from .preprocess import preprocess
-from .projector import Projector
-from .tiling import TilingConfig, split_tiles, tile_count
+from .formats.configs import ImageConfig
+from .models.kv_cache import kv_cache_bytes
+from .models.llm import DecoderLM
+from .imaging.preprocess import preprocess
+from .models.projector import Projector
+from .imaging.tiling import TilingConfig, split_tiles, tile_count
 from .tokenizer import Tokenizer
-from .vision import VisionTower
+from .models.vision import VisionTower
 
 
 @dataclass

@@ -146,7 +146,7 @@ def test_vision_backend_option_runs_the_tower_on_onnx_runtime(tiny_vila, tmp_pat
 def test_vision_int8_option_loads_the_tower_in_int8(tiny_vila):
     from edge_vlm import commands
     from edge_vlm.cli import build_parser
-    from edge_vlm.int8_rows import Int8Linear
+    from edge_vlm.formats.int8_rows import Int8Linear
 
     args = build_parser().parse_args(["chat", "--model", str(tiny_vila), "--device", "cpu",
                                                            "--backend", "torch", "--vision-int8", "hi"])

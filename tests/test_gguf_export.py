@@ -24,7 +24,7 @@ from edge_vlm.backends.llamacpp.ggml_blocks import awq_to_q4_1, int8_rows_to_q8_
 from edge_vlm.backends.llamacpp.gguf_arch import rope_pair_rows
 from edge_vlm.backends.llamacpp.gguf_export import export_gguf, plan_tensors
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.int4_formats import dequantize_gemm, pack_gemm
+from edge_vlm.formats.int4_formats import dequantize_gemm, pack_gemm
 from tests.awq_reference import awq_unpack
 
 gguf = pytest.importorskip("gguf")  # a [test] dependency: always installed in CI
@@ -92,7 +92,7 @@ def test_q4_1_rows_follow_the_given_order():
 
 
 def test_int8_embeddings_become_exact_q8_0():
-    from edge_vlm.quant_linear import quantize_embedding_int8
+    from edge_vlm.models.quant_linear import quantize_embedding_int8
 
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
     qw, scales = quantize_embedding_int8(w)
@@ -290,8 +290,8 @@ def test_failed_export_leaves_no_file(tiny_llms, tmp_path, monkeypatch):
 
 def _tinychat_twin(awq_folder: Path, out: Path) -> None:
     """The same AWQ integers as a TinyChat `.pt` folder, packed by the spec-derived reference packer."""
-    from edge_vlm.checkpoint import TensorStore
-    from edge_vlm.int4_formats import tinychat_scale_rows
+    from edge_vlm.formats.checkpoint import TensorStore
+    from edge_vlm.formats.int4_formats import tinychat_scale_rows
     from tests.test_awq_format import reference_tinychat_pack
 
     shutil.copytree(awq_folder, out)
@@ -484,7 +484,7 @@ def test_llama_cpp_tokenizes_prose_like_our_smollm2_tokenizer(smollm2_exports):
 
 @pytest.mark.slow  # ~60 s: RTN-quantizes the real model, exports Q4_1, two perplexity runs
 def test_llama_cpp_perplexity_of_awq_q4_1_export_matches_our_runtime(smollm2, smollm2_awq):
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
 
     llama_cpp = _llama_cpp()
     folder, path = smollm2_awq
@@ -507,7 +507,7 @@ def test_llama_cpp_quantizer_makes_q4_k_m_from_16_bit(smollm2_exports, tmp_path)
     assert path.stat().st_size < 0.6 * paths["f16"].stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the intermediate 16-bit file is gone
     ids = _held_out_ids(model.tokenizer, 512)
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
 
     want = perplexity(model.llm, ids, window=512)
     got = _llama_perplexity(_llama(llama_cpp, path, 512), ids)

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.image_processor_config import ImagePreparationWarning
-from edge_vlm.preprocess import preprocess
+from edge_vlm.formats.image_processor_config import ImagePreparationWarning
+from edge_vlm.imaging.preprocess import preprocess
 from tests.factories import LAYOUTS, internvl_processor, make_internvl_hf, make_llava, make_vila
 from tests.test_vision_parity import reference_merge
 

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.preprocess import preprocess
-from edge_vlm.projector import pixel_shuffle
-from edge_vlm.tiling import TilingConfig, choose_grid, split_tiles, tile_count
+from edge_vlm.imaging.preprocess import preprocess
+from edge_vlm.models.projector import pixel_shuffle
+from edge_vlm.imaging.tiling import TilingConfig, choose_grid, split_tiles, tile_count
 from tests.factories import internvl_processor, make_internvl_hf, write_internvl_original
 
 VARIANTS = {"300m": dict(norm="layer_norm", qk_norm=False), "6b": dict(norm="rms_norm", qk_norm=True)}
@@ -306,7 +306,7 @@ def test_max_tiles_cli_option_reaches_the_model(native):
 def test_int8_linear_error_is_within_half_a_step_per_weight():
     """y_q - y = x @ (W_q - W)^T and each |W_q - W| <= scale_row / 2, so every output is off by at most
     sum_j |x_j| * scale_i / 2: checked exactly (fp64 arithmetic) on random inputs."""
-    from edge_vlm.int8_rows import Int8Linear, int8_weight_recipes, use_int8_linears
+    from edge_vlm.formats.int8_rows import Int8Linear, int8_weight_recipes, use_int8_linears
 
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(96, 40)).double()
@@ -336,7 +336,7 @@ def test_vision_int8_tower_stays_close_to_fp32(tmp_path, variant):
     the features move by less than that (measured 0.09%): 1% is the bound, and more than 1e-4 shows the
     weights really are int8 (fp32 alone differs by ~1e-7). Layer scales are set to 1 so that the branches
     carry their full weight."""
-    from edge_vlm.int8_rows import Int8Linear
+    from edge_vlm.formats.int8_rows import Int8Linear
 
     make_internvl_hf(tmp_path / variant, seed=5, **VARIANTS[variant])
     ref = load_model(tmp_path / variant, device="cpu", progress=False, fast_path=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_vlm.kv_cache import StaticKVCache, kv_cache_bytes
-from edge_vlm.int8_rows import dequantize_int8_rows, quantize_int8_rows
+from edge_vlm.models.kv_cache import StaticKVCache, kv_cache_bytes
+from edge_vlm.formats.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 def test_quantized_vectors_are_within_half_a_step():
@@ -80,7 +80,7 @@ def test_load_model_kv_cache_option_sets_what_engines_build(tmp_path):
 @pytest.mark.slow  # ~15 s: the real SmolLM2, 1024 held-out tokens, scored twice
 def test_int8_cache_keeps_real_smollm2_perplexity(smollm2):
     from edge_vlm.loader import load_model
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
     from edge_vlm.tokenizer import Tokenizer
     from edge_vlm.quantize.calibration import held_out_text
 

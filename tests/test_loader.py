@@ -89,7 +89,7 @@ def test_progress_callback_reports_every_stage(tiny_vila):
 
 
 def test_detect_layout_says_where_each_part_lives(tiny_vila, tiny_llava, reference):
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
     from edge_vlm.loader import detect_layout
 
     vila = detect_layout(tiny_vila)

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_vlm.config import ProjectorConfig
+from edge_vlm.formats.configs import ProjectorConfig
 from edge_vlm.errors import UnsupportedModelError
-from edge_vlm.projector import Projector, merge_2x2, merge_square, vila_module_names
+from edge_vlm.models.projector import Projector, merge_2x2, merge_square, vila_module_names
 
 
 def reference_square_merge(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edge_vlm.errors import UnsupportedModelError
-from edge_vlm.media_encoders import (ImageEncoderConfig, VideoEncoderConfig, encode_video, pool_frames,
+from edge_vlm.models.media_encoders import (ImageEncoderConfig, VideoEncoderConfig, encode_video, pool_frames,
                                      video_tokens)
 
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_vlm.config import ImageConfig, ProjectorConfig, VisionConfig
-from edge_vlm.image_processor_config import settings_image_config
-from edge_vlm.preprocess import preprocess
-from edge_vlm.projector import Projector, merge_2x2
-from edge_vlm.vision import VisionTower
+from edge_vlm.formats.configs import ImageConfig, ProjectorConfig, VisionConfig
+from edge_vlm.formats.image_processor_config import settings_image_config
+from edge_vlm.imaging.preprocess import preprocess
+from edge_vlm.models.projector import Projector, merge_2x2
+from edge_vlm.models.vision import VisionTower
 from tests.factories import make_vision, preprocessor_config, vila_projector
 
 

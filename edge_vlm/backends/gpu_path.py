@@ -39,8 +39,8 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
-from ..llm import DecoderLayer, LayerNorm1P, RMSNorm
-from ..quant_linear import WQLinear
+from ..models.llm import DecoderLayer, LayerNorm1P, RMSNorm
+from ..models.quant_linear import WQLinear
 from . import selfcheck
 from .selfcheck import Check, Inputs
 

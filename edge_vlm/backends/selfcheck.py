@@ -35,10 +35,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..generate import Engine
-from ..int4_formats import dequantize_gemm
-from ..llm import LayerNorm1P, RMSNorm
-from ..quant_linear import WQLinear
-from ..rotary import apply_rotary
+from ..formats.int4_formats import dequantize_gemm
+from ..models.llm import LayerNorm1P, RMSNorm
+from ..models.quant_linear import WQLinear
+from ..models.rotary import apply_rotary
 
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24,
                  torch.float64: 2.0**-53}

@@ -17,9 +17,9 @@ import re
 import torch
 import torch.nn as nn
 
-from ..config import LLMConfig
-from ..llm import DecoderLM
-from ..quant_linear import Int8Embedding, WQLinear
+from ..formats.configs import LLMConfig
+from ..models.llm import DecoderLM
+from ..models.quant_linear import Int8Embedding, WQLinear
 
 NOT_SHAPES = ("num_layers", "max_position_embeddings", "bos_token_id", "eos_token_ids")  # no kernel sees these
 STAND_IN_POSITIONS = 64  # the checks use at most 48 cache positions

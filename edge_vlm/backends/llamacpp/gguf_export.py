@@ -52,8 +52,8 @@ def _llama_cpp():
 def _load(path, progress) -> "object":
     """Load on the CPU in the dtype the checkpoint stores (so conversion is lossless and memory small)."""
     from edge_vlm import load_model
-    from edge_vlm.awq_format import find_tinychat_checkpoint
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.tinychat import find_tinychat_checkpoint
+    from edge_vlm.formats.checkpoint import TensorStore
     from edge_vlm.loader import detect_layout
 
     layout = detect_layout(path)
@@ -67,13 +67,13 @@ def _load(path, progress) -> "object":
 
 
 def _is_awq(module) -> bool:
-    from edge_vlm.quant_linear import WQLinear
+    from edge_vlm.models.quant_linear import WQLinear
 
     return isinstance(module, WQLinear)
 
 
 def _is_int8_embedding(module) -> bool:
-    from edge_vlm.quant_linear import Int8Embedding
+    from edge_vlm.models.quant_linear import Int8Embedding
 
     return isinstance(module, Int8Embedding)
 
@@ -103,11 +103,11 @@ def _float_weight(module, part: str) -> torch.Tensor:
     if part == "bias":
         return module.bias.detach().float()
     if _is_awq(module):
-        from edge_vlm.int4_formats import dequantize_gemm
+        from edge_vlm.formats.int4_formats import dequantize_gemm
 
         return dequantize_gemm(module.qweight, module.qzeros, module.scales.float(), module.group_size).t()
     if _is_int8_embedding(module):
-        from edge_vlm.int8_rows import dequantize_int8_rows
+        from edge_vlm.formats.int8_rows import dequantize_int8_rows
 
         return dequantize_int8_rows(module.qweight, module.scales, torch.float32)
     return module.weight.detach().float()

@@ -44,7 +44,7 @@ def run_export(args) -> int:
     parts = load_vision(layout, vision_configs(layout), torch.float32, "cpu", show)
     calibration = None
     if args.calibration_image:
-        from ...preprocess import load_image
+        from ...imaging.preprocess import load_image
 
         calibration = [load_image(p) for p in args.calibration_image]
     written = export_parts(parts.tower, parts.projector, parts.image, args.out_dir, args.precision or PRECISIONS,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ...int4_formats import TritonInt4Weight
+from ...formats.int4_formats import TritonInt4Weight
 from .launcher import kernel, next_power_of_2
 
 ACT_NONE, ACT_RELU2, ACT_SILU_MUL = 0, 1, 2

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import ImageConfig
-from .errors import MediaError
+from ..formats.configs import ImageConfig
+from ..errors import MediaError
 
 # The still-image files every part of edge-vlm accepts (folders of images, drag and drop,
 # calibration images): the formats Pillow decodes everywhere.

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ProjectorConfig
+from ..formats.configs import ProjectorConfig
 
 
 def merge_2x2(x: torch.Tensor) -> torch.Tensor:

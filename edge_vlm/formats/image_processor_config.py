@@ -26,9 +26,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageConfig
-from .errors import CheckpointError, UnsupportedModelError
-from .tiling import TilingConfig
+from .configs import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageConfig, TilingConfig
+from ..errors import CheckpointError, UnsupportedModelError
 
 HALF = (0.5, 0.5, 0.5)
 BICUBIC = 3

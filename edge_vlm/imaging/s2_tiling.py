@@ -24,7 +24,7 @@ from typing import Callable
 
 from PIL import Image
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 MAX_TILES_LIMIT = 64  # bounds the candidate search (cubic in max_tiles) and the tower's work per image
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .s2_tiling import DynamicS2Tiles, S2Config, projector_blocks
+from ..imaging.s2_tiling import DynamicS2Tiles, S2Config, projector_blocks
 
 Tower = Callable[[torch.Tensor], torch.Tensor]  # pixels [N, 3, S, S] -> features [N, P, C], P row-major patches
 

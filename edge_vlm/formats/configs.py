@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 SUPPORTED_LLMS = ("llama", "qwen2", "nemotron")
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model", "intern_vit_6b", "internvl_vision")
@@ -407,3 +407,18 @@ class ImageConfig:
         fmt = lambda v: "/".join(f"{x:.3g}" for x in v)  # noqa: E731
         resample = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}.get(self.resample, str(self.resample))
         return f"{', '.join(steps)} ({resample}), mean {fmt(self.mean)}, std {fmt(self.std)}"
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Dynamic tiling (InternVL, NVLM-D; imaging/tiling.py cuts the tiles): tile side, tiles a picture may take."""
+
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12  # InternVL's default; NVLM-D's config says 6
+    thumbnail: bool = True
+
+    def with_max_tiles(self, max_tiles: int) -> "TilingConfig":
+        if max_tiles < 1:
+            raise ValueError(f"max tiles must be at least 1, not {max_tiles}")
+        return TilingConfig(self.tile_size, min(self.min_tiles, max_tiles), max_tiles, self.thumbnail)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 MEDIA_TOKENS_DEFAULT = {"start_tokens": None, "end_tokens": "\n"}
 

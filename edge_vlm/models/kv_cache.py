@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .int8_rows import dequantize_int8_rows, quantize_int8_rows
+from ..formats.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 class StaticKVCache:
