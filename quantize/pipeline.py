@@ -32,7 +32,7 @@ from edge_vlm.formats.checkpoint import TensorStore, load_into, read_json
 from edge_vlm.formats.configs import LLMConfig, QuantConfig
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.models.llm import DecoderLayer
-from edge_vlm.loader import CheckpointLayout, detect_layout
+from edge_vlm.formats.layout import CheckpointLayout, detect_layout
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
 from .calibration import builtin_blocks, calibration_blocks, list_images, read_calibration_file

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from edge_vlm import doctor
+from edge_vlm.cli import doctor
 from edge_vlm.cli import main
 
 AVX2_ONLY = """processor\t: 0

@@ -337,7 +337,7 @@ def test_two_processes_writing_at_once_never_leave_a_partial_file(tmp_path):
 def test_a_kv_cache_kind_changed_after_loading_is_checked_in_a_child_first(llama, reference_tokens, children,
                                                                            monkeypatch):
     monkeypatch.setenv(FAULTS, "decode_attention=wrong")
-    fast, report, caught = _load(llama)
+    fast, report, _ = _load(llama)
     assert len(children) == 1 and not report.fused_decode and not report.kv_cache_int8
     fast.kv_cache_int8 = True  # the int8 cache's kernels: another family, another verdict
     with warnings.catch_warnings(record=True) as caught:
@@ -349,7 +349,7 @@ def test_a_kv_cache_kind_changed_after_loading_is_checked_in_a_child_first(llama
 
 
 def test_doctor_lists_the_verdicts_and_recheck_discards_them(llama, children, monkeypatch, capsys):
-    from edge_vlm import doctor
+    from edge_vlm.cli import doctor
     from edge_vlm.cli import main
 
     monkeypatch.setenv(FAULTS, "rotary_kv=wrong")

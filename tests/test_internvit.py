@@ -290,7 +290,7 @@ def test_video_frames_take_one_tile_and_several_images_their_own(native, tmp_pat
 def test_max_tiles_cli_option_reaches_the_model(native):
     import argparse
 
-    from edge_vlm.commands import add_model_options, load_from_args
+    from edge_vlm.cli.options import add_model_options, load_from_args
 
     _, folder, _ = native
     p = argparse.ArgumentParser()

@@ -171,7 +171,7 @@ def test_silu_mul_epilogue(device):
 # ---- the static decode step and the module swaps, on tiny real-architecture models -----------
 
 def _tiny(kind, tmp_path_factory):
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     folder = tmp_path_factory.mktemp(f"kern-{kind}")
@@ -376,7 +376,7 @@ def test_interpreter_does_not_leak():
 def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
     from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     folder = tmp_path_factory.mktemp("graph-llama")

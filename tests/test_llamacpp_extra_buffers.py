@@ -126,7 +126,7 @@ def test_a_prompt_batch_decodes_on_this_machine(cache, gguf):
 
 
 def test_doctor_lists_the_verdict_and_recheck_discards_it(cache, gguf):
-    from edge_vlm import doctor
+    from edge_vlm.cli import doctor
 
     with pytest.warns(extra_buffers.LlamaCppCpuWarning):
         extra_buffers.extra_buffers_safe(gguf, child=ABORT)

@@ -32,7 +32,7 @@ PROMPT, NEW_TOKENS = 5, 3
 
 
 def _model(tmp_path_factory, kind):
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     folder = tmp_path_factory.mktemp(f"selfcheck-{kind}")

@@ -88,7 +88,7 @@ def test_merge_2x2_matches_vila_order(side):
 
 @pytest.mark.parametrize("kind", ["mlp_downsample", "mlp2x_gelu", "linear", "mlp3x_gelu"])
 def test_projector_matches_vila_module(kind):
-    from edge_vlm.loader import rename_projector
+    from edge_vlm.formats.recipes import rename_projector
 
     mm, hidden, side = 12, 20, 5
     ref = vila_projector(kind, mm, hidden, seed=1)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .llamacpp.gguf_cache import cache_root
+from ..cache import cache_root
 
 FORMAT = 1  # bump when a verdict's meaning changes (e.g. an op is added to the check)
 FOLDER = "first-run"

@@ -17,6 +17,9 @@ import torch
 from ..formats.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
+KV_CACHE_KINDS = ("model", "int8")  # the cache in the model's dtype, or int8 rows (half of fp16)
+
+
 class StaticKVCache:
     def __init__(self, num_layers: int, num_kv_heads: int, max_context: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, batch: int = 1, quantized: bool = False):

@@ -24,6 +24,18 @@ from pathlib import Path
 
 import torch
 
+from ..backends import SelfCheckWarning, choose_backend, optimize_for_device, selfcheck, verdicts
+from ..backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
+from ..backends.cpu.timing import cpu_bf16_matmul_is_faster, cpu_int4_compute_dtype
+from ..backends.gpu_path import layers_per_shape, torch_int4_reason
+from ..backends.llamacpp.choice import resolve_llm_backend
+from ..backends.stand_in import fill_random
+from ..backends.triton import triton_available
+from ..formats.configs import LLMConfig, QuantConfig
+from ..loading import default_device, default_dtype
+from ..models.llm import DecoderLM
+from ..models.quant_linear import prepare_quantized
+
 CAMERA_PROBE_SECONDS = 3.0  # per index: opening a missing camera can block on some drivers
 STAND_IN = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=64, norm_eps=1e-5, max_position_embeddings=64)
@@ -59,7 +71,6 @@ def collect(cameras: int = 4, interpreter: bool = False, recheck: bool = False,
     """The whole report as plain data (what `--json` prints)."""
     discarded = 0
     if recheck:
-        from .backends import verdicts
 
         progress("discarding the first-run verdicts")
         discarded = verdicts.discard()
@@ -139,10 +150,6 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
 def stand_in_llm(arch: str, device: torch.device, dtype: torch.dtype):
     """A one-layer random int4 model of `arch` (llama: RMSNorm + gated SiLU; nemotron: LayerNorm1P +
     relu^2, partial rotary): every kernel variant a real model of that family uses, in seconds."""
-    from .backends.stand_in import fill_random
-    from .formats.configs import LLMConfig, QuantConfig
-    from .models.llm import DecoderLM
-    from .models.quant_linear import prepare_quantized
 
     cfg = LLMConfig(arch=arch, partial_rotary_factor=0.5 if arch == "nemotron" else 1.0, **STAND_IN)
     llm = DecoderLM(cfg).to(dtype)
@@ -154,7 +161,6 @@ def stand_in_llm(arch: str, device: torch.device, dtype: torch.dtype):
 
 def triton_info(device: torch.device, run_checks: bool) -> dict:
     """Triton's version and, where asked, each kernel's self-check on stand-ins of both families."""
-    from .backends.triton import triton_available
 
     info: dict = {"installed": triton_available(), "version": None, "checked_on": None, "kernels": {}}
     if not info["installed"]:
@@ -164,7 +170,6 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
     info["version"] = triton.__version__
     if not run_checks:
         return info
-    from .backends import SelfCheckWarning, optimize_for_device
 
     info["checked_on"] = "cuda" if device.type == "cuda" else "interpreter"
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -186,15 +191,11 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
 
 def torch_int4_info(device: torch.device) -> dict:
     """torch's int4 matmul on `device`: the CUDA kernel (sm80+) or the CPU one chat uses on CPU."""
-    from .backends import selfcheck
-    from .backends.gpu_path import layers_per_shape, torch_int4_reason
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     info = {"device": device.type, "op": "_weight_int4pack_mm" if device.type == "cuda" else
             "_weight_int4pack_mm_for_cpu"}
     if device.type == "cpu":
-        from .backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
-        from .backends.cpu.timing import cpu_int4_compute_dtype
 
         if not cpu_int4_available():
             return {**info, "passed": False, "reason": "this torch has no int4 CPU matmul"}
@@ -214,7 +215,6 @@ def torch_int4_info(device: torch.device) -> dict:
 def first_run_info(discarded: int = 0) -> dict:
     """The first-run verdicts kept in the cache folder: per file, the device, the model family,
     whether it was made under the versions installed now, and what failed."""
-    from .backends import verdicts
 
     kept = []
     for path, v in verdicts.all_verdicts():
@@ -330,11 +330,8 @@ def disk_info() -> dict:
 
 def chat_info(report: dict) -> dict:
     """The device, dtype and paths `chat` picks by default, and whether that device works at all."""
-    from .backends import choose_backend
-    from .loader import default_device, default_dtype
 
     device = default_device()
-    from .backends.llamacpp.choice import resolve_llm_backend
 
     info = {"device": device, "dtype": str(default_dtype(device)).replace("torch.", ""),
             "backend": choose_backend(torch.device(device)), "llm_backend": resolve_llm_backend("auto", device)}
@@ -347,7 +344,6 @@ def chat_info(report: dict) -> dict:
         info["int4_linears"] = (f"torch's int4 CPU matmul ({i4.get('compute_dtype')} activations)" if i4.get("passed")
                                 else "dequantize + matmul")
         info["decode"] = "plain torch"
-        from .backends.cpu.timing import cpu_bf16_matmul_is_faster
 
         info["vision_dtype"] = "bfloat16" if cpu_bf16_matmul_is_faster() else "float32"
     else:
@@ -362,8 +358,6 @@ def chat_info(report: dict) -> dict:
 
 def _reference_decode_reason(device: torch.device) -> str | None:
     """Why the plain torch path (dequantize + matmul, what every fallback ends at) fails here."""
-    from .backends import selfcheck
-    from .backends.gpu_path import layers_per_shape
 
     def run():
         layer = layers_per_shape(stand_in_llm("llama", device, torch.float32))[0]
