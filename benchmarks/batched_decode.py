@@ -19,7 +19,7 @@ import threading
 import time
 
 from edge_vlm.backends.llamacpp.batched import BatchedContext
-from edge_vlm.generate import Prompt
+from edge_vlm.contracts import Prompt
 
 from .real_model import gguf_path, smollm2_folder
 

@@ -5,7 +5,7 @@ first token of a 1-image prompt (vision tower + prefill of image and text tokens
 logits), decode tokens/s at given contexts, the fraction of the bandwidth floor reached
 (bytes one decode step must read / copy bandwidth measured in the same run), and peak memory.
 
-- "float16 eager" ("float32 eager" on CPU, the CPU dtype): dense nn.Linear weights, the plain `Engine`.
+- "float16 eager" ("float32 eager" on CPU, the CPU dtype): dense nn.Linear weights, the plain `TorchEngine`.
 - "ours int4": AutoAWQ int4 weights (`WQLinear`), `optimize_for_device`, `make_engine`
   (CUDA: Triton W4A16 kernels + CUDA-graph decode; CPU: torch's int4 CPU matmul, and the vision
   tower in bf16 where that is faster).
@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import torch
 
 from edge_vlm.backends import make_engine, optimize_for_device
-from edge_vlm.generate import Engine
+from edge_vlm.backends.torch_engine import TorchEngine
 from edge_vlm.models.kv_cache import kv_cache_bytes
 from edge_vlm.vlm import weight_bytes
 
@@ -67,7 +67,7 @@ def decode_bytes(llm, ctx: int, itemsize: int) -> int:
     return weights + one_row + kv
 
 
-def run_variant(name: str, llm, engine: Engine, vision, device, contexts, decode_steps: int, copy_bw: float,
+def run_variant(name: str, llm, engine: TorchEngine, vision, device, contexts, decode_steps: int, copy_bw: float,
                 repeats: int, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> E2EResult:
     cfg = llm.cfg
     dtype = llm.dtype
@@ -121,8 +121,8 @@ def llama_cpp_engine(llm, max_ctx: int, folder, kv_int8: bool):
 
     from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
     from edge_vlm.backends.llamacpp.gguf_export import export_gguf
-    from edge_vlm.chat_template import ChatTemplate
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.templates import ChatTemplate
+    from edge_vlm.text.tokenizer import Tokenizer
     from edge_vlm.vlm import ModelInfo, VisionLanguageModel
 
     from .real_model import smollm2_folder
@@ -182,7 +182,7 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
             llm.kv_cache_int8 = kv_int8
             engine = make_engine(llm, max_ctx)
         else:
-            engine = Engine(llm, max_ctx)
+            engine = TorchEngine(llm, max_ctx)
         fast = ", ".join(f"{n} {kind}" for kind, n in swapped.items()) or "plain torch modules"
         progress(f"timing {variant} ({type(engine).__name__}, {fast})")
         r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens)

@@ -5,7 +5,7 @@ Part 1, the grammar libraries (llguidance, xgrammar, outlines-core) on SmolLM2's
 object, a camera-event JSON schema with an enum, required fields, a nested object, an array and
 numbers, a yes/no choice), and the per-token cost of computing the mask and advancing the matcher
 along a fixed valid answer (median and mean over every token of it, several passes).
-Part 2, the chosen library (edge_vlm.constrained, llguidance) inside our generate loop: decode
+Part 2, the chosen library (edge_vlm.text.constrained, llguidance) inside our generate loop: decode
 ms/token unconstrained vs constrained through our torch engine and the llama.cpp engine, greedy,
 the same prompt; and the mask alone per token (mask + advance + applying it to the logits).
 
@@ -24,10 +24,12 @@ import torch
 
 from edge_vlm import GenerationConfig, load_model
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
-from edge_vlm.constrained import compile_constraint
-from edge_vlm.generate import AnswerText, Engine, GenerationStats, Prompt, generate
-from edge_vlm.sampling import Sampler, SamplingParams
-from edge_vlm.tokenizer import Tokenizer
+from edge_vlm.text.constrained import compile_constraint
+from edge_vlm.generate import AnswerText, GenerationStats, generate
+from edge_vlm.contracts import Prompt
+from edge_vlm.backends.torch_engine import TorchEngine
+from edge_vlm.text.sampling import Sampler, SamplingParams
+from edge_vlm.text.tokenizer import Tokenizer
 
 from .real_model import gguf_path, smollm2_folder
 
@@ -170,8 +172,8 @@ def loop_table(tokens, repeats):
     model = load_model(folder, device="cpu", progress=False)
     ids = model.tokenizer.encode(model.template.render([{"role": "user", "content": "A dog runs across a park. "
                                                                                     "Report it as JSON."}]))
-    engines = {"torch": Engine(model.llm, 512), "llama.cpp": LlamaCppEngine(gguf_path(), 512)}
-    print(f"\n## Inside our generate loop (edge_vlm.constrained = llguidance), greedy, {tokens} new tokens max, "
+    engines = {"torch": TorchEngine(model.llm, 512), "llama.cpp": LlamaCppEngine(gguf_path(), 512)}
+    print(f"\n## Inside our generate loop (edge_vlm.text.constrained = llguidance), greedy, {tokens} new tokens max, "
           f"median of {repeats}")
     print("| engine | constraint | new tokens | decode ms/token | stop reason |")
     print("|---|---|---|---|---|")

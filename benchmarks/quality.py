@@ -43,7 +43,7 @@ IN_DOMAIN = "pydoc (in-domain)"
 def eval_sets(src, eval_tokens: int, window: int, in_domain: bool = True) -> dict[str, list[int]]:
     from edge_vlm.quantize.calibration import held_out_text
     from edge_vlm.quantize.pipeline import chat_template_of
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
 
     from .text_domains import domain_ids
 

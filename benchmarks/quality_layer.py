@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq, quantize_layer_rtn
     from edge_vlm.quantize.calibration import builtin_blocks
     from edge_vlm.quantize.pipeline import chat_template_of
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
 
     from .real_model import smollm2_folder
     from .text_domains import domain_ids

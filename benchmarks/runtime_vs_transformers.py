@@ -27,7 +27,8 @@ from .timing import bandwidth_share, copy_bandwidth
 def run_engine(engine, tokenizer, prompt_ids, new_tokens, repeat) -> list[tuple]:
     """(ttft, decode tok/s, tokens) of our generate loop over `engine`, after a warm-up run."""
     from edge_vlm import GenerationConfig
-    from edge_vlm.generate import AnswerText, GenerationStats, Prompt, generate
+    from edge_vlm.generate import AnswerText, GenerationStats, generate
+    from edge_vlm.contracts import Prompt
 
     runs = []
     for _ in range(repeat + 1):  # the first run warms up
@@ -43,10 +44,10 @@ def run_engine(engine, tokenizer, prompt_ids, new_tokens, repeat) -> list[tuple]
 def bench_ours(folder, prompt_ids, new_tokens, repeat):
     """Runs after a warm-up, and the bytes of weights one decode step reads."""
     from edge_vlm import load_model
-    from edge_vlm.generate import Engine
+    from edge_vlm.backends.torch_engine import TorchEngine
 
     model = load_model(folder, device="cpu", progress=False)
-    return run_engine(Engine(model.llm, 1024), model.tokenizer, prompt_ids, new_tokens, repeat), \
+    return run_engine(TorchEngine(model.llm, 1024), model.tokenizer, prompt_ids, new_tokens, repeat), \
         decode_bytes(model.llm, 0, 4)
 
 
@@ -56,7 +57,7 @@ def bench_ours_on_llama_cpp(gguf, folder, prompt_ids, new_tokens, repeat, thread
         from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
     except ImportError:
         return None
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
 
     engine = LlamaCppEngine(gguf, 1024, n_threads=threads)
     try:
@@ -151,9 +152,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = smollm2_folder()
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
 
-    from edge_vlm.chat_template import ChatTemplate
+    from edge_vlm.text.templates import ChatTemplate
 
     tok = Tokenizer(folder)
     template = ChatTemplate(tok.chat_template, bos_token=tok.bos_token, eos_token=tok.eos_token)

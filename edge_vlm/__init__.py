@@ -1,4 +1,7 @@
-"""edge-vlm: a quantized runtime for vision-language models on Jetson Orin and RTX GPUs."""
+"""edge-vlm: a quantized runtime for vision-language models on Jetson Orin, RTX GPUs and CPUs.
+
+The public names tools and users build on; the layers beneath are drawn in docs/ARCHITECTURE.md.
+"""
 
 from .errors import EdgeVLMError
 from .generate import GenerationConfig, GenerationStats

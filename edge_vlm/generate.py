@@ -1,11 +1,10 @@
-"""Generation: prefill the prompt into the static KV cache, then decode one token per step.
+"""Generation: prefill the prompt, then decode one token per step.
 
-`Engine` owns the cache and the two model calls (prefill, step); `generate` drives them with
-a sampler and timing, and `AnswerText` decides where the answer ends (EOS, stop strings) and
-what text is safe to stream. A `constraint` (edge_vlm/constrained.py) masks the logits of every
-engine before sampling, so the answer matches a JSON schema or a list of choices. Other engines
-(CUDA graphs, llama.cpp) keep the same two calls; engines that are not torch modules (llama.cpp)
-take a `Prompt` of token ids and image embeddings as it is.
+An `Engine` (contracts.py: our torch decoder, its CUDA-graph replay, llama.cpp) owns the KV cache
+and the two model calls (prefill, step); `generate` drives any of them with a sampler and timing,
+and `AnswerText` decides where the answer ends (EOS, stop strings) and what text is safe to
+stream. A `constraint` (text/constrained.py) masks the logits before sampling, so the answer
+matches a JSON schema or a list of choices.
 """
 
 from __future__ import annotations
@@ -18,10 +17,10 @@ from typing import Iterator
 
 import torch
 
-from .constrained import compile_constraint
-from .models.llm import DecoderLM
-from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder
+from .contracts import Engine, Prompt
+from .text.constrained import compile_constraint
+from .text.sampling import Sampler, SamplingParams
+from .text.tokenizer import StreamDecoder
 
 
 @dataclass
@@ -69,79 +68,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-@dataclass
-class Prompt:
-    """The tokens of one prompt: text as token-id chunks, with one image's embeddings between
-    each pair of chunks (len(chunks) == images + 1), or ready embeddings as they are."""
-
-    chunks: list[list[int]] = field(default_factory=list)
-    images: torch.Tensor | None = None  # [n_images, tokens_per_image, hidden] in the LLM's dtype
-    embeddings: torch.Tensor | None = None  # [1, T, hidden]: already embedded (benchmarks, references)
-
-    def __len__(self) -> int:
-        if self.embeddings is not None:
-            return self.embeddings.shape[1]
-        images = 0 if self.images is None else self.images.shape[0] * self.images.shape[1]
-        return sum(len(c) for c in self.chunks) + images
-
-    def pieces(self) -> Iterator[list[int] | torch.Tensor]:
-        """Token-id lists and [n, hidden] embedding blocks, in prompt order (empty chunks left out)."""
-        if self.embeddings is not None:
-            yield self.embeddings[0]
-            return
-        for i, ids in enumerate(self.chunks):
-            if ids:
-                yield ids
-            if self.images is not None and i < self.images.shape[0]:
-                yield self.images[i]
-
-
-class Engine:
-    """Static-KV-cache inference for one conversation at a time, on our torch decoder."""
-
-    name = "torch"
-
-    def __init__(self, llm: DecoderLM, max_context: int):
-        self.llm = llm
-        self.cache = llm.new_cache(max_context)
-
-    @property
-    def device(self) -> torch.device:
-        return self.llm.device
-
-    @property
-    def position(self) -> int:
-        return self.cache.position
-
-    @property
-    def max_context(self) -> int:
-        return self.cache.max_context
-
-    def embed(self, prompt: Prompt) -> torch.Tensor:
-        """The prompt as [1, T, D] input embeddings of the decoder."""
-        parts = [p if isinstance(p, torch.Tensor) else self.llm.embed(torch.tensor(p, device=self.device))
-                 for p in prompt.pieces()]
-        return torch.cat([p.to(self.llm.dtype) for p in parts])[None]
-
-    @torch.inference_mode()
-    def prefill(self, prompt: Prompt | torch.Tensor) -> torch.Tensor:
-        """Run a prompt (or [1, T, D] embeddings) after what is cached; logits [vocab] for the next token."""
-        embeds = prompt if isinstance(prompt, torch.Tensor) else self.embed(prompt)
-        return self.llm(embeds, self.cache)[0, -1]
-
-    @torch.inference_mode()
-    def step(self, token_id: int) -> torch.Tensor:
-        ids = torch.tensor([[token_id]], device=self.llm.device)
-        return self.llm(self.llm.embed(ids), self.cache)[0, -1]
-
-    def rewind(self, position: int) -> None:
-        """Forget the cached tokens after `position` (0: everything)."""
-        self.cache.truncate(position)
-
-    def reset(self) -> None:
-        self.rewind(0)
 
 
 class AnswerText:

@@ -15,21 +15,32 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from .chat_template import ChatTemplate, default_template_name
+from .backends import optimize_for_device
+from .backends.llamacpp.choice import MODES, resolve_llm_backend, warn_fallback
+from .backends.llamacpp.gguf_cache import cached_gguf
+from .backends.onnx import attach_onnx_vision, release_torch_tower
 from .errors import EdgeVLMError
 from .formats.checkpoint import TensorStore, load_into
 from .formats.configs import ImageConfig, LLMConfig, QuantConfig
 from .formats.image_processor_config import ImagePreparationWarning
+from .formats.int8_rows import int8_weight_recipes, use_int8_linears
 from .formats.layout import CheckpointLayout, detect_layout
-from .formats.recipes import DerivedStore, internvit_recipes, rename_projector, rename_vision
+from .formats.recipes import (
+    DerivedStore,
+    internvit_recipes,
+    rename_projector,
+    rename_vision,
+)
 from .formats.tinychat import find_tinychat_checkpoint, open_llm_store
 from .formats.vision_configs import VisionConfigs, vision_configs
 from .models.internvit import InternViT
 from .models.kv_cache import KV_CACHE_KINDS
 from .models.llm import DecoderLM
 from .models.projector import Projector
+from .models.quant_linear import prepare_quantized
 from .models.vision import VisionTower
-from .tokenizer import Tokenizer
+from .text.templates import BUILTIN_TEMPLATES, ChatTemplate, default_template_name
+from .text.tokenizer import Tokenizer
 from .vlm import ModelInfo, VisionLanguageModel
 
 
@@ -62,7 +73,6 @@ def load_vision(layout: CheckpointLayout, configs: VisionConfigs, dtype, device,
         rename = rename_vision(layout.vision_prefix, configs.vision.layers_used)
         recipes = {name: (lambda f, key=key: f(key)) for key in vstore.keys() if (name := rename(key))}
     if int8:
-        from .formats.int8_rows import int8_weight_recipes, use_int8_linears
 
         recipes = int8_weight_recipes(recipes, use_int8_linears(tower), dtype)
     load_into(tower, DerivedStore(vstore, recipes), lambda name: name, dtype, device,
@@ -101,7 +111,6 @@ def load_llm(store: TensorStore, cfg: LLMConfig, dtype, device, rename, progress
     llm = _build(DecoderLM, cfg)
     qcfg = QuantConfig.from_hf(quantization)
     if qcfg is not None:
-        from .models.quant_linear import prepare_quantized  # int4 layers in place of nn.Linear
 
         prepare_quantized(llm, qcfg)
     load_into(llm, store, rename, dtype, device, progress,
@@ -140,7 +149,6 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     """
     if kv_cache not in (None, *KV_CACHE_KINDS):
         raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
-    from .backends.llamacpp.choice import MODES, resolve_llm_backend, warn_fallback
 
     if llm_backend not in MODES:
         raise EdgeVLMError(f"llm_backend must be one of {', '.join(MODES)}, not {llm_backend!r}")
@@ -155,7 +163,6 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     store, q = open_llm_store(layout.llm_dir, layout.quantization)
     gguf = None
     if llm_backend == "llama.cpp" and str(device) != "meta":
-        from .backends.llamacpp.gguf_cache import cached_gguf  # exported once, on first use
 
         try:
             gguf = cached_gguf(layout, q is not None, lambda: load_for_export(layout.folder, show), show)
@@ -198,11 +205,9 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     if gguf is not None:
         model.gguf_path, model.torch_device = gguf, torch.device(device)
     if fast_path and str(device) != "meta":
-        from .backends import optimize_for_device  # the device's fast path (Triton on CUDA, int4 on CPU)
 
         optimize_for_device(model, recheck=recheck_kernels)
     if vision_backend != "torch" and model.is_multimodal:
-        from .backends.onnx import attach_onnx_vision, release_torch_tower
 
         model.info.vision_backend = attach_onnx_vision(model, vision_backend, progress=show)
         release_torch_tower(model)  # ONNX Runtime holds the vision weights now (no-op on the torch path)
@@ -212,7 +217,6 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
 def _internvl_template(top: dict) -> str:
     """The conversation an InternVL / NVLM-D config names (`template`), as our built-in of that name:
     NVLM-D says chatml, InternVL 2.5/3 internvl2_5 (the -hf repos name none: internvl2_5)."""
-    from .chat_template import BUILTIN_TEMPLATES
 
     name = top.get("template") or ("chatml" if top["model_type"] == "NVLM_D" else "internvl2_5")
     return name if name in BUILTIN_TEMPLATES else "internvl2_5"

@@ -22,10 +22,11 @@ from typing import Iterator, Sequence
 
 from PIL import Image
 
-from .chat_template import _ANSWER_SENTINEL, IMAGE_MARK
+from .text.templates import _ANSWER_SENTINEL, IMAGE_MARK
 from .errors import ContextOverflowError, EdgeVLMError
-from .tools import arguments_dict, parse_tool_calls, result_text, template_call, tool_specs
-from .generate import AnswerText, GenerationConfig, GenerationStats, Prompt, generate
+from .text.tools import arguments_dict, parse_tool_calls, result_text, template_call, tool_specs
+from .generate import AnswerText, GenerationConfig, GenerationStats, generate
+from .contracts import Prompt
 from .imaging.preprocess import load_image
 from .imaging.video import sample_frames
 from .vlm import VisionLanguageModel

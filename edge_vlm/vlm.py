@@ -12,18 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
 from PIL import Image
 
-from .chat_template import IMAGE_MARK, ChatTemplate, image_text
+from .backends import make_engine
+from .backends.llamacpp.engine import LlamaCppEngine
 from .formats.configs import ImageConfig
+from .imaging.preprocess import preprocess
+from .imaging.tiling import TilingConfig, split_tiles, tile_count
 from .models.kv_cache import kv_cache_bytes
 from .models.llm import DecoderLM
-from .imaging.preprocess import preprocess
 from .models.projector import Projector
-from .imaging.tiling import TilingConfig, split_tiles, tile_count
-from .tokenizer import Tokenizer
 from .models.vision import VisionTower
+from .text.templates import IMAGE_MARK, ChatTemplate, image_text
+from .text.tokenizer import Tokenizer
 
 
 @dataclass
@@ -100,11 +101,9 @@ class VisionLanguageModel:
         decoder (CUDA graphs on a GPU with Triton)."""
         ctx = max_context or self.max_context
         if self.gguf_path is not None:
-            from .backends.llamacpp.engine import LlamaCppEngine
 
             return LlamaCppEngine(self.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0,
                                   kv_cache_int8=getattr(self.llm, "kv_cache_int8", False))
-        from .backends import make_engine
 
         return make_engine(self.llm, ctx)
 

@@ -142,7 +142,7 @@ def _embed_weight(layout: CheckpointLayout, store: TensorStore, device, dtype) -
 
 def chat_template_of(tok, arch: str):
     """The model's own chat template (the checkpoint's, else the built-in one the runtime picks)."""
-    from edge_vlm.chat_template import ChatTemplate, default_template_name
+    from edge_vlm.text.templates import ChatTemplate, default_template_name
 
     if tok.chat_template:
         return ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
@@ -153,7 +153,7 @@ def calibration_inputs(layout: CheckpointLayout, store: TensorStore, settings: Q
                        sources: list[str] | None = None):
     """Hidden states entering layer 0 for every calibration sample: [n_samples, seqlen, hidden].
     `sources` receives one line per calibration source used."""
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
 
     tok = Tokenizer(layout.llm_dir)
     sources = [] if sources is None else sources

@@ -485,10 +485,11 @@ def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path
     the next greedy answer matches one computed from the full prompt by the runtime directly."""
     from edge_vlm.apps.desktop.conversation import Conversation
     from edge_vlm import ChatSession
-    from edge_vlm.chat_template import IMAGE_MARK
+    from edge_vlm.text.templates import IMAGE_MARK
     import torch
 
-    from edge_vlm.generate import AnswerText, Engine, generate
+    from edge_vlm.generate import AnswerText, generate
+    from edge_vlm.backends.torch_engine import TorchEngine
 
     conv = Conversation()
     conv.add("user", "What is in this picture?", [photo()])
@@ -513,7 +514,7 @@ def test_reopened_conversation_continues_as_if_never_closed(win, qtbot, tmp_path
     chunks = [model.tokenizer.encode(c) for c in model.template.render(msgs).split(IMAGE_MARK)]
     image = model.encode_images([photo()])[0]
     embeds = torch.cat([model.llm.embed(torch.tensor(chunks[0])), image, model.llm.embed(torch.tensor(chunks[1]))])
-    engine = Engine(model.llm, model.max_context)
+    engine = TorchEngine(model.llm, model.max_context)
     reference = AnswerText(model.tokenizer, model.eos_token_ids, model.template.stop_strings)
     want = "".join(generate(engine, embeds[None], GenerationConfig(max_new_tokens=12, temperature=0.0), reference))
     assert answer == want

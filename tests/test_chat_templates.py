@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_vlm.chat_template import BUILTIN_TEMPLATES, ChatTemplate, default_template_name
-from edge_vlm.tokenizer import Tokenizer
+from edge_vlm.text.templates import BUILTIN_TEMPLATES, ChatTemplate, default_template_name
+from edge_vlm.text.tokenizer import Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

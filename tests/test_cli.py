@@ -62,16 +62,16 @@ def test_info_describes_without_loading(tiny_vila, capsys):
 def test_kv_cache_option_in_chat_and_info(tiny_vila, capsys, monkeypatch):
     import re
 
-    from edge_vlm import generate
+    from edge_vlm.backends.torch_engine import TorchEngine
 
     built = []
-    original = generate.Engine.__init__
+    original = TorchEngine.__init__
 
     def spy(self, llm, max_context):
         original(self, llm, max_context)
         built.append(self.cache.quantized)
 
-    monkeypatch.setattr(generate.Engine, "__init__", spy)
+    monkeypatch.setattr(TorchEngine, "__init__", spy)
     assert main(["chat", "--model", str(tiny_vila), "--kv-cache", "int8", "--temperature", "0", "--backend", "torch",
                  "--max-new-tokens", "4", "--quiet", "hi"]) == 0
     assert built == [True] and capsys.readouterr().out.strip()  # an answer, from an int8-cache engine

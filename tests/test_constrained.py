@@ -13,10 +13,12 @@ import torch
 from edge_vlm import ChatSession, GenerationConfig, load_model
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
 from edge_vlm.benchmarks.real_model import gguf_path
-from edge_vlm.constrained import Constraint, compile_constraint
+from edge_vlm.text.constrained import Constraint, compile_constraint
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.generate import AnswerText, Engine, GenerationStats, Prompt, generate
-from edge_vlm.sampling import Sampler, SamplingParams
+from edge_vlm.generate import AnswerText, GenerationStats, generate
+from edge_vlm.contracts import Prompt
+from edge_vlm.backends.torch_engine import TorchEngine
+from edge_vlm.text.sampling import Sampler, SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -153,7 +155,7 @@ def test_json_object_and_schema_on_the_torch_engine_through_the_session(model):
 
 
 def test_choices_give_exactly_one_choice_on_both_engines(model, fast):
-    torch_engine = Engine(model.llm, 512)
+    torch_engine = TorchEngine(model.llm, 512)
     for engine in (fast, torch_engine):
         for q in ("Is the sky blue? Answer yes or no.", "Is fire cold? Answer yes or no.", "Are cats animals?"):
             for gen in (dict(temperature=0), dict(temperature=1.0, seed=5)):
@@ -223,10 +225,10 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": WEAT
 def test_tool_call_constraint_writes_calls_that_parse_and_validate(model, fast, fmt):
     """A forced call (the server's tool_choice) is the template's own call text around arguments
     that validate; `several` lets one or more calls a line apart through."""
-    from edge_vlm.chat_template import TOOL_CALL_LAYOUT
-    from edge_vlm.tools import parse_tool_calls
+    from edge_vlm.text.templates import TOOL_CALL_SYNTAX
+    from edge_vlm.text.tools import parse_tool_calls
 
-    before, after, _ = TOOL_CALL_LAYOUT[fmt]
+    before, after = TOOL_CALL_SYNTAX[fmt].before, TOOL_CALL_SYNTAX[fmt].after
     for q, gen in [("Weather in Rome?", dict(temperature=0)), ("Who lives in Paris?", dict(temperature=1.0, seed=7))]:
         text, stats, _ = run(model, fast, q, constraint=Constraint.tool_calls(fmt, TOOLS), **gen)
         assert stats.stop_reason == "eos" and text.startswith(before) and text.endswith(after), text

@@ -93,10 +93,10 @@ def test_hub_repo_id_offline_is_a_clear_error(monkeypatch, tmp_path, capsys):
 
 
 def test_hub_repo_id_uses_huggingface_hub(monkeypatch, tiny_vila):
-    import huggingface_hub
+    from edge_vlm.formats import checkpoint
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(repo) or str(tiny_vila))
+    monkeypatch.setattr(checkpoint, "snapshot_download", lambda repo, **kw: calls.append(repo) or str(tiny_vila))
     model = load_model("Efficient-Large-Model/VILA1.5-3b", device="cpu", progress=False)
     assert calls == ["Efficient-Large-Model/VILA1.5-3b"] and model.info.layout == "vila"
 

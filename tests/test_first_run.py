@@ -30,7 +30,7 @@ from edge_vlm.backends import first_run, verdicts  # noqa: E402
 from edge_vlm.backends.stand_in import shape_family  # noqa: E402
 from edge_vlm.backends.triton import decode_attention, norms, rotary_kv, w4a16  # noqa: E402
 from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine  # noqa: E402
-from edge_vlm.generate import Engine  # noqa: E402
+from edge_vlm.backends.torch_engine import TorchEngine
 from tests.test_selfcheck import _ids, _model, greedy  # noqa: E402
 
 FAULTS = "EDGE_VLM_TEST_FAULTS"  # "op=kind,op=kind": the faults faulty_child_main injects
@@ -108,7 +108,7 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_tokens(llama):
-    return greedy(llama, _ids(llama), Engine(llama, 16))  # the plain torch model, dequantize + matmul
+    return greedy(llama, _ids(llama), TorchEngine(llama, 16))  # the plain torch model, dequantize + matmul
 
 
 class Children(list):
@@ -197,7 +197,7 @@ def test_a_fault_in_the_child_turns_off_exactly_the_failing_ops(llama, reference
     decode_off = {"rotary_kv", "decode_attention"} & set(faults)
     assert report.linear == ("torch_int4" if linear_off else "triton")
     assert report.fused_decode == (not decode_off) and report.cuda_graph == (not decode_off)
-    assert type(make_engine(fast, 16)) is (Engine if decode_off else CUDAGraphEngine)
+    assert type(make_engine(fast, 16)) is (TorchEngine if decode_off else CUDAGraphEngine)
     assert _tokens(fast) == reference_tokens
     assert all(spy.count == 0 for spy in spies.values())
 
@@ -343,7 +343,7 @@ def test_a_kv_cache_kind_changed_after_loading_is_checked_in_a_child_first(llama
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         engine = make_engine(fast, 16)
-    assert len(children) == 2 and report.kv_cache_int8 and type(engine) is Engine
+    assert len(children) == 2 and report.kv_cache_int8 and type(engine) is TorchEngine
     _first_run_warning(caught, {"decode_attention": "mismatch"}, cached=False)
     assert len(list(verdicts.folder().glob("*.json"))) == 2
 

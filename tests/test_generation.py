@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.sampling import Sampler, SamplingParams
-from edge_vlm.tokenizer import StreamDecoder, Tokenizer
+from edge_vlm.text.sampling import Sampler, SamplingParams
+from edge_vlm.text.tokenizer import StreamDecoder, Tokenizer
 
 
 @pytest.fixture(scope="module")

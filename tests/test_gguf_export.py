@@ -187,9 +187,9 @@ def test_tokenizer_and_template_metadata(tiny_llms, tmp_path):
     assert f["tokenizer.ggml.bos_token_id"] == tok.token_to_id("<s>")
     assert f["tokenizer.ggml.eos_token_id"] == tok.token_to_id("</s>")
     assert f["tokenizer.ggml.add_bos_token"] is False
-    from edge_vlm.chat_template import BUILTIN_TEMPLATES
+    from edge_vlm.text.templates import BUILTIN_TEMPLATES
 
-    assert f["tokenizer.chat_template"] == BUILTIN_TEMPLATES[model.template.name]
+    assert f["tokenizer.chat_template"] == BUILTIN_TEMPLATES[model.template.name].source
 
 
 def test_padded_vocabulary_gets_unused_tokens(tmp_path):

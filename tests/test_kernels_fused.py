@@ -375,7 +375,7 @@ def test_interpreter_does_not_leak():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
 def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
     from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
-    from edge_vlm.generate import Engine
+    from edge_vlm.backends.torch_engine import TorchEngine
     from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
@@ -384,7 +384,7 @@ def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
     llm = load_model(folder, device="cuda", progress=False).llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 10), device="cuda")
     tokens = {}
-    for cls in (Engine, CUDAGraphEngine):
+    for cls in (TorchEngine, CUDAGraphEngine):
         eng = cls(llm, 64)
         logits = eng.prefill(llm.embed(ids))
         seq = []
@@ -393,18 +393,18 @@ def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
             seq.append(t)
             logits = eng.step(t)
         tokens[cls.__name__] = (seq, logits.float().cpu())
-    assert tokens["Engine"][0] == tokens["CUDAGraphEngine"][0]
-    a, b = tokens["Engine"][1], tokens["CUDAGraphEngine"][1]
+    assert tokens["TorchEngine"][0] == tokens["CUDAGraphEngine"][0]
+    a, b = tokens["TorchEngine"][1], tokens["CUDAGraphEngine"][1]
     assert (a - b).abs().max() <= 2e-2 * a.abs().max()  # fp16 model: a few ulps through 2 layers
 
 
 def test_make_engine_picks_the_plain_engine_without_a_checked_fused_step(tmp_path_factory):
     from edge_vlm.backends import make_engine
-    from edge_vlm.generate import Engine
+    from edge_vlm.backends.torch_engine import TorchEngine
 
     llm = _tiny("llama", tmp_path_factory).llm  # loaded on CPU: no CUDA self-check ran
     engine = make_engine(llm, 32)
-    assert type(engine) is Engine and engine.max_context == 32
+    assert type(engine) is TorchEngine and engine.max_context == 32
 
 
 def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path_factory):
@@ -412,7 +412,7 @@ def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path
     same logits as the reference engine, one warning, and no second capture attempt. Runs on CPU
     with the recorder replaced by a failure (the rest of the engine is device-independent)."""
     from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
-    from edge_vlm.generate import Engine
+    from edge_vlm.backends.torch_engine import TorchEngine
 
     attempts = []
 
@@ -424,7 +424,7 @@ def test_cuda_graph_engine_falls_back_to_plain_steps_when_capture_fails(tmp_path
     llm = _tiny("llama", tmp_path_factory).llm
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     outs = []
-    for engine in (Engine(llm, 32), CUDAGraphEngine(llm, 32, record=capture_fails)):
+    for engine in (TorchEngine(llm, 32), CUDAGraphEngine(llm, 32, record=capture_fails)):
         with torch.inference_mode():
             engine.prefill(llm.embed(ids))
         if isinstance(engine, CUDAGraphEngine):
@@ -442,13 +442,13 @@ def test_fused_engine_on_cpu_steps_the_fused_decoder_eagerly(tmp_path_factory):
     """Off CUDA there is no graph to record: the engine replays the fused step itself (through
     the interpreter), which is how the self-check tests run the whole CUDA decode on CPU."""
     from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine, record_eager, recorder_for
-    from edge_vlm.generate import Engine
+    from edge_vlm.backends.torch_engine import TorchEngine
 
     llm = _tiny("llama", tmp_path_factory).llm
     assert recorder_for(torch.device("cpu")) is record_eager
     ids = torch.randint(0, llm.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(8))
     outs = []
-    for engine in (Engine(llm, 16), CUDAGraphEngine(llm, 16)):
+    for engine in (TorchEngine(llm, 16), CUDAGraphEngine(llm, 16)):
         with torch.inference_mode():
             engine.prefill(llm.embed(ids))
         outs.append(engine.step(7))

@@ -62,13 +62,13 @@ def test_model_with_an_int8_cache_stays_close_and_chunking_does_not_matter(tmp_p
 
 def test_load_model_kv_cache_option_sets_what_engines_build(tmp_path):
     from edge_vlm.errors import EdgeVLMError
-    from edge_vlm.generate import Engine
+    from edge_vlm.backends.torch_engine import TorchEngine
     from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     make_llm(tmp_path / "llm", "llama", seed=7)
     model = load_model(tmp_path / "llm", device="cpu", progress=False, kv_cache="int8")
-    assert Engine(model.llm, 64).cache.quantized
+    assert TorchEngine(model.llm, 64).cache.quantized
     plain = load_model(tmp_path / "llm", device="cpu", progress=False)
     est, est8 = plain.memory_estimate(4096)["kv_cache"], model.memory_estimate(4096)["kv_cache"]
     d = model.llm.cfg.head_dim
@@ -81,7 +81,7 @@ def test_load_model_kv_cache_option_sets_what_engines_build(tmp_path):
 def test_int8_cache_keeps_real_smollm2_perplexity(smollm2):
     from edge_vlm.loading import load_model
     from edge_vlm.models.perplexity import perplexity
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
     from edge_vlm.quantize.calibration import held_out_text
 
     ids = Tokenizer(smollm2).encode(held_out_text()[:20_000])[:1024]

@@ -107,3 +107,97 @@ def test_the_wheel_holds_only_edge_vlm(tmp_path):
                 "edge_vlm/apps/server/static/index.html", "edge_vlm/apps/server/static/app.js"):  # the chat page
         assert sub in names
     assert not any("aot_check" in n for n in names)  # a developer tool, not part of the runtime
+
+
+# The runtime's floors, lowest first: a unit imports only from floors below its own (anywhere in a
+# module, not only at its top), so the import graph has no cycle and data flows one way.
+FLOORS = [
+    ["edge_vlm.errors", "edge_vlm.version", "edge_vlm.cache", "edge_vlm.contracts"],
+    ["edge_vlm.formats", "edge_vlm.text"],
+    ["edge_vlm.imaging"],
+    ["edge_vlm.models"],
+    ["edge_vlm.backends"],
+    ["edge_vlm.generate", "edge_vlm.vlm"],
+    ["edge_vlm.session", "edge_vlm.loading"],
+    ["edge_vlm.cli"],
+    ["edge_vlm"],
+]
+FLOOR = {unit: level for level, units in enumerate(FLOORS) for unit in units}
+# optional dependencies (pyproject's extras): imported where they are used, inside functions, so the
+# runtime imports without them
+OPTIONAL = {"triton", "gguf", "llama_cpp", "onnx", "onnxruntime", "onnxscript", "llguidance", "PySide6",
+            "fastapi", "uvicorn", "httpx", "transformers"}
+
+
+def unit_of(module: str) -> str:
+    """The floor unit a runtime module belongs to: its subpackage, else the module itself."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in FLOOR:
+            return ".".join(parts[:n])
+    raise KeyError(module)
+
+
+def test_every_runtime_module_has_a_floor():
+    assert [module_name(p) for p in python_files("edge_vlm") if _no_floor(module_name(p))] == []
+
+
+def _no_floor(module: str) -> bool:
+    try:
+        unit_of(module)
+    except KeyError:
+        return True
+    return False
+
+
+def test_the_runtime_imports_only_from_lower_floors():
+    bad = []
+    for p in python_files("edge_vlm"):
+        here = unit_of(module_name(p))
+        for mod, names, line in imports(p):
+            if not mod.startswith("edge_vlm"):
+                continue
+            targets = [mod] + [f"{mod}.{n}" for n in names]
+            there = {unit_of(t) for t in targets if not _no_floor(t)} - {here}
+            for unit in there:
+                if FLOOR[unit] >= FLOOR[here]:
+                    bad.append(f"{p.relative_to(ROOT)}:{line} ({here}, floor {FLOOR[here]}) imports {unit} "
+                               f"(floor {FLOOR[unit]})")
+    assert bad == []
+
+
+def _top_level_modules(path: Path) -> set[str]:
+    """Modules a file imports at its top level (relative ones resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lines = {n.lineno for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return {mod for mod, names, line in imports(path) if line in lines
+            for mod in [mod, *(f"{mod}.{n}" for n in names)]}
+
+
+def _needs_optional(module: str, files: dict[str, Path], seen: set[str]) -> bool:
+    """Whether importing `module` imports an optional dependency (through runtime modules too)."""
+    if module.split(".")[0] in OPTIONAL:
+        return True
+    if module in seen or module not in files:
+        return False
+    seen.add(module)
+    return any(_needs_optional(m, files, seen) for m in _top_level_modules(files[module]))
+
+
+def test_imports_inside_functions_are_only_of_optional_dependencies():
+    """An import inside a function hides a dependency; it is kept only where the imported module
+    needs an optional dependency (or is one), so that the runtime imports without it, or inside a
+    `try` that reports whether it is installed (`edge-vlm doctor`)."""
+    files = {module_name(p): p for p in python_files("edge_vlm")}
+    bad = []
+    for p in python_files("edge_vlm"):
+        tree = ast.parse(p.read_text(encoding="utf-8"))
+        top = {n.lineno for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        probed = {n.lineno for t in ast.walk(tree) if isinstance(t, ast.Try) for s in t.body for n in ast.walk(s)
+                  if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for mod, names, line in imports(p):
+            if line in top or line in probed:
+                continue
+            if not any(_needs_optional(m, files, set()) for m in [mod, *(f"{mod}.{n}" for n in names)]):
+                bad.append(f"{p.relative_to(ROOT)}:{line} imports {mod} inside a function")
+    assert bad == []

@@ -17,7 +17,7 @@ from edge_vlm import ChatSession, EdgeVLMError, GenerationConfig, load_model
 from edge_vlm.backends.llamacpp.batched import BatchedContext
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
 from edge_vlm.benchmarks.real_model import gguf_path
-from edge_vlm.generate import Prompt
+from edge_vlm.contracts import Prompt
 
 pytestmark = pytest.mark.slow
 

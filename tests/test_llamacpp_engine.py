@@ -15,7 +15,8 @@ import torch
 from edge_vlm import load_model
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
 from edge_vlm.benchmarks.real_model import gguf_path
-from edge_vlm.generate import Engine, Prompt
+from edge_vlm.contracts import Prompt
+from edge_vlm.backends.torch_engine import TorchEngine
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pair(smollm2):
     model = load_model(smollm2, device="cpu", progress=False, fast_path=False)
-    return model, LlamaCppEngine(gguf_path(), 256), Engine(model.llm, 256)
+    return model, LlamaCppEngine(gguf_path(), 256), TorchEngine(model.llm, 256)
 
 
 def prompt_ids(model, question="What is the capital of France?"):

@@ -19,7 +19,7 @@ from edge_vlm.backends import verdicts
 from edge_vlm.backends.llamacpp import extra_buffers
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
 from edge_vlm.benchmarks.real_model import gguf_path
-from edge_vlm.generate import Prompt
+from edge_vlm.contracts import Prompt
 
 ABORT = [sys.executable, "-c", "import os; os.abort()"]
 PASS = [sys.executable, "-c", "raise SystemExit(0)"]

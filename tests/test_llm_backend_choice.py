@@ -14,7 +14,7 @@ from edge_vlm import ChatSession, GenerationConfig, load_model
 from edge_vlm.backends.llamacpp.choice import LlamaCppFallbackWarning, resolve_llm_backend
 from edge_vlm.cli import main
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.generate import Prompt
+from edge_vlm.contracts import Prompt
 
 GREEDY = GenerationConfig(max_new_tokens=6, temperature=0)
 

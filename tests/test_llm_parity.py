@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_vlm.generate import AnswerText, Engine, GenerationConfig, generate
+from edge_vlm.generate import AnswerText, GenerationConfig, generate
+from edge_vlm.backends.torch_engine import TorchEngine
 from edge_vlm.loading import load_model
 from tests.factories import make_llm
 
@@ -71,7 +72,7 @@ def test_greedy_generation_matches_transformers(pair):
     with torch.no_grad():
         expected = ref.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0,
                                 min_new_tokens=24)[0, 9:].tolist()
-    engine = Engine(ours.llm, 64)
+    engine = TorchEngine(ours.llm, 64)
     answer = AnswerText(ours.tokenizer, set(), [])  # no EOS, no stop strings: all 24 tokens
     list(generate(engine, ours.llm.embed(ids), GenerationConfig(max_new_tokens=24, temperature=0), answer))
     assert answer.tokens == expected

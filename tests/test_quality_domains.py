@@ -107,8 +107,8 @@ def test_a_short_source_gives_its_blocks_to_prose(monkeypatch):
 
 
 def test_builtin_blocks_render_chat_in_the_models_template(smollm2):
-    from edge_vlm.chat_template import ChatTemplate
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.templates import ChatTemplate
+    from edge_vlm.text.tokenizer import Tokenizer
 
     tok = Tokenizer(smollm2)
     template = ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)

@@ -134,7 +134,7 @@ def _plant_outliers(folder: Path, channels=(3, 17, 40), factor=25.0) -> None:
 
 def test_awq_beats_rtn_with_planted_outlier_channels(tmp_path):
     from edge_vlm.quantize.calibration import held_out_text
-    from edge_vlm.tokenizer import Tokenizer
+    from edge_vlm.text.tokenizer import Tokenizer
 
     _llm(tmp_path / "src", "llama", seed=3, num_hidden_layers=2)
     _plant_outliers(tmp_path / "src")
@@ -515,7 +515,7 @@ def test_internvl_calibration_sample_starts_with_the_image_as_the_runtime_feeds_
     """The calibration rows of an image equal the runtime's embedded prompt text for that image: NVLM-D's
     tile tags around each tile's projected embeddings (tiles and projector as `load_model` runs them)."""
     from edge_vlm import ChatSession, load_model
-    from edge_vlm.chat_template import IMAGE_MARK
+    from edge_vlm.text.templates import IMAGE_MARK
     from edge_vlm.formats.checkpoint import TensorStore
     from edge_vlm.imaging.preprocess import load_image
     from edge_vlm.quantize.pipeline import calibration_inputs, inspect_source

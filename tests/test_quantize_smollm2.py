@@ -16,7 +16,7 @@ import torch
 from edge_vlm.formats.checkpoint import TensorStore, load_into
 from edge_vlm.formats.configs import LLMConfig
 from edge_vlm.models.llm import DecoderLayer
-from edge_vlm.tokenizer import Tokenizer
+from edge_vlm.text.tokenizer import Tokenizer
 from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq, quantize_layer_rtn
 from edge_vlm.quantize.calibration import calibration_blocks, default_calibration_text, held_out_text
 
@@ -92,7 +92,7 @@ def test_awq_on_the_builtin_mix_beats_rtn_on_foreign_readmes_and_chat(smollm2):
     import json
 
     from edge_vlm.benchmarks.text_domains import domain_ids
-    from edge_vlm.chat_template import ChatTemplate
+    from edge_vlm.text.templates import ChatTemplate
     from edge_vlm.quantize.calibration import builtin_blocks
 
     cfg = LLMConfig.from_hf(json.loads((smollm2 / "config.json").read_text()))

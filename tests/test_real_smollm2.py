@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.generate import AnswerText, Engine, generate
+from edge_vlm.generate import AnswerText, generate
+from edge_vlm.backends.torch_engine import TorchEngine
 from edge_vlm.models.perplexity import perplexity
 from edge_vlm.quantize.calibration import held_out_text
 
@@ -43,7 +44,7 @@ def test_prompt_and_greedy_answer_match_transformers(ours, reference):
     assert our_ids == list(ref_ids)
     with torch.no_grad():
         expected = ref.generate(torch.tensor([ref_ids]), max_new_tokens=40, do_sample=False)[0, len(ref_ids):].tolist()
-    engine = Engine(ours.llm, 512)
+    engine = TorchEngine(ours.llm, 512)
     ending = AnswerText(ours.tokenizer, ours.eos_token_ids, [])
     list(generate(engine, ours.llm.embed(torch.tensor([our_ids])), GenerationConfig(max_new_tokens=40, temperature=0),
                   ending))

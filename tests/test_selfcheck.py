@@ -25,7 +25,7 @@ from edge_vlm.backends.triton import cuda_graph, decode_attention, norms, rotary
 from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine  # noqa: E402
 from edge_vlm.backends.triton.fused_decode import FusedDecoder  # noqa: E402
 from edge_vlm.backends.triton.launcher import kernel  # noqa: E402
-from edge_vlm.generate import Engine  # noqa: E402
+from edge_vlm.backends.torch_engine import TorchEngine
 from tests.kernel_helpers import SpecWQLinear, quantize_layers, random_int4  # noqa: E402
 
 PROMPT, NEW_TOKENS = 5, 3
@@ -70,7 +70,7 @@ def greedy(llm, ids, engine=None) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference_tokens(llama):
-    return greedy(llama, _ids(llama), Engine(llama, 16))  # the plain torch model, dequantize + matmul
+    return greedy(llama, _ids(llama), TorchEngine(llama, 16))  # the plain torch model, dequantize + matmul
 
 
 def _optimize(llm, backend="triton"):
@@ -197,7 +197,7 @@ def test_a_failing_epilogue_unfuses_the_mlps_only(llama, reference_tokens, monke
 
 
 def test_a_failing_relu2_epilogue_unfuses_nemotrons_mlps(nemotron, monkeypatch):
-    want = greedy(nemotron, _ids(nemotron), Engine(nemotron, 16))
+    want = greedy(nemotron, _ids(nemotron), TorchEngine(nemotron, 16))
     _inject(monkeypatch, w4a16, "_w4a16_gemm", "wrong", 5, when=lambda kw: kw["ACT"] == w4a16.ACT_RELU2)
     fast, report, caught = _optimize(nemotron)
     _one_warning(caught, "epilogue", "mismatch")
@@ -219,7 +219,7 @@ def test_a_failing_decode_kernel_turns_off_the_fused_step(llama, reference_token
     assert report.linear == "triton" and not report.fused_decode
     assert report.fused_norm == (op != "fused_norm")
     assert "fused_decode_step" not in [c.op for c in report.checks]  # not tried on a part known broken
-    assert type(make_engine(fast, 16)) is Engine
+    assert type(make_engine(fast, 16)) is TorchEngine
     tokens, caught = _tokens_and_warnings(fast)
     assert tokens == reference_tokens and caught == []
 
@@ -239,7 +239,7 @@ def test_a_wrong_fused_step_turns_off_the_fused_decode(llama, reference_tokens, 
     monkeypatch.setattr(FusedDecoder, "forward", off_by_one)
     fast, report, caught = _optimize(llama)
     _one_warning(caught, "fused_decode_step", "mismatch")
-    assert report.fused_norm and not report.fused_decode and type(make_engine(fast, 16)) is Engine
+    assert report.fused_norm and not report.fused_decode and type(make_engine(fast, 16)) is TorchEngine
     tokens, caught = _tokens_and_warnings(fast)
     assert tokens == reference_tokens and caught == []
 
@@ -253,7 +253,7 @@ def test_a_failing_capture_at_load_decodes_with_plain_steps(llama, reference_tok
     monkeypatch.setattr(cuda_graph, "recorder_for", lambda device: _capture_fails)
     fast, report, caught = _optimize(llama)
     _one_warning(caught, "cuda_graph", "recording failed: CUDA graph capture failed (RuntimeError")
-    assert report.fused_decode and not report.cuda_graph and type(make_engine(fast, 16)) is Engine
+    assert report.fused_decode and not report.cuda_graph and type(make_engine(fast, 16)) is TorchEngine
     tokens, caught = _tokens_and_warnings(fast)
     assert tokens == reference_tokens and caught == []
 
@@ -275,7 +275,7 @@ def test_cuda_without_triton_uses_torchs_int4_matmul(llama, reference_tokens):
     fast, report, caught = _optimize(llama, backend="cuda_int4")
     assert caught == [] and [c.op for c in report.checks] == ["torch_int4"]
     assert report.linear == "torch_int4" and report.counts == {"torch_int4_linear": 7} and not report.fused_decode
-    assert type(make_engine(fast, 16)) is Engine
+    assert type(make_engine(fast, 16)) is TorchEngine
     assert greedy(fast, _ids(fast)) == reference_tokens
 
 
@@ -386,7 +386,7 @@ def test_int8_cache_model_checks_the_int8_kernels(llama, monkeypatch):
         warnings.simplefilter("always")
         engine = make_engine(fast, 16)
     _one_warning(caught, "decode_attention", "NaN")
-    assert type(engine) is Engine and not report.kv_cache_int8 and not report.fused_decode
+    assert type(engine) is TorchEngine and not report.kv_cache_int8 and not report.fused_decode
 
 
 # ---- torch's int4 path: its own format, tested against the spec ------------------------------

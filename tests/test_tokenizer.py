@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edge_vlm.errors import CheckpointError
-from edge_vlm.tokenizer import StreamDecoder, Tokenizer
+from edge_vlm.text.tokenizer import StreamDecoder, Tokenizer
 from tests.factories import CORPUS
 
 

@@ -32,10 +32,10 @@ import json
 import pytest
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.chat_template import ChatTemplate
+from edge_vlm.text.templates import ChatTemplate
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.session import Message
-from edge_vlm.tools import parse_tool_calls, result_text, tool_call, tool_spec, tool_specs
+from edge_vlm.text.tools import parse_tool_calls, result_text, tool_call, tool_spec, tool_specs
 from tests.test_server_support import Scripted
 
 WEATHER = {"type": "function", "function": {

@@ -117,7 +117,7 @@ def _constraint(args):
     import json
     from pathlib import Path
 
-    from edge_vlm.constrained import Constraint
+    from edge_vlm.text.constrained import Constraint
     from edge_vlm.errors import EdgeVLMError
 
     if args.choices is not None:

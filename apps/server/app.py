@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edge_vlm import EdgeVLMError, GenerationConfig
-from edge_vlm.chat_template import TOOL_CALL_TAGS
+from edge_vlm.text.templates import TOOL_CALL_SYNTAX
 
 from . import protocol
 from .errors import APIError, error_body, error_response
@@ -189,7 +189,7 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
                 raise APIError(400, f"context: {e}", "context", "context_not_supported") from None
         constraint = body.constraint() if plan is None else plan.constraint(template.tool_format)
         if constraint is not None:  # a schema the grammar compiler refuses is the request's fault: 400 now
-            from edge_vlm.constrained import compile_constraint
+            from edge_vlm.text.constrained import compile_constraint
 
             try:
                 compile_constraint(constraint, worker.model.tokenizer, worker.model.eos_token_ids)
@@ -212,7 +212,7 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
             raise APIError(503, f"the server is busy: {worker.max_queue} requests already queued; retry later",
                            None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
         try:
-            opening = TOOL_CALL_TAGS[template.tool_format][0] if plan is not None else None
+            opening = TOOL_CALL_SYNTAX[template.tool_format].opening if plan is not None else None
             return await _respond(job, request, body, metrics, config.model_id, opening)
         except BaseException:  # cancelled (shutdown) or failed here: the model must not go on for nobody
             job.cancel("disconnected")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from edge_vlm.chat_template import IMAGE_MARK
+from edge_vlm.text.templates import IMAGE_MARK
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.session import Message
 from edge_vlm.vlm import VisionLanguageModel
@@ -86,7 +86,7 @@ async def to_messages(req: ChatRequest, limits: MediaLimits, multimodal: bool) -
 
 def _check_tool_fields(m, i: int) -> None:
     """400s for tool fields where they cannot stand (and a missing content)."""
-    from edge_vlm.tools import arguments_dict
+    from edge_vlm.text.tools import arguments_dict
 
     if m.role == "tool" and not m.tool_call_id:
         raise APIError(400, f"messages.{i}.tool_call_id: a tool message needs the id of the call it answers",

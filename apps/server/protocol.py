@@ -6,7 +6,7 @@ are refused by name; harmless ones clients always send (`user`, `n: 1`) are acce
 
 Function calling: `tools` and `tool_choice` become a `ToolPlan` (which tools the prompt offers,
 whether the answer may, must or must not call one); a forced call is a grammar over the model's
-tool-call syntax (edge_vlm.constrained). Nemovision's RAG documents come in the top-level
+tool-call syntax (edge_vlm.text.constrained). Nemovision's RAG documents come in the top-level
 `context` field (a string or a list of strings).
 """
 
@@ -142,9 +142,9 @@ class ChatRequest(BaseModel):
             raise APIError(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
 
     def constraint(self):
-        """What the answer must match (edge_vlm.constrained), from `response_format` or NIM's
+        """What the answer must match (edge_vlm.text.constrained), from `response_format` or NIM's
         `nvext.guided_json` / `guided_choice`; None for free text. A bad one is a 400 naming its field."""
-        from edge_vlm.constrained import Constraint
+        from edge_vlm.text.constrained import Constraint
         from edge_vlm.errors import EdgeVLMError
 
         ext = dict(self.nvext or {})
@@ -174,7 +174,7 @@ class ChatRequest(BaseModel):
         """The request's tools (checked, OpenAI's shape) and what `tool_choice` asks; None without
         tools. A malformed tool, an unknown function, tools with response_format: 400s naming the field."""
         from edge_vlm.errors import EdgeVLMError
-        from edge_vlm.tools import tool_spec, tool_specs
+        from edge_vlm.text.tools import tool_spec, tool_specs
 
         if not self.tools:
             if self.tool_choice not in (None, "none"):
@@ -236,15 +236,15 @@ class ToolPlan:
     choice: str
 
     def constraint(self, fmt: str):
-        """The answer's grammar (edge_vlm.constrained): a forced call, or no call; None for auto."""
-        from edge_vlm.constrained import Constraint
+        """The answer's grammar (edge_vlm.text.constrained): a forced call, or no call; None for auto."""
+        from edge_vlm.text.constrained import Constraint
 
         if self.choice == "auto":
             return None
         if self.choice == "none":
-            from edge_vlm.chat_template import TOOL_CALL_TAGS
+            from edge_vlm.text.templates import TOOL_CALL_SYNTAX
 
-            return Constraint.without(TOOL_CALL_TAGS[fmt][0])
+            return Constraint.without(TOOL_CALL_SYNTAX[fmt].opening)
         if self.choice == "required":
             return Constraint.tool_calls(fmt, self.tools)
         return Constraint.tool_calls(fmt, [t for t in self.tools if t["function"]["name"] == self.choice])

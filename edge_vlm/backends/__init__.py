@@ -13,14 +13,18 @@ On CUDA every fast op kind is self-checked at load before it serves (gpu_path.py
 one that fails runs on the next path, with one `SelfCheckWarning`. Before that, the first time
 a key (GPU, versions, model shape family) is seen, every check runs in a child process, where a
 crash or a hang costs nothing; its verdict is kept in the cache folder (first_run.py, verdicts.py).
-Modules are swapped by type (WQLinear, MLP, RMSNorm, LayerNorm1P), never by name.
+Modules are swapped by type (WQLinear, MLP, RMSNorm, LayerNorm1P), never by name. Every engine
+here provides `contracts.Engine`; `torch_engine.TorchEngine` is the reference.
+
+May import the floors below it (contracts, formats, text, imaging, models); never the model
+assembly, the session, loading or the CLI (tests/test_layout.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..generate import Engine
+from .torch_engine import TorchEngine
 from . import cpu, first_run, gpu_path
 from .first_run import FirstRunWarning
 from .gpu_path import SelfCheckReport, SelfCheckWarning
@@ -81,7 +85,7 @@ def _vision_only(model) -> dict[str, int]:
     return cpu.convert(None, vision, getattr(model, "projector", None))
 
 
-def make_engine(llm, max_context: int) -> Engine:
+def make_engine(llm, max_context: int) -> TorchEngine:
     """The engine `llm` passed the self-check for: CUDA-graph decode over the fused step (built
     to be the fastest; its speed is unmeasured, no GPU has run it in this project) when
     `optimize_for_device` checked that step and its recording, else the plain one. A
@@ -89,7 +93,7 @@ def make_engine(llm, max_context: int) -> Engine:
     step checked now (first in a child process, when the load's check was made in one)."""
     report = getattr(llm, "selfcheck_report", None)
     if report is None or not report.triton:
-        return Engine(llm, max_context)
+        return TorchEngine(llm, max_context)
     int8 = bool(getattr(llm, "kv_cache_int8", False))
     if report.checked and report.kv_cache_int8 != int8:
         gate = None
@@ -100,4 +104,4 @@ def make_engine(llm, max_context: int) -> Engine:
         from .triton.cuda_graph import CUDAGraphEngine
 
         return CUDAGraphEngine(llm, max_context)
-    return Engine(llm, max_context)
+    return TorchEngine(llm, max_context)

@@ -42,6 +42,8 @@ import torch.nn as nn
 from ..models.llm import DecoderLayer, LayerNorm1P, RMSNorm
 from ..models.quant_linear import WQLinear
 from . import selfcheck
+from .cuda_int4 import convert as torch_int4_convert
+from .cuda_int4.int4_linear import TorchInt4Linear, int4_ops, torch_int4_fits
 from .selfcheck import Check, Inputs
 
 LINEAR_PATHS = ("triton", "torch_int4", "reference")
@@ -154,7 +156,6 @@ def _torch_int4_unsupported(device: torch.device) -> str | None:
 
 def torch_int4_reason(layers: list[WQLinear], ins: Inputs) -> str | None:
     """Why torch's int4 matmul is wrong on these layers (None: it is right), decode and prefill rows."""
-    from .cuda_int4.int4_linear import TorchInt4Linear, int4_ops
 
     if (reason := _torch_int4_unsupported(ins.device)) is not None:
         return reason
@@ -168,7 +169,6 @@ def torch_int4_reason(layers: list[WQLinear], ins: Inputs) -> str | None:
 
 
 def _choose_linear(run: _Run, triton: bool) -> str:
-    from .cuda_int4.int4_linear import torch_int4_fits
 
     layers = layers_per_shape(run.llm)
     if not layers:
@@ -254,7 +254,6 @@ def _swap(llm: nn.Module, report: SelfCheckReport, triton: bool) -> dict[str, in
 
         return triton_convert(llm, fuse_mlps=report.fused_mlp, norms=report.fused_norm)
     if report.linear == "torch_int4":
-        from .cuda_int4 import convert as torch_int4_convert
 
         counts.update(torch_int4_convert(llm))
     if triton and report.fused_norm:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..generate import Engine
+from .torch_engine import TorchEngine
 from ..formats.int4_formats import dequantize_gemm
 from ..models.llm import LayerNorm1P, RMSNorm
 from ..models.quant_linear import WQLinear
@@ -299,7 +299,7 @@ def check_graph_replay(llm, ins: Inputs) -> str | None:
 
     prompt, steps = 3, 2
     ids = ins.randint(0, llm.cfg.vocab_size, 1, prompt + steps)
-    plain, graph = Engine(llm, prompt + steps + 3), CUDAGraphEngine(llm, prompt + steps + 3)
+    plain, graph = TorchEngine(llm, prompt + steps + 3), CUDAGraphEngine(llm, prompt + steps + 3)
     embeds = llm.embed(ids[:, :prompt])
     plain.prefill(embeds)
     graph.prefill(embeds)

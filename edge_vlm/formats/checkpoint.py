@@ -9,6 +9,8 @@ import struct
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 
 from ..errors import CheckpointError
 
@@ -28,7 +30,6 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
         raise CheckpointError(f"model folder not found: {name}")
     try:
-        from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(name, allow_patterns=WEIGHT_PATTERNS + ["*/*"]))
     except Exception as e:  # noqa: BLE001 - network, auth, offline: all become one line
@@ -101,7 +102,6 @@ class TensorStore:
         else:
             files = sorted(self.folder.glob("*.safetensors"))
         if files:
-            from safetensors import safe_open
 
             for f in files:
                 check_safetensors(f)
@@ -126,7 +126,6 @@ class TensorStore:
     def get(self, key: str) -> torch.Tensor:
         if key in self._bin:
             return self._bin[key]
-        from safetensors import SafetensorError, safe_open
 
         f = self._where[key]
         if f not in self._handles:
@@ -140,7 +139,6 @@ class TensorStore:
         """A meta-device tensor with the stored shape and dtype, read from the header only."""
         if key in self._bin:
             return self._bin[key].to("meta")
-        from safetensors import safe_open
 
         f = self._where[key]
         if f not in self._handles:

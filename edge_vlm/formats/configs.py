@@ -7,6 +7,7 @@ knows those spellings, so the model code only sees plain dataclasses.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import UnsupportedModelError
@@ -287,7 +288,6 @@ class ProjectorConfig:
         return cls("mlp2x_gelu", vision_hidden, llm_hidden)
 
     def validate(self) -> None:
-        import re
 
         if self.kind == "mlp1" and self.downsample_ratio != 0.5:
             raise UnsupportedModelError(f"unsupported InternVL downsample ratio {self.downsample_ratio}; supported: 0.5")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -12,7 +13,6 @@ from ..errors import MediaError
 
 def sample_frames(path, num_frames: int = 8) -> list[Image.Image]:
     """Return `num_frames` RGB frames spread evenly from first to last (fewer if the clip is shorter)."""
-    import cv2
 
     path = Path(path)
     if not path.is_file():
@@ -44,7 +44,6 @@ def sample_frames(path, num_frames: int = 8) -> list[Image.Image]:
 
 
 def _read_all(cap) -> list[Image.Image]:
-    import cv2
 
     frames = []
     while True:

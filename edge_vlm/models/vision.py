@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import UnsupportedModelError
 from ..formats.configs import VisionConfig
 
 ACTIVATIONS = {
@@ -83,7 +84,6 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
-            from ..errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"unsupported vision activation {cfg.hidden_act!r}")
         self.cfg = cfg

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ...errors import EdgeVLMError
-from ...generate import Prompt
+from ...contracts import Prompt
 from .engine import LlamaContext
 
 

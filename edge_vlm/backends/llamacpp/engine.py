@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ...errors import EdgeVLMError
-from ...generate import Prompt
+from ...contracts import Prompt
 from .extra_buffers import extra_buffers_safe
 
 _init_lock = threading.Lock()

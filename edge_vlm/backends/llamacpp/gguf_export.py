@@ -15,6 +15,8 @@ name and renamed when complete, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import os
 import sys
 from pathlib import Path
@@ -24,6 +26,13 @@ import torch
 from tqdm import tqdm
 
 from edge_vlm.errors import EdgeVLMError, UnsupportedModelError
+from edge_vlm.formats.int4_formats import dequantize_gemm
+from edge_vlm.formats.int8_rows import dequantize_int8_rows
+from edge_vlm.models.quant_linear import Int8Embedding, WQLinear
+from edge_vlm.text.templates import BUILTIN_TEMPLATES
+
+from .engine import llama_cpp_module
+from .gguf_arch import GGUF_ARCH, check_supported, tensor_sources, write_hparams
 
 OWN_TYPES = ("f32", "f16", "q8_0", "q4_1-awq")
 # llama.cpp quantizer types (gguf.LlamaFileType MOSTLY_*) that need no importance matrix
@@ -41,19 +50,16 @@ def _gguf():
 
 
 def _llama_cpp():
-    from .engine import llama_cpp_module  # one import path: the same install hint, llama.cpp's logs quiet
 
     return llama_cpp_module()
 
 
 def _is_awq(module) -> bool:
-    from edge_vlm.models.quant_linear import WQLinear
 
     return isinstance(module, WQLinear)
 
 
 def _is_int8_embedding(module) -> bool:
-    from edge_vlm.models.quant_linear import Int8Embedding
 
     return isinstance(module, Int8Embedding)
 
@@ -83,11 +89,9 @@ def _float_weight(module, part: str) -> torch.Tensor:
     if part == "bias":
         return module.bias.detach().float()
     if _is_awq(module):
-        from edge_vlm.formats.int4_formats import dequantize_gemm
 
         return dequantize_gemm(module.qweight, module.qzeros, module.scales.float(), module.group_size).t()
     if _is_int8_embedding(module):
-        from edge_vlm.formats.int8_rows import dequantize_int8_rows
 
         return dequantize_int8_rows(module.qweight, module.scales, torch.float32)
     return module.weight.detach().float()
@@ -137,7 +141,6 @@ def _plan_one(src, outtype: str, gguf) -> _Planned:
 
 def plan_tensors(llm, outtype: str) -> list[_Planned]:
     """What export_gguf would write for `llm` with one of OWN_TYPES (name, ggml type, shape)."""
-    from .gguf_arch import check_supported, tensor_sources
 
     gguf = _gguf()
     check_supported(llm.cfg)
@@ -158,16 +161,13 @@ FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_
 
 
 def _chat_template_source(model) -> str | None:
-    from edge_vlm.chat_template import BUILTIN_TEMPLATES
-
     template = model.template
     if template.name in BUILTIN_TEMPLATES:
-        return BUILTIN_TEMPLATES[template.name]
+        return BUILTIN_TEMPLATES[template.name].source
     return model.tokenizer.chat_template
 
 
 def _write(model, path: Path, outtype: str, progress: bool) -> None:
-    from .gguf_arch import GGUF_ARCH, write_hparams
     from .gguf_vocab import gguf_vocab
 
     gguf = _gguf()
@@ -205,8 +205,6 @@ def _llamacpp_quantize(src: Path, dst: Path, outtype: str) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    import ctypes
-    import logging
 
     log = logging.getLogger("llama-cpp-python")  # where llama-cpp-python routes llama.cpp's log lines
     level = log.level

@@ -1,7 +1,7 @@
 """The tokenizer and chat template as GGUF metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`).
 
 llama.cpp re-implements tokenization from this metadata, so it must describe the tokenizer our
-runtime encodes with (edge_vlm/tokenizer.py), not a guess:
+runtime encodes with (edge_vlm/text/tokenizer.py), not a guess:
 - a byte-level BPE tokenizer.json (SmolLM2, Qwen2, Llama 3) -> model `gpt2`: tokens as stored,
   the merges, and the pre-tokenizer *name* llama.cpp knows, read from the pre-tokenizer's
   structure (which regex, digits split or not); one we cannot name is an error, because llama.cpp
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import sentencepiece as spm
 from gguf import TokenType
 
 from edge_vlm.errors import UnsupportedModelError
@@ -146,7 +147,6 @@ def _sentencepiece_for(tok):
         return tok.sentencepiece
     path = tok.folder / "tokenizer.model"
     if path.is_file():
-        import sentencepiece as spm
 
         return spm.SentencePieceProcessor(model_file=str(path))
     return None

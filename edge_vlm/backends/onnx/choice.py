@@ -22,6 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import ensure_exported, export_dir
+from .encoder import OnnxVisionEncoder
+from .int8 import MIN_COSINE, quiet_quantizer
+from .providers import plan as provider_plan
+
 MODES = ("auto", "onnx", "torch")
 # "auto" switches the CPU to ONNX Runtime at this measured int8 matmul speed-up or more: the CPUs with int8
 # dot-product units (VNNI, AMX; typically 2-4x). On the AVX2 Zen 1 machine the probe reads 1.13-1.14x and
@@ -81,7 +86,6 @@ def cpu_int8_speedup(tokens: int, width: int, inner: int, torch_dtype: torch.dty
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "probe.onnx", Path(tmp) / "probe-int8.onnx"
         onnx.save(model, fp32)
-        from .int8 import quiet_quantizer
 
         with quiet_quantizer():
             quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
@@ -131,9 +135,6 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
                 return "torch"
         except Exception as e:  # noqa: BLE001 - a probe that fails leaves the path that works
             return _fallback(f"timing ONNX Runtime failed: {_one_line(e)}")
-    from .cache import ensure_exported, export_dir
-    from .int8 import MIN_COSINE
-    from .providers import plan as provider_plan
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # engines beside the export they were built from: new weights, new export, new engines
@@ -151,7 +152,6 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
     if plan.precision == "int8" and precision is None and manifest["int8"]["cosine"] < MIN_COSINE:
         plan.precision = "fp32"  # int8 moved these features too far: the fp32 file, still ONNX Runtime's speed
         path = path.with_name(path.name.replace("int8", "fp32"))
-    from .encoder import OnnxVisionEncoder
 
     try:
         encoder = OnnxVisionEncoder.open(path, model.image_cfg, plan, device, model.dtype)

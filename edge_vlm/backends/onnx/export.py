@@ -25,6 +25,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from ...errors import EdgeVLMError
+from . import int8
+
 PRECISIONS = ("fp32", "fp16", "int8")
 OPSET = 20
 MAX_BATCH = 64  # the dynamic batch axis' upper bound: frames of one video, or images of one question
@@ -93,7 +96,6 @@ def export_parts(tower: nn.Module, projector: nn.Module, image_cfg, out_dir, pre
     feature check); None uses synthetic ones. `out_dir/manifest.json` records what was written,
     including the int8 file's feature cosine to fp32 (the runtime refuses int8 below int8.MIN_COSINE).
     """
-    from . import int8
 
     precisions = tuple(dict.fromkeys(precisions))
     unknown = set(precisions) - set(PRECISIONS)
@@ -140,7 +142,6 @@ def _move_in(path: Path, out_dir: Path) -> Path:
 def export_vision(model, out_dir, precisions=PRECISIONS, int8_method: str | None = None, calibration=None,
                   progress: bool = False) -> dict[str, Path]:
     """A loaded VisionLanguageModel's tower and projector -> ONNX files in `out_dir` (see `export_parts`)."""
-    from ...errors import EdgeVLMError
 
     if not model.is_multimodal:
         raise EdgeVLMError(f"{model.info.path} is a text-only model: it has no vision tower to export")

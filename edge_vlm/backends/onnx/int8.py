@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ...imaging.preprocess import preprocess
+
 METHODS = ("dynamic", "static")
 DEFAULT_METHOD = "dynamic"
 MIN_COSINE = 0.99
@@ -44,14 +46,12 @@ def synthetic_images(n: int, seed: int) -> list[Image.Image]:
 
 def calibration_pixels(image_cfg, images=None, n: int = 4) -> np.ndarray:
     """Preprocessed calibration images (the model's own preprocessing), synthetic unless `images` are given."""
-    from ...imaging.preprocess import preprocess
 
     return preprocess(list(images) if images else synthetic_images(n, seed=0), image_cfg).numpy()
 
 
 def check_pixels(image_cfg) -> np.ndarray:
     """Two synthetic images the static quantizer never calibrates on: where the int8 file is judged."""
-    from ...imaging.preprocess import preprocess
 
     return preprocess(synthetic_images(2, seed=1), image_cfg).numpy()
 
@@ -94,7 +94,13 @@ class _Reader:
 
 def quantize(fp32: Path, out: Path, calibration: np.ndarray, check: np.ndarray, method: str | None = None) -> dict:
     """fp32 ONNX file -> int8 file at `out`; returns {"method", "cosine"}: the cosine to fp32 on `check`."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     method = method or DEFAULT_METHOD
     if method not in METHODS:

@@ -2,7 +2,7 @@
 
 At batch 1 a decode step is ~10 small kernels per layer, and launching them from Python is
 expected to cost more than running them (the usual finding for batch-1 decode; unmeasured here:
-no GPU has run this engine in this project). `CUDAGraphEngine` keeps the reference `Engine.prefill` (one call per prompt)
+no GPU has run this engine in this project). `CUDAGraphEngine` keeps the reference `TorchEngine.prefill` (one call per prompt)
 and replaces `step`: it writes the token id and position into static device tensors and
 replays a graph of `FusedDecoder.forward`, whose kernels read the position from those tensors
 (rotary + KV write at `pos`, attention over `pos + 1` cached tokens). Nothing is allocated
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from ...generate import Engine
+from ..torch_engine import TorchEngine
 from .fused_decode import FusedDecoder
 
 Replay = Callable[[], torch.Tensor]
@@ -63,7 +63,7 @@ def recorder_for(device: torch.device) -> Callable[[FusedDecoder], Replay]:
     return record_cuda_graph if device.type == "cuda" else record_eager
 
 
-class CUDAGraphEngine(Engine):
+class CUDAGraphEngine(TorchEngine):
     name = "torch + CUDA graphs"
 
     def __init__(self, llm, max_context: int, record: Callable[[FusedDecoder], Replay] | None = None):

@@ -19,22 +19,36 @@ exactly as it does there. `tool_format` says which tool-call syntax the model wr
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 
 import jinja2
 import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import EdgeVLMError
+from ..errors import EdgeVLMError
 
 IMAGE_MARK = "<image>"
 _ANSWER_SENTINEL = "\uE000ANSWER\uE001"
 
+
+
+@dataclass(frozen=True)
+class BuiltinTemplate:
+    """One built-in template: its Jinja source and the text that ends an answer in it (stop strings).
+    Which tool-call syntax it writes is read from the source (`ChatTemplate.tool_format`), as for a
+    checkpoint's own template, so it is not a second fact here."""
+
+    source: str
+    stops: tuple[str, ...]
+
+
+# name -> the template; the stop strings are the text that ends an answer in it
 BUILTIN_TEMPLATES = {
     # NeVA / Nemovision (Nemotron-Mini) format. With tools or documents the system turn gains the
     # card's block: a blank line, one `<tool> {spec} </tool>` / `<context> {text} </context>` line
     # each, a blank line; calls are `<toolcall> {"name", "arguments"} </toolcall>`, results a Tool turn.
-    "nemovision": (
+    "nemovision": BuiltinTemplate(stops=("<extra_id_1>",), source=(
         "{% set ns = namespace(block='') %}"
         "{% for t in tools or [] %}{% set ns.block = ns.block + ('\\n' if ns.block else '') + '<tool> '"
         " + (t | tojson) + ' </tool>' %}{% endfor %}"
@@ -53,31 +67,31 @@ BUILTIN_TEMPLATES = {
         "{{ {'name': f.name, 'arguments': f.arguments} | tojson }} </toolcall>{% endfor %}{{ '\\n' }}"
         "{% endif %}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}<extra_id_1>Assistant\n{% endif %}"
-    ),
+    )),
     # VILA's conv_vicuna_v1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
-    "vicuna_v1": (
+    "vicuna_v1": BuiltinTemplate(stops=("</s>", "USER:"), source=(
         "{{ bos_token }}{% if messages[0].role == 'system' %}{{ messages[0].content }}{% else %}"
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the user's questions.{% endif %} "
         "{% for m in messages if m.role != 'system' %}"
         "{% if m.role == 'user' %}USER: {{ m.content }} {% else %}ASSISTANT: {{ m.content }}</s>{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    ),
+    )),
     # VILA's llama_3 conversation mode.
-    "llama_3": (
+    "llama_3": BuiltinTemplate(stops=("<|eot_id|>",), source=(
         "<|begin_of_text|>{% if messages[0].role != 'system' %}<|start_header_id|>system<|end_header_id|>\n\n"
         "You are a helpful language and vision assistant. You are able to understand the visual content that "
         "the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|>{% endif %}"
         "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
         "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-    ),
-    "chatml": (
+    )),
+    "chatml": BuiltinTemplate(stops=("<|im_end|>",), source=(
         "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
+    )),
     # InternVL 2.5 / 3 (`internvl2_5` conversation): ChatML with InternVL's own default system message.
-    "internvl2_5": (
+    "internvl2_5": BuiltinTemplate(stops=("<|im_end|>",), source=(
         "{% if messages[0].role != 'system' %}<|im_start|>system\n"
         "\u4f60\u662f\u4e66\u751f\u00b7\u4e07\u8c61\uff0c\u82f1\u6587\u540d\u662fInternVL\uff0c"
         "\u662f\u7531\u4e0a\u6d77\u4eba\u5de5\u667a\u80fd\u5b9e\u9a8c\u5ba4\u3001\u6e05\u534e\u5927\u5b66"
@@ -85,17 +99,9 @@ BUILTIN_TEMPLATES = {
         "\u5927\u8bed\u8a00\u6a21\u578b\u3002<|im_end|>\n{% endif %}"
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
+    )),
 }
 
-# Text that ends an answer in each built-in template (a stop string for generation).
-BUILTIN_STOPS = {
-    "nemovision": ["<extra_id_1>"],
-    "vicuna_v1": ["</s>", "USER:"],
-    "llama_3": ["<|eot_id|>"],
-    "chatml": ["<|im_end|>"],
-    "internvl2_5": ["<|im_end|>"],
-}
 
 # How one tiled image is written in the prompt: IMAGE_MARK stands for one tile's embeddings
 # (256 rows, where the reference repeats its context token 256 times).
@@ -126,13 +132,24 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-# Tool-call syntaxes we parse (edge_vlm.tools), recognised by their opening tag in the template.
-TOOL_CALL_TAGS = {"nemovision": ("<toolcall>", "</toolcall>"), "hermes": ("<tool_call>", "</tool_call>")}
-# How each syntax's templates write a call's JSON `{"name": ..., "arguments": {...}}` (json.dumps
-# spacing): the text before it, after it, and between two calls. A constrained call
-# (`constrained.Constraint.tool_calls`) is written exactly so, as the template would render it.
-TOOL_CALL_LAYOUT = {"nemovision": ("<toolcall> ", " </toolcall>", "\n"),
-                    "hermes": ("<tool_call>\n", "\n</tool_call>", "\n")}
+@dataclass(frozen=True)
+class ToolCallSyntax:
+    """How a model family writes a tool call: the tags around a call's JSON `{"name": ...,
+    "arguments": {...}}` (what the parser in tools.py looks for, and what recognises the syntax in a
+    template's source), and the exact text its templates put before, after and between calls
+    (json.dumps spacing): a constrained call (`constrained.Constraint.tool_calls`) is written so."""
+
+    opening: str
+    closing: str
+    before: str
+    after: str
+    between: str
+
+
+TOOL_CALL_SYNTAX = {
+    "nemovision": ToolCallSyntax("<toolcall>", "</toolcall>", "<toolcall> ", " </toolcall>", "\n"),
+    "hermes": ToolCallSyntax("<tool_call>", "</tool_call>", "<tool_call>\n", "\n</tool_call>", "\n"),
+}
 
 
 class ChatTemplate:
@@ -153,7 +170,8 @@ class ChatTemplate:
     def builtin(cls, name: str, bos_token=None, eos_token=None) -> "ChatTemplate":
         if name not in BUILTIN_TEMPLATES:
             raise ValueError(f"unknown chat template {name!r}; built-in: {', '.join(BUILTIN_TEMPLATES)}")
-        return cls(BUILTIN_TEMPLATES[name], name, bos_token, eos_token, BUILTIN_STOPS[name])
+        builtin = BUILTIN_TEMPLATES[name]
+        return cls(builtin.source, name, bos_token, eos_token, list(builtin.stops))
 
     @property
     def takes_tools(self) -> bool:
@@ -167,11 +185,11 @@ class ChatTemplate:
 
     @property
     def tool_format(self) -> str | None:
-        """The tool-call syntax the model answers in (a key of TOOL_CALL_TAGS), None if unknown."""
+        """The tool-call syntax the model answers in (a key of TOOL_CALL_SYNTAX), None if unknown."""
         if not self.takes_tools:
             return None
-        for fmt, (opening, _) in TOOL_CALL_TAGS.items():
-            if opening in self.source:
+        for fmt, syntax in TOOL_CALL_SYNTAX.items():
+            if syntax.opening in self.source:
                 return fmt
         return None
 
@@ -180,7 +198,7 @@ class ChatTemplate:
         tool calls can be parsed."""
         if tools and self.tool_format is None:
             why = ("its tool-call syntax is not one edge-vlm parses (known: "
-                   + ", ".join(o for o, _ in TOOL_CALL_TAGS.values()) + ")") if self.takes_tools \
+                   + ", ".join(t.opening for t in TOOL_CALL_SYNTAX.values()) + ")") if self.takes_tools \
                 else "it has no tool format"
             raise EdgeVLMError(f"this model's chat template ({self.name}) cannot take tools: {why}")
         if documents and not self.takes_documents:

@@ -7,7 +7,10 @@ import json
 import re
 from pathlib import Path
 
-from .errors import CheckpointError
+import sentencepiece as spm
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import CheckpointError
 
 
 def _token_text(tok) -> str | None:
@@ -34,7 +37,6 @@ class Tokenizer:
         self._sp = None
         self._hf = None
         if (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer as HFTokenizer
 
             try:
                 self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
@@ -42,7 +44,6 @@ class Tokenizer:
                 raise CheckpointError(f"cannot read {folder / 'tokenizer.json'}: {e}") from None
             self.special_ids = {i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
         elif (folder / "tokenizer.model").is_file():
-            import sentencepiece as spm
 
             self._sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
             specials = [t for t in (self.bos_token, self.eos_token) if t]

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import EdgeVLMError
+from ..errors import EdgeVLMError
+from .templates import TOOL_CALL_SYNTAX
+from .tools import tool_specs
 
 
 @dataclass(frozen=True)
@@ -92,17 +94,16 @@ class Constraint:
     def tool_calls(cls, fmt: str, tools, several: bool = False) -> "Constraint":
         """The answer is a call to one of `tools` (OpenAI specs, checked), or with `several` one or
         more calls a line apart, written in tool-call syntax `fmt` exactly as the chat template
-        writes them (`chat_template.TOOL_CALL_LAYOUT`), the arguments valid for the function's
+        writes them (`templates.TOOL_CALL_SYNTAX`), the arguments valid for the function's
         parameter schema. How the server forces `tool_choice` "required" or a named function."""
-        from .chat_template import TOOL_CALL_LAYOUT
-        from .tools import tool_specs
 
-        if fmt not in TOOL_CALL_LAYOUT:
-            raise EdgeVLMError(f"constraint: unknown tool-call format {fmt!r}; known: {', '.join(TOOL_CALL_LAYOUT)}")
+        if fmt not in TOOL_CALL_SYNTAX:
+            raise EdgeVLMError(f"constraint: unknown tool-call format {fmt!r}; known: {', '.join(TOOL_CALL_SYNTAX)}")
         specs = tool_specs(tools)
         if not specs:
             raise EdgeVLMError("constraint: a tool call needs at least one tool")
-        before, after, between = TOOL_CALL_LAYOUT[fmt]
+        syntax = TOOL_CALL_SYNTAX[fmt]
+        before, after, between = syntax.before, syntax.after, syntax.between
         rules, names = [], []
         for i, spec in enumerate(specs):
             fn = spec["function"]

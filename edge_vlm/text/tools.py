@@ -6,7 +6,7 @@ Everything is in OpenAI's shapes, which the chat templates, the session and the 
 - a tool call: `{"id", "type": "function", "function": {"name", "arguments": JSON string}}`;
 - a tool result: a `role: "tool"` message whose content is text (`result_text`).
 
-Models write calls in their template's own syntax (`chat_template.TOOL_CALL_TAGS`): Nemovision
+Models write calls in their template's own syntax (`templates.TOOL_CALL_SYNTAX`): Nemovision
 `<toolcall> {"name": ..., "arguments": {...}} </toolcall>`, Qwen2 / Hermes
 `<tool_call>\\n{...}\\n</tool_call>`. A block that is not a JSON object with a string `name` (and
 an object of arguments) is no call: it stays in the answer's text, so nothing half-parsed is
@@ -20,8 +20,8 @@ import re
 import secrets
 from typing import Any, Sequence
 
-from .chat_template import TOOL_CALL_TAGS
-from .errors import EdgeVLMError
+from .templates import TOOL_CALL_SYNTAX
+from ..errors import EdgeVLMError
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -88,9 +88,9 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str, list[dict]]:
     Each well-formed block becomes a call and leaves the text; a block holding a JSON list of
     calls gives each of them; a malformed or unclosed block stays in the text as it was.
     """
-    if fmt not in TOOL_CALL_TAGS:
-        raise EdgeVLMError(f"unknown tool-call format {fmt!r}; known: {', '.join(TOOL_CALL_TAGS)}")
-    opening, closing = TOOL_CALL_TAGS[fmt]
+    if fmt not in TOOL_CALL_SYNTAX:
+        raise EdgeVLMError(f"unknown tool-call format {fmt!r}; known: {', '.join(TOOL_CALL_SYNTAX)}")
+    opening, closing = TOOL_CALL_SYNTAX[fmt].opening, TOOL_CALL_SYNTAX[fmt].closing
     pattern = re.compile(re.escape(opening) + r"(.*?)" + re.escape(closing), re.DOTALL)
     calls: list[dict] = []
     kept: list[str] = []

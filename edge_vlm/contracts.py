@@ -1,0 +1,96 @@
+"""The runtime's roles, as named contracts: what the generation loop needs from an engine, what
+the model needs from an image encoder, what a session needs from a chat template. Every
+implementation is checked against these in tests/test_contracts.py (methods and their
+parameters), so a new backend knows exactly what to provide.
+
+Also the one datum that crosses them all: a `Prompt` (token-id chunks with image embedding
+blocks between them), built by the session, consumed by every engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class Prompt:
+    """The tokens of one prompt: text as token-id chunks, with one image's embeddings between
+    each pair of chunks (len(chunks) == images + 1), or ready embeddings as they are."""
+
+    chunks: list[list[int]] = field(default_factory=list)
+    images: torch.Tensor | None = None  # [n_images, tokens_per_image, hidden] in the LLM's dtype
+    embeddings: torch.Tensor | None = None  # [1, T, hidden]: already embedded (benchmarks, references)
+
+    def __len__(self) -> int:
+        if self.embeddings is not None:
+            return self.embeddings.shape[1]
+        images = 0 if self.images is None else self.images.shape[0] * self.images.shape[1]
+        return sum(len(c) for c in self.chunks) + images
+
+    def pieces(self) -> Iterator[list[int] | torch.Tensor]:
+        """Token-id lists and [n, hidden] embedding blocks, in prompt order (empty chunks left out)."""
+        if self.embeddings is not None:
+            yield self.embeddings[0]
+            return
+        for i, ids in enumerate(self.chunks):
+            if ids:
+                yield ids
+            if self.images is not None and i < self.images.shape[0]:
+                yield self.images[i]
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One conversation's KV cache and the two model calls over it. `generate` drives any engine:
+    our torch decoder (backends/torch_engine.py), its CUDA-graph replay (backends/triton), llama.cpp
+    (backends/llamacpp). Logits come back as a [vocab] float tensor on any device."""
+
+    name: str  # what runs the language model, for the stats line ("torch", "llama.cpp")
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def position(self) -> int:
+        """Tokens in the cache."""
+
+    @property
+    def max_context(self) -> int:
+        """Cache cells: the most tokens a conversation can hold."""
+
+    def prefill(self, prompt: Prompt | torch.Tensor) -> torch.Tensor:
+        """Run a prompt (or [1, T, D] input embeddings) after what is cached; logits for the next token."""
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """Feed one sampled token; logits for the next."""
+
+    def rewind(self, position: int) -> None:
+        """Forget the cached tokens after `position` (0: everything)."""
+
+    def reset(self) -> None: ...
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Pictures -> LLM-space embeddings [N, tokens_per_image, hidden] in the LLM's dtype and on its
+    device: the model's own preprocessing, then the tower and projector. The torch modules, ONNX
+    Runtime (backends/onnx/encoder.py) and the server's embedding cache each provide it."""
+
+    def __call__(self, images: Sequence) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ChatFormatter(Protocol):
+    """Messages -> prompt text, as the checkpoint's chat template writes it (text/templates.py)."""
+
+    name: str
+    stop_strings: list[str]
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools=None,
+               documents=None) -> str: ...
+
+    def continuation(self, history: list[dict], user, tools=None, documents=None) -> str:
+        """The text after the last cached answer in `history` when `user` speaks next."""

@@ -1,0 +1,121 @@
+"""Every implementation of a runtime role provides its contract (edge_vlm/contracts.py): each member,
+as a property where the contract has one, with methods that take the contract's parameters by the
+same names in the same order. `runtime_checkable` alone checks only that the names exist."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from edge_vlm.backends.llamacpp.batched import SlotEngine
+from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
+from edge_vlm.backends.onnx.encoder import OnnxVisionEncoder
+from edge_vlm.backends.torch_engine import TorchEngine
+from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
+from edge_vlm.cli.doctor import stand_in_llm
+from edge_vlm.contracts import ChatFormatter, Engine, ImageEncoder, Prompt
+from edge_vlm.text.templates import ChatTemplate
+
+
+def _members(proto) -> dict[str, object]:
+    """The contract's members: methods and properties as declared, data attributes from annotations."""
+    found = {name: value for name, value in vars(proto).items()
+             if not name.startswith("_") and (callable(value) or isinstance(value, property))}
+    found.update({name: "attribute" for name in getattr(proto, "__annotations__", {}) if name not in found})
+    call = vars(proto).get("__call__")
+    if call is not None:
+        found["__call__"] = call
+    return found
+
+
+def _parameters(fn) -> list[tuple[str, object]]:
+    return [(p.name, p.kind) for p in list(inspect.signature(fn).parameters.values())[1:]]
+
+
+def breaches(cls: type, proto) -> list[str]:
+    """What `cls` lacks of `proto`, one line each (empty: it provides the contract)."""
+    out = []
+    for name, wanted in _members(proto).items():
+        have = inspect.getattr_static(cls, name, None)
+        if have is None:
+            if wanted == "attribute" and name in inspect.signature(cls.__init__).parameters:
+                continue  # set from the constructor's argument of that name
+            out.append(f"{cls.__name__} has no {name}")
+        elif isinstance(wanted, property) and not isinstance(have, property):
+            out.append(f"{cls.__name__}.{name} is not a property")
+        elif callable(wanted) and not isinstance(wanted, property):
+            if not callable(have):
+                out.append(f"{cls.__name__}.{name} is not a method")
+                continue
+            need = _parameters(wanted)
+            got = _parameters(have)
+            if got[:len(need)] != need or any(p.default is inspect.Parameter.empty for p in
+                                              list(inspect.signature(have).parameters.values())[1 + len(need):]
+                                              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)):
+                out.append(f"{cls.__name__}.{name}{inspect.signature(have)} does not take {need}")
+    return out
+
+
+@pytest.mark.parametrize("cls", [TorchEngine, CUDAGraphEngine, LlamaCppEngine, SlotEngine])
+def test_every_engine_provides_the_engine_contract(cls):
+    assert breaches(cls, Engine) == []
+
+
+@pytest.mark.parametrize("cls", [OnnxVisionEncoder])
+def test_every_image_encoder_provides_the_encoder_contract(cls):
+    assert breaches(cls, ImageEncoder) == []
+
+
+def test_the_chat_template_provides_the_formatter_contract():
+    assert breaches(ChatTemplate, ChatFormatter) == []
+    assert isinstance(ChatTemplate.builtin("chatml"), ChatFormatter)
+
+
+def test_the_checker_finds_a_missing_method_a_renamed_parameter_and_a_plain_attribute():
+    class Broken:
+        name = "broken"
+        position = 0  # a plain attribute where the contract has a property
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+        @property
+        def max_context(self):
+            return 8
+
+        def prefill(self, tokens):  # the contract calls it `prompt`
+            return torch.zeros(4)
+
+        def step(self, token_id, extra):  # an extra parameter without a default
+            return torch.zeros(4)
+
+        def reset(self):
+            pass
+
+    found = breaches(Broken, Engine)
+    assert any("no rewind" in line for line in found)
+    assert any("position is not a property" in line for line in found)
+    assert any("prefill" in line for line in found)
+    assert any("step" in line for line in found)
+    assert len(found) == 4
+
+
+def test_a_torch_engine_is_an_engine_and_runs_a_prompt():
+    llm = stand_in_llm("llama", torch.device("cpu"), torch.float32)
+    engine = TorchEngine(llm, 16)
+    assert isinstance(engine, Engine)
+    logits = engine.prefill(Prompt(chunks=[[1, 2, 3]]))
+    assert logits.shape == (llm.cfg.vocab_size,) and engine.position == 3
+    engine.rewind(1)
+    assert engine.position == 1
+
+
+def test_a_prompt_counts_and_orders_its_pieces():
+    images = torch.zeros(2, 3, 4)
+    prompt = Prompt(chunks=[[1], [], [2, 3]], images=images)
+    assert len(prompt) == 1 + 2 + 6
+    pieces = list(prompt.pieces())
+    assert [type(p) for p in pieces] == [list, torch.Tensor, torch.Tensor, list]
