@@ -201,3 +201,25 @@ def test_imports_inside_functions_are_only_of_optional_dependencies():
             if not any(_needs_optional(m, files, set()) for m in [mod, *(f"{mod}.{n}" for n in names)]):
                 bad.append(f"{p.relative_to(ROOT)}:{line} imports {mod} inside a function")
     assert bad == []
+
+
+def test_every_import_inside_a_function_says_why():
+    """A comment on the import, or above its group of imports, names the optional dependency."""
+    bad = []
+    for p in python_files("edge_vlm"):
+        lines = p.read_text(encoding="utf-8").splitlines()
+        tree = ast.parse("\n".join(lines))
+        top = {n.lineno for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))}
+        inner = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and n.lineno not in top]
+        spans = {line for n in inner for line in range(n.lineno, n.end_lineno + 1)}
+        for n in inner:
+            first = n.lineno
+            while first - 1 in spans:
+                first -= 1
+            last = n.end_lineno
+            while last + 1 in spans:
+                last += 1
+            group = lines[first - 1:last]
+            if not lines[first - 2].strip().startswith("#") and not any("#" in text for text in group):
+                bad.append(f"{p.relative_to(ROOT)}:{n.lineno}")
+    assert bad == []

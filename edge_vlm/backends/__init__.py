@@ -101,6 +101,7 @@ def make_engine(llm, max_context: int) -> TorchEngine:
             gate = first_run.gate_for(dict(report.first_run["family"], kv_cache_int8=int8), llm.device)
         gpu_path.check_decode(llm, report, gate)
     if report.fused_decode and report.cuda_graph:
+        # optional: needs triton (the gpu extra)
         from .triton.cuda_graph import CUDAGraphEngine
 
         return CUDAGraphEngine(llm, max_context)

@@ -175,6 +175,7 @@ def _choose_linear(run: _Run, triton: bool) -> str:
         return "none"
     ins = run.ins
     if triton:
+        # optional: needs triton (the gpu extra)
         from .triton.modules import TritonW4Linear
 
         def triton_rows(rows):
@@ -209,6 +210,7 @@ def convert(llm: nn.Module, triton: bool, check: bool = True, gate: Gate | None 
     ins = run.ins
     report.linear = _choose_linear(run, triton)
     if triton:
+        # optional: needs triton (the gpu extra)
         from .triton.modules import fusable, fused_mlp
 
         mlps = (layer.mlp for layer in llm.modules() if isinstance(layer, DecoderLayer) and fusable(layer.mlp))
@@ -250,6 +252,7 @@ def _first_reason(reasons) -> str | None:
 def _swap(llm: nn.Module, report: SelfCheckReport, triton: bool) -> dict[str, int]:
     counts: dict[str, int] = {}
     if report.linear == "triton":
+        # optional: needs triton (the gpu extra)
         from .triton.modules import convert as triton_convert
 
         return triton_convert(llm, fuse_mlps=report.fused_mlp, norms=report.fused_norm)
@@ -257,6 +260,7 @@ def _swap(llm: nn.Module, report: SelfCheckReport, triton: bool) -> dict[str, in
 
         counts.update(torch_int4_convert(llm))
     if triton and report.fused_norm:
+        # optional: needs triton (the gpu extra)
         from .triton.modules import convert_norms
 
         counts.update(convert_norms(llm))

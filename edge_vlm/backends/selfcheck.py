@@ -184,6 +184,7 @@ def reference_norm(norm: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def check_norm(norm: nn.Module, ins: Inputs) -> str | None:
     """The fused add + norm kernel, with and without a residual, against the model's norm."""
+    # optional: needs triton (the gpu extra)
     from .triton.modules import norm_args
     from .triton.norms import add_norm
 
@@ -213,6 +214,7 @@ def _cached(values: torch.Tensor, scales: torch.Tensor | None, ref: torch.dtype)
 
 def check_rotary_kv(llm, quantized: bool, ins: Inputs) -> str | None:
     """Rotary + KV-cache write of one token at position 5 against apply_rotary and a plain write."""
+    # optional: needs triton (the gpu extra)
     from .triton.rotary_kv import rotary_kv_write
 
     cfg, positions, pos = llm.cfg, 16, 5
@@ -241,6 +243,7 @@ def check_rotary_kv(llm, quantized: bool, ins: Inputs) -> str | None:
 
 def check_decode_attention(llm, quantized: bool, ins: Inputs) -> str | None:
     """Attention of one token over 37 of 48 cached positions against scaled_dot_product_attention."""
+    # optional: needs triton (the gpu extra)
     from .triton.decode_attention import decode_attention
 
     cfg, positions, length = llm.cfg, 48, 37
@@ -266,6 +269,7 @@ def check_fused_step(llm, ins: Inputs) -> str | None:
     (the new one written right, the others untouched). The modules both share (linears, MLPs)
     were checked on their own before; this checks the fused step's own parts (add + norm,
     rotary + KV write, attention) working together at a real position."""
+    # optional: needs triton (the gpu extra)
     from .triton.fused_decode import FusedDecoder
 
     prompt = 3
@@ -295,6 +299,7 @@ def check_graph_replay(llm, ins: Inputs) -> str | None:
     against the plain engine over the same model: logits of two steps after a 3-token prefill;
     the second replay reads its token and position from the device, as every later token does.
     A recording that fails (the engine would then decode without graphs) fails the check."""
+    # optional: needs triton (the gpu extra)
     from .triton.cuda_graph import CUDAGraphEngine
 
     prompt, steps = 3, 2

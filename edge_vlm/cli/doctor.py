@@ -165,6 +165,7 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
     info: dict = {"installed": triton_available(), "version": None, "checked_on": None, "kernels": {}}
     if not info["installed"]:
         return info
+    # optional: triton (the gpu extra)
     import triton
 
     info["version"] = triton.__version__
@@ -246,6 +247,7 @@ def family_summary(family: dict) -> str:
 
 def llama_cpp_info() -> dict:
     try:
+        # optional: llama-cpp-python (the llamacpp extra)
         import llama_cpp
     except Exception as e:  # noqa: BLE001 - absent or broken: either way not usable
         return {"installed": False, "reason": type(e).__name__}
@@ -258,6 +260,7 @@ def llama_cpp_info() -> dict:
 
 def onnxruntime_info() -> dict:
     try:
+        # optional: onnxruntime (the onnx extra)
         import onnxruntime
     except Exception as e:  # noqa: BLE001
         return {"installed": False, "reason": type(e).__name__}
@@ -280,6 +283,7 @@ for i in range(int(sys.argv[1])):
 
 def opencv_info(cameras: int) -> dict:
     try:
+        # probed: doctor reports whether it imports
         import cv2
     except Exception as e:  # noqa: BLE001
         return {"installed": False, "reason": type(e).__name__}
@@ -316,6 +320,7 @@ def no_video_devices() -> bool:
 def disk_info() -> dict:
     """Free space where models are downloaded (huggingface_hub's cache, created on first use)."""
     try:
+        # probed: doctor reports whether it imports
         from huggingface_hub import constants
 
         cache = Path(constants.HF_HUB_CACHE)

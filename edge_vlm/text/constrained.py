@@ -129,6 +129,7 @@ class Constraint:
 
     def grammar(self) -> str:
         """This constraint as an llguidance grammar (JSON text)."""
+        # optional: llguidance (the structured extra)
         from llguidance import LLMatcher
 
         compact = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
@@ -150,6 +151,7 @@ class Constraint:
 
 def llguidance_module():
     try:
+        # optional: llguidance (the structured extra)
         import llguidance
     except ImportError:
         raise EdgeVLMError("constrained decoding needs llguidance: pip install 'edge-vlm[structured]'") from None

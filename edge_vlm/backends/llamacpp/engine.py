@@ -36,6 +36,7 @@ def llama_cpp_module():
     `llama-cpp-python` logger; unless someone set its level, only its errors reach stderr.
     """
     try:
+        # optional: llama-cpp-python (the llamacpp extra)
         import llama_cpp
     except ImportError as e:
         raise EdgeVLMError("the llama.cpp backend needs llama-cpp-python: pip install 'edge-vlm[llamacpp]' "

@@ -88,6 +88,7 @@ def write_hparams(writer, cfg: LLMConfig) -> None:
         writer.add_layer_norm_rms_eps(cfg.norm_eps)
     scaling = cfg.rope_scaling or {}
     if scaling.get("rope_type") == "linear":
+        # optional: gguf (the llamacpp extra)
         from gguf import RopeScalingType
 
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)

@@ -43,6 +43,7 @@ OUTTYPES = ("auto",) + OWN_TYPES + LLAMACPP_TYPES
 
 def _gguf():
     try:
+        # optional: gguf (the llamacpp extra)
         import gguf
     except ImportError:
         raise EdgeVLMError("GGUF export needs the gguf package: pip install 'edge-vlm[llamacpp]'") from None
@@ -77,6 +78,7 @@ class _Planned:
         if self.qtype in (q.F32, q.F16):
             dtype = np.float32 if self.qtype == q.F32 else np.float16
             return self.shape, np.dtype(dtype), int(np.prod(self.shape)) * np.dtype(dtype).itemsize, None
+        # optional: needs gguf (the llamacpp extra)
         from .ggml_blocks import row_bytes
 
         rows, cols = self.shape
@@ -106,6 +108,7 @@ def _matrix_shape(module) -> tuple[int, int]:
 
 
 def _plan_one(src, outtype: str, gguf) -> _Planned:
+    # optional: needs gguf (the llamacpp extra)
     from .ggml_blocks import QK, awq_to_q4_1, encode_float, int8_rows_to_q8_0
 
     q = gguf.GGMLQuantizationType
@@ -168,6 +171,7 @@ def _chat_template_source(model) -> str | None:
 
 
 def _write(model, path: Path, outtype: str, progress: bool) -> None:
+    # optional: needs gguf (the llamacpp extra)
     from .gguf_vocab import gguf_vocab
 
     gguf = _gguf()

@@ -71,6 +71,7 @@ def cpu_int8_speedup(tokens: int, width: int, inner: int, torch_dtype: torch.dty
     1.28x). int8 pays off with VNNI / AMX; without them (AMD Zen 1's 128-bit units) it is barely faster
     than fp32.
     """
+    # optional: onnx (the onnx extra)
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -124,6 +125,7 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
     if mode == "torch" or not model.is_multimodal or device.type == "meta":
         return "torch"
     try:
+        # optional: onnxruntime (the onnx extra)
         import onnxruntime as ort
     except ImportError:
         if mode == "auto":

@@ -20,6 +20,7 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 def open_session(path: Path, plan: ProviderPlan):
     """An InferenceSession on exactly the plan's providers: a provider that fails to start raises here,
     instead of ONNX Runtime quietly retrying on another one."""
+    # optional: onnxruntime (the onnx extra)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

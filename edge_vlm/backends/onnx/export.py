@@ -69,6 +69,7 @@ def _quiet_exporter():
 
 def export_graph(graph: VisionGraph, path: Path, image_size: int, dtype: torch.dtype) -> Path:
     """`graph` in `dtype` -> `path` (+ `path`.data, its weights), checked by onnx's checker."""
+    # optional: onnx (the onnx extra)
     import onnx
 
     example = torch.zeros(2, 3, image_size, image_size, dtype=dtype)  # 2, not 1: a size-1 axis would be fixed

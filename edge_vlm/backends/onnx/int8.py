@@ -72,6 +72,7 @@ def activation_matmuls(path: Path) -> list[str]:
     """MatMuls of two activations (attention's scores and mix): dynamic quantization leaves them fp32, and
     so does static, or the two would not be compared on the same work (and calibrating them would hold
     every image's attention maps in memory)."""
+    # optional: onnx (the onnx extra)
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -94,6 +95,7 @@ class _Reader:
 
 def quantize(fp32: Path, out: Path, calibration: np.ndarray, check: np.ndarray, method: str | None = None) -> dict:
     """fp32 ONNX file -> int8 file at `out`; returns {"method", "cosine"}: the cosine to fp32 on `check`."""
+    # optional: onnxruntime (the onnx extra)
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -120,6 +122,7 @@ def quantize(fp32: Path, out: Path, calibration: np.ndarray, check: np.ndarray, 
 
 def feature_cosine(reference: Path, candidate: Path, pixels: np.ndarray) -> float:
     """The smallest per-image cosine between the two files' features on `pixels` (CPU sessions)."""
+    # optional: onnxruntime (the onnx extra)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

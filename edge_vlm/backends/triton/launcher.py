@@ -36,11 +36,13 @@ class Kernel:
     def on(self, device: torch.device | str):
         if torch.device(device).type == "cpu":
             if self._interpreted is None:
+                # optional: triton (the gpu extra)
                 from triton.runtime.interpreter import InterpretedFunction
 
                 self._interpreted = _Interpreted(InterpretedFunction(_isolated(self.fn)))
             return self._interpreted
         if self._compiled is None:
+            # optional: triton (the gpu extra)
             import triton
 
             self._compiled = triton.jit(self.fn)
@@ -72,6 +74,7 @@ def _isolated(fn):
 
 @contextlib.contextmanager
 def _jit_helpers_interpreted():
+    # optional: triton (the gpu extra)
     from triton.runtime.interpreter import InterpretedFunction, _patch_lang
     from triton.runtime.jit import JITFunction
 

@@ -141,6 +141,7 @@ def w4a16_matmul(x: torch.Tensor, w: TritonInt4Weight, bias: torch.Tensor | None
                                        HAS_BIAS=bias is not None, ACT=act, BLOCK_N=block_n, BLOCK_W=block_w)
     else:
         if act == ACT_SILU_MUL:  # prefill: one GEMM over gate+up, then the elementwise epilogue
+            # optional: needs triton (the gpu extra)
             from .activations import silu_mul
 
             both = w4a16_matmul(x2, w, bias, ACT_NONE)
