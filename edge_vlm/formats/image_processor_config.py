@@ -232,7 +232,7 @@ def vila_preparation(vision_dir: Path, tower_arch: str, tower_size: int, top: di
         image = image.with_squash_first()
     elif aspect == "pad":
         image = image.with_pad_to_square()
-    elif aspect in ("dynamic", "dynamic_s2"):
+    elif aspect == "dynamic":
         raise UnsupportedModelError(f"VILA image_aspect_ratio {aspect!r} (tiled images) is not supported; "
                                     "supported: resize, pad, or none (the processor alone)")
     return ImagePreparation(image, None, source + (f", image_aspect_ratio {aspect}" if aspect else ""), assumed)

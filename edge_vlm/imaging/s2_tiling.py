@@ -89,6 +89,17 @@ class S2Config:
         """Fixed S2's image processor size (`scales[-1]`): the image is prepared at the largest scale."""
         return self.scales[-1]
 
+    def describe(self) -> str:
+        """One line for `edge-vlm info`."""
+        scales = ",".join(map(str, self.scales))
+        to = self.scales[self.resize_output_to_scale_idx]
+        if not self.dynamic:
+            return f"fixed S2, scales {scales} in {self.max_split_size} px tiles, features at the {to} px map"
+        tiling = (f"a lone picture tiled {self.tile_size} px a tile at each scale, the last in the aspect grid of "
+                  f"{(self.scales[-1] // self.tile_size) ** 2}-{self.max_tiles} tiles" if self.tile_single_image
+                  else "every picture one tile")
+        return f"dynamic S2, scales {scales}: {tiling}; features at the {to} px map"
+
     def with_max_tiles(self, max_tiles: int) -> "S2Config":
         """The `--max-tiles` knob: fewer tiles at the last scale, fewer tokens (see `dynamic_s2_image_tokens`)."""
         return replace(self, max_tiles=max_tiles)
