@@ -229,3 +229,20 @@ def test_unsupported_variants_are_refused_with_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "lite")]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "dynamic" in err
+
+
+def test_max_tiles_trades_tokens_for_speed_and_turns_reuse_the_cache(folders):
+    full = load_model(folders["nvila"][0], fast_path=False, progress=False)
+    few = load_model(folders["nvila"][0], fast_path=False, progress=False, max_tiles=9)
+    im = picture(100, 60)
+    assert full.image_tokens([im]) == 4 * 12 and few.image_tokens([im]) == 4 * 9  # grid 4x3 -> 3x3 at 9 tiles
+    assert few.encode_images([im])[0].shape[0] == 36
+    s = ChatSession(full)
+    from edge_vlm.generate import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=3, temperature=0)
+    first = "".join(s.ask("What is this?", images=[im], gen=gen))
+    at = s.position
+    assert at >= 48 and first
+    "".join(s.ask("And this?", images=[picture(60, 100)], gen=gen))
+    assert s.stats.cached_prompt_tokens == at and s.position > at + 48  # the first turn stays in the cache
