@@ -195,7 +195,8 @@ class ChatSession:
             text = tpl.continuation(self.messages, new, **kw)
         pieces = text.split(IMAGE_MARK)
         if self.model.tiling is not None and len(pieces) > 1:  # each picture's mark -> its tiles' marks
-            text = pieces[0] + "".join(self.model.image_text(n) + rest for n, rest in zip(tiles, pieces[1:]))
+            alone = len(tiles) == 1
+            text = pieces[0] + "".join(self.model.image_text(n, alone) + rest for n, rest in zip(tiles, pieces[1:]))
             pieces = text.split(IMAGE_MARK)
         chunks = [self.model.tokenizer.encode(c) for c in pieces]
         start, end = self.model.image_wrap_ids  # token ids around each image (NVILA-era VILA)

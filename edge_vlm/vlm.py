@@ -109,13 +109,18 @@ class VisionLanguageModel:
     def message_tiles(self, pictures) -> list[Image.Image]:
         """What `encode_images` gets for one message's pictures: one entry per prompt mark (S2 models: the
         pictures themselves, as dynamic S2 tiles a picture only when it is the message's only one)."""
-        if self.s2 is not None:
+        if self.s2 is not None or not self._tiles_all(pictures):
             return list(pictures)
         return [t for im in pictures for t in self.image_tiles(im)]
 
+    def _tiles_all(self, pictures) -> bool:
+        """NVILA-Lite (image_format "vila") tiles a picture only when it is its message's only one."""
+        n = pictures if isinstance(pictures, int) else len(pictures)
+        return self.image_format != "vila" or n == 1
+
     def mark_counts(self, pictures) -> list[int]:
         """`<image>` marks per picture of a message (`pictures` an int: that many, each at its most)."""
-        if self.s2 is not None:
+        if self.s2 is not None or not self._tiles_all(pictures):
             return [1] * (pictures if isinstance(pictures, int) else len(pictures))
         if isinstance(pictures, int):
             return [self.tile_count(None)] * pictures
@@ -142,8 +147,11 @@ class VisionLanguageModel:
         return dynamic_s2_image_tokens(width, height, self.s2, grid_side=side,
                                        projector_tokens=self.projector.num_tokens, end_tokens=0, alone=alone)
 
-    def image_text(self, tiles: int) -> str:
-        """A picture of `tiles` tiles in the prompt text, one `<image>` mark per tile's embeddings."""
+    def image_text(self, tiles: int, alone: bool = True) -> str:
+        """A picture of `tiles` tiles in the prompt text, one `<image>` mark per tile's embeddings; NVILA-Lite
+        writes a lone picture's mark as one `<image>\n` per tile, and leaves the marks of several as they are."""
+        if self.image_format == "vila":
+            return (IMAGE_MARK + "\n") * tiles if alone else IMAGE_MARK * tiles
         return image_text(self.image_format, tiles) if self.image_format else IMAGE_MARK * tiles
 
     @property

@@ -86,3 +86,12 @@ def make_vila_s2(folder: Path, seed: int = 0, scales=NVILA_SCALES, resize_idx: i
     top = {"s2": True, "s2_max_split_size": TILE, "s2_resize_output_to_scale_idx": resize_idx,
            "image_aspect_ratio": "resize"}
     return _write(folder, "mlp_downsample", top, seed, scales)
+
+
+def make_nvila_lite(folder: Path, seed: int = 0, max_tiles: int = 6) -> tuple:
+    """An NVILA-Lite-like folder: image_aspect_ratio "dynamic" (InternVL's tiling of a lone image, with a
+    thumbnail), no S2, mlp_downsample_3x3_fix over the tower's own width, NVILA's encoder keys."""
+    top = {"dynamic_s2": False, "s2": False, "image_aspect_ratio": "dynamic", "min_tiles": 1, "max_tiles": max_tiles,
+           "image_encoder": json.dumps({"_target_": "llava.model.encoders.BasicImageEncoder"}),
+           "video_encoder": json.dumps({"_target_": "llava.model.encoders.BasicVideoEncoder"})}
+    return _write(folder, "mlp_downsample_3x3_fix", top, seed, (TILE,))

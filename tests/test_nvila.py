@@ -21,7 +21,7 @@ from edge_vlm.imaging.s2_tiling import dynamic_s2_image_tokens
 from edge_vlm.loading import load_model
 from edge_vlm.session import ChatSession
 from tests.factories import image_processor
-from tests.nvila_factory import TILE, make_nvila, make_vila_s2
+from tests.nvila_factory import TILE, make_nvila, make_nvila_lite, make_vila_s2
 
 SIZES = [(100, 60), (60, 100), (42, 42), (300, 40), (40, 300), (500, 500), (77, 33), (130, 129), (20, 200)]
 GRID = 3  # 42 px tower, 14 px patches
@@ -33,7 +33,8 @@ def folders(tmp_path_factory):
     return {"nvila": (root / "nvila", make_nvila(root / "nvila")),
             "nvila_3x3_s2": (root / "nvila_3x3_s2", make_nvila(root / "nvila_3x3_s2",
                                                                projector="mlp_downsample_3x3_s2", seed=1)),
-            "vila_s2": (root / "vila_s2", make_vila_s2(root / "vila_s2", seed=2))}
+            "vila_s2": (root / "vila_s2", make_vila_s2(root / "vila_s2", seed=2)),
+            "nvila_lite": (root / "nvila_lite", make_nvila_lite(root / "nvila_lite", seed=3))}
 
 
 def picture(w, h, seed=0):
@@ -200,7 +201,7 @@ def test_nvila_prompt_puts_end_tokens_after_each_image_and_no_newline_mark(folde
     assert ChatSession(vila15)._question("Q", [picture(10, 10)])[0] == "<image>\nQ"  # VILA1.5 as before
 
 
-@pytest.mark.parametrize("name", ["nvila", "nvila_3x3_s2", "vila_s2"])
+@pytest.mark.parametrize("name", ["nvila", "nvila_3x3_s2", "vila_s2", "nvila_lite"])
 def test_chat_answers_on_each_tiny_folder(folders, name, tmp_path, capsys):
     img = tmp_path / "p.png"
     picture(120, 70).save(img)
@@ -220,15 +221,57 @@ def test_info_prints_the_s2_line(folders, capsys):
     assert "S2/tiling:     fixed S2, scales 42,84,126 in 42 px tiles" in capsys.readouterr().out
 
 
+def ref_lite_tiles(image, s, max_num, min_num=1):
+    """mm_utils.dynamic_preprocess: the aspect grid's tiles row by row, then the thumbnail when more than one."""
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    w, h = image.size
+    best, best_diff = (1, 1), float("inf")
+    for i, j in ratios:
+        diff = abs(w / h - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and w * h > 0.5 * s * s * i * j:
+            best = (i, j)
+    cols, rows = best
+    canvas = image.resize((cols * s, rows * s))
+    tiles = [canvas.crop(((b % cols) * s, (b // cols) * s, (b % cols + 1) * s, (b // cols + 1) * s))
+             for b in range(cols * rows)]
+    return tiles + ([image.resize((s, s))] if len(tiles) != 1 else [])
+
+
+def test_nvila_lite_tiles_a_lone_picture_and_writes_one_mark_per_tile(folders):
+    folder, (llm, vision, proj) = folders["nvila_lite"]
+    model = load_model(folder, fast_path=False, progress=False)
+    proc = image_processor("siglip", TILE)
+    for w, h in [(100, 60), (42, 42), (40, 300)]:
+        im = picture(w, h, seed=h)
+        tiles = ref_lite_tiles(im, TILE, 6)
+        pixels = torch.stack([torch.as_tensor(proc(t, return_tensors="pt")["pixel_values"][0]) for t in tiles])
+        feats = hf_features(vision, pixels)
+        ref = ref_project(proj, "mlp_downsample_3x3_fix", feats.transpose(1, 2).reshape(len(tiles), -1, GRID, GRID))
+        ours = model.encode_images(model.message_tiles([im]))
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+        s = ChatSession(model)
+        content, chunks, need = s._question("Q", [im])
+        nl = model.tokenizer.encode("\n")
+        assert content == "<image>Q" and len(chunks) == len(tiles) + 1  # "<image>\n" per tile (mm_utils)
+        assert all(c == nl + nl for c in chunks[1:-1])  # the encoder's end token, then the text's "\n"
+        assert need == sum(map(len, chunks)) + len(tiles) * model.tokens_per_image
+    two = [picture(100, 60), picture(40, 300)]
+    assert len(model.message_tiles(two)) == 2  # several pictures: one squashed tile each, marks left as they are
+    assert ChatSession(model)._question("Q", two)[0] == "<image><image>Q"
+
+
 def test_unsupported_variants_are_refused_with_one_line(tmp_path, capsys):
-    make_nvila(tmp_path / "lite", projector="mlp_downsample_3x3_fix", dynamic_s2=False, image_aspect_ratio="dynamic")
+    make_nvila(tmp_path / "lite", image_aspect_ratio="dynamic")
     with pytest.raises(UnsupportedModelError) as e:
         load_model(tmp_path / "lite", device="meta")
     assert "'dynamic'" in str(e.value) and "\n" not in str(e.value)
     capsys.readouterr()  # the factory's own progress output
     assert main(["info", str(tmp_path / "lite")]) != 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "dynamic" in err
+    assert len(err.splitlines()) == 1 and "'dynamic' together with S2" in err
 
 
 def test_max_tiles_trades_tokens_for_speed_and_turns_reuse_the_cache(folders):

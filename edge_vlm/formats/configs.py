@@ -182,9 +182,9 @@ class VisionConfig:
     def from_vila(cls, top: dict, tower: dict) -> "VisionConfig":
         """From a VILA top config.json and its vision_tower/config.json."""
         aspect, dynamic_s2, fixed_s2 = top.get("image_aspect_ratio"), top.get("dynamic_s2"), top.get("s2")
-        if aspect == "dynamic":
-            raise UnsupportedModelError("VILA image_aspect_ratio 'dynamic' (NVILA-Lite's tiling without S2) is not "
-                                        "supported yet; supported: dynamic_s2, resize, pad")
+        if aspect == "dynamic" and (dynamic_s2 or fixed_s2):
+            raise UnsupportedModelError("VILA image_aspect_ratio 'dynamic' together with S2 is not supported; "
+                                        "supported: dynamic tiling without S2 (NVILA-Lite) or dynamic_s2 (NVILA)")
         if aspect == "dynamic_s2" and not dynamic_s2:
             raise UnsupportedModelError("image_aspect_ratio 'dynamic_s2' needs dynamic_s2 true in config.json")
         if top.get("ps3"):

@@ -52,7 +52,8 @@ def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
         encoder = None
         if any(k in layout.config for k in NVILA_KEYS):
             encoder = ImageEncoderConfig.from_vila(layout.config.get("image_encoder"))
-        return VisionConfigs(vision, projector, prep, None, s2, encoder)
+        fmt = "vila" if prep.tiling is not None else None  # one "<image>\n" per tile of a lone picture
+        return VisionConfigs(vision, projector, prep, fmt, s2, encoder)
     else:
         vision = VisionConfig.from_llava(layout.config)
         projector = ProjectorConfig.from_llava(layout.config, vision.hidden_size, layout.llm.hidden_size)
