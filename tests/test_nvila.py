@@ -289,3 +289,13 @@ def test_max_tiles_trades_tokens_for_speed_and_turns_reuse_the_cache(folders):
     assert at >= 48 and first
     "".join(s.ask("And this?", images=[picture(60, 100)], gen=gen))
     assert s.stats.cached_prompt_tokens == at and s.position > at + 48  # the first turn stays in the cache
+
+
+def test_the_onnx_tower_is_refused_for_s2_and_auto_stays_on_torch(folders):
+    from edge_vlm.errors import EdgeVLMError
+
+    with pytest.raises(EdgeVLMError, match="ONNX vision backend does not run S2") as e:
+        load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="onnx")
+    assert "\n" not in str(e.value)
+    model = load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="auto")
+    assert model.encoder is None and model.info.vision_backend == "torch"
