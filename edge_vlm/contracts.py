@@ -21,13 +21,14 @@ class Prompt:
     each pair of chunks (len(chunks) == images + 1), or ready embeddings as they are."""
 
     chunks: list[list[int]] = field(default_factory=list)
-    images: torch.Tensor | None = None  # [n_images, tokens_per_image, hidden] in the LLM's dtype
+    # [n_images, tokens_per_image, hidden] in the LLM's dtype, or one [tokens, hidden] block per image (S2)
+    images: torch.Tensor | list[torch.Tensor] | None = None
     embeddings: torch.Tensor | None = None  # [1, T, hidden]: already embedded (benchmarks, references)
 
     def __len__(self) -> int:
         if self.embeddings is not None:
             return self.embeddings.shape[1]
-        images = 0 if self.images is None else self.images.shape[0] * self.images.shape[1]
+        images = 0 if self.images is None else sum(block.shape[0] for block in self.images)
         return sum(len(c) for c in self.chunks) + images
 
     def pieces(self) -> Iterator[list[int] | torch.Tensor]:
@@ -38,7 +39,7 @@ class Prompt:
         for i, ids in enumerate(self.chunks):
             if ids:
                 yield ids
-            if self.images is not None and i < self.images.shape[0]:
+            if self.images is not None and i < len(self.images):
                 yield self.images[i]
 
 

@@ -36,7 +36,7 @@ from .formats.vision_configs import VisionConfigs, vision_configs
 from .models.internvit import InternViT
 from .models.kv_cache import KV_CACHE_KINDS
 from .models.llm import DecoderLM
-from .models.projector import Projector
+from .models.projector import Projector, vila_module_names
 from .models.quant_linear import prepare_quantized
 from .models.vision import VisionTower
 from .text.templates import BUILTIN_TEMPLATES, ChatTemplate, default_template_name
@@ -78,7 +78,8 @@ def load_vision(layout: CheckpointLayout, configs: VisionConfigs, dtype, device,
     load_into(tower, DerivedStore(vstore, recipes), lambda name: name, dtype, device,
               _progress("loading vision tower", progress))
     projector = _build(Projector, configs.projector)
-    load_into(projector, pstore, rename_projector(layout.projector_prefix, configs.projector.kind), dtype, device,
+    names = vila_module_names(configs.projector) if layout.kind == "vila" else None
+    load_into(projector, pstore, rename_projector(layout.projector_prefix, configs.projector.kind, names), dtype, device,
               _progress("loading projector", progress))
     own = 0 if layout.vision_dir == layout.llm_dir else vstore.nbytes() + pstore.nbytes()
     return VisionParts(tower.eval(), projector.eval(), configs.image, own)
@@ -158,6 +159,11 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     dtype = dtype or default_dtype(device)
     show = sys.stderr.isatty() if progress is None else progress
     configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
+    if configs is not None and configs.s2 is not None and vision_backend != "torch":
+        if vision_backend != "auto":
+            raise EdgeVLMError("the ONNX vision backend does not run S2 multi-scale towers (NVILA, VILA1.5-*-s2) "
+                               "yet; use --vision-backend torch")
+        vision_backend = "torch"
     if configs is not None and configs.preparation.assumed:
         warnings.warn(configs.preparation.assumed, ImagePreparationWarning, stacklevel=2)
     store, q = open_llm_store(layout.llm_dir, layout.quantization)
@@ -186,7 +192,11 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
         info.weight_bytes += parts.weight_bytes
     tok = Tokenizer(layout.llm_dir)
     default = _internvl_template(layout.config) if layout.kind == "internvl" else None
-    model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch, default), info, *parts[:3])
+    s2 = configs.s2 if configs is not None else None
+    if s2 is not None and max_tiles is not None:
+        s2 = s2.with_max_tiles(max_tiles)
+    model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch, default), info, *parts[:3],
+                                s2=s2, image_encoder=configs.image_encoder if configs is not None else None)
     if configs is not None:
         prep = configs.preparation
         if prep.tiling is not None:
@@ -195,6 +205,9 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
             model.tiling, model.image_format = prep.tiling, configs.image_format
             model.info.max_tiles = prep.tiling.max_tiles
         model.info.image_preparation = prep.describe()
+        if s2 is not None:
+            model.info.max_tiles = s2.max_tiles if s2.dynamic else None
+            model.info.s2 = s2.describe()
     limit = model.llm.cfg.max_position_embeddings
     model.max_context = min(max_context or min(limit, 4096), limit)
     if template:

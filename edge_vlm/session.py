@@ -180,7 +180,7 @@ class ChatSession:
         marks = text.count(IMAGE_MARK)
         if marks and marks != n_images:
             raise EdgeVLMError(f"the question has {marks} {IMAGE_MARK} marks but {n_images} images were given")
-        return text if marks else (IMAGE_MARK + "\n") * n_images + text
+        return text if marks else (IMAGE_MARK + self.model.image_mark_suffix) * n_images + text
 
     def _head(self) -> list[dict]:
         return [{"role": "system", "content": self.system}] if self.system else []
@@ -196,9 +196,12 @@ class ChatSession:
             text = tpl.continuation(self.messages, new, **kw)
         pieces = text.split(IMAGE_MARK)
         if self.model.tiling is not None and len(pieces) > 1:  # each picture's mark -> its tiles' marks
-            text = pieces[0] + "".join(self.model.image_text(n) + rest for n, rest in zip(tiles, pieces[1:]))
+            alone = len(tiles) == 1
+            text = pieces[0] + "".join(self.model.image_text(n, alone) + rest for n, rest in zip(tiles, pieces[1:]))
             pieces = text.split(IMAGE_MARK)
         chunks = [self.model.tokenizer.encode(c) for c in pieces]
+        start, end = self.model.image_wrap_ids  # token ids around each image (NVILA-era VILA)
+        chunks = [(end if i else []) + c + (start if i < len(chunks) - 1 else []) for i, c in enumerate(chunks)]
         chunks[0] = self._pending + chunks[0]
         return chunks
 
@@ -212,11 +215,10 @@ class ChatSession:
         content = self._user_content(text, n_images)
         if content is None and not results:
             raise EdgeVLMError("nothing to answer: no question and no tool results")
-        tiles = [self.model.tile_count(None if isinstance(pictures, int) else p)
-                 for p in (range(n_images) if isinstance(pictures, int) else pictures)]
+        tiles = self.model.mark_counts(pictures)
         user = [] if content is None else [{"role": "user", "content": content}]
         chunks = self._prompt_chunks(list(results) + user, tiles)
-        return content, chunks, sum(len(c) for c in chunks) + sum(tiles) * self.model.tokens_per_image
+        return content, chunks, sum(len(c) for c in chunks) + self.model.image_tokens(pictures)
 
     def tokens_needed(self, text: str, n_images: int = 0, images=None) -> int:
         """How many context tokens asking `text` with `n_images` images (or video frames) takes now.
@@ -237,7 +239,7 @@ class ChatSession:
                 f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
 
     def _prompt(self, chunks: list[list[int]], images: list[Image.Image]) -> Prompt:
-        tiles = [t for im in images for t in self.model.image_tiles(im)]  # tiled models: every tile
+        tiles = self.model.message_tiles(images)  # tiled models: every tile
         return Prompt(chunks, self.model.encode_images(tiles) if tiles else None)
 
     def _pictures(self, images, video, frames: int) -> list[Image.Image]:

@@ -4,7 +4,12 @@ no vision tower.
 
 Tiled models (InternVL, NVLM-D) cut each picture into tiles of the tower's size (tiling.py); every
 tile is then encoded like one image of a fixed-size model (`tokens_per_image` embeddings each), and
-`image_text` says how a picture's tiles are written in the prompt (one `<image>` mark per tile)."""
+`image_text` says how a picture's tiles are written in the prompt (one `<image>` mark per tile).
+
+S2 models (NVILA's dynamic S2, VILA1.5-*-s2's fixed S2: imaging/s2_tiling.py, models/s2_features.py) see
+each picture at several scales; one picture is one `<image>` mark and one block of embeddings, whose
+length grows with the picture's tile grid under dynamic S2. NVILA-era checkpoints put the image
+encoder's start/end tokens (default: none / "\n") around each block as token ids (`image_wrap_ids`)."""
 
 from __future__ import annotations
 
@@ -17,11 +22,20 @@ from PIL import Image
 from .backends import make_engine
 from .backends.llamacpp.engine import LlamaCppEngine
 from .formats.configs import ImageConfig
+from .formats.vila_encoders import ImageEncoderConfig, S2Config
 from .imaging.preprocess import preprocess
+from .imaging.s2_tiling import (
+    candidate_grids,
+    cut_dynamic_s2,
+    dynamic_s2_image_tokens,
+    fixed_s2_image_tokens,
+    plan_dynamic_s2,
+)
 from .imaging.tiling import TilingConfig, split_tiles, tile_count
 from .models.kv_cache import kv_cache_bytes
 from .models.llm import DecoderLM
 from .models.projector import Projector
+from .models.s2_features import encode_dynamic_s2, fixed_s2_features
 from .models.vision import VisionTower
 from .text.templates import IMAGE_MARK, ChatTemplate, image_text
 from .text.tokenizer import Tokenizer
@@ -44,6 +58,7 @@ class ModelInfo:
     max_tiles: int | None = None  # tiled models (InternVL, NVLM-D): the most tiles an image is cut into
     vision_quantization: str = "none"  # or "int8" (the tower's Linear weights, one scale per row)
     image_preparation: str | None = None  # the image steps in use and where they were read (multimodal only)
+    s2: str | None = None  # S2 multi-scale models: scales and tiling, one line
     params: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
 
@@ -51,9 +66,18 @@ class ModelInfo:
 class VisionLanguageModel:
     def __init__(self, llm: DecoderLM, tokenizer: Tokenizer, template: ChatTemplate, info: ModelInfo,
                  vision: VisionTower | None = None, projector: Projector | None = None,
-                 image_cfg: ImageConfig | None = None, max_context: int = 4096):
+                 image_cfg: ImageConfig | None = None, max_context: int = 4096, s2: S2Config | None = None,
+                 image_encoder: ImageEncoderConfig | None = None):
         self.llm, self.tokenizer, self.template, self.info = llm, tokenizer, template, info
         self.vision, self.projector, self.image_cfg = vision, projector, image_cfg
+        self.s2 = s2
+        enc = image_encoder
+        # NVILA-era VILA: token ids before / after each image's embeddings (VILA tokenizes the strings alone)
+        self.image_wrap_ids: tuple[list[int], list[int]] = (
+            tokenizer.encode(enc.start_tokens) if enc and enc.start_tokens else [],
+            tokenizer.encode(enc.end_tokens) if enc and enc.end_tokens else [])
+        # what follows a default `<image>` mark in the text: NVILA's "\n" comes from its end tokens instead
+        self.image_mark_suffix = "" if enc is not None else "\n"
         self.max_context = max_context
         # llama.cpp backend: the LLM runs from this GGUF; `llm` is then its shape only (meta tensors)
         self.gguf_path: Path | None = None
@@ -88,8 +112,52 @@ class VisionLanguageModel:
             return cfg.max_tiles + (1 if cfg.thumbnail and cfg.max_tiles > 1 else 0)
         return tile_count(*picture.size, self._tiling_for(picture))
 
-    def image_text(self, tiles: int) -> str:
-        """A picture of `tiles` tiles in the prompt text, one `<image>` mark per tile's embeddings."""
+    def message_tiles(self, pictures) -> list[Image.Image]:
+        """What `encode_images` gets for one message's pictures: one entry per prompt mark (S2 models: the
+        pictures themselves, as dynamic S2 tiles a picture only when it is the message's only one)."""
+        if self.s2 is not None or not self._tiles_all(pictures):
+            return list(pictures)
+        return [t for im in pictures for t in self.image_tiles(im)]
+
+    def _tiles_all(self, pictures) -> bool:
+        """NVILA-Lite (image_format "vila") tiles a picture only when it is its message's only one."""
+        n = pictures if isinstance(pictures, int) else len(pictures)
+        return self.image_format != "vila" or n == 1
+
+    def mark_counts(self, pictures) -> list[int]:
+        """`<image>` marks per picture of a message (`pictures` an int: that many, each at its most)."""
+        if self.s2 is not None or not self._tiles_all(pictures):
+            return [1] * (pictures if isinstance(pictures, int) else len(pictures))
+        if isinstance(pictures, int):
+            return [self.tile_count(None)] * pictures
+        return [self.tile_count(p) for p in pictures]
+
+    def image_tokens(self, pictures) -> int:
+        """Embeddings the pictures of one message take in the prompt (`pictures` an int: at their most);
+        the start/end tokens around them are text and counted with it."""
+        if self.s2 is None:
+            return sum(self.mark_counts(pictures)) * self.tokens_per_image
+        n = pictures if isinstance(pictures, int) else len(pictures)
+        if not self.s2.dynamic or n != 1 or not self.s2.tile_single_image:
+            return n * self.tokens_per_image
+        if isinstance(pictures, int):
+            grids = candidate_grids((self.s2.scales[-1] // self.s2.tile_size) ** 2, self.s2.max_tiles)
+            cols, rows = max(grids, key=lambda g: g[0] * g[1], default=(1, 1))
+            width, height = cols * self.s2.tile_size, rows * self.s2.tile_size
+        else:
+            width, height = pictures[0].size
+        return self._s2_tokens(width, height, alone=True)
+
+    def _s2_tokens(self, width: int, height: int, alone: bool) -> int:
+        side = self.vision.cfg.image_size // self.vision.cfg.patch_size
+        return dynamic_s2_image_tokens(width, height, self.s2, grid_side=side,
+                                       projector_tokens=self.projector.num_tokens, end_tokens=0, alone=alone)
+
+    def image_text(self, tiles: int, alone: bool = True) -> str:
+        """A picture of `tiles` tiles in the prompt text, one `<image>` mark per tile's embeddings; NVILA-Lite
+        writes a lone picture's mark as one `<image>\n` per tile, and leaves the marks of several as they are."""
+        if self.image_format == "vila":
+            return (IMAGE_MARK + "\n") * tiles if alone else IMAGE_MARK * tiles
         return image_text(self.image_format, tiles) if self.image_format else IMAGE_MARK * tiles
 
     @property
@@ -117,8 +185,17 @@ class VisionLanguageModel:
 
     @property
     def tokens_per_image(self) -> int:
-        """Embeddings per encoded picture: per tile for tiled models."""
-        return self.projector.num_tokens(self.vision.num_tokens) if self.vision else 0
+        """Embeddings per encoded picture: per tile for tiled models; S2 models: a picture not tiled
+        (dynamic S2: one of several in a message; see `image_tokens`)."""
+        if not self.vision:
+            return 0
+        if self.s2 is not None:
+            side = self.vision.cfg.image_size // self.vision.cfg.patch_size
+            if self.s2.dynamic:
+                return self._s2_tokens(1, 1, alone=False)
+            return fixed_s2_image_tokens(self.s2, grid_side=side, projector_tokens=self.projector.num_tokens,
+                                         end_tokens=0)
+        return self.projector.num_tokens(self.vision.num_tokens)
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -130,14 +207,31 @@ class VisionLanguageModel:
         return ids
 
     @torch.inference_mode()
-    def encode_images(self, images) -> torch.Tensor:
-        """Images -> LLM-space embeddings [N, tokens_per_image, hidden]."""
+    def encode_images(self, images) -> torch.Tensor | list[torch.Tensor]:
+        """Images -> LLM-space embeddings [N, tokens_per_image, hidden]. Dynamic S2 models take the
+        pictures of one message and give one [tokens, hidden] block per picture (a list)."""
         if self.encoder is not None:
             return self.encoder(images)
+        if self.s2 is not None and self.s2.dynamic:
+            return self._encode_dynamic_s2(images)
         pixels = preprocess(images, self.image_cfg).to(self.device)
+        if self.s2 is not None:
+            feats = fixed_s2_features(self._tower, pixels, self.s2)
+            return self.projector(feats.to(_param_dtype(self.projector))).to(self.dtype)
         # the tower may run in another dtype than the LLM (bf16 on CPUs where that is faster)
         feats = self.vision(pixels.to(_param_dtype(self.vision)))
         return self.projector(feats.to(_param_dtype(self.projector))).to(self.dtype)
+
+    def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vision(pixels.to(_param_dtype(self.vision)))
+
+    def _encode_dynamic_s2(self, pictures) -> list[torch.Tensor]:
+        alone = len(pictures) == 1
+        plans = [plan_dynamic_s2(*p.size, self.s2, alone) for p in pictures]
+        tiles = [t for p, plan in zip(pictures, plans) for t in cut_dynamic_s2(p, plan, self.image_cfg.resample)]
+        pixels = preprocess(tiles, self.image_cfg).to(self.device)
+        project = lambda x: self.projector(x.to(_param_dtype(self.projector)))  # noqa: E731
+        return [b.to(self.dtype) for b in encode_dynamic_s2(self._tower, project, pixels, plans, self.s2)]
 
     def memory_estimate(self, max_context: int | None = None) -> dict[str, int]:
         """Bytes needed: weights as loaded plus the KV cache at `max_context`."""

@@ -11,11 +11,22 @@ import pytest
 import torch
 
 from edge_vlm.formats.configs import ProjectorConfig
+from edge_vlm.formats.vila_encoders import S2Config
+from edge_vlm.imaging.s2_tiling import (
+    DynamicS2Tiles,
+    dynamic_s2_image_tokens,
+    fixed_s2_image_tokens,
+    plan_dynamic_s2,
+)
 from edge_vlm.models.projector import Projector
-from edge_vlm.models.s2_features import (assemble_projected, dynamic_s2_projector_input, encode_dynamic_s2,
-                                  fixed_s2_features, merge_chessboard, split_chessboard)
-from edge_vlm.imaging.s2_tiling import (DynamicS2Tiles, S2Config, dynamic_s2_image_tokens, fixed_s2_image_tokens,
-                                plan_dynamic_s2)
+from edge_vlm.models.s2_features import (
+    assemble_projected,
+    dynamic_s2_projector_input,
+    encode_dynamic_s2,
+    fixed_s2_features,
+    merge_chessboard,
+    split_chessboard,
+)
 
 from .test_s2_tiling import CONFIGS, random_sizes, reference_grid
 

@@ -12,9 +12,16 @@ import pytest
 from PIL import Image
 
 from edge_vlm.errors import UnsupportedModelError
-from edge_vlm.imaging.s2_tiling import (S2Config, candidate_grids, cut_dynamic_s2, dynamic_s2_image_tokens,
-                                fixed_s2_geometry, fixed_s2_image_tokens, plan_dynamic_s2, projector_blocks)
-
+from edge_vlm.formats.vila_encoders import S2Config
+from edge_vlm.imaging.s2_tiling import (
+    candidate_grids,
+    cut_dynamic_s2,
+    dynamic_s2_image_tokens,
+    fixed_s2_geometry,
+    fixed_s2_image_tokens,
+    plan_dynamic_s2,
+    projector_blocks,
+)
 
 # ------------------------------------------------------------------ the reference, read plainly
 

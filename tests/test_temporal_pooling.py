@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from edge_vlm.errors import UnsupportedModelError
-from edge_vlm.models.media_encoders import (ImageEncoderConfig, VideoEncoderConfig, encode_video, pool_frames,
-                                     video_tokens)
+from edge_vlm.formats.vila_encoders import ImageEncoderConfig, VideoEncoderConfig
+from edge_vlm.models.media_encoders import encode_video, pool_frames, video_tokens
 
 
 def reference_pool(frames, pool_size):

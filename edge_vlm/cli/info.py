@@ -48,6 +48,8 @@ def run_info(args) -> int:
         lines.append(f"projector:     {i.projector}, {model.tokens_per_image} tokens per image, "
                      f"{i.params.get('projector', 0) / 1e6:.1f}M params")
         lines.append(f"images:        {i.image_preparation}")
+        if i.s2:
+            lines.append(f"S2/tiling:     {i.s2}")
     lines += [
         f"quantization:  {i.quantization}",
         f"LLM backend:   {backend_line(args.backend, getattr(args, 'device', None))}",

@@ -182,9 +182,14 @@ class VisionConfig:
     @classmethod
     def from_vila(cls, top: dict, tower: dict) -> "VisionConfig":
         """From a VILA top config.json and its vision_tower/config.json."""
-        if top.get("s2") or top.get("dynamic_s2") or top.get("image_aspect_ratio") == "dynamic_s2":
-            raise UnsupportedModelError("VILA checkpoints with S2 multi-scale image tiling (NVILA, *-s2) are not "
-                                        "supported yet; supported: VILA1.5 (image_aspect_ratio resize or pad)")
+        aspect, dynamic_s2, fixed_s2 = top.get("image_aspect_ratio"), top.get("dynamic_s2"), top.get("s2")
+        if aspect == "dynamic" and (dynamic_s2 or fixed_s2):
+            raise UnsupportedModelError("VILA image_aspect_ratio 'dynamic' together with S2 is not supported; "
+                                        "supported: dynamic tiling without S2 (NVILA-Lite) or dynamic_s2 (NVILA)")
+        if aspect == "dynamic_s2" and not dynamic_s2:
+            raise UnsupportedModelError("image_aspect_ratio 'dynamic_s2' needs dynamic_s2 true in config.json")
+        if top.get("ps3"):
+            raise UnsupportedModelError("VILA checkpoints with PS3 high-resolution selection are not supported")
         return cls.from_hf(tower, select_layer=top.get("mm_vision_select_layer", -2),
                            select_feature=top.get("mm_vision_select_feature", "cls_patch"))
 

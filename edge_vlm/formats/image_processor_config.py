@@ -232,10 +232,10 @@ def vila_preparation(vision_dir: Path, tower_arch: str, tower_size: int, top: di
         image = image.with_squash_first()
     elif aspect == "pad":
         image = image.with_pad_to_square()
-    elif aspect in ("dynamic", "dynamic_s2"):
-        raise UnsupportedModelError(f"VILA image_aspect_ratio {aspect!r} (tiled images) is not supported; "
-                                    "supported: resize, pad, or none (the processor alone)")
-    return ImagePreparation(image, None, source + (f", image_aspect_ratio {aspect}" if aspect else ""), assumed)
+    tiling = None
+    if aspect == "dynamic":  # NVILA-Lite: InternVL's tiling (with a thumbnail) of a message's only image
+        tiling = TilingConfig(image.size, int(top.get("min_tiles", 1) or 1), int(top.get("max_tiles", 12) or 12))
+    return ImagePreparation(image, tiling, source + (f", image_aspect_ratio {aspect}" if aspect else ""), assumed)
 
 
 def internvl_original_preparation(top: dict, tower_size: int) -> ImagePreparation:

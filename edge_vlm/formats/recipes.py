@@ -110,12 +110,17 @@ def rename_vision(prefix: str, layers_used: int):
     return rename
 
 
-def rename_projector(prefix: str, kind: str):
-    """VILA `layers.N`, LLaVA-hf `linear_N`, original LLaVA `mm_projector.N` -> ours."""
+def rename_projector(prefix: str, kind: str, module_names: dict[str, str] | None = None):
+    """VILA `layers.N`, LLaVA-hf `linear_N`, original LLaVA `mm_projector.N` -> ours. `module_names`: VILA's
+    module names -> ours (models.projector.vila_module_names), which every VILA projector kind is read by."""
     def rename(key: str):
         if not key.startswith(prefix):
             return None
         rest = key[len(prefix):]
+        if module_names is not None:
+            m = re.match(r"(.+)\.(weight|bias)$", rest)
+            part = module_names.get(m.group(1)) if m else None
+            return f"{part}.{m.group(2)}" if part else None
         if kind == "mlp1":  # InternVL mlp1 = Sequential(LayerNorm, Linear, GELU, Linear), or -hf names
             m = re.match(r"(\d+|layer_norm|linear_1|linear_2)\.(weight|bias)$", rest)
             part = {"0": "norm", "layer_norm": "norm", "1": "linears.0", "linear_1": "linears.0",

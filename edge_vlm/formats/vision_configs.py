@@ -3,14 +3,22 @@ tiled-image prompt format, read (and refused where unsupported) before any weigh
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 from ..errors import UnsupportedModelError
 from .checkpoint import read_json
 from .configs import ImageConfig, ProjectorConfig, TilingConfig, VisionConfig
-from .image_processor_config import (ImagePreparation, internvl_original_preparation, transformers_preparation,
-                                     vila_preparation)
+from .image_processor_config import (
+    ImagePreparation,
+    internvl_original_preparation,
+    transformers_preparation,
+    vila_preparation,
+)
 from .layout import CheckpointLayout
+from .vila_encoders import ImageEncoderConfig, S2Config
+
+NVILA_KEYS = ("dynamic_s2", "image_encoder", "video_encoder")  # written by VILA's NVILA-era code only
 
 
 class VisionConfigs(NamedTuple):
@@ -20,6 +28,8 @@ class VisionConfigs(NamedTuple):
     projector: ProjectorConfig
     preparation: ImagePreparation  # how pictures become pixels (and tiles, for InternVL / NVLM-D)
     image_format: str | None = None  # how tiled images are written in the prompt ("internvl", "nvlm")
+    s2: S2Config | None = None  # VILA's S2 multi-scale features (dynamic: NVILA, fixed: VILA1.5-*-s2)
+    image_encoder: ImageEncoderConfig | None = None  # NVILA-era VILA: the text tokens around each image
 
     @property
     def image(self) -> ImageConfig:
@@ -39,11 +49,34 @@ def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
         projector = ProjectorConfig.from_vila(layout.config, read_json(layout.projector_dir / "config.json"),
                                               vision.hidden_size, layout.llm.hidden_size)
         prep = vila_preparation(layout.vision_dir, vision.arch, vision.image_size, layout.config)
+        s2 = S2Config.from_vila(layout.config)
+        if s2 is not None:
+            prep = _s2_preparation(prep, s2, vision.image_size)
+        encoder = None
+        if any(k in layout.config for k in NVILA_KEYS):
+            encoder = ImageEncoderConfig.from_vila(layout.config.get("image_encoder"))
+        fmt = "vila" if prep.tiling is not None else None  # one "<image>\n" per tile of a lone picture
+        return VisionConfigs(vision, projector, prep, fmt, s2, encoder)
     else:
         vision = VisionConfig.from_llava(layout.config)
         projector = ProjectorConfig.from_llava(layout.config, vision.hidden_size, layout.llm.hidden_size)
         prep = transformers_preparation(layout.folder, vision.arch, vision.image_size, "llava")
     return VisionConfigs(vision, projector, prep)
+
+
+def _s2_preparation(prep: ImagePreparation, s2: S2Config, tower_size: int) -> ImagePreparation:
+    """VILA sets its processor's size to the S2 input: the tile side (dynamic) or the largest scale (fixed)."""
+    size = s2.tile_size if s2.dynamic else s2.input_size
+    if s2.dynamic and size != tower_size:
+        raise UnsupportedModelError(f"dynamic S2 tiles of {size} px (s2_scales[0]) do not match the tower's "
+                                    f"{tower_size} px")
+    if not s2.dynamic and s2.max_split_size != tower_size:
+        raise UnsupportedModelError(f"s2_max_split_size {s2.max_split_size} does not match the tower's {tower_size} px")
+    im = prep.image
+    image = dataclasses.replace(im, size=size, resize_to=size, squash_first=size if im.squash_first else None)
+    kind = "dynamic" if s2.dynamic else "fixed"
+    return dataclasses.replace(prep, image=image,
+                               source=prep.source + f"; {kind} S2 scales {','.join(map(str, s2.scales))}")
 
 
 def _internvl_configs(layout: CheckpointLayout) -> VisionConfigs:

@@ -18,81 +18,13 @@ cols/rows wins; on an exact tie the later one wins while the image's area exceed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
 
 from PIL import Image
 
-from ..errors import UnsupportedModelError
-
-MAX_TILES_LIMIT = 64  # bounds the candidate search (cubic in max_tiles) and the tower's work per image
-
-
-@dataclass(frozen=True)
-class S2Config:
-    """A VILA checkpoint's S2 settings (`s2_scales`, `s2_max_split_size`, `s2_resize_output_to_scale_idx`,
-    `max_tiles`), for either kind."""
-
-    scales: tuple[int, ...]  # ascending, e.g. (448, 896, 1344)
-    dynamic: bool  # dynamic S2 (NVILA) or fixed S2 (VILA1.5-*-s2)
-    max_split_size: int | None = None  # fixed S2's tile side (the tower's input size)
-    resize_output_to_scale_idx: int = 0  # whose feature map size the scales are resized to (Python index)
-    max_tiles: int = 12  # dynamic S2: most tiles at the last scale
-    tile_single_image: bool = True  # dynamic S2: image_aspect_ratio is dynamic_s2, so a lone image is tiled
-
-    def __post_init__(self):
-        self.validate()
-
-    @classmethod
-    def from_vila(cls, top: dict) -> "S2Config | None":
-        """From a VILA top config.json; None when the checkpoint uses no S2. Dynamic S2 wins over `s2` as in
-        VILA's tower builder."""
-        dynamic, fixed = bool(top.get("dynamic_s2")), bool(top.get("s2"))
-        if not (dynamic or fixed):
-            return None
-        raw = top.get("s2_scales")
-        try:
-            scales = tuple(int(s) for s in (raw.split(",") if isinstance(raw, str) else raw))
-        except (TypeError, ValueError):
-            raise UnsupportedModelError(f"s2_scales {raw!r} is not a list of image sizes (e.g. \"448,896,1344\")")
-        if not dynamic:
-            scales = tuple(sorted(scales))  # VILA's fixed-S2 tower sorts them; its dynamic tiling does not
-        aspect = top.get("image_aspect_ratio")
-        if dynamic and aspect not in ("dynamic_s2", "resize", "pad", None):
-            raise UnsupportedModelError(f"dynamic_s2 with image_aspect_ratio {aspect!r} is not supported; "
-                                        "supported: dynamic_s2, resize, pad")
-        split = top.get("s2_max_split_size")
-        return cls(scales=scales, dynamic=dynamic, max_split_size=int(split) if split else None,
-                   resize_output_to_scale_idx=int(top.get("s2_resize_output_to_scale_idx", 0) or 0),
-                   max_tiles=int(top.get("max_tiles", 12) or 12), tile_single_image=aspect == "dynamic_s2")
-
-    def validate(self) -> None:
-        n = len(self.scales)
-        if n == 0 or any(s <= 0 for s in self.scales) or list(self.scales) != sorted(set(self.scales)):
-            raise UnsupportedModelError(f"s2_scales must be ascending positive sizes, not {list(self.scales)}")
-        if not -n <= self.resize_output_to_scale_idx < n:
-            raise UnsupportedModelError(f"s2_resize_output_to_scale_idx {self.resize_output_to_scale_idx} is not "
-                                        f"an index into s2_scales {list(self.scales)}")
-        if not self.dynamic and not (self.max_split_size and self.max_split_size > 0):
-            raise UnsupportedModelError("fixed S2 needs a positive s2_max_split_size")
-        if not 1 <= self.max_tiles <= MAX_TILES_LIMIT:
-            raise ValueError(f"max tiles must be between 1 and {MAX_TILES_LIMIT}, not {self.max_tiles}")
-
-    @property
-    def tile_size(self) -> int:
-        """Dynamic S2's tile side, the image processor's size there (`scales[0]`)."""
-        return self.scales[0]
-
-    @property
-    def input_size(self) -> int:
-        """Fixed S2's image processor size (`scales[-1]`): the image is prepared at the largest scale."""
-        return self.scales[-1]
-
-    def with_max_tiles(self, max_tiles: int) -> "S2Config":
-        """The `--max-tiles` knob: fewer tiles at the last scale, fewer tokens (see `dynamic_s2_image_tokens`)."""
-        return replace(self, max_tiles=max_tiles)
-
+from ..formats.vila_encoders import S2Config
 
 # ------------------------------------------------------------------ dynamic S2
 

@@ -1,9 +1,7 @@
 """VILA's media encoders (NVILA era): the text-token embeddings around an image's or a video's features,
 and the video encoder's pooling over time and space (TSP).
 
-A checkpoint names them in config.json as JSON strings, `image_encoder` and `video_encoder`
-(`{"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[8, 1, 1]]}`); absent, VILA uses
-BasicImageEncoder / BasicVideoEncoder with no start tokens and "\\n" as end tokens.
+Their settings are read in formats/vila_encoders.py (`ImageEncoderConfig`, `VideoEncoderConfig`).
 - Image: [start] + the image's projected tokens + [end].
 - Video, BasicVideoEncoder: per frame, in order, [start] + the frame's tokens + [end].
 - Video, TSPVideoEncoder: for each pool size (t, h, w) in order: average each run of t consecutive frames
@@ -14,82 +12,11 @@ The token strings are the caller's to tokenize and embed (VILA tokenizes them wi
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import UnsupportedModelError
-
-MEDIA_TOKENS_DEFAULT = {"start_tokens": None, "end_tokens": "\n"}
-
-
-def _parse(value, kind: str, targets: dict[str, set[str]]) -> tuple[str, dict]:
-    """A VILA encoder setting (JSON string, dict or None) -> (class name, its arguments)."""
-    if value is None:
-        return next(iter(targets)), {}
-    try:
-        spec = json.loads(value) if isinstance(value, str) else dict(value)
-    except (TypeError, ValueError):
-        raise UnsupportedModelError(f"{kind} {value!r} is not a JSON object")
-    if not isinstance(spec, dict):
-        raise UnsupportedModelError(f"{kind} {value!r} is not a JSON object")
-    name = str(spec.pop("_target_", "")).rsplit(".", 1)[-1]
-    if name not in targets:
-        raise UnsupportedModelError(f"unsupported {kind} {name or value!r}; supported: {', '.join(targets)}")
-    extra = sorted(set(spec) - targets[name])
-    if extra:
-        raise UnsupportedModelError(f"{kind} {name} with {', '.join(extra)} is not supported")
-    return name, spec
-
-
-def _text(value, key: str):
-    if value is not None and not isinstance(value, str):
-        raise UnsupportedModelError(f"{key} {value!r} is not a string")
-    return value
-
-
-@dataclass(frozen=True)
-class ImageEncoderConfig:
-    start_tokens: str | None = None
-    end_tokens: str | None = "\n"
-
-    @classmethod
-    def from_vila(cls, value) -> "ImageEncoderConfig":
-        _, args = _parse(value, "image_encoder", {"BasicImageEncoder": {"start_tokens", "end_tokens"}})
-        args = {**MEDIA_TOKENS_DEFAULT, **args}
-        return cls(_text(args["start_tokens"], "start_tokens"), _text(args["end_tokens"], "end_tokens"))
-
-
-@dataclass(frozen=True)
-class VideoEncoderConfig:
-    pool_sizes: tuple[tuple[int, int, int], ...] = ((1, 1, 1),)  # (frames, rows, columns) averaged together
-    start_tokens: str | None = None
-    end_tokens: str | None = "\n"
-    sep_tokens: str | None = None
-
-    def __post_init__(self):
-        if not self.pool_sizes or any(len(p) != 3 or any(not isinstance(v, int) or v < 1 for v in p)
-                                      for p in self.pool_sizes):
-            raise UnsupportedModelError(f"pool_sizes must be [frames, rows, columns] triples of positive integers, "
-                                        f"not {[list(p) for p in self.pool_sizes]}")
-
-    @classmethod
-    def from_vila(cls, value) -> "VideoEncoderConfig":
-        tokens = {"start_tokens", "end_tokens"}
-        name, args = _parse(value, "video_encoder", {"BasicVideoEncoder": tokens,
-                                                     "TSPVideoEncoder": tokens | {"pool_sizes", "sep_tokens"}})
-        if name == "TSPVideoEncoder" and "pool_sizes" not in args:
-            raise UnsupportedModelError("video_encoder TSPVideoEncoder needs pool_sizes")
-        args = {**MEDIA_TOKENS_DEFAULT, "sep_tokens": None, "pool_sizes": [[1, 1, 1]], **args}
-        try:
-            pools = tuple(tuple(p) for p in args["pool_sizes"])
-        except TypeError:
-            raise UnsupportedModelError(f"pool_sizes {args['pool_sizes']!r} is not a list of triples")
-        return cls(pools, _text(args["start_tokens"], "start_tokens"), _text(args["end_tokens"], "end_tokens"),
-                   _text(args["sep_tokens"], "sep_tokens"))
-
+from ..formats.vila_encoders import VideoEncoderConfig
 
 def pool_frames(features: torch.Tensor, pool_size: tuple[int, int, int]) -> torch.Tensor:
     """[frames, side*side, C] -> [frames/t, (side/h) * (side/w), C]: means over runs of t frames, h rows and

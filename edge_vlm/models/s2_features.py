@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..imaging.s2_tiling import DynamicS2Tiles, S2Config, projector_blocks
+from ..formats.vila_encoders import S2Config
+from ..imaging.s2_tiling import DynamicS2Tiles, projector_blocks
 
 Tower = Callable[[torch.Tensor], torch.Tensor]  # pixels [N, 3, S, S] -> features [N, P, C], P row-major patches
 

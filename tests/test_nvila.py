@@ -1,0 +1,301 @@
+"""NVILA (dynamic S2) and VILA1.5-*-s2 (fixed S2) folders end to end on the torch path.
+
+The reference functions here are a plain reading of VILA's order of operations (mm_utils.dynamic_s2_preprocess,
+llava_arch.merge_features_for_dynamic_s2 / encode_images, s2wrapper's forward, base_projector's flat_square),
+run on transformers' own SiglipVisionModel and image processor: loops and explicit index arithmetic, not our
+modules.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from edge_vlm.cli import main
+from edge_vlm.errors import UnsupportedModelError
+from edge_vlm.imaging.s2_tiling import dynamic_s2_image_tokens
+from edge_vlm.loading import load_model
+from edge_vlm.session import ChatSession
+from tests.factories import image_processor
+from tests.nvila_factory import TILE, make_nvila, make_nvila_lite, make_vila_s2
+
+SIZES = [(100, 60), (60, 100), (42, 42), (300, 40), (40, 300), (500, 500), (77, 33), (130, 129), (20, 200)]
+GRID = 3  # 42 px tower, 14 px patches
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nvila")
+    return {"nvila": (root / "nvila", make_nvila(root / "nvila")),
+            "nvila_3x3_s2": (root / "nvila_3x3_s2", make_nvila(root / "nvila_3x3_s2",
+                                                               projector="mlp_downsample_3x3_s2", seed=1)),
+            "vila_s2": (root / "vila_s2", make_vila_s2(root / "vila_s2", seed=2)),
+            "nvila_lite": (root / "nvila_lite", make_nvila_lite(root / "nvila_lite", seed=3))}
+
+
+def picture(w, h, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+# ------------------------------------------------------------------ the reference, written from VILA's algorithm
+
+def ref_grid(w, h, s0, last, max_num):
+    """(cols, rows) as dynamic_s2_preprocess picks it."""
+    min_num = (last // s0) ** 2
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    best, best_diff = (1, 1), float("inf")
+    for i, j in ratios:
+        diff = abs(w / h - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and w * h > 0.5 * s0 * s0 * i * j:
+            best = (i, j)
+    return best
+
+
+def ref_tiles(image, scales, max_num):
+    s0, tiles, canvases = scales[0], [], []
+    for s in scales[:-1]:
+        canvases.append((s // s0, s // s0))
+    cols, rows = ref_grid(*image.size, s0, scales[-1], max_num)
+    canvases.append((rows, cols))
+    for rows_, cols_ in canvases:
+        canvas = image.resize((cols_ * s0, rows_ * s0))  # PIL's default resample, as VILA
+        for t in range(rows_ * cols_):
+            r, c = t // cols_, t % cols_
+            tiles.append(canvas.crop((c * s0, r * s0, (c + 1) * s0, (r + 1) * s0)))
+    return tiles, canvases
+
+
+def hf_features(vision, pixels):
+    with torch.no_grad():
+        return vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]  # SigLIP: no CLS
+
+
+def place(tokens_list, rows, cols, g):
+    """Tiles' [g*g, C] token grids -> one [C, rows*g, cols*g] map, tile t at row t // cols, column t % cols."""
+    c = tokens_list[0].shape[-1]
+    out = torch.zeros(c, rows * g, cols * g)
+    for t, tok in enumerate(tokens_list):
+        r, col = t // cols, t % cols
+        out[:, r * g:(r + 1) * g, col * g:(col + 1) * g] = tok.T.reshape(c, g, g)
+    return out
+
+
+def flat_square(x, k, rows_first=True):
+    """base_projector's flat_square for [n, h, w, c]: pad to a multiple of k, view/permute as VILA does;
+    NVILA's *_fix kinds end with one more permute (row blocks outermost), VILA1.5's did not."""
+    n, w, h, c = x.shape
+    pad = -w % k
+    x = F.pad(x, (0, 0, 0, pad, 0, pad))
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, h // k, c * k).permute(0, 2, 1, 3).reshape(n, h // k, w // k, c * k * k)
+    if rows_first:
+        x = x.permute(0, 2, 1, 3)
+    return x.reshape(n, -1, c * k * k)
+
+
+def ref_project(proj, kind, maps):
+    """[n, C, g, g] blocks -> projected [n, t, H] through VILA's Sequential (its merge done by flat_square)."""
+    k = 3 if "3x3" in kind else 2
+    x = flat_square(maps.permute(0, 2, 3, 1), k, rows_first=kind != "mlp_downsample_vila15")
+    with torch.no_grad():
+        return proj[1:](x)
+
+
+def ref_dynamic_s2(image, vision, proj, kind, scales=(42, 84, 126), max_num=12):
+    tiles, canvases = ref_tiles(image, scales, max_num)
+    proc = image_processor("siglip", TILE)
+    pixels = torch.stack([torch.as_tensor(proc(t, return_tensors="pt")["pixel_values"][0]) for t in tiles])
+    feats, at, maps = hf_features(vision, pixels), 0, []
+    for rows, cols in canvases:
+        maps.append(place(list(feats[at:at + rows * cols]), rows, cols, GRID))
+        at += rows * cols
+    size = maps[-1].shape[-2:]  # s2_resize_output_to_scale_idx -1
+    merged = torch.cat([F.interpolate(m[None], size=tuple(size), mode="area")[0] for m in maps])
+    rows, cols = canvases[-1]
+    blocks = torch.stack([merged[:, r * GRID:(r + 1) * GRID, c * GRID:(c + 1) * GRID]
+                          for r in range(rows) for c in range(cols)])
+    out = ref_project(proj, kind, blocks)  # [rows*cols, t*t, H]
+    side = math.isqrt(out.shape[1])
+    full = torch.zeros(rows * side, cols * side, out.shape[-1])
+    for b in range(rows * cols):
+        r, c = b // cols, b % cols
+        full[r * side:(r + 1) * side, c * side:(c + 1) * side] = out[b].reshape(side, side, -1)
+    return full.reshape(-1, out.shape[-1])
+
+
+def ref_fixed_s2(image, vision, proj, scales=(42, 84, 126), split=TILE, idx=0):
+    proc = image_processor("siglip", scales[-1])
+    x = torch.as_tensor(proc(image.resize((scales[-1], scales[-1])), return_tensors="pt")["pixel_values"])
+    maps = []
+    for s in scales:
+        k = math.ceil(s / split)
+        y = F.interpolate(F.interpolate(x, size=(s, s), mode="bicubic"), size=(k * split,) * 2, mode="bicubic")
+        tiles = [y[:, :, r * split:(r + 1) * split, c * split:(c + 1) * split] for r in range(k) for c in range(k)]
+        feats = hf_features(vision, torch.cat(tiles))
+        merged = place(list(feats), k, k, GRID)
+        side = math.ceil(s / (k * split) * merged.shape[-1])
+        maps.append(F.interpolate(merged[None], size=(side, side), mode="area")[0])
+    size = maps[idx].shape[-2:]
+    m = torch.cat([F.interpolate(a[None], size=tuple(size), mode="area")[0] for a in maps])
+    return ref_project(proj, "mlp_downsample_vila15", m[None])[0]
+
+
+# ------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("name,k", [("nvila", 2), ("nvila_3x3_s2", 3)])
+def test_token_count_per_picture_follows_the_s2_tiling(folders, name, k):
+    model = load_model(folders[name][0], fast_path=False, progress=False)
+    per_block = math.ceil(GRID / k) ** 2
+    for w, h in SIZES:
+        im = picture(w, h)
+        want = dynamic_s2_image_tokens(w, h, model.s2, grid_side=GRID, projector_tokens=lambda _: per_block,
+                                       end_tokens=0)
+        cols, rows = ref_grid(w, h, TILE, 126, 12)
+        assert want == rows * cols * per_block
+        assert model.image_tokens([im]) == want
+        (block,) = model.encode_images([im])
+        assert block.shape[0] == want
+    two = model.encode_images([picture(100, 60), picture(60, 100)])  # several pictures: one tile each, no tiling
+    assert [b.shape[0] for b in two] == [per_block, per_block] == [model.tokens_per_image] * 2
+
+
+@pytest.mark.parametrize("name,kind", [("nvila", "mlp_downsample_2x2_fix"), ("nvila_3x3_s2", "mlp_downsample_3x3_s2")])
+def test_dynamic_s2_embeddings_equal_the_reference_order(folders, name, kind):
+    folder, (llm, vision, proj) = folders[name]
+    model = load_model(folder, fast_path=False, progress=False)
+    for w, h in [(100, 60), (40, 300), (130, 129)]:
+        im = picture(w, h, seed=w)
+        (ours,) = model.encode_images([im])
+        ref = ref_dynamic_s2(im, vision, proj, kind)
+        assert ours.shape == ref.shape
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)  # fp32 both: summation order only
+
+
+def test_fixed_s2_embeddings_equal_the_reference_order(folders):
+    folder, (llm, vision, proj) = folders["vila_s2"]
+    model = load_model(folder, fast_path=False, progress=False)
+    im = picture(90, 50, seed=3)
+    ours = model.encode_images([im])[0]
+    ref = ref_fixed_s2(im, vision, proj)
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    assert model.image_tokens([im]) == model.tokens_per_image == ours.shape[0] == 4
+
+
+def test_nvila_prompt_puts_end_tokens_after_each_image_and_no_newline_mark(folders):
+    model = load_model(folders["nvila"][0], fast_path=False, progress=False)
+    s = ChatSession(model)
+    content, chunks, need = s._question("What is this?", [picture(100, 60)])
+    assert content == "<image>What is this?"  # NVILA's extract_media: no "\n" after the mark in the text
+    nl = model.tokenizer.encode("\n")
+    assert nl and chunks[1][:len(nl)] == nl  # BasicImageEncoder's end tokens follow the image's embeddings
+    assert need == sum(map(len, chunks)) + 48
+    vila15 = load_model(folders["vila_s2"][0], fast_path=False, progress=False)
+    assert ChatSession(vila15)._question("Q", [picture(10, 10)])[0] == "<image>\nQ"  # VILA1.5 as before
+
+
+@pytest.mark.parametrize("name", ["nvila", "nvila_3x3_s2", "vila_s2", "nvila_lite"])
+def test_chat_answers_on_each_tiny_folder(folders, name, tmp_path, capsys):
+    img = tmp_path / "p.png"
+    picture(120, 70).save(img)
+    args = ["chat", "--model", str(folders[name][0]), "--backend", "torch", "--temperature", "0", "--image",
+            str(img), "--max-new-tokens", "5", "--quiet", "What is this?"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == out and len(out.strip()) > 0  # greedy: the same answer again
+
+
+def test_info_prints_the_s2_line(folders, capsys):
+    assert main(["info", str(folders["nvila"][0])]) == 0
+    out = capsys.readouterr().out
+    assert "S2/tiling:     dynamic S2, scales 42,84,126" in out and "9-12 tiles" in out
+    assert main(["info", str(folders["vila_s2"][0])]) == 0
+    assert "S2/tiling:     fixed S2, scales 42,84,126 in 42 px tiles" in capsys.readouterr().out
+
+
+def ref_lite_tiles(image, s, max_num, min_num=1):
+    """mm_utils.dynamic_preprocess: the aspect grid's tiles row by row, then the thumbnail when more than one."""
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
+    w, h = image.size
+    best, best_diff = (1, 1), float("inf")
+    for i, j in ratios:
+        diff = abs(w / h - i / j)
+        if diff < best_diff:
+            best, best_diff = (i, j), diff
+        elif diff == best_diff and w * h > 0.5 * s * s * i * j:
+            best = (i, j)
+    cols, rows = best
+    canvas = image.resize((cols * s, rows * s))
+    tiles = [canvas.crop(((b % cols) * s, (b // cols) * s, (b % cols + 1) * s, (b // cols + 1) * s))
+             for b in range(cols * rows)]
+    return tiles + ([image.resize((s, s))] if len(tiles) != 1 else [])
+
+
+def test_nvila_lite_tiles_a_lone_picture_and_writes_one_mark_per_tile(folders):
+    folder, (llm, vision, proj) = folders["nvila_lite"]
+    model = load_model(folder, fast_path=False, progress=False)
+    proc = image_processor("siglip", TILE)
+    for w, h in [(100, 60), (42, 42), (40, 300)]:
+        im = picture(w, h, seed=h)
+        tiles = ref_lite_tiles(im, TILE, 6)
+        pixels = torch.stack([torch.as_tensor(proc(t, return_tensors="pt")["pixel_values"][0]) for t in tiles])
+        feats = hf_features(vision, pixels)
+        ref = ref_project(proj, "mlp_downsample_3x3_fix", feats.transpose(1, 2).reshape(len(tiles), -1, GRID, GRID))
+        ours = model.encode_images(model.message_tiles([im]))
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+        s = ChatSession(model)
+        content, chunks, need = s._question("Q", [im])
+        nl = model.tokenizer.encode("\n")
+        assert content == "<image>Q" and len(chunks) == len(tiles) + 1  # "<image>\n" per tile (mm_utils)
+        assert all(c == nl + nl for c in chunks[1:-1])  # the encoder's end token, then the text's "\n"
+        assert need == sum(map(len, chunks)) + len(tiles) * model.tokens_per_image
+    two = [picture(100, 60), picture(40, 300)]
+    assert len(model.message_tiles(two)) == 2  # several pictures: one squashed tile each, marks left as they are
+    assert ChatSession(model)._question("Q", two)[0] == "<image><image>Q"
+
+
+def test_unsupported_variants_are_refused_with_one_line(tmp_path, capsys):
+    make_nvila(tmp_path / "lite", image_aspect_ratio="dynamic")
+    with pytest.raises(UnsupportedModelError) as e:
+        load_model(tmp_path / "lite", device="meta")
+    assert "'dynamic'" in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()  # the factory's own progress output
+    assert main(["info", str(tmp_path / "lite")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'dynamic' together with S2" in err
+
+
+def test_max_tiles_trades_tokens_for_speed_and_turns_reuse_the_cache(folders):
+    full = load_model(folders["nvila"][0], fast_path=False, progress=False)
+    few = load_model(folders["nvila"][0], fast_path=False, progress=False, max_tiles=9)
+    im = picture(100, 60)
+    assert full.image_tokens([im]) == 4 * 12 and few.image_tokens([im]) == 4 * 9  # grid 4x3 -> 3x3 at 9 tiles
+    assert few.encode_images([im])[0].shape[0] == 36
+    s = ChatSession(full)
+    from edge_vlm.generate import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=3, temperature=0)
+    first = "".join(s.ask("What is this?", images=[im], gen=gen))
+    at = s.position
+    assert at >= 48 and first
+    "".join(s.ask("And this?", images=[picture(60, 100)], gen=gen))
+    assert s.stats.cached_prompt_tokens == at and s.position > at + 48  # the first turn stays in the cache
+
+
+def test_the_onnx_tower_is_refused_for_s2_and_auto_stays_on_torch(folders):
+    from edge_vlm.errors import EdgeVLMError
+
+    with pytest.raises(EdgeVLMError, match="ONNX vision backend does not run S2") as e:
+        load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="onnx")
+    assert "\n" not in str(e.value)
+    model = load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="auto")
+    assert model.encoder is None and model.info.vision_backend == "torch"
