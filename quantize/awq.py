@@ -36,12 +36,13 @@ from edge_vlm.kv_cache import StaticKVCache
 from edge_vlm.llm import DecoderLayer, LayerNorm1P
 from edge_vlm.rotary import rope_tables
 
-from .groupwise import QuantizedWeight, fake_quantize, quantize_weight
+from .groupwise import QuantizedWeight, fake_quantize, group_grid, quantize_weight, round_to_grid
 from .gptq import gptq_quantize
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # q·k products amplify clipping errors
+LOSS_CHUNK_ELEMENTS = 1 << 24  # weights fake-quantized at once by the H-based scale loss (64 MB in float32)
 
 
 @dataclass
@@ -114,10 +115,12 @@ class _Capture:
         self.count += x.shape[0]
         perm = torch.randperm(x.shape[0], generator=self.gen).to(x.device)
         self.rows.append(x[perm[: self.per_batch]].float())
-        if self.h_per_batch:
-            xh = x[perm[: self.h_per_batch]].float()
-            h = xh.t() @ xh
-            self.h_sum = h if self.h_sum is None else self.h_sum + h
+        if self.h_per_batch:  # every token of the batch when the budget allows: no gather, summed in place
+            xh = (x if self.h_per_batch >= x.shape[0] else x[perm[: self.h_per_batch]]).float()
+            if self.h_sum is None:
+                self.h_sum = xh.t() @ xh
+            else:
+                self.h_sum.addmm_(xh.t(), xh)
             self.h_count += xh.shape[0]
 
     @property
@@ -176,11 +179,13 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
         w_stat = tie(_weight_mean(ws, opts.group_size)).clamp(min=1e-8)
         rows = sum(w.shape[0] for w in ws)
 
+        w_all = torch.cat(ws)  # the group's linears stacked: one fake-quantization and one product per candidate
+
         def loss_of(s):
-            q = [fake_quantize(w * s, opts.group_size, opts.bits) / s for w in ws]
             if h is not None:
-                return float(sum(((qi - w) @ h * (qi - w)).sum() for qi, w in zip(q, ws)) / rows)
-            return float((block(x, q) - ref).pow(2).mean())
+                return _hessian_loss(w_all, s, h, opts) / rows
+            q = fake_quantize(w_all * s, opts.group_size, opts.bits) / s
+            return float((block(x, list(q.split([w.shape[0] for w in ws]))) - ref).pow(2).mean())
 
         ones = torch.ones_like(x_stat)
         best_s, best = ones, loss_of(ones)
@@ -196,9 +201,29 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     return best_s, best, rtn
 
 
+def _hessian_loss(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> float:
+    """sum over rows of dW h dW^T for dW = Q(w * s) / s - w, in chunks of rows (bounded buffers)."""
+    rows = max(1, LOSS_CHUNK_ELEMENTS // w.shape[1])
+    total = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        wr = w[r0:r0 + rows]
+        d = fake_quantize(wr * s, opts.group_size, opts.bits).div_(s).sub_(wr)
+        total += float((d @ h).mul_(d).sum())
+    return total
+
+
+def _clip_ratios(opts: AWQOptions, device) -> torch.Tensor:
+    """The shrink ratios tried, largest first: 1, 1 - 1/clip_grid, ... (ratio 1 is plain min-max)."""
+    return torch.tensor([1 - i / opts.clip_grid for i in range(int(opts.max_shrink * opts.clip_grid))],
+                        dtype=torch.float32, device=device)
+
+
 def search_clip_hessian(w: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group) range [lo, hi] minimising dw_g H_gg dw_g^T, the group's output error over every
-    token in H (its diagonal blocks); `clip_damp` adds a weight-space term that favours no clipping."""
+    token in H (its diagonal blocks); `clip_damp` adds a weight-space term that favours no clipping.
+
+    Every shrink ratio is scored in one batched product per chunk of rows (a loop over ratios made
+    one small einsum each); the first ratio of least error wins, as in a loop with a strict `<`."""
     g = opts.group_size
     w = w.float()
     n, k = w.shape
@@ -206,29 +231,40 @@ def search_clip_hessian(w: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> t
     if opts.clip_damp:
         diag = hb.diagonal(dim1=1, dim2=2).mean(-1)
         hb = hb + opts.clip_damp * diag[:, None, None] * torch.eye(g, device=w.device)
-    wg = w.view(n, k // g, g)
+    wg = w.reshape(n, k // g, g)
     lo_all, hi_all = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-    best_lo, best_hi = lo_all.clone(), hi_all.clone()
-    best_err = torch.full((n, k // g), float("inf"), device=w.device)
+    ratios = _clip_ratios(opts, w.device)
+    r = len(ratios)
+    best = torch.empty(n, k // g, dtype=torch.long, device=w.device)
+    rows = max(1, (1 << 23) // (r * k))  # bounds the [ratios, rows, K] candidates to 32 MB
     with torch.no_grad():
-        for i in range(int(opts.max_shrink * opts.clip_grid)):
-            ratio = 1 - i / opts.clip_grid
-            lo, hi = lo_all * ratio, hi_all * ratio
-            d = (fake_quantize(w, g, opts.bits, lo, hi) - w).view(n, k // g, g)
-            err = torch.einsum("ngi,gij,ngj->ng", d, hb, d)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+        for r0 in range(0, n, rows):
+            sl = slice(r0, min(n, r0 + rows))
+            lo, hi = ratios[:, None, None] * lo_all[sl], ratios[:, None, None] * hi_all[sl]  # [R, rows, groups]
+            scales, zeros = group_grid(lo, hi, opts.bits)
+            scales, zeros = scales[..., None], zeros[..., None]
+            d = round_to_grid(wg[sl], scales, zeros, opts.bits).sub_(zeros).mul_(scales).sub_(wg[sl])
+            dg = d.permute(2, 0, 1, 3).reshape(k // g, -1, g)  # [groups, R * rows, G]
+            err = (torch.bmm(dg, hb) * dg).sum(-1).view(k // g, r, -1)  # [groups, R, rows]
+            best[sl] = err.argmin(1).t()
+    ratio = ratios[best]
+    return lo_all * ratio, hi_all * ratio
 
 
-def _clipped_range(h: torch.Tensor, opts: AWQOptions):
-    """GPTQ's per-group grid from the clipping search on the group's (updated) weights and H block."""
+def _clipped_range(h: torch.Tensor, opts: AWQOptions, clip_rows: torch.Tensor | None = None):
+    """GPTQ's per-group grid from the clipping search on the group's (updated) weights and H block;
+    rows outside `clip_rows` (a bool mask; None: all) keep their min-max grid."""
     g = opts.group_size
 
     def group_range(grp: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = search_clip_hessian(grp, h[col:col + g, col:col + g], opts)
-        return lo[:, 0], hi[:, 0]
+        hg = h[col:col + g, col:col + g]
+        if clip_rows is None:
+            lo, hi = search_clip_hessian(grp, hg, opts)
+            return lo[:, 0], hi[:, 0]
+        lo, hi = grp.amin(1), grp.amax(1)
+        clo, chi = search_clip_hessian(grp[clip_rows], hg, opts)
+        lo[clip_rows], hi[clip_rows] = clo[:, 0], chi[:, 0]
+        return lo, hi
     return group_range
 
 
@@ -388,24 +424,53 @@ def _quantize_linears(layer: DecoderLayer, inputs: dict[str, InputStats] | None,
                       opts: AWQOptions) -> dict[str, QuantizedWeight]:
     """Round every linear (after the clipping search, or by GPTQ, where `inputs` are given); the layer
     keeps the dequantized weights, so its outputs are those of the quantized model."""
+    linears = layer_linears(layer)
     weights = {}
-    for name, lin in layer_linears(layer).items():
-        lo = hi = None
-        stats = inputs[name] if inputs is not None else None
-        clip = stats is not None and opts.clip and name not in NO_CLIP
-        if stats is not None and opts.rounding == "gptq":
-            qw = gptq_quantize(lin.weight, stats.hessian, opts.group_size, opts.bits, opts.gptq_damp,
-                               group_range=_clipped_range(stats.hessian, opts) if clip else None)
-        else:
-            if clip:
+    if inputs is not None and opts.rounding == "gptq":
+        for names in _shared_input(linears, inputs):
+            weights.update(_gptq_stacked(linears, names, inputs[names[0]].hessian, opts))
+    else:
+        for name, lin in linears.items():
+            lo = hi = None
+            stats = inputs[name] if inputs is not None else None
+            if stats is not None and opts.clip and name not in NO_CLIP:
                 if opts.hessian:
                     lo, hi = search_clip_hessian(lin.weight, stats.hessian, opts)
                 else:
                     lo, hi = search_clip(lin.weight, stats.sample, opts)
-            qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
-        _set(lin.weight, qw.dequantize(torch.float32))
-        weights[name] = qw
-    return weights
+            weights[name] = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
+    for name, qw in weights.items():
+        _set(linears[name].weight, qw.dequantize(torch.float32))
+    return {name: weights[name] for name in linears}
+
+
+def _shared_input(linears: dict[str, nn.Linear], inputs: dict[str, InputStats]) -> list[tuple[str, ...]]:
+    """The linears grouped by the input statistics they share (q, k, v; gate, up), in layer order."""
+    groups: dict[int, list[str]] = {}
+    for name in linears:
+        groups.setdefault(id(inputs[name]), []).append(name)
+    return [tuple(names) for names in groups.values()]
+
+
+def _gptq_stacked(linears: dict[str, nn.Linear], names: tuple[str, ...], h: torch.Tensor,
+                  opts: AWQOptions) -> dict[str, QuantizedWeight]:
+    """GPTQ of linears reading one input as one stacked matrix (rows never mix): one factor of H and
+    one column sweep instead of one each; the clipping search covers the rows of clipped linears."""
+    ws = [linears[n].weight for n in names]
+    clip = [opts.clip and n not in NO_CLIP for n in names]
+    group_range = None
+    if any(clip):
+        mask = None if all(clip) else torch.cat([torch.full((w.shape[0],), c, device=w.device)
+                                                 for w, c in zip(ws, clip)])
+        group_range = _clipped_range(h, opts, mask)
+    qw = gptq_quantize(torch.cat(ws) if len(ws) > 1 else ws[0], h, opts.group_size, opts.bits, opts.gptq_damp,
+                       group_range=group_range)
+    out, r0 = {}, 0
+    for n, w in zip(names, ws):
+        r1 = r0 + w.shape[0]
+        out[n] = QuantizedWeight(qw.q[r0:r1].contiguous(), qw.zeros[r0:r1].contiguous(), qw.scales[r0:r1].contiguous())
+        r0 = r1
+    return out
 
 
 def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor, runner: LayerRunner,

@@ -1,0 +1,226 @@
+"""The fast paths of the AWQ layer quantizer against the plain ones they replaced.
+
+The plain versions below are the loops the quantizer ran before it was batched (one clipping
+ratio, one linear, one column slice at a time). Where the fast path only reorders float32 sums
+(batched clipping scores, stacked GPTQ, transposed column sweep), a weight lands on the other side
+of a rounding boundary only when it sits within a few ulp of it, so the integer codes agree
+except for a handful and the output errors agree to float32 precision; where it computes the
+same elementwise operations (fake quantization) it is bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from edge_vlm.quantize import awq
+from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq
+from edge_vlm.quantize.groupwise import QuantizedWeight, fake_quantize, group_grid, quantize_weight, round_to_grid
+from edge_vlm.quantize.gptq import _inverse_cholesky, gptq_quantize
+
+
+# ------------------------------------------------------------------ the plain paths
+
+def plain_search_clip_hessian(w, h, opts):
+    """One shrink ratio at a time, a strict `<` keeping the first best."""
+    g = opts.group_size
+    w = w.float()
+    n, k = w.shape
+    hb = torch.stack([h[i:i + g, i:i + g] for i in range(0, k, g)]).float()
+    if opts.clip_damp:
+        diag = hb.diagonal(dim1=1, dim2=2).mean(-1)
+        hb = hb + opts.clip_damp * diag[:, None, None] * torch.eye(g)
+    wg = w.reshape(n, k // g, g)
+    lo_all, hi_all = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
+    best_lo, best_hi = lo_all.clone(), hi_all.clone()
+    best_err = torch.full((n, k // g), float("inf"))
+    for i in range(int(opts.max_shrink * opts.clip_grid)):
+        ratio = 1 - i / opts.clip_grid
+        lo, hi = lo_all * ratio, hi_all * ratio
+        d = (quantize_weight(w, g, opts.bits, lo, hi).dequantize() - w).view(n, k // g, g)
+        err = torch.einsum("ngi,gij,ngj->ng", d, hb, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi
+
+
+def plain_gptq(w, h, group_size, bits=4, damp=0.01, block=128, group_range=None):
+    """The column sweep on w as it is (strided column slices), one linear at a time."""
+    w = w.float().clone()
+    n, k = w.shape
+    block = max(group_size, block // group_size * group_size)
+    u = _inverse_cholesky(h, damp)
+    w[:, torch.diag(h) <= 0] = 0
+    q = torch.zeros(n, k, dtype=torch.uint8)
+    scales, zeros = torch.zeros(n, k // group_size), torch.zeros(n, k // group_size)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        wb, ub = w[:, b0:b1].clone(), u[b0:b1, b0:b1]
+        err = torch.zeros_like(wb)
+        for i in range(b1 - b0):
+            col = b0 + i
+            g = col // group_size
+            if col % group_size == 0:
+                grp = wb[:, i:i + group_size]
+                lo, hi = (grp.amin(1), grp.amax(1)) if group_range is None else group_range(grp, col)
+                scales[:, g], zeros[:, g] = group_grid(lo, hi, bits)
+            qi = round_to_grid(wb[:, i], scales[:, g], zeros[:, g], bits)
+            q[:, col] = qi.to(torch.uint8)
+            e = (wb[:, i] - (qi - zeros[:, g]) * scales[:, g]) / ub[i, i]
+            wb[:, i:] -= e[:, None] * ub[i, i:][None, :]
+            err[:, i] = e
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return QuantizedWeight(q, zeros.to(torch.uint8), scales.to(torch.float16))
+
+
+def plain_clipped_range(h, opts):
+    g = opts.group_size
+
+    def group_range(grp, col):
+        lo, hi = plain_search_clip_hessian(grp, h[col:col + g, col:col + g], opts)
+        return lo[:, 0], hi[:, 0]
+    return group_range
+
+
+def plain_quantize_linears(layer, inputs, opts):
+    """Every linear on its own: its own factor of H, its own sweep."""
+    weights = {}
+    for name, lin in awq.layer_linears(layer).items():
+        stats = inputs[name]
+        clip = opts.clip and name not in awq.NO_CLIP
+        qw = plain_gptq(lin.weight, stats.hessian, opts.group_size, opts.bits, opts.gptq_damp,
+                        group_range=plain_clipped_range(stats.hessian, opts) if clip else None)
+        awq._set(lin.weight, qw.dequantize(torch.float32))
+        weights[name] = qw
+    return weights
+
+
+def plain_hessian_loss(w, s, h, opts):
+    q = fake_quantize(w * s, opts.group_size, opts.bits) / s
+    return float(((q - w) @ h * (q - w)).sum())
+
+
+# ------------------------------------------------------------------ inputs
+
+def _correlated_inputs(k, tokens=2048, seed=0):
+    """Activations with a few outlier channels and correlated columns, as real layers have."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k // 4, generator=gen) @ torch.randn(k // 4, k, generator=gen) / (k // 4) ** 0.5
+    x += 0.3 * torch.randn(tokens, k, generator=gen)
+    x[:, :3] *= 15
+    return x
+
+
+def _output_error(qw, w, h):
+    d = qw.dequantize() - w
+    return float((d @ h * d).sum())
+
+
+# ------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("clipped", [False, True])
+def test_fake_quantize_is_quantize_then_dequantize_bit_for_bit(clipped):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 256, generator=gen)
+    lo = hi = None
+    if clipped:
+        wg = w.view(48, -1, 64)
+        lo, hi = 0.8 * wg.amin(-1), 0.7 * wg.amax(-1)
+    assert torch.equal(fake_quantize(w, 64, 4, lo, hi), quantize_weight(w, 64, 4, lo, hi).dequantize())
+
+
+@pytest.mark.parametrize("damp", [0.0, 0.1])
+def test_batched_clipping_search_picks_the_loops_ranges(damp):
+    x = _correlated_inputs(256)
+    h = x.t() @ x / x.shape[0]
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(2)) * 0.05
+    opts = AWQOptions(group_size=64, clip_damp=damp)
+    lo, hi = awq.search_clip_hessian(w, h, opts)
+    plo, phi = plain_search_clip_hessian(w, h, opts)
+    same = (lo == plo) & (hi == phi)
+    assert same.float().mean() >= 0.99, same.float().mean()
+    # where a near-tie went the other way, the two choices are equally good to float32 precision
+    err = lambda a, b: _output_error(quantize_weight(w, 64, 4, a, b), w, h)  # noqa: E731
+    assert err(lo, hi) == pytest.approx(err(plo, phi), rel=1e-5)
+    assert not torch.equal(lo, w.view(96, -1, 64).amin(-1).clamp(max=0))  # some groups were clipped
+
+
+@pytest.mark.parametrize("group,clipped", [(64, False), (64, True), (128, True)])
+def test_transposed_gptq_sweep_matches_the_plain_sweep(group, clipped):
+    k = 384
+    x = _correlated_inputs(k, seed=3)
+    h = x.t() @ x / x.shape[0]
+    w = torch.randn(80, k, generator=torch.Generator().manual_seed(4)) * 0.05
+    opts = AWQOptions(group_size=group)
+    fast = gptq_quantize(w, h, group, group_range=awq._clipped_range(h, opts) if clipped else None)
+    plain = plain_gptq(w, h, group, group_range=plain_clipped_range(h, opts) if clipped else None)
+    assert (fast.q == plain.q).float().mean() >= 0.999
+    assert (fast.scales == plain.scales).float().mean() >= 0.99
+    assert _output_error(fast, w, h) == pytest.approx(_output_error(plain, w, h), rel=1e-3)
+
+
+def test_stacked_gptq_rows_match_each_linear_alone_with_per_row_clipping():
+    """q, k, v stacked: q and k rows keep min-max grids (NO_CLIP), v rows are clipped, as alone."""
+    k = 256
+    x = _correlated_inputs(k, seed=5)
+    h = x.t() @ x / x.shape[0]
+    gen = torch.Generator().manual_seed(6)
+    ws = {n: torch.nn.Linear(k, rows, bias=False) for n, rows in
+          (("self_attn.q_proj", 64), ("self_attn.k_proj", 32), ("self_attn.v_proj", 32))}
+    for lin in ws.values():
+        lin.weight.data = torch.randn(lin.weight.shape, generator=gen) * 0.05
+    opts = AWQOptions(group_size=64)
+    stacked = awq._gptq_stacked(ws, tuple(ws), h, opts)
+    for name, lin in ws.items():
+        clip = name not in awq.NO_CLIP
+        alone = plain_gptq(lin.weight, h, 64, group_range=plain_clipped_range(h, opts) if clip else None)
+        assert (stacked[name].q == alone.q).float().mean() >= 0.999, name
+        assert _output_error(stacked[name], lin.weight, h) == pytest.approx(_output_error(alone, lin.weight, h),
+                                                                            rel=1e-3)
+
+
+def test_chunked_hessian_loss_equals_the_plain_sum(monkeypatch):
+    x = _correlated_inputs(128, seed=7)
+    h = x.t() @ x / x.shape[0]
+    w = torch.randn(300, 128, generator=torch.Generator().manual_seed(8)) * 0.05
+    s = torch.rand(128, generator=torch.Generator().manual_seed(9)) + 0.5
+    opts = AWQOptions(group_size=64)
+    plain = plain_hessian_loss(w, s, h, opts)
+    assert awq._hessian_loss(w, s, h, opts) == pytest.approx(plain, rel=1e-5)
+    monkeypatch.setattr(awq, "LOSS_CHUNK_ELEMENTS", 128 * 7)  # 7 rows a chunk: the chunks' sum is the whole
+    assert awq._hessian_loss(w, s, h, opts) == pytest.approx(plain, rel=1e-5)
+
+
+def _tiny_layer(kind="llama"):
+    from edge_vlm.config import LLMConfig
+    from edge_vlm.llm import DecoderLayer
+
+    cfg = LLMConfig(arch=kind, vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=4,
+                    num_kv_heads=2, head_dim=32, norm_eps=1e-5, max_position_embeddings=64)
+    torch.manual_seed(10)
+    layer = DecoderLayer(cfg).float()
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    x = torch.randn(6, 64, 128)
+    x[..., :2] *= 10
+    return cfg, layer, x
+
+
+def test_layer_quantized_by_the_fast_paths_matches_the_plain_paths(monkeypatch):
+    cfg, layer, x = _tiny_layer()
+    runner = LayerRunner(cfg, x.shape[1], "cpu")
+    opts = AWQOptions(group_size=64)
+    fast_layer = copy.deepcopy(layer)
+    fast, fast_out = quantize_layer_awq(fast_layer, cfg, x, runner, opts)
+    monkeypatch.setattr(awq, "_quantize_linears", plain_quantize_linears)
+    monkeypatch.setattr(awq, "_hessian_loss", plain_hessian_loss)
+    plain, plain_out = quantize_layer_awq(copy.deepcopy(layer), cfg, x, runner, opts)
+    for name, qw in fast.weights.items():
+        assert (qw.q == plain.weights[name].q).float().mean() >= 0.995, name
+    assert fast.loss == pytest.approx(plain.loss, rel=0.02)
+    assert torch.allclose(fast_out, plain_out, rtol=0, atol=1e-3 * float(plain_out.abs().max()))
