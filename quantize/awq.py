@@ -24,7 +24,8 @@ the up rows take sqrt(s), since relu(u/t)^2 = relu(u)^2 / t^2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -63,6 +64,9 @@ class AWQOptions:
     scale_search: bool = True  # False: no AWQ scales (RTN or GPTQ alone)
     rounding: str = "gptq"     # "gptq" (error compensation under H, grids from the clipping search) or "rtn"
     gptq_damp: float = 0.01
+    matmul: str = "fp32"       # "bf16": the layer's forward passes and the scale searches' products in bfloat16
+                               # (CPUs with AMX / AVX512-BF16: ~4x the float32 rate); H, GPTQ and every sum of
+                               # squared errors stay float32 (quantize/matmul_choice.py picks it by measuring)
 
 
 def layer_linears(layer: DecoderLayer) -> dict[str, nn.Linear]:
@@ -109,7 +113,10 @@ class _Capture:
         self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator().manual_seed(seed)
 
     def __call__(self, module, args, output):
-        x = args[0].reshape(-1, args[0].shape[-1])
+        with torch.autocast(args[0].device.type, enabled=False):  # H in float32 under a bf16 forward
+            self._add(args[0].reshape(-1, args[0].shape[-1]))
+
+    def _add(self, x: torch.Tensor) -> None:
         s = x.float().abs().sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
@@ -118,9 +125,8 @@ class _Capture:
         if self.h_per_batch:  # every token of the batch when the budget allows: no gather, summed in place
             xh = (x if self.h_per_batch >= x.shape[0] else x[perm[: self.h_per_batch]]).float()
             if self.h_sum is None:
-                self.h_sum = xh.t() @ xh
-            else:
-                self.h_sum.addmm_(xh.t(), xh)
+                self.h_sum = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            add_gram_upper(self.h_sum, xh)
             self.h_count += xh.shape[0]
 
     @property
@@ -134,7 +140,23 @@ class _Capture:
     @property
     def hessian(self) -> torch.Tensor | None:
         """Mean x^T x per token (None when not gathered)."""
-        return None if self.h_sum is None else self.h_sum / max(self.h_count, 1)
+        return None if self.h_sum is None else symmetric_from_upper(self.h_sum) / max(self.h_count, 1)
+
+
+GRAM_STRIP = 1024  # rows of x^T x per product in add_gram_upper
+
+
+def add_gram_upper(h: torch.Tensor, x: torch.Tensor, strip: int = GRAM_STRIP) -> None:
+    """h += x^T x on and above the diagonal, one strip of rows at a time ([strip, K - i] each): about 60%
+    of the full product's work for wide inputs (a plain product computes both triangles)."""
+    k = x.shape[1]
+    for i in range(0, k, strip):
+        h[i:i + strip, i:].addmm_(x[:, i:i + strip].t(), x[:, i:])
+
+
+def symmetric_from_upper(h: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is h's (what add_gram_upper leaves below it is ignored)."""
+    return h.triu() + h.triu(1).t()
 
 
 def _capture_inputs(layer, runner, x_all, groups: list[ScaleGroup], opts: AWQOptions):
@@ -174,7 +196,8 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     """
     ws = [w.float() for w in weights]
     with torch.no_grad():
-        ref = block(x, ws) if h is None else None
+        with _matmuls(opts, x.device):
+            ref = block(x, ws).float() if h is None else None
         x_stat = tie(x_mean.float()).clamp(min=1e-8)
         w_stat = tie(_weight_mean(ws, opts.group_size)).clamp(min=1e-8)
         rows = sum(w.shape[0] for w in ws)
@@ -185,7 +208,9 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
             if h is not None:
                 return _hessian_loss(w_all, s, h, opts) / rows
             q = fake_quantize(w_all * s, opts.group_size, opts.bits) / s
-            return float((block(x, list(q.split([w.shape[0] for w in ws]))) - ref).pow(2).mean())
+            with _matmuls(opts, x.device):
+                out = block(x, list(q.split([w.shape[0] for w in ws])))
+            return float((out.float() - ref).pow(2).mean())
 
         ones = torch.ones_like(x_stat)
         best_s, best = ones, loss_of(ones)
@@ -204,11 +229,12 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
 def _hessian_loss(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> float:
     """sum over rows of dW h dW^T for dW = Q(w * s) / s - w, in chunks of rows (bounded buffers)."""
     rows = max(1, LOSS_CHUNK_ELEMENTS // w.shape[1])
+    hm = h.to(torch.bfloat16) if opts.matmul == "bf16" else h
     total = 0.0
     for r0 in range(0, w.shape[0], rows):
         wr = w[r0:r0 + rows]
         d = fake_quantize(wr * s, opts.group_size, opts.bits).div_(s).sub_(wr)
-        total += float((d @ h).mul_(d).sum())
+        total += float((d.to(hm.dtype) @ hm).float().mul_(d).sum())
     return total
 
 
@@ -331,6 +357,25 @@ class LayerResult:
     loss: float                          # |out_q - out_fp|^2 / |out_fp - x|^2 over the calibration set
     rtn_search_loss: float = 0.0         # sum over blocks of the search loss with s = 1
     awq_search_loss: float = 0.0         # ... with the chosen scales
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step (_Steps)
+
+
+class _Steps:
+    """Wall time per step of one layer (synchronised on CUDA), for the benchmark and the time estimate."""
+
+    def __init__(self, device):
+        self.device, self.seconds = torch.device(device), {}
+        self._t = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def done(self, step: str) -> None:
+        t = self._now()
+        self.seconds[step] = self.seconds.get(step, 0.0) + t - self._t
+        self._t = t
 
 
 def gqa_tie(cfg: LLMConfig):
@@ -479,16 +524,22 @@ def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor,
 
     Returns the result and the layer's outputs with quantized weights (the next layer's input).
     """
+    steps = _Steps(x_all.device)
     groups = scale_groups(layer, cfg)
     fp_out, caps = _capture_inputs(layer, runner, x_all, groups, opts)
+    steps.done("forward 16-bit + H")
     inputs, awq_total, rtn_total = {}, 0.0, 0.0
     for group, cap in zip(groups, caps):
         x, best, rtn = apply_scales(layer, group, cap, opts)
         inputs.update(dict.fromkeys(group.names, x))
         awq_total, rtn_total = awq_total + best, rtn_total + rtn
+    steps.done("scale search")
     weights = _quantize_linears(layer, inputs, opts)
+    steps.done("clipping + rounding")
     out = _run_all(layer, runner, x_all, opts)
-    return LayerResult(weights, _relative_error(out, fp_out, x_all), rtn_total, awq_total), out
+    loss = _relative_error(out, fp_out, x_all)
+    steps.done("forward quantized")
+    return LayerResult(weights, loss, rtn_total, awq_total, steps.seconds), out
 
 
 def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
@@ -496,10 +547,18 @@ def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
     return LayerResult(_quantize_linears(layer, None, opts), float("nan"))
 
 
+def _matmuls(opts: AWQOptions, device) -> torch.autocast:
+    """The precision of the bulk products: bfloat16 under `matmul="bf16"` (results rounded to bf16 where
+    they are used, never where they are summed), else the tensors' own."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.matmul == "bf16")
+
+
 def _run_all(layer, runner, x_all, opts) -> torch.Tensor:
     out = torch.empty_like(x_all)
-    for sl in _batches(x_all.shape[0], x_all.shape[1], opts.batch_tokens):
-        out[sl] = runner(layer, x_all[sl])
+    with _matmuls(opts, x_all.device):
+        for sl in _batches(x_all.shape[0], x_all.shape[1], opts.batch_tokens):
+            out[sl] = runner(layer, x_all[sl])  # the residual stream stays in x_all's dtype
     return out
 
 

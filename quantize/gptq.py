@@ -19,14 +19,17 @@ from .groupwise import QuantizedWeight, group_grid, round_to_grid
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, the factor GPTQ's updates use."""
-    h = h.double().clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h += damp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h = h.to(torch.float64, copy=True)
+    diag = h.diagonal()
+    dead = diag <= 0
+    diag[dead] = 1.0
+    diag += damp * float(diag.mean())
+    base, added = float(diag.mean()), 0.0
     for extra in (0.0, 0.1, 1.0):  # a near-singular H (few tokens, dead channels) gets more damping
         try:
-            hh = h + extra * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            inv = torch.cholesky_inverse(torch.linalg.cholesky(hh))
+            diag += (extra - added) * base  # in place on h's diagonal: no identity matrices
+            added = extra
+            inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
             return torch.linalg.cholesky(inv, upper=True).float()
         except torch.linalg.LinAlgError:
             continue

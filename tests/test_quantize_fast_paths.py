@@ -224,3 +224,44 @@ def test_layer_quantized_by_the_fast_paths_matches_the_plain_paths(monkeypatch):
         assert (qw.q == plain.weights[name].q).float().mean() >= 0.995, name
     assert fast.loss == pytest.approx(plain.loss, rel=0.02)
     assert torch.allclose(fast_out, plain_out, rtol=0, atol=1e-3 * float(plain_out.abs().max()))
+
+
+@pytest.mark.parametrize("k", [100, 2048 + 300])
+def test_gram_from_upper_strips_is_the_full_product(k):
+    x = _correlated_inputs(k if k % 4 == 0 else 104, tokens=512, seed=11)[:, :k]
+    h = torch.zeros(k, k)
+    awq.add_gram_upper(h, x, strip=1024)
+    awq.add_gram_upper(h, 2 * x, strip=1024)  # sums in place, batch after batch
+    full = awq.symmetric_from_upper(h)
+    ref = 5 * x.t() @ x
+    assert torch.equal(full, full.t())
+    assert torch.allclose(full, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+def test_capture_hessian_is_the_mean_gram_of_every_token():
+    cap = awq._Capture(per_batch=16, h_per_batch=10**9, seed=0)
+    xs = [torch.randn(2, 50, 64) for _ in range(3)]
+    for x in xs:
+        cap(None, (x,), None)
+    flat = torch.cat([x.reshape(-1, 64) for x in xs])
+    assert torch.allclose(cap.hessian, flat.t() @ flat / 300, rtol=1e-5, atol=1e-6)
+    assert cap.sample.shape == (48, 64)
+
+
+def test_inverse_cholesky_adds_damping_until_an_indefinite_h_factors():
+    h = torch.tensor([[1.0, 1.05], [1.05, 1.0]])  # eigenvalue -0.05: no factor without extra damping
+    u = _inverse_cholesky(h, damp=0.0)
+    assert torch.equal(u, u.triu())
+    expect = torch.linalg.inv(h + 0.1 * torch.eye(2))  # the first extra step: 0.1 * mean(diag)
+    assert torch.allclose(u.t() @ u, expect, rtol=1e-5)
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
+    x = _correlated_inputs(64, tokens=256, seed=12)
+    h = x.t() @ x / 256
+    h[5, :] = h[:, 5] = 0  # a dead channel: its diagonal becomes 1
+    u = _inverse_cholesky(h, damp=0.01)
+    hd = h.double().clone()
+    hd[5, 5] = 1
+    hd += 0.01 * hd.diagonal().mean() * torch.eye(64, dtype=torch.float64)
+    assert torch.allclose((u.t() @ u).double(), torch.linalg.inv(hd), rtol=1e-4, atol=1e-6)
