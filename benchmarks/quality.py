@@ -36,6 +36,8 @@ VARIANTS = {
     "awq-v1": dict(rounding="rtn", hessian=False),                   # token-sample losses, clipping on 512 tokens
     "awq-noduo": dict(duo_scaling=False),
     "gptq": dict(method="gptq"),                                     # GPTQ alone, no scales
+    "awq-fp32": dict(matmul="fp32"),                                 # the default with every product in float32
+                                                                     # (what `auto` picks on AVX2-only CPUs)
 }
 IN_DOMAIN = "pydoc (in-domain)"
 

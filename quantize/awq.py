@@ -207,7 +207,7 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
         def loss_of(s):
             if h is not None:
                 return _hessian_loss(w_all, s, h, opts) / rows
-            q = fake_quantize(w_all * s, opts.group_size, opts.bits) / s
+            q = fake_quantize(w_all * s, opts.group_size, opts.bits).div_(s)
             with _matmuls(opts, x.device):
                 out = block(x, list(q.split([w.shape[0] for w in ws])))
             return float((out.float() - ref).pow(2).mean())

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -36,7 +37,9 @@ from edge_vlm.loader import CheckpointLayout, detect_layout
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
 from .calibration import builtin_blocks, calibration_blocks, list_images, read_calibration_file
+from .cost import layer_seconds, layer_steps
 from .groupwise import QuantizedWeight, quantize_weight
+from .matmul_choice import CHOICES as MATMUL_CHOICES, MatmulRates, choose_matmul
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -68,6 +71,8 @@ class QuantizeSettings:
     max_shard_bytes: int = 2 * 10**9  # output shards, like Hugging Face's save_pretrained
     quantize_lm_head: bool = False   # int4 lm_head (RTN): big vocabularies, e.g. Nemotron's 256k
     quantize_embedding: bool = False  # int8 token embeddings (per-row scale)
+    matmul: str = "auto"             # bulk products' precision: "auto" (bf16 where measured >= 1.5x float32:
+                                     # AMX / AVX512-BF16 CPUs), "fp32" or "bf16" (quantize/matmul_choice.py)
 
 
 @dataclass
@@ -323,6 +328,8 @@ def _check_settings(settings: QuantizeSettings) -> None:
         raise QuantizeError(f"unknown rounding {settings.rounding!r}; use gptq or rtn")
     if settings.w_bit != 4:
         raise QuantizeError("only --w-bit 4 is supported")
+    if settings.matmul not in MATMUL_CHOICES:
+        raise QuantizeError(f"unknown matmul precision {settings.matmul!r}; use {', '.join(MATMUL_CHOICES)}")
 
 
 def _prepare_output(out: Path, resume: bool, force: bool) -> Path:
@@ -361,6 +368,9 @@ class _Run:
     store: TensorStore
     key: dict  # _settings_key
     progress: _Progress
+    matmul: str = "fp32"  # the bulk products' precision (settings.matmul resolved on this machine)
+    rates: MatmulRates | None = None  # measured by choose_matmul (calibrating runs only)
+    log: Callable[[str], None] = print
     step: str = "preparing the calibration data"  # named by out-of-memory errors
     started: float = field(default_factory=time.perf_counter)
     sources: list[str] = field(default_factory=list)
@@ -400,7 +410,12 @@ class _Run:
         return AWQOptions(group_size=self.group, bits=s.w_bit, clip=s.clip, duo_scaling=s.duo_scaling,
                           search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
                           hessian_tokens=s.hessian_tokens, gptq_damp=s.gptq_damp,
-                          scale_search=not gptq, rounding="gptq" if gptq else s.rounding)
+                          scale_search=not gptq, rounding="gptq" if gptq else s.rounding, matmul=self.matmul)
+
+    def estimate_minutes(self, layers: int) -> float:
+        """Minutes for `layers` layers from the operation counts at the measured rates (before any layer ran)."""
+        steps = layer_steps(self.cfg, self.settings.n_samples, self.settings.seqlen, self.options())
+        return layers * layer_seconds(steps, self.rates.per_second(self.matmul)) / 60
 
     def first_inputs(self) -> torch.Tensor:
         """Layer `layers_done`'s calibration input: saved by the run we resume, or computed."""
@@ -438,19 +453,33 @@ class _Run:
         done = self.progress.layers_done
         bar = tqdm(range(done, self.cfg.num_layers), desc=f"{self.settings.method.upper()} layers", unit="layer",
                    initial=done, total=self.cfg.num_layers, file=sys.stderr, disable=not show)
+        if awq:
+            left = self.cfg.num_layers - done
+            minutes = self.estimate_minutes(left)
+            self.log(f"estimate: ~{minutes:.0f} min on this machine for {left} layers ({self.matmul} products; "
+                     f"counted from the shapes at the measured rates, refined after the first layer)")
+            bar.set_postfix(left=f"~{minutes:.0f} min")
+        times = []
         for i in bar:
+            t = time.perf_counter()
             self.step = f"loading layer {i}"
             layer = self.load_layer(i)
             self.step = f"quantizing layer {i}"
             if awq:
                 result, x = quantize_layer_awq(layer, self.cfg, x, runner, opts)
                 self.progress.losses.append(result.loss)
-                bar.set_postfix(loss=f"{result.loss:.2e}")
             else:
                 result = quantize_layer_rtn(layer, opts)
             self.step = f"writing layer {i}"
             self.save_layer(i, layer, result, x)
             del layer
+            if awq:
+                times.append(time.perf_counter() - t)
+                left = self.cfg.num_layers - i - 1
+                minutes = left * sum(times) / len(times) / 60
+                if len(times) == 1 and left:
+                    self.log(f"layer {i} took {times[0]:.0f} s: ~{minutes:.0f} min for the other {left} layers")
+                bar.set_postfix(loss=f"{result.loss:.2e}", left=f"~{minutes:.0f} min")
 
     def write_rest(self) -> None:
         """Everything but the decoder layers: the other tensors, index, config, tokenizer, VLM parts."""
@@ -556,7 +585,12 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     _check_has_layers(store, layout.layer_prefix)
     key = _settings_key(layout, settings, group)
     state = _resume_state(key, partial / "progress.json", resume, cfg.num_layers, log)
-    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state, sources=state.calibration)
+    matmul, rates = "fp32", None
+    if settings.method != "rtn":
+        matmul, rates = choose_matmul(settings.matmul, device, cfg.hidden_size)
+        log(f"matmul: {matmul} (measured here: {rates.bf16:.0f} GFLOP/s bf16, {rates.fp32:.0f} float32)")
+    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state, matmul, rates, log,
+               sources=state.calibration)
     run.llm_out.mkdir(parents=True, exist_ok=True)
     try:
         with _OutOfMemory(run):
