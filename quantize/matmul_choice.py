@@ -10,6 +10,7 @@ The measured rates also feed the time estimate (quantize/cost.py).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 
 CHOICES = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.5
+CPU_SECONDS_PER_OP = 20e-6  # one small tensor op from Python (dispatch + a vector of a few thousand floats)
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,11 @@ class MatmulRates:
     elementwise: float = 0.0
 
     def per_second(self, matmul: str) -> dict[str, float]:
-        """Rates by quantize/cost.py step kind, per second, with the bulk products in `matmul`."""
-        return {"matmul": 1e9 * (self.bf16 if matmul == "bf16" else self.fp32), "fp32": 1e9 * self.fp32,
-                "fp64": 1e9 * self.fp64, "elements": 1e9 * self.elementwise}
+        """Rates by quantize/cost.py step kind, per second, with the bulk products in `matmul` (on a CPU,
+        whose layer runs in float32: the forwards and the searches alike)."""
+        bulk = 1e9 * (self.bf16 if matmul == "bf16" else self.fp32)
+        return {"forward": bulk, "search": bulk, "fp32": 1e9 * self.fp32, "fp64": 1e9 * self.fp64,
+                "elements": 1e9 * self.elementwise, "ops": 1 / CPU_SECONDS_PER_OP}
 
 
 def _sync(device: torch.device) -> None:
@@ -57,9 +61,14 @@ def _gflops(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
 
 
 def measure_rates(width: int, device, reps: int = 3) -> MatmulRates:
-    """The rates at the layer's width (bounded to 512..4096, so tiny test models still time a real product)."""
+    """The rates at the layer's width (bounded to 512..4096, so tiny test models still time a real product),
+    measured once per process and width: every run of a process then makes the same `auto` choice."""
+    return _measured(min(4096, max(512, width)), str(torch.device(device)), reps)
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(k: int, device: str, reps: int) -> MatmulRates:
     device = torch.device(device)
-    k = min(4096, max(512, width))
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(2048, k, device=device, generator=gen)
     b = torch.randn(k, k, device=device, generator=gen)

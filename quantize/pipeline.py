@@ -62,6 +62,7 @@ class QuantizeSettings:
     clip: bool = True                # clipping search (each group's grid, for either rounding)
     duo_scaling: bool = True
     search_tokens: int = 4096        # calibration tokens scoring each MLP scale candidate (cost ~ linear)
+    n_grid: int = 20                 # scale exponents tried per group (a = 0, 1/n, ..., (n-1)/n)
     rounding: str = "gptq"           # after the AWQ scales: "gptq" error compensation on clipped grids (the
                                      # default: it recovered most on held-out domains, RESULTS.md) or "rtn"
     hessian: bool = True             # losses of linear blocks from X^T X (False: the original token-sample search)
@@ -73,6 +74,21 @@ class QuantizeSettings:
     quantize_embedding: bool = False  # int8 token embeddings (per-row scale)
     matmul: str = "auto"             # bulk products' precision: "auto" (bf16 where measured >= 1.5x float32:
                                      # AMX / AVX512-BF16 CPUs), "fp32" or "bf16" (quantize/matmul_choice.py)
+
+
+# `--fast`: half the calibration tokens, half the scale candidates and of the MLP's scoring tokens:
+# about half the time of the default; its quality cost is measured in benchmarks/RESULTS.md (issue 30)
+FAST = dict(n_samples=64, n_grid=10, search_tokens=2048)
+
+
+def awq_options(settings: QuantizeSettings, group: int, matmul: str = "fp32") -> AWQOptions:
+    """The per-layer options a run of `settings` quantizes with (`matmul` resolved on this machine)."""
+    s = settings
+    gptq = s.method == "gptq"
+    return AWQOptions(group_size=group, bits=s.w_bit, n_grid=s.n_grid, clip=s.clip, duo_scaling=s.duo_scaling,
+                      search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
+                      hessian_tokens=s.hessian_tokens, gptq_damp=s.gptq_damp,
+                      scale_search=not gptq, rounding="gptq" if gptq else s.rounding, matmul=matmul)
 
 
 @dataclass
@@ -87,6 +103,8 @@ class Summary:
     layer_losses: list[float] = field(default_factory=list)
     calibration: list[str] = field(default_factory=list)  # one line per calibration source
     shards: list[str] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # wall time of each layer (quantize + write)
+    matmul: str = "fp32"  # the bulk products' precision used
 
     def text(self) -> str:
         mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
@@ -96,6 +114,10 @@ class Summary:
                  f"time {self.seconds:.1f} s"]
         if self.calibration:
             lines.append("calibration: " + "; ".join(self.calibration))
+        if self.method != "rtn" and self.layer_seconds:
+            t = self.layer_seconds
+            lines.append(f"time per layer: first {t[0]:.1f} s, mean {sum(t) / len(t):.1f} s, max {max(t):.1f} s "
+                         f"({self.matmul} products)")
         if self.shards:
             lines.append(f"weights: {', '.join(self.shards)}")
         if self.method != "rtn" and self.layer_losses:
@@ -352,6 +374,8 @@ class _Progress:
     losses: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     calibration: list[str] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # wall time of each finished layer
+    matmul: str | None = None  # the precision `auto` resolved to: a resumed run keeps it (same arithmetic)
 
 
 @dataclass
@@ -405,12 +429,7 @@ class _Run:
         return self.progress.elapsed_s + time.perf_counter() - self.started
 
     def options(self) -> AWQOptions:
-        s = self.settings
-        gptq = s.method == "gptq"
-        return AWQOptions(group_size=self.group, bits=s.w_bit, clip=s.clip, duo_scaling=s.duo_scaling,
-                          search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
-                          hessian_tokens=s.hessian_tokens, gptq_damp=s.gptq_damp,
-                          scale_search=not gptq, rounding="gptq" if gptq else s.rounding, matmul=self.matmul)
+        return awq_options(self.settings, self.group, self.matmul)
 
     def estimate_minutes(self, layers: int) -> float:
         """Minutes for `layers` layers from the operation counts at the measured rates (before any layer ran)."""
@@ -443,6 +462,8 @@ class _Run:
             os.replace(self.acts_path.with_suffix(".tmp"), self.acts_path)
         self.state_path.write_text(json.dumps({"settings": self.key, "layers_done": i + 1,
                                                "losses": self.progress.losses, "elapsed_s": self.elapsed(),
+                                               "layer_seconds": self.progress.layer_seconds,
+                                               "matmul": self.matmul,
                                                "calibration": self.sources}))
 
     def quantize_layers(self, show: bool) -> None:
@@ -459,7 +480,7 @@ class _Run:
             self.log(f"estimate: ~{minutes:.0f} min on this machine for {left} layers ({self.matmul} products; "
                      f"counted from the shapes at the measured rates, refined after the first layer)")
             bar.set_postfix(left=f"~{minutes:.0f} min")
-        times = []
+        times = []  # this run's layers (a resumed run's earlier ones may have run on another machine)
         for i in bar:
             t = time.perf_counter()
             self.step = f"loading layer {i}"
@@ -471,10 +492,11 @@ class _Run:
             else:
                 result = quantize_layer_rtn(layer, opts)
             self.step = f"writing layer {i}"
+            self.progress.layer_seconds.append(time.perf_counter() - t)
             self.save_layer(i, layer, result, x)
             del layer
             if awq:
-                times.append(time.perf_counter() - t)
+                times.append(self.progress.layer_seconds[-1])
                 left = self.cfg.num_layers - i - 1
                 minutes = left * sum(times) / len(times) / 60
                 if len(times) == 1 and left:
@@ -523,7 +545,8 @@ class _Run:
         else:
             before, after = self.store.nbytes(), sum(p.stat().st_size for p in self.out.glob("*.safetensors"))
         return Summary(str(self.layout.folder), str(self.out), self.settings.method, self.group, before, after,
-                       self.elapsed(), self.progress.losses, self.sources, self.shards)
+                       self.elapsed(), self.progress.losses, self.sources, self.shards, self.progress.layer_seconds,
+                       self.matmul)
 
 
 def _chain(*iterables):
@@ -558,7 +581,8 @@ def _resume_state(run_key: dict, state_path: Path, resume: bool, num_layers: int
         if state["settings"] != run_key:
             raise QuantizeError(f"{state_path.parent} was started with other settings; pass --force to start over")
         log(f"resuming after layer {state['layers_done'] - 1} of {num_layers}")
-        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"], state.get("calibration", []))
+        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"], state.get("calibration", []),
+                         state.get("layer_seconds", []), state.get("matmul"))
     if resume:
         log("note: nothing to resume; starting from the first layer")
     return _Progress()
@@ -587,8 +611,9 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     state = _resume_state(key, partial / "progress.json", resume, cfg.num_layers, log)
     matmul, rates = "fp32", None
     if settings.method != "rtn":
-        matmul, rates = choose_matmul(settings.matmul, device, cfg.hidden_size)
-        log(f"matmul: {matmul} (measured here: {rates.bf16:.0f} GFLOP/s bf16, {rates.fp32:.0f} float32)")
+        matmul, rates = choose_matmul(state.matmul or settings.matmul, device, cfg.hidden_size)
+        kept = " (kept from the run resumed)" if state.matmul else ""
+        log(f"matmul: {matmul}{kept} (measured here: {rates.bf16:.0f} GFLOP/s bf16, {rates.fp32:.0f} float32)")
     run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state, matmul, rates, log,
                sources=state.calibration)
     run.llm_out.mkdir(parents=True, exist_ok=True)

@@ -265,3 +265,41 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
     hd[5, 5] = 1
     hd += 0.01 * hd.diagonal().mean() * torch.eye(64, dtype=torch.float64)
     assert torch.allclose((u.t() @ u).double(), torch.linalg.inv(hd), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "nemotron"])
+def test_bf16_products_quantize_a_layer_as_well_as_float32_on_held_out_inputs(kind):
+    """bf16 rounds each product's inputs to 8 mantissa bits (2^-9 relative); H, GPTQ and the error sums stay
+    float32, so the statistics move by ~0.2% and the held-out error of the layer by ~1% either way (measured
+    over seeds): well inside 3%."""
+    cfg, layer, x = _tiny_layer(kind)
+    held = torch.randn(6, 64, 128, generator=torch.Generator().manual_seed(13))
+    held[..., :2] *= 10
+    runner = LayerRunner(cfg, x.shape[1], "cpu")
+    ref = runner(layer, held)
+    err = {}
+    for matmul in ("fp32", "bf16"):
+        q = copy.deepcopy(layer)
+        quantize_layer_awq(q, cfg, x, runner, AWQOptions(group_size=64, matmul=matmul))
+        err[matmul] = float((runner(q, held) - ref).pow(2).sum() / (ref - held).pow(2).sum())
+    assert err["bf16"] == pytest.approx(err["fp32"], rel=0.03), err
+
+
+def test_auto_matmul_takes_bf16_only_where_it_is_measured_faster():
+    from edge_vlm.quantize.matmul_choice import MatmulRates, choose_matmul
+
+    amx, avx2 = MatmulRates(fp32=300, bf16=1500), MatmulRates(fp32=150, bf16=40)
+    assert choose_matmul("auto", "cpu", 2560, amx)[0] == "bf16"
+    assert choose_matmul("auto", "cpu", 2560, avx2)[0] == "fp32"  # the fallback: emulated bf16
+    assert choose_matmul("auto", "cpu", 2560, MatmulRates(fp32=300, bf16=400))[0] == "fp32"  # < 1.5x: not worth it
+    assert choose_matmul("auto", "cuda", 2560, amx)[0] == "fp32"  # the fp16 layer; searches in float32
+    assert choose_matmul("bf16", "cpu", 2560, avx2)[0] == "bf16"  # asked for: honoured
+    with pytest.raises(ValueError, match="bf17"):
+        choose_matmul("bf17", "cpu", 2560, amx)
+
+
+def test_measured_rates_are_real_products():
+    from edge_vlm.quantize.matmul_choice import measure_rates
+
+    r = measure_rates(64, "cpu", reps=1)
+    assert r.fp32 > 0.1 and r.bf16 > 0.01 and r.fp64 > 0.05 and r.elementwise > 0.01  # GFLOP/s, G passes/s
