@@ -142,7 +142,7 @@ def _check_has_layers(store: TensorStore, prefix: str) -> None:
         raise QuantizeError(f"no decoder layers found in {store.folder} (no '*layers.0.input_layernorm.weight')")
 
 
-def _pick_group_size(cfg: LLMConfig, requested: int | None) -> int:
+def pick_group_size(cfg: LLMConfig, requested: int | None) -> int:
     ks = {cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim}
     if requested is not None:
         bad = sorted(k for k in ks if k % requested)
@@ -600,7 +600,7 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     if settings.quantize_embedding and cfg.tie_word_embeddings and not settings.quantize_lm_head:
         raise QuantizeError("this model's lm_head shares the embedding table: --quantize-embedding needs "
                             "--quantize-lm-head too")
-    group = _pick_group_size(cfg, settings.group_size)
+    group = pick_group_size(cfg, settings.group_size)
     if settings.group_size is None and group != 128:
         log(f"note: layer widths are not multiples of 128; using group size {group}")
     device = _default_device(settings.device)
