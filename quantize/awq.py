@@ -110,7 +110,7 @@ class _Capture:
     def __init__(self, per_batch: int, h_per_batch: int, seed: int):
         self.abs_sum, self.count, self.rows = None, 0, []
         self.h_sum, self.h_count = None, 0
-        self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator().manual_seed(seed)
+        self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator("cpu").manual_seed(seed)
 
     def __call__(self, module, args, output):
         with torch.autocast(args[0].device.type, enabled=False):  # H in float32 under a bf16 forward
@@ -120,7 +120,7 @@ class _Capture:
         s = x.float().abs().sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
-        perm = torch.randperm(x.shape[0], generator=self.gen).to(x.device)
+        perm = torch.randperm(x.shape[0], generator=self.gen, device="cpu").to(x.device)  # same sample on any device
         self.rows.append(x[perm[: self.per_batch]].float())
         if self.h_per_batch:  # every token of the batch when the budget allows: no gather, summed in place
             xh = (x if self.h_per_batch >= x.shape[0] else x[perm[: self.h_per_batch]]).float()
