@@ -39,6 +39,7 @@ VARIANTS = {
     "awq-noduo": dict(duo_scaling=False),
     "gptq": dict(method="gptq"),                                     # GPTQ alone, no scales
     "awq-fast": dict(FAST),                                          # `edge-vlm quantize --fast`
+    "awq-fast-fp32": dict(FAST, matmul="fp32"),                      # ... as it runs on an AVX2-only CPU
     "awq-fp32": dict(matmul="fp32"),                                 # the default with every product in float32
                                                                      # (what `auto` picks on AVX2-only CPUs)
 }

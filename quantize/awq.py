@@ -24,6 +24,7 @@ the up rows take sqrt(s), since relu(u/t)^2 = relu(u)^2 / t^2).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +32,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from edge_vlm.config import LLMConfig
 from edge_vlm.kv_cache import StaticKVCache
@@ -113,10 +115,7 @@ class _Capture:
         self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator("cpu").manual_seed(seed)
 
     def __call__(self, module, args, output):
-        with torch.autocast(args[0].device.type, enabled=False):  # H in float32 under a bf16 forward
-            self._add(args[0].reshape(-1, args[0].shape[-1]))
-
-    def _add(self, x: torch.Tensor) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
         s = x.float().abs().sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
@@ -548,17 +547,42 @@ def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
 
 
 def _matmuls(opts: AWQOptions, device) -> torch.autocast:
-    """The precision of the bulk products: bfloat16 under `matmul="bf16"` (results rounded to bf16 where
-    they are used, never where they are summed), else the tensors' own."""
+    """The precision of the scale searches' products: bfloat16 under `matmul="bf16"` (results rounded to
+    bf16 where they are used, never where they are summed), else the tensors' own."""
     device = torch.device(device)
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.matmul == "bf16")
 
 
+class Bf16Linears(TorchFunctionMode):
+    """Every `F.linear` in bfloat16 (float32 accumulation), its result (+ bias) back in the input's dtype;
+    every other op (norms, rotary, attention, activations, the residual) as it is.
+
+    Why not autocast: autocast also runs attention and the activations in bf16, and a layer's passes in
+    autocast cost SmolLM2 ~20 points of held-out recovery on READMEs (RESULTS.md, issue 30). Each weight
+    is converted once per pass (`cache`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        hit = self.cache.get(id(w))
+        if hit is None or hit[0] is not w:
+            hit = self.cache[id(w)] = (w, w.to(torch.bfloat16))
+        out = F.linear(x.to(torch.bfloat16), hit[1]).to(x.dtype)
+        return out if bias is None else out + bias.to(x.dtype)
+
+
 def _run_all(layer, runner, x_all, opts) -> torch.Tensor:
     out = torch.empty_like(x_all)
-    with _matmuls(opts, x_all.device):
+    with Bf16Linears() if opts.matmul == "bf16" else contextlib.nullcontext():
         for sl in _batches(x_all.shape[0], x_all.shape[1], opts.batch_tokens):
-            out[sl] = runner(layer, x_all[sl])  # the residual stream stays in x_all's dtype
+            out[sl] = runner(layer, x_all[sl])
     return out
 
 

@@ -303,3 +303,18 @@ def test_measured_rates_are_real_products():
 
     r = measure_rates(64, "cpu", reps=1)
     assert r.fp32 > 0.1 and r.bf16 > 0.01 and r.fp64 > 0.05 and r.elementwise > 0.01  # GFLOP/s, G passes/s
+
+
+def test_bf16_mode_rounds_only_the_linears_and_gives_float32_back():
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    seen = []
+    lin.register_forward_hook(lambda m, args, out: seen.append(args[0].dtype))
+    with torch.no_grad(), awq.Bf16Linears():
+        out = lin(x)
+        soft = torch.softmax(x, -1)
+        mm = x @ x.t()
+    expect = torch.nn.functional.linear(x.bfloat16(), lin.weight.bfloat16()).float() + lin.bias
+    assert out.dtype == torch.float32 and torch.equal(out, expect)
+    assert torch.equal(soft, torch.softmax(x, -1)) and torch.equal(mm, x @ x.t())  # everything else as it is
+    assert seen == [torch.float32]  # hooks (the H capture) see the float32 input
