@@ -318,3 +318,26 @@ def test_bf16_mode_rounds_only_the_linears_and_gives_float32_back():
     assert out.dtype == torch.float32 and torch.equal(out, expect)
     assert torch.equal(soft, torch.softmax(x, -1)) and torch.equal(mm, x @ x.t())  # everything else as it is
     assert seen == [torch.float32]  # hooks (the H capture) see the float32 input
+
+
+@pytest.mark.parametrize("kind", ["llama", "nemotron"])
+def test_mlp_search_loss_from_the_change_matches_the_plain_difference(kind):
+    """The MLP candidates are scored from pre-activations + x @ dW^T (the change); in float32 that is the
+    plain |block(x, Q(W)) - block(x, W)|^2 to rounding, and with bf16 products it stays within 1% (its
+    rounding is relative to the change), where bf16(out_q) - bf16(out) was mostly rounding."""
+    cfg, layer, x = _tiny_layer(kind)
+    mlp = layer.mlp
+    block = awq._MLPBlock(mlp)
+    ws = [m.weight.float() for m in ((mlp.gate_proj, mlp.up_proj) if mlp.gated else (mlp.up_proj,))]
+    x = x.reshape(-1, 128)[:256]
+    plain_ref = block(x, ws)
+    state = block.reference(x, ws)
+    for seed in range(3):
+        s = torch.rand(128, generator=torch.Generator().manual_seed(seed)) + 0.5
+        q = [fake_quantize(w * s, 64) / s for w in ws]
+        plain = float((block(x, q) - plain_ref).pow(2).mean())
+        change = float(block.change(state, x, [a - b for a, b in zip(q, ws)]).pow(2).mean())
+        assert change == pytest.approx(plain, rel=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = float(block.change(state, x, [a - b for a, b in zip(q, ws)]).float().pow(2).mean())
+        assert low == pytest.approx(plain, rel=0.01)
