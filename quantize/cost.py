@@ -71,9 +71,10 @@ def layer_steps(cfg: LLMConfig, n_samples: int, seqlen: int, opts: AWQOptions) -
     steps.append(Step("H = X^T X", sum(_gram_flops(h_tokens, k) for _, k in inputs), "fp32"))
     if opts.scale_search:
         h_loss = sum(2 * sum(lin[n][0] for n in names) * k * k for names, k in inputs if names != firsts)
-        mlp = 2 * search_tokens * (sum(lin[n][0] for n in firsts) * d + f * d)
+        firsts_flops = 2 * search_tokens * sum(lin[n][0] for n in firsts) * d
+        mlp = firsts_flops + 2 * search_tokens * f * d  # per candidate: x dW^T, then the change through down_proj
         steps.append(Step("scale search: linear blocks (H)", candidates * h_loss, "search"))
-        steps.append(Step("scale search: MLP block (tokens)", (candidates + 1) * mlp, "search"))
+        steps.append(Step("scale search: MLP block (tokens)", candidates * mlp + firsts_flops, "search"))
         steps.append(Step("scale search: fake quantization", candidates * sum(n * k for n, k in lin.values())
                           * FAKE_QUANT_PASSES, "elements"))
     if opts.rounding == "gptq":

@@ -19,6 +19,10 @@ import torch
 CHOICES = ("auto", "fp32", "bf16")
 BF16_MIN_SPEEDUP = 1.5
 CPU_SECONDS_PER_OP = 20e-6  # one small tensor op from Python (dispatch + a vector of a few thousand floats)
+# the share of the probe's rate a layer's steps reach (a VILA1.5-3B layer, 2-core AVX512-BF16 machine:
+# products of other shapes, bf16 conversions, Cholesky vs GEMM); benchmarks/real_size.py `layer` prints
+# the shares each step reached, to retune these
+REACHED = {"fp32": 0.8, "bf16": 0.5, "fp64": 0.6, "elements": 0.5}
 
 
 @dataclass(frozen=True)
@@ -34,9 +38,10 @@ class MatmulRates:
     def per_second(self, matmul: str) -> dict[str, float]:
         """Rates by quantize/cost.py step kind, per second, with the bulk products in `matmul` (on a CPU,
         whose layer runs in float32: the forwards and the searches alike)."""
-        bulk = 1e9 * (self.bf16 if matmul == "bf16" else self.fp32)
-        return {"forward": bulk, "search": bulk, "fp32": 1e9 * self.fp32, "fp64": 1e9 * self.fp64,
-                "elements": 1e9 * self.elementwise, "ops": 1 / CPU_SECONDS_PER_OP}
+        bulk = 1e9 * (self.bf16 * REACHED["bf16"] if matmul == "bf16" else self.fp32 * REACHED["fp32"])
+        return {"forward": bulk, "search": bulk, "fp32": 1e9 * self.fp32 * REACHED["fp32"],
+                "fp64": 1e9 * self.fp64 * REACHED["fp64"], "elements": 1e9 * self.elementwise * REACHED["elements"],
+                "ops": 1 / CPU_SECONDS_PER_OP}
 
 
 def _sync(device: torch.device) -> None:

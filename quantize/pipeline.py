@@ -472,13 +472,14 @@ class _Run:
         x = self.first_inputs() if awq else None
         runner = LayerRunner(self.cfg, x.shape[1], self.device) if awq else None
         done = self.progress.layers_done
-        bar = tqdm(range(done, self.cfg.num_layers), desc=f"{self.settings.method.upper()} layers", unit="layer",
-                   initial=done, total=self.cfg.num_layers, file=sys.stderr, disable=not show)
         if awq:
             left = self.cfg.num_layers - done
             minutes = self.estimate_minutes(left)
             self.log(f"estimate: ~{minutes:.0f} min on this machine for {left} layers ({self.matmul} products; "
                      f"counted from the shapes at the measured rates, refined after the first layer)")
+        bar = tqdm(range(done, self.cfg.num_layers), desc=f"{self.settings.method.upper()} layers", unit="layer",
+                   initial=done, total=self.cfg.num_layers, file=sys.stderr, disable=not show)
+        if awq:
             bar.set_postfix(left=f"~{minutes:.0f} min")
         times = []  # this run's layers (a resumed run's earlier ones may have run on another machine)
         for i in bar:
