@@ -143,7 +143,7 @@ def decode_video(data: bytes, frames: int, limits: MediaLimits, param: str) -> l
     """Bytes of a video -> `frames` RGB frames sampled evenly (edge_vlm.video)."""
     import cv2
 
-    from edge_vlm.video import sample_frames
+    from edge_vlm.imaging.video import sample_frames
 
     with tempfile.NamedTemporaryFile(suffix=".video") as f:
         f.write(data)
