@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from edge_vlm.config import LLMConfig
+from edge_vlm.formats.configs import LLMConfig
 from edge_vlm.quantize.awq import LayerRunner, quantize_layer_awq
 from edge_vlm.quantize.cost import Step, layer_seconds, layer_steps, step_seconds
 from edge_vlm.quantize.matmul_choice import choose_matmul
@@ -251,7 +251,7 @@ def build_folder(folder: Path, llm_shape: str, tower: dict, projector: str, seed
 # ------------------------------------------------------------------ timing quantize
 
 def _random_layer(cfg: LLMConfig, seed: int):
-    from edge_vlm.llm import DecoderLayer, LayerNorm1P
+    from edge_vlm.models.llm import DecoderLayer, LayerNorm1P
 
     torch.manual_seed(seed)
     with torch.device("meta"):

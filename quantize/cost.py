@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge_vlm.config import LLMConfig
+from edge_vlm.formats.configs import LLMConfig
 
 from .awq import GRAM_STRIP, NO_CLIP, AWQOptions
 

@@ -132,8 +132,8 @@ def test_counted_flops_are_those_the_layer_runs():
     our formulas alone and left out of the comparison; everything else must agree exactly."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLayer
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLayer
     from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq
     from edge_vlm.quantize.cost import layer_steps
 

@@ -195,8 +195,8 @@ def test_chunked_hessian_loss_equals_the_plain_sum(monkeypatch):
 
 
 def _tiny_layer(kind="llama"):
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLayer
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLayer
 
     cfg = LLMConfig(arch=kind, vocab_size=64, hidden_size=128, intermediate_size=256, num_layers=1, num_heads=4,
                     num_kv_heads=2, head_dim=32, norm_eps=1e-5, max_position_embeddings=64)

@@ -23,7 +23,7 @@ def tiny_text_shape(monkeypatch):
                                                    ("mlp2x_gelu", CLIP, "llava")])
 def test_built_folder_loads_quantizes_and_is_reused(tmp_path, projector, tower, kind):
     from edge_vlm import load_model
-    from edge_vlm.loader import detect_layout
+    from edge_vlm.formats.layout import detect_layout
     from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     folder = real_size.build_folder(tmp_path / "model", "tiny-512", tower, projector, log=lambda m: None)
@@ -48,7 +48,7 @@ def test_a_changed_shape_rebuilds_the_folder(tmp_path, monkeypatch):
     folder = real_size.build_folder(tmp_path / "m", "tiny-512", shapes.TINY_TOWER, "mlp_downsample", log=lambda m: None)
     monkeypatch.setitem(real_size.LLM_SHAPES, "tiny-512", dict(TEXT, intermediate_size=192))
     real_size.build_folder(folder, "tiny-512", shapes.TINY_TOWER, "mlp_downsample", log=lambda m: None)
-    from edge_vlm.loader import detect_layout
+    from edge_vlm.formats.layout import detect_layout
 
     assert detect_layout(folder).llm.intermediate_size == 192
 
