@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from edge_vlm.quantize.pipeline import FAST
+
 # name -> QuantizeSettings fields (over the defaults): the rows the benchmark can compare
 VARIANTS = {
     "rtn": dict(method="rtn"),
@@ -36,6 +38,10 @@ VARIANTS = {
     "awq-v1": dict(rounding="rtn", hessian=False),                   # token-sample losses, clipping on 512 tokens
     "awq-noduo": dict(duo_scaling=False),
     "gptq": dict(method="gptq"),                                     # GPTQ alone, no scales
+    "awq-fast": dict(FAST),                                          # `edge-vlm quantize --fast`
+    "awq-fast-fp32": dict(FAST, matmul="fp32"),                      # ... as it runs on an AVX2-only CPU
+    "awq-fp32": dict(matmul="fp32"),                                 # the default with every product in float32
+                                                                     # (what `auto` picks on AVX2-only CPUs)
 }
 IN_DOMAIN = "pydoc (in-domain)"
 
@@ -93,11 +99,13 @@ def run(model: str | None, group_size: int | None, n_samples: int, seqlen: int, 
     rows = {"16-bit": cached({"row": "16-bit"}, lambda: {"ppl": evaluate(src.llm_dir, sets, window),
                                                          "seconds": 0.0})}
     for name in variants:
-        over = VARIANTS[name]
-        settings = QuantizeSettings(group_size=group_size, n_samples=n_samples, seqlen=seqlen, device=device,
-                                    search_tokens=search_tokens, **over)
+        fields = dict(group_size=group_size, n_samples=n_samples, seqlen=seqlen, device=device,
+                      search_tokens=search_tokens)
+        fields.update(VARIANTS[name])  # a variant's own calibration size wins (awq-fast)
+        settings = QuantizeSettings(**fields)
         key = {"row": name, "group_size": group_size,
-               **({} if name == "rtn" else dict(n_samples=n_samples, seqlen=seqlen, search_tokens=search_tokens,
+               **({} if name == "rtn" else dict(n_samples=settings.n_samples, seqlen=seqlen,
+                                                 search_tokens=settings.search_tokens,
                                                  mix=",".join(f"{k}{w}" for k, w in MIX)))}
 
         def compute(name=name, settings=settings):

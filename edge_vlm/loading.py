@@ -126,7 +126,7 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
                progress=None, fast_path: bool = True, kv_cache: str | None = None,
                llm_backend: str = "torch", vision_backend: str = "torch",
                max_tiles: int | None = None, vision_int8: bool = False,
-               recheck_kernels: bool = False) -> VisionLanguageModel:
+               recheck_kernels: bool = False, llm_threads: int | None = None) -> VisionLanguageModel:
     """Load a checkpoint. `device` defaults to CUDA when present; `dtype` to fp16 there, fp32 on CPU.
 
     `fast_path=False` keeps the plain torch modules (the reference the fast paths are tested
@@ -142,12 +142,16 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     448 px tile per image, the fastest); None keeps the checkpoint's own maximum. `vision_int8=True`
     holds the vision tower's Linear weights in int8 with one scale per output row (int8_rows.py), half
     of fp16: for InternViT-6B (NVLM-D) 11.8 GB -> 5.9 GB; the projector stays in `dtype`.
+    `llm_threads`: the CPU threads llama.cpp runs on (prompt and token alike; None: every core this
+    process may use); the torch backend ignores it.
     `recheck_kernels=True` discards the kept first-run verdict for this model on this GPU (which
     fast ops passed their check in a child process: backends/first_run.py) and checks again.
 
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
     """
+    if llm_threads is not None and llm_threads < 1:
+        raise EdgeVLMError(f"llm_threads must be at least 1, not {llm_threads}")
     if kv_cache not in (None, *KV_CACHE_KINDS):
         raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
 
@@ -213,6 +217,7 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     if template:
         model.template = ChatTemplate.builtin(template, tok.bos_token, tok.eos_token)
     model.llm.kv_cache_int8 = kv_cache == "int8"
+    model.llm_threads = llm_threads
     model.info.dtype = str(dtype).replace("torch.", "")
     model.info.device = str(device)
     if gguf is not None:

@@ -82,6 +82,7 @@ class VisionLanguageModel:
         # llama.cpp backend: the LLM runs from this GGUF; `llm` is then its shape only (meta tensors)
         self.gguf_path: Path | None = None
         self.torch_device: torch.device | None = None  # where our torch modules run when `llm` is not loaded
+        self.llm_threads: int | None = None  # llama.cpp's CPU threads (None: every core we may use)
         # ONNX Runtime vision backend: images -> LLM-space embeddings in its session (backends/onnx)
         self.encoder = None
         # dynamic tiling (InternVL, NVLM-D): None for models that see each picture once
@@ -169,10 +170,8 @@ class VisionLanguageModel:
         decoder (CUDA graphs on a GPU with Triton)."""
         ctx = max_context or self.max_context
         if self.gguf_path is not None:
-
             return LlamaCppEngine(self.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0,
-                                  kv_cache_int8=getattr(self.llm, "kv_cache_int8", False))
-
+                                  n_threads=self.llm_threads, kv_cache_int8=getattr(self.llm, "kv_cache_int8", False))
         return make_engine(self.llm, ctx)
 
     @property

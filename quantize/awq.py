@@ -24,24 +24,28 @@ the up rows take sqrt(s), since relu(u/t)^2 = relu(u)^2 / t^2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from edge_vlm.formats.configs import LLMConfig
 from edge_vlm.models.kv_cache import StaticKVCache
 from edge_vlm.models.llm import DecoderLayer, LayerNorm1P
 from edge_vlm.models.rotary import rope_tables
 
-from .groupwise import QuantizedWeight, fake_quantize, quantize_weight
+from .groupwise import QuantizedWeight, fake_quantize, group_grid, quantize_weight, round_to_grid
 from .gptq import gptq_quantize
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")  # q·k products amplify clipping errors
+LOSS_CHUNK_ELEMENTS = 1 << 24  # weights fake-quantized at once by the H-based scale loss (64 MB in float32)
 
 
 @dataclass
@@ -62,6 +66,9 @@ class AWQOptions:
     scale_search: bool = True  # False: no AWQ scales (RTN or GPTQ alone)
     rounding: str = "gptq"     # "gptq" (error compensation under H, grids from the clipping search) or "rtn"
     gptq_damp: float = 0.01
+    matmul: str = "fp32"       # "bf16": the layer's forward passes and the scale searches' products in bfloat16
+                               # (CPUs with AMX / AVX512-BF16: ~4x the float32 rate); H, GPTQ and every sum of
+                               # squared errors stay float32 (quantize/matmul_choice.py picks it by measuring)
 
 
 def layer_linears(layer: DecoderLayer) -> dict[str, nn.Linear]:
@@ -105,19 +112,20 @@ class _Capture:
     def __init__(self, per_batch: int, h_per_batch: int, seed: int):
         self.abs_sum, self.count, self.rows = None, 0, []
         self.h_sum, self.h_count = None, 0
-        self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator().manual_seed(seed)
+        self.per_batch, self.h_per_batch, self.gen = per_batch, h_per_batch, torch.Generator("cpu").manual_seed(seed)
 
     def __call__(self, module, args, output):
         x = args[0].reshape(-1, args[0].shape[-1])
         s = x.float().abs().sum(0)
         self.abs_sum = s if self.abs_sum is None else self.abs_sum + s
         self.count += x.shape[0]
-        perm = torch.randperm(x.shape[0], generator=self.gen).to(x.device)
+        perm = torch.randperm(x.shape[0], generator=self.gen, device="cpu").to(x.device)  # same sample on any device
         self.rows.append(x[perm[: self.per_batch]].float())
-        if self.h_per_batch:
-            xh = x[perm[: self.h_per_batch]].float()
-            h = xh.t() @ xh
-            self.h_sum = h if self.h_sum is None else self.h_sum + h
+        if self.h_per_batch:  # every token of the batch when the budget allows: no gather, summed in place
+            xh = (x if self.h_per_batch >= x.shape[0] else x[perm[: self.h_per_batch]]).float()
+            if self.h_sum is None:
+                self.h_sum = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            add_gram_upper(self.h_sum, xh)
             self.h_count += xh.shape[0]
 
     @property
@@ -131,7 +139,23 @@ class _Capture:
     @property
     def hessian(self) -> torch.Tensor | None:
         """Mean x^T x per token (None when not gathered)."""
-        return None if self.h_sum is None else self.h_sum / max(self.h_count, 1)
+        return None if self.h_sum is None else symmetric_from_upper(self.h_sum) / max(self.h_count, 1)
+
+
+GRAM_STRIP = 1024  # rows of x^T x per product in add_gram_upper
+
+
+def add_gram_upper(h: torch.Tensor, x: torch.Tensor, strip: int = GRAM_STRIP) -> None:
+    """h += x^T x on and above the diagonal, one strip of rows at a time ([strip, K - i] each): about 60%
+    of the full product's work for wide inputs (a plain product computes both triangles)."""
+    k = x.shape[1]
+    for i in range(0, k, strip):
+        h[i:i + strip, i:].addmm_(x[:, i:i + strip].t(), x[:, i:])
+
+
+def symmetric_from_upper(h: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle is h's (what add_gram_upper leaves below it is ignored)."""
+    return h.triu() + h.triu(1).t()
 
 
 def _capture_inputs(layer, runner, x_all, groups: list[ScaleGroup], opts: AWQOptions):
@@ -170,17 +194,27 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     heads reading the same value channels).
     """
     ws = [w.float() for w in weights]
+    by_change = hasattr(block, "change")  # the blocks here; a plain callable is scored as out_q - out
     with torch.no_grad():
-        ref = block(x, ws) if h is None else None
+        ref = None
+        if h is None:
+            ref = block.reference(x, ws) if by_change else block(x, ws)
         x_stat = tie(x_mean.float()).clamp(min=1e-8)
         w_stat = tie(_weight_mean(ws, opts.group_size)).clamp(min=1e-8)
         rows = sum(w.shape[0] for w in ws)
 
+        w_all = torch.cat(ws)  # the group's linears stacked: one fake-quantization and one product per candidate
+
         def loss_of(s):
-            q = [fake_quantize(w * s, opts.group_size, opts.bits) / s for w in ws]
             if h is not None:
-                return float(sum(((qi - w) @ h * (qi - w)).sum() for qi, w in zip(q, ws)) / rows)
-            return float((block(x, q) - ref).pow(2).mean())
+                return _hessian_loss(w_all, s, h, opts) / rows
+            q = fake_quantize(w_all * s, opts.group_size, opts.bits).div_(s)
+            if not by_change:
+                return float((block(x, list(q.split([w.shape[0] for w in ws]))) - ref).pow(2).mean())
+            dws = list(q.sub_(w_all).split([w.shape[0] for w in ws]))
+            with _matmuls(opts, x.device):
+                change = block.change(ref, x, dws)
+            return float(change.float().pow(2).mean())
 
         ones = torch.ones_like(x_stat)
         best_s, best = ones, loss_of(ones)
@@ -196,9 +230,30 @@ def search_scales(x: torch.Tensor, x_mean: torch.Tensor, weights: list[torch.Ten
     return best_s, best, rtn
 
 
+def _hessian_loss(w: torch.Tensor, s: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> float:
+    """sum over rows of dW h dW^T for dW = Q(w * s) / s - w, in chunks of rows (bounded buffers)."""
+    rows = max(1, LOSS_CHUNK_ELEMENTS // w.shape[1])
+    hm = h.to(torch.bfloat16) if opts.matmul == "bf16" else h
+    total = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        wr = w[r0:r0 + rows]
+        d = fake_quantize(wr * s, opts.group_size, opts.bits).div_(s).sub_(wr)
+        total += float((d.to(hm.dtype) @ hm).float().mul_(d).sum())
+    return total
+
+
+def _clip_ratios(opts: AWQOptions, device) -> torch.Tensor:
+    """The shrink ratios tried, largest first: 1, 1 - 1/clip_grid, ... (ratio 1 is plain min-max)."""
+    return torch.tensor([1 - i / opts.clip_grid for i in range(int(opts.max_shrink * opts.clip_grid))],
+                        dtype=torch.float32, device=device)
+
+
 def search_clip_hessian(w: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (row, group) range [lo, hi] minimising dw_g H_gg dw_g^T, the group's output error over every
-    token in H (its diagonal blocks); `clip_damp` adds a weight-space term that favours no clipping."""
+    token in H (its diagonal blocks); `clip_damp` adds a weight-space term that favours no clipping.
+
+    Every shrink ratio is scored in one batched product per chunk of rows (a loop over ratios made
+    one small einsum each); the first ratio of least error wins, as in a loop with a strict `<`."""
     g = opts.group_size
     w = w.float()
     n, k = w.shape
@@ -206,29 +261,40 @@ def search_clip_hessian(w: torch.Tensor, h: torch.Tensor, opts: AWQOptions) -> t
     if opts.clip_damp:
         diag = hb.diagonal(dim1=1, dim2=2).mean(-1)
         hb = hb + opts.clip_damp * diag[:, None, None] * torch.eye(g, device=w.device)
-    wg = w.view(n, k // g, g)
+    wg = w.reshape(n, k // g, g)
     lo_all, hi_all = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-    best_lo, best_hi = lo_all.clone(), hi_all.clone()
-    best_err = torch.full((n, k // g), float("inf"), device=w.device)
+    ratios = _clip_ratios(opts, w.device)
+    r = len(ratios)
+    best = torch.empty(n, k // g, dtype=torch.long, device=w.device)
+    rows = max(1, (1 << 23) // (r * k))  # bounds the [ratios, rows, K] candidates to 32 MB
     with torch.no_grad():
-        for i in range(int(opts.max_shrink * opts.clip_grid)):
-            ratio = 1 - i / opts.clip_grid
-            lo, hi = lo_all * ratio, hi_all * ratio
-            d = (fake_quantize(w, g, opts.bits, lo, hi) - w).view(n, k // g, g)
-            err = torch.einsum("ngi,gij,ngj->ng", d, hb, d)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+        for r0 in range(0, n, rows):
+            sl = slice(r0, min(n, r0 + rows))
+            lo, hi = ratios[:, None, None] * lo_all[sl], ratios[:, None, None] * hi_all[sl]  # [R, rows, groups]
+            scales, zeros = group_grid(lo, hi, opts.bits)
+            scales, zeros = scales[..., None], zeros[..., None]
+            d = round_to_grid(wg[sl], scales, zeros, opts.bits).sub_(zeros).mul_(scales).sub_(wg[sl])
+            dg = d.permute(2, 0, 1, 3).reshape(k // g, -1, g)  # [groups, R * rows, G]
+            err = (torch.bmm(dg, hb) * dg).sum(-1).view(k // g, r, -1)  # [groups, R, rows]
+            best[sl] = err.argmin(1).t()
+    ratio = ratios[best]
+    return lo_all * ratio, hi_all * ratio
 
 
-def _clipped_range(h: torch.Tensor, opts: AWQOptions):
-    """GPTQ's per-group grid from the clipping search on the group's (updated) weights and H block."""
+def _clipped_range(h: torch.Tensor, opts: AWQOptions, clip_rows: torch.Tensor | None = None):
+    """GPTQ's per-group grid from the clipping search on the group's (updated) weights and H block;
+    rows outside `clip_rows` (a bool mask; None: all) keep their min-max grid."""
     g = opts.group_size
 
     def group_range(grp: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-        lo, hi = search_clip_hessian(grp, h[col:col + g, col:col + g], opts)
-        return lo[:, 0], hi[:, 0]
+        hg = h[col:col + g, col:col + g]
+        if clip_rows is None:
+            lo, hi = search_clip_hessian(grp, hg, opts)
+            return lo[:, 0], hi[:, 0]
+        lo, hi = grp.amin(1), grp.amax(1)
+        clo, chi = search_clip_hessian(grp[clip_rows], hg, opts)
+        lo[clip_rows], hi[clip_rows] = clo[:, 0], chi[:, 0]
+        return lo, hi
     return group_range
 
 
@@ -295,6 +361,25 @@ class LayerResult:
     loss: float                          # |out_q - out_fp|^2 / |out_fp - x|^2 over the calibration set
     rtn_search_loss: float = 0.0         # sum over blocks of the search loss with s = 1
     awq_search_loss: float = 0.0         # ... with the chosen scales
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each step (_Steps)
+
+
+class _Steps:
+    """Wall time per step of one layer (synchronised on CUDA), for the benchmark and the time estimate."""
+
+    def __init__(self, device):
+        self.device, self.seconds = torch.device(device), {}
+        self._t = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def done(self, step: str) -> None:
+        t = self._now()
+        self.seconds[step] = self.seconds.get(step, 0.0) + t - self._t
+        self._t = t
 
 
 def gqa_tie(cfg: LLMConfig):
@@ -317,30 +402,50 @@ class ScaleGroup:
     linear: bool = True  # the block is the linears themselves: its loss can be read from H
 
 
-def _linear_block(x, ws):
-    return torch.cat([x @ w.t() for w in ws], dim=-1)
+class _LinearBlock:
+    """The linears themselves, outputs side by side: their output change is the product with the weights' change."""
+
+    def __call__(self, x, ws):
+        return torch.cat([x @ w.t() for w in ws], dim=-1)
+
+    def reference(self, x, ws):
+        return None
+
+    def change(self, state, x, dws):
+        return self(x, dws)
 
 
-def _mlp_block(mlp):
-    """The whole MLP as a function of its first linears' weights: the nonlinearity matters."""
-    down_w = mlp.down_proj.weight.float()
-    up_b = mlp.up_proj.bias.float() if mlp.up_proj.bias is not None else None
-    if mlp.gated:
-        gate_b = mlp.gate_proj.bias.float() if mlp.gate_proj.bias is not None else None
+_linear_block = _LinearBlock()
 
-        def block(x, ws):
-            g, u = x @ ws[0].t(), x @ ws[1].t()
-            if gate_b is not None:
-                g, u = g + gate_b, u + up_b
-            return (F.silu(g) * u) @ down_w.t()
-        return block
 
-    def block(x, ws):
-        u = x @ ws[0].t()
-        if up_b is not None:
-            u = u + up_b
-        return F.relu(u).square() @ down_w.t()
-    return block
+class _MLPBlock:
+    """The whole MLP as a function of its first linears' weights (the nonlinearity matters), and the change of
+    its output when they change by dW: from the 16-bit pre-activations (`reference`, float32, once) plus
+    x @ dW^T, through the activation in float32, the difference then projected by down_proj. Products of a
+    difference keep their precision relative to the difference: with bf16 products the loss is exact to
+    ~1e-5 (bf16(out_q) - bf16(out) added both outputs' rounding, ~0.2% of the loss at VILA1.5-3B's width,
+    enough to reorder close candidates)."""
+
+    def __init__(self, mlp):
+        self.gated = mlp.gated
+        self.down_w = mlp.down_proj.weight.float()
+        self.biases = [m.bias.float() if m.bias is not None else None
+                       for m in ((mlp.gate_proj, mlp.up_proj) if mlp.gated else (mlp.up_proj,))]
+
+    def _act(self, pre):
+        return F.silu(pre[0]) * pre[1] if self.gated else F.relu(pre[0]).square()
+
+    def reference(self, x, ws):
+        pre = [x @ w.t() if b is None else x @ w.t() + b for w, b in zip(ws, self.biases)]
+        return pre, self._act(pre)
+
+    def __call__(self, x, ws):
+        return self._act(self.reference(x, ws)[0]) @ self.down_w.t()
+
+    def change(self, state, x, dws):
+        pre, act = state
+        moved = [p + (x @ dw.t()).float() for p, dw in zip(pre, dws)]
+        return (self._act(moved) - act) @ self.down_w.t()
 
 
 def scale_groups(layer: DecoderLayer, cfg: LLMConfig) -> list[ScaleGroup]:
@@ -355,7 +460,7 @@ def scale_groups(layer: DecoderLayer, cfg: LLMConfig) -> list[ScaleGroup]:
         ScaleGroup(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), _linear_block,
                    lambda s: fold_into_norm(layer.input_layernorm, s)),
         ScaleGroup(("self_attn.o_proj",), _linear_block, v_rows, gqa_tie(cfg)),
-        ScaleGroup(firsts, _mlp_block(mlp), lambda s: fold_into_norm(layer.post_attention_layernorm, s),
+        ScaleGroup(firsts, _MLPBlock(mlp), lambda s: fold_into_norm(layer.post_attention_layernorm, s),
                    linear=False),
         # through relu^2 the up rows take sqrt(s)
         ScaleGroup(("mlp.down_proj",), _linear_block,
@@ -388,24 +493,53 @@ def _quantize_linears(layer: DecoderLayer, inputs: dict[str, InputStats] | None,
                       opts: AWQOptions) -> dict[str, QuantizedWeight]:
     """Round every linear (after the clipping search, or by GPTQ, where `inputs` are given); the layer
     keeps the dequantized weights, so its outputs are those of the quantized model."""
+    linears = layer_linears(layer)
     weights = {}
-    for name, lin in layer_linears(layer).items():
-        lo = hi = None
-        stats = inputs[name] if inputs is not None else None
-        clip = stats is not None and opts.clip and name not in NO_CLIP
-        if stats is not None and opts.rounding == "gptq":
-            qw = gptq_quantize(lin.weight, stats.hessian, opts.group_size, opts.bits, opts.gptq_damp,
-                               group_range=_clipped_range(stats.hessian, opts) if clip else None)
-        else:
-            if clip:
+    if inputs is not None and opts.rounding == "gptq":
+        for names in _shared_input(linears, inputs):
+            weights.update(_gptq_stacked(linears, names, inputs[names[0]].hessian, opts))
+    else:
+        for name, lin in linears.items():
+            lo = hi = None
+            stats = inputs[name] if inputs is not None else None
+            if stats is not None and opts.clip and name not in NO_CLIP:
                 if opts.hessian:
                     lo, hi = search_clip_hessian(lin.weight, stats.hessian, opts)
                 else:
                     lo, hi = search_clip(lin.weight, stats.sample, opts)
-            qw = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
-        _set(lin.weight, qw.dequantize(torch.float32))
-        weights[name] = qw
-    return weights
+            weights[name] = quantize_weight(lin.weight, opts.group_size, opts.bits, lo, hi)
+    for name, qw in weights.items():
+        _set(linears[name].weight, qw.dequantize(torch.float32))
+    return {name: weights[name] for name in linears}
+
+
+def _shared_input(linears: dict[str, nn.Linear], inputs: dict[str, InputStats]) -> list[tuple[str, ...]]:
+    """The linears grouped by the input statistics they share (q, k, v; gate, up), in layer order."""
+    groups: dict[int, list[str]] = {}
+    for name in linears:
+        groups.setdefault(id(inputs[name]), []).append(name)
+    return [tuple(names) for names in groups.values()]
+
+
+def _gptq_stacked(linears: dict[str, nn.Linear], names: tuple[str, ...], h: torch.Tensor,
+                  opts: AWQOptions) -> dict[str, QuantizedWeight]:
+    """GPTQ of linears reading one input as one stacked matrix (rows never mix): one factor of H and
+    one column sweep instead of one each; the clipping search covers the rows of clipped linears."""
+    ws = [linears[n].weight for n in names]
+    clip = [opts.clip and n not in NO_CLIP for n in names]
+    group_range = None
+    if any(clip):
+        mask = None if all(clip) else torch.cat([torch.full((w.shape[0],), c, device=w.device)
+                                                 for w, c in zip(ws, clip)])
+        group_range = _clipped_range(h, opts, mask)
+    qw = gptq_quantize(torch.cat(ws) if len(ws) > 1 else ws[0], h, opts.group_size, opts.bits, opts.gptq_damp,
+                       group_range=group_range)
+    out, r0 = {}, 0
+    for n, w in zip(names, ws):
+        r1 = r0 + w.shape[0]
+        out[n] = QuantizedWeight(qw.q[r0:r1].contiguous(), qw.zeros[r0:r1].contiguous(), qw.scales[r0:r1].contiguous())
+        r0 = r1
+    return out
 
 
 def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor, runner: LayerRunner,
@@ -414,16 +548,22 @@ def quantize_layer_awq(layer: DecoderLayer, cfg: LLMConfig, x_all: torch.Tensor,
 
     Returns the result and the layer's outputs with quantized weights (the next layer's input).
     """
+    steps = _Steps(x_all.device)
     groups = scale_groups(layer, cfg)
     fp_out, caps = _capture_inputs(layer, runner, x_all, groups, opts)
+    steps.done("forward 16-bit + H")
     inputs, awq_total, rtn_total = {}, 0.0, 0.0
     for group, cap in zip(groups, caps):
         x, best, rtn = apply_scales(layer, group, cap, opts)
         inputs.update(dict.fromkeys(group.names, x))
         awq_total, rtn_total = awq_total + best, rtn_total + rtn
+    steps.done("scale search")
     weights = _quantize_linears(layer, inputs, opts)
+    steps.done("clipping + rounding")
     out = _run_all(layer, runner, x_all, opts)
-    return LayerResult(weights, _relative_error(out, fp_out, x_all), rtn_total, awq_total), out
+    loss = _relative_error(out, fp_out, x_all)
+    steps.done("forward quantized")
+    return LayerResult(weights, loss, rtn_total, awq_total, steps.seconds), out
 
 
 def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
@@ -431,10 +571,43 @@ def quantize_layer_rtn(layer: DecoderLayer, opts: AWQOptions) -> LayerResult:
     return LayerResult(_quantize_linears(layer, None, opts), float("nan"))
 
 
+def _matmuls(opts: AWQOptions, device) -> torch.autocast:
+    """The precision of the scale searches' products: bfloat16 under `matmul="bf16"` (results rounded to
+    bf16 where they are used, never where they are summed), else the tensors' own."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=opts.matmul == "bf16")
+
+
+class Bf16Linears(TorchFunctionMode):
+    """Every `F.linear` in bfloat16 (float32 accumulation), its result (+ bias) back in the input's dtype;
+    every other op (norms, rotary, attention, activations, the residual) as it is.
+
+    Why not autocast: autocast also runs attention and the activations in bf16, and a layer's passes in
+    autocast cost SmolLM2 ~20 points of held-out recovery on READMEs (RESULTS.md, issue 30). Each weight
+    is converted once per pass (`cache`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.linear:
+            return func(*args, **kwargs)
+        x, w = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        hit = self.cache.get(id(w))
+        if hit is None or hit[0] is not w:
+            hit = self.cache[id(w)] = (w, w.to(torch.bfloat16))
+        out = F.linear(x.to(torch.bfloat16), hit[1]).to(x.dtype)
+        return out if bias is None else out + bias.to(x.dtype)
+
+
 def _run_all(layer, runner, x_all, opts) -> torch.Tensor:
     out = torch.empty_like(x_all)
-    for sl in _batches(x_all.shape[0], x_all.shape[1], opts.batch_tokens):
-        out[sl] = runner(layer, x_all[sl])
+    with Bf16Linears() if opts.matmul == "bf16" else contextlib.nullcontext():
+        for sl in _batches(x_all.shape[0], x_all.shape[1], opts.batch_tokens):
+            out[sl] = runner(layer, x_all[sl])
     return out
 
 

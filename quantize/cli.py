@@ -15,7 +15,9 @@ packages every install has (torch's and requests' dependencies), so it works off
 names the sources used.
 OUT is written in the AutoAWQ GEMM layout (readable by edge-vlm, transformers and vLLM) and
 appears only when complete; an interrupted run continues with --resume.
-Runs on CUDA when present (else CPU), one decoder layer at a time."""
+Runs on CUDA when present (else CPU), one decoder layer at a time. Before the first layer it prints an
+estimate of the time on this machine (from the layer shapes and the measured matmul rates), and after it
+the time the first layer took; the progress bar counts the minutes left."""
 
 EXAMPLES = """examples:
   edge-vlm quantize ./VILA1.5-3b ./VILA1.5-3b-awq
@@ -23,6 +25,7 @@ EXAMPLES = """examples:
   edge-vlm quantize ./my-vila ./my-vila-awq --calib-images ./photos   # the LLM also sees image tokens
   edge-vlm quantize ./my-llm ./my-llm-rtn --method rtn                  # baseline for comparison
   edge-vlm quantize ./my-llm ./my-llm-awq --resume                      # continue an interrupted run
+  edge-vlm quantize ./VILA1.5-3b ./VILA1.5-3b-awq --fast               # a CPU without bf16 speed (AVX2)
 """
 
 
@@ -49,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--calib", metavar="FILE", help="calibration text, .txt or .jsonl with {\"text\": ...} lines "
                                                     "(default: the built-in mix of prose, code, chat turns and READMEs)")
     p.add_argument("--calib-images", metavar="DIR", help="images shown to a VLM during calibration")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128)")
+    p.add_argument("--n-samples", type=int, help="calibration samples (default 128; 64 with --fast)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quantize-lm-head", action="store_true",
@@ -57,6 +60,14 @@ def register(sub) -> None:
     p.add_argument("--quantize-embedding", action="store_true",
                    help="also store the token embeddings in int8 (halves the largest 16-bit table of "
                         "big-vocabulary models such as Nemotron; our runtime only)")
+    p.add_argument("--matmul", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="precision of the layer's forward passes and the scale searches' products (H, GPTQ and "
+                        "every error sum stay float32): auto (default) measures both here and takes bf16 where it "
+                        "is at least 1.5x faster (CPUs with AMX or AVX512-BF16), float32 elsewhere (AVX2, CUDA)")
+    p.add_argument("--fast", action="store_true",
+                   help="about half the time on a CPU: 64 calibration samples, 10 scale candidates instead of 20, "
+                        "2048 tokens scoring the MLP's scales (quality cost measured in benchmarks/RESULTS.md, "
+                        "issue 30); explicit --n-samples still wins")
     p.add_argument("--no-clip", action="store_true", help="skip the clipping search (grids from each group's min and max)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished layer")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
@@ -65,12 +76,15 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from .pipeline import QuantizeSettings, quantize_checkpoint
+    from .pipeline import FAST, QuantizeSettings, quantize_checkpoint
 
+    preset = dict(FAST) if args.fast else {}
+    if args.n_samples is not None:
+        preset["n_samples"] = args.n_samples
     settings = QuantizeSettings(method=args.method, w_bit=args.w_bit, group_size=args.group_size,
-                                n_samples=args.n_samples, seqlen=args.seqlen, calib=args.calib,
+                                seqlen=args.seqlen, calib=args.calib, **preset,
                                 calib_images=args.calib_images, device=args.device, clip=not args.no_clip,
-                                rounding=args.rounding,
+                                rounding=args.rounding, matmul=args.matmul,
                                 quantize_lm_head=args.quantize_lm_head,
                                 quantize_embedding=args.quantize_embedding)
     try:

@@ -53,10 +53,15 @@ def group_grid(wmin: torch.Tensor, wmax: torch.Tensor, bits: int) -> tuple[torch
 
 def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
     """The integers 0..2^b-1 nearest to w on the grid (q - z) * s."""
-    return torch.clamp(torch.round(w / scales) + zeros, 0, 2**bits - 1)
+    return torch.div(w, scales).round_().add_(zeros).clamp_(0, 2**bits - 1)  # one buffer, not four
 
 
 def fake_quantize(w: torch.Tensor, group_size: int, bits: int = 4,
                   lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> torch.Tensor:
-    """quantize then dequantize, in w's dtype."""
-    return quantize_weight(w, group_size, bits, lo, hi).dequantize(torch.float32).to(w.dtype)
+    """quantize then dequantize, in w's dtype: the values of `quantize_weight(...).dequantize()`, computed
+    in float without the integer tensors (the searches call it once per candidate)."""
+    wg = _grouped(w.float(), group_size)
+    scales, zeros = group_grid(wg.amin(-1) if lo is None else lo, wg.amax(-1) if hi is None else hi, bits)
+    scales, zeros = scales[..., None], zeros[..., None]
+    q = round_to_grid(wg, scales, zeros, bits)
+    return q.sub_(zeros).mul_(scales).reshape(w.shape).to(w.dtype)

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -36,7 +37,9 @@ from edge_vlm.formats.layout import CheckpointLayout, detect_layout
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
 from .calibration import builtin_blocks, calibration_blocks, list_images, read_calibration_file
+from .cost import layer_seconds, layer_steps
 from .groupwise import QuantizedWeight, quantize_weight
+from .matmul_choice import CHOICES as MATMUL_CHOICES, MatmulRates, choose_matmul
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -59,6 +62,7 @@ class QuantizeSettings:
     clip: bool = True                # clipping search (each group's grid, for either rounding)
     duo_scaling: bool = True
     search_tokens: int = 4096        # calibration tokens scoring each MLP scale candidate (cost ~ linear)
+    n_grid: int = 20                 # scale exponents tried per group (a = 0, 1/n, ..., (n-1)/n)
     rounding: str = "gptq"           # after the AWQ scales: "gptq" error compensation on clipped grids (the
                                      # default: it recovered most on held-out domains, RESULTS.md) or "rtn"
     hessian: bool = True             # losses of linear blocks from X^T X (False: the original token-sample search)
@@ -68,6 +72,23 @@ class QuantizeSettings:
     max_shard_bytes: int = 2 * 10**9  # output shards, like Hugging Face's save_pretrained
     quantize_lm_head: bool = False   # int4 lm_head (RTN): big vocabularies, e.g. Nemotron's 256k
     quantize_embedding: bool = False  # int8 token embeddings (per-row scale)
+    matmul: str = "auto"             # bulk products' precision: "auto" (bf16 where measured >= 1.5x float32:
+                                     # AMX / AVX512-BF16 CPUs), "fp32" or "bf16" (quantize/matmul_choice.py)
+
+
+# `--fast`: half the calibration tokens, half the scale candidates and of the MLP's scoring tokens:
+# about half the time of the default; its quality cost is measured in benchmarks/RESULTS.md (issue 30)
+FAST = dict(n_samples=64, n_grid=10, search_tokens=2048)
+
+
+def awq_options(settings: QuantizeSettings, group: int, matmul: str = "fp32") -> AWQOptions:
+    """The per-layer options a run of `settings` quantizes with (`matmul` resolved on this machine)."""
+    s = settings
+    gptq = s.method == "gptq"
+    return AWQOptions(group_size=group, bits=s.w_bit, n_grid=s.n_grid, clip=s.clip, duo_scaling=s.duo_scaling,
+                      search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
+                      hessian_tokens=s.hessian_tokens, gptq_damp=s.gptq_damp,
+                      scale_search=not gptq, rounding="gptq" if gptq else s.rounding, matmul=matmul)
 
 
 @dataclass
@@ -82,6 +103,8 @@ class Summary:
     layer_losses: list[float] = field(default_factory=list)
     calibration: list[str] = field(default_factory=list)  # one line per calibration source
     shards: list[str] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # wall time of each layer (quantize + write)
+    matmul: str = "fp32"  # the bulk products' precision used
 
     def text(self) -> str:
         mb = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
@@ -91,6 +114,10 @@ class Summary:
                  f"time {self.seconds:.1f} s"]
         if self.calibration:
             lines.append("calibration: " + "; ".join(self.calibration))
+        if self.method != "rtn" and self.layer_seconds:
+            t = self.layer_seconds
+            lines.append(f"time per layer: first {t[0]:.1f} s, mean {sum(t) / len(t):.1f} s, max {max(t):.1f} s "
+                         f"({self.matmul} products)")
         if self.shards:
             lines.append(f"weights: {', '.join(self.shards)}")
         if self.method != "rtn" and self.layer_losses:
@@ -115,7 +142,7 @@ def _check_has_layers(store: TensorStore, prefix: str) -> None:
         raise QuantizeError(f"no decoder layers found in {store.folder} (no '*layers.0.input_layernorm.weight')")
 
 
-def _pick_group_size(cfg: LLMConfig, requested: int | None) -> int:
+def pick_group_size(cfg: LLMConfig, requested: int | None) -> int:
     ks = {cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim}
     if requested is not None:
         bad = sorted(k for k in ks if k % requested)
@@ -323,6 +350,8 @@ def _check_settings(settings: QuantizeSettings) -> None:
         raise QuantizeError(f"unknown rounding {settings.rounding!r}; use gptq or rtn")
     if settings.w_bit != 4:
         raise QuantizeError("only --w-bit 4 is supported")
+    if settings.matmul not in MATMUL_CHOICES:
+        raise QuantizeError(f"unknown matmul precision {settings.matmul!r}; use {', '.join(MATMUL_CHOICES)}")
 
 
 def _prepare_output(out: Path, resume: bool, force: bool) -> Path:
@@ -345,6 +374,8 @@ class _Progress:
     losses: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     calibration: list[str] = field(default_factory=list)
+    layer_seconds: list[float] = field(default_factory=list)  # wall time of each finished layer
+    matmul: str | None = None  # the precision `auto` resolved to: a resumed run keeps it (same arithmetic)
 
 
 @dataclass
@@ -361,6 +392,9 @@ class _Run:
     store: TensorStore
     key: dict  # _settings_key
     progress: _Progress
+    matmul: str = "fp32"  # the bulk products' precision (settings.matmul resolved on this machine)
+    rates: MatmulRates | None = None  # measured by choose_matmul (calibrating runs only)
+    log: Callable[[str], None] = print
     step: str = "preparing the calibration data"  # named by out-of-memory errors
     started: float = field(default_factory=time.perf_counter)
     sources: list[str] = field(default_factory=list)
@@ -395,12 +429,12 @@ class _Run:
         return self.progress.elapsed_s + time.perf_counter() - self.started
 
     def options(self) -> AWQOptions:
-        s = self.settings
-        gptq = s.method == "gptq"
-        return AWQOptions(group_size=self.group, bits=s.w_bit, clip=s.clip, duo_scaling=s.duo_scaling,
-                          search_tokens=s.search_tokens, hessian=s.hessian, clip_damp=s.clip_damp,
-                          hessian_tokens=s.hessian_tokens, gptq_damp=s.gptq_damp,
-                          scale_search=not gptq, rounding="gptq" if gptq else s.rounding)
+        return awq_options(self.settings, self.group, self.matmul)
+
+    def estimate_minutes(self, layers: int) -> float:
+        """Minutes for `layers` layers from the operation counts at the measured rates (before any layer ran)."""
+        steps = layer_steps(self.cfg, self.settings.n_samples, self.settings.seqlen, self.options())
+        return layers * layer_seconds(steps, self.rates.per_second(self.matmul)) / 60
 
     def first_inputs(self) -> torch.Tensor:
         """Layer `layers_done`'s calibration input: saved by the run we resume, or computed."""
@@ -428,6 +462,8 @@ class _Run:
             os.replace(self.acts_path.with_suffix(".tmp"), self.acts_path)
         self.state_path.write_text(json.dumps({"settings": self.key, "layers_done": i + 1,
                                                "losses": self.progress.losses, "elapsed_s": self.elapsed(),
+                                               "layer_seconds": self.progress.layer_seconds,
+                                               "matmul": self.matmul,
                                                "calibration": self.sources}))
 
     def quantize_layers(self, show: bool) -> None:
@@ -436,21 +472,37 @@ class _Run:
         x = self.first_inputs() if awq else None
         runner = LayerRunner(self.cfg, x.shape[1], self.device) if awq else None
         done = self.progress.layers_done
+        if awq:
+            left = self.cfg.num_layers - done
+            minutes = self.estimate_minutes(left)
+            self.log(f"estimate: ~{minutes:.0f} min on this machine for {left} layers ({self.matmul} products; "
+                     f"counted from the shapes at the measured rates, refined after the first layer)")
         bar = tqdm(range(done, self.cfg.num_layers), desc=f"{self.settings.method.upper()} layers", unit="layer",
                    initial=done, total=self.cfg.num_layers, file=sys.stderr, disable=not show)
+        if awq:
+            bar.set_postfix(left=f"~{minutes:.0f} min")
+        times = []  # this run's layers (a resumed run's earlier ones may have run on another machine)
         for i in bar:
+            t = time.perf_counter()
             self.step = f"loading layer {i}"
             layer = self.load_layer(i)
             self.step = f"quantizing layer {i}"
             if awq:
                 result, x = quantize_layer_awq(layer, self.cfg, x, runner, opts)
                 self.progress.losses.append(result.loss)
-                bar.set_postfix(loss=f"{result.loss:.2e}")
             else:
                 result = quantize_layer_rtn(layer, opts)
             self.step = f"writing layer {i}"
+            self.progress.layer_seconds.append(time.perf_counter() - t)
             self.save_layer(i, layer, result, x)
             del layer
+            if awq:
+                times.append(self.progress.layer_seconds[-1])
+                left = self.cfg.num_layers - i - 1
+                minutes = left * sum(times) / len(times) / 60
+                if len(times) == 1 and left:
+                    self.log(f"layer {i} took {times[0]:.0f} s: ~{minutes:.0f} min for the other {left} layers")
+                bar.set_postfix(loss=f"{result.loss:.2e}", left=f"~{minutes:.0f} min")
 
     def write_rest(self) -> None:
         """Everything but the decoder layers: the other tensors, index, config, tokenizer, VLM parts."""
@@ -494,7 +546,8 @@ class _Run:
         else:
             before, after = self.store.nbytes(), sum(p.stat().st_size for p in self.out.glob("*.safetensors"))
         return Summary(str(self.layout.folder), str(self.out), self.settings.method, self.group, before, after,
-                       self.elapsed(), self.progress.losses, self.sources, self.shards)
+                       self.elapsed(), self.progress.losses, self.sources, self.shards, self.progress.layer_seconds,
+                       self.matmul)
 
 
 def _chain(*iterables):
@@ -529,7 +582,8 @@ def _resume_state(run_key: dict, state_path: Path, resume: bool, num_layers: int
         if state["settings"] != run_key:
             raise QuantizeError(f"{state_path.parent} was started with other settings; pass --force to start over")
         log(f"resuming after layer {state['layers_done'] - 1} of {num_layers}")
-        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"], state.get("calibration", []))
+        return _Progress(state["layers_done"], state["losses"], state["elapsed_s"], state.get("calibration", []),
+                         state.get("layer_seconds", []), state.get("matmul"))
     if resume:
         log("note: nothing to resume; starting from the first layer")
     return _Progress()
@@ -547,7 +601,7 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     if settings.quantize_embedding and cfg.tie_word_embeddings and not settings.quantize_lm_head:
         raise QuantizeError("this model's lm_head shares the embedding table: --quantize-embedding needs "
                             "--quantize-lm-head too")
-    group = _pick_group_size(cfg, settings.group_size)
+    group = pick_group_size(cfg, settings.group_size)
     if settings.group_size is None and group != 128:
         log(f"note: layer widths are not multiples of 128; using group size {group}")
     device = _default_device(settings.device)
@@ -556,7 +610,13 @@ def quantize_checkpoint(src, out, settings: QuantizeSettings | None = None, resu
     _check_has_layers(store, layout.layer_prefix)
     key = _settings_key(layout, settings, group)
     state = _resume_state(key, partial / "progress.json", resume, cfg.num_layers, log)
-    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state, sources=state.calibration)
+    matmul, rates = "fp32", None
+    if settings.method != "rtn":
+        matmul, rates = choose_matmul(state.matmul or settings.matmul, device, cfg.hidden_size)
+        kept = " (kept from the run resumed)" if state.matmul else ""
+        log(f"matmul: {matmul}{kept} (measured here: {rates.bf16:.0f} GFLOP/s bf16, {rates.fp32:.0f} float32)")
+    run = _Run(layout, settings, out, partial, group, device, dtype, store, key, state, matmul, rates, log,
+               sources=state.calibration)
     run.llm_out.mkdir(parents=True, exist_ok=True)
     try:
         with _OutOfMemory(run):

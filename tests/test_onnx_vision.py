@@ -28,10 +28,11 @@ import onnxruntime as ort
 
 from edge_vlm import load_model
 from edge_vlm.backends.onnx import (
-    OnnxFallbackWarning, OnnxVisionEncoder, attach_onnx_vision, export_vision, release_torch_tower)
+    OnnxFallbackWarning, OnnxInt8RefusedWarning, OnnxVisionEncoder, attach_onnx_vision, export_vision, release_torch_tower)
 from edge_vlm.cli import build_parser
 from edge_vlm.backends.onnx import cache, choice, export, int8, providers
 from edge_vlm.errors import EdgeVLMError
+from edge_vlm.generate import GenerationStats
 from tests.factories import make_llm, make_vila
 
 FP32_REL = 1e-4
@@ -188,7 +189,17 @@ def test_cpu_onnx_mode_uses_int8_unless_its_features_moved_too_far(tiny_llava, m
     low["int8"] = {**low["int8"], "cosine": 0.5}
     monkeypatch.setattr(cache, "read_manifest", lambda folder: low)
     chosen, caught = attach(model, "onnx")
-    assert chosen == "onnxruntime CPU fp32" and count(caught) == 0
+    assert chosen == "onnxruntime CPU fp32 (int8 refused: cosine 0.5000 < bound 0.99)"
+    assert count(caught, OnnxFallbackWarning) == 0 and count(caught) == 1  # one line, and it says why
+    assert [str(w.message) for w in caught if issubclass(w.category, OnnxInt8RefusedWarning)] == ["ONNX vision: the int8 tower's features have cosine 0.5000 to fp32, below the bound 0.99; "
+                       "running the fp32 file"]
+    # the stats line after an answer names the refusal too
+    stats = GenerationStats(prompt_tokens=1, new_tokens=1, vision_backend=chosen)
+    assert "vision on onnxruntime CPU fp32 (int8 refused: cosine 0.5000 < bound 0.99)" in stats.summary()
+    # an int8 file above the bound: no warning, no note
+    monkeypatch.setattr(cache, "read_manifest", lambda folder: {**low, "int8": {**low["int8"], "cosine": 0.995}})
+    chosen, caught = attach(model, "onnx")
+    assert chosen == "onnxruntime CPU int8" and not caught
 
 
 def test_torch_mode_and_text_only_models_keep_the_torch_path(tiny_vila, tmp_path):

@@ -169,7 +169,6 @@ def torch_int4_reason(layers: list[WQLinear], ins: Inputs) -> str | None:
 
 
 def _choose_linear(run: _Run, triton: bool) -> str:
-
     layers = layers_per_shape(run.llm)
     if not layers:
         return "none"

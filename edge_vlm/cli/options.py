@@ -3,6 +3,8 @@ definition each, so `--temperature` or `--backend` means the same everywhere."""
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from ..backends.llamacpp.choice import MODES as LLM_BACKENDS
@@ -66,6 +68,23 @@ def add_model_options(p, backend_flag: str = "--backend") -> None:
                    help="what runs the language model: llama.cpp from a GGUF exported once into ~/.cache/edge-vlm "
                         "(needs edge-vlm[llamacpp]; with CUDA, all layers on the GPU), or our torch decoder; "
                         "auto (default): llama.cpp on the CPU when llama-cpp-python is installed, else torch")
+    # Default: every core this process may use (llama.cpp's fastest on an idle machine, and what it
+    # ran before the option existed); the right number under a competing load is unmeasured, so the
+    # user who knows their machine is busy picks it.
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="CPU threads llama.cpp runs the language model on, for prompts and for each token "
+                        "(default: every core this process may use); fewer leave cores to other programs")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (one clear line otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
 
 
 def backend_line(requested: str, device: str | None) -> str:
@@ -84,6 +103,7 @@ def load_from_args(args):
                       template=args.template, kv_cache=getattr(args, "kv_cache", None),
                       llm_backend=getattr(args, "llm_backend", "auto"),
                       vision_backend=getattr(args, "vision_backend", "torch"),
-                      max_tiles=getattr(args, "max_tiles", None), vision_int8=getattr(args, "vision_int8", False))
+                      max_tiles=getattr(args, "max_tiles", None), vision_int8=getattr(args, "vision_int8", False),
+                      llm_threads=getattr(args, "threads", None))
 
 

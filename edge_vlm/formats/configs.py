@@ -293,7 +293,6 @@ class ProjectorConfig:
         return cls("mlp2x_gelu", vision_hidden, llm_hidden)
 
     def validate(self) -> None:
-
         if self.kind == "mlp1" and self.downsample_ratio != 0.5:
             raise UnsupportedModelError(f"unsupported InternVL downsample ratio {self.downsample_ratio}; supported: 0.5")
         if self.kind not in VILA_DOWNSAMPLE_PROJECTORS + ("linear", "mlp1") and not re.fullmatch(r"mlp\d+x_gelu",

@@ -44,7 +44,6 @@ def sample_frames(path, num_frames: int = 8) -> list[Image.Image]:
 
 
 def _read_all(cap) -> list[Image.Image]:
-
     frames = []
     while True:
         ok, bgr = cap.read()

@@ -41,7 +41,8 @@ LLAMACPP_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q
 OUTTYPES = ("auto",) + OWN_TYPES + LLAMACPP_TYPES
 
 
-def _gguf():
+def gguf_module():
+    """The `gguf` package, or one line saying how to install it."""
     try:
         # optional: gguf (the llamacpp extra)
         import gguf
@@ -51,17 +52,14 @@ def _gguf():
 
 
 def _llama_cpp():
-
     return llama_cpp_module()
 
 
 def _is_awq(module) -> bool:
-
     return isinstance(module, WQLinear)
 
 
 def _is_int8_embedding(module) -> bool:
-
     return isinstance(module, Int8Embedding)
 
 
@@ -145,7 +143,7 @@ def _plan_one(src, outtype: str, gguf) -> _Planned:
 def plan_tensors(llm, outtype: str) -> list[_Planned]:
     """What export_gguf would write for `llm` with one of OWN_TYPES (name, ggml type, shape)."""
 
-    gguf = _gguf()
+    gguf = gguf_module()
     check_supported(llm.cfg)
     plan = [_plan_one(src, outtype, gguf) for src in tensor_sources(llm)]
     if outtype == "q4_1-awq":
@@ -174,7 +172,7 @@ def _write(model, path: Path, outtype: str, progress: bool) -> None:
     # optional: needs gguf (the llamacpp extra)
     from .gguf_vocab import gguf_vocab
 
-    gguf = _gguf()
+    gguf = gguf_module()
     llm = model.llm
     cfg = llm.cfg
     plan = plan_tensors(llm, outtype)
@@ -205,7 +203,7 @@ def _write(model, path: Path, outtype: str, progress: bool) -> None:
 
 def _llamacpp_quantize(src: Path, dst: Path, outtype: str) -> None:
     llama_cpp = _llama_cpp()
-    ftype = int(getattr(_gguf().LlamaFileType, "MOSTLY_" + outtype.upper()))
+    ftype = int(getattr(gguf_module().LlamaFileType, "MOSTLY_" + outtype.upper()))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
@@ -232,7 +230,7 @@ def export_gguf(model, out_path, outtype: str = "auto", progress: bool | None = 
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise EdgeVLMError(f"unknown GGUF type {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
-    _gguf()
+    gguf_module()
     show = sys.stderr.isatty() if progress is None else progress
     awq = any(_is_awq(m) for m in model.llm.modules())
     if outtype == "auto":

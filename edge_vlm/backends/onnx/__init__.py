@@ -11,9 +11,9 @@
 onnxruntime and onnx are optional (`pip install 'edge-vlm[onnx]'`): importing this package needs neither.
 """
 
-from .choice import MODES, OnnxFallbackWarning, attach_onnx_vision, cpu_int8_speedup, release_torch_tower
+from .choice import MODES, OnnxFallbackWarning, OnnxInt8RefusedWarning, attach_onnx_vision, cpu_int8_speedup, release_torch_tower
 from .encoder import OnnxVisionEncoder
 from .export import PRECISIONS, export_vision
 
 __all__ = ["MODES", "PRECISIONS", "OnnxFallbackWarning", "OnnxVisionEncoder", "attach_onnx_vision",
-           "cpu_int8_speedup", "export_vision", "release_torch_tower"]
+           "OnnxInt8RefusedWarning", "cpu_int8_speedup", "export_vision", "release_torch_tower"]

@@ -40,6 +40,10 @@ class OnnxFallbackWarning(RuntimeWarning):
     """The ONNX vision path could not be used; the torch tower runs instead."""
 
 
+class OnnxInt8RefusedWarning(RuntimeWarning):
+    """The int8 file's features moved too far from fp32 (cosine below int8.MIN_COSINE): the fp32 file runs."""
+
+
 def _fallback(reason: str) -> str:
     warnings.warn(f"ONNX vision tower unavailable ({reason}); using the torch tower", OnnxFallbackWarning,
                   stacklevel=3)
@@ -154,9 +158,14 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
     if plan.precision == "int8" and precision is None and manifest["int8"]["cosine"] < MIN_COSINE:
         plan.precision = "fp32"  # int8 moved these features too far: the fp32 file, still ONNX Runtime's speed
         path = path.with_name(path.name.replace("int8", "fp32"))
+        note = f"int8 refused: cosine {manifest['int8']['cosine']:.4f} < bound {MIN_COSINE}"
+        warnings.warn(f"ONNX vision: the int8 tower's features have cosine {manifest['int8']['cosine']:.4f} to fp32, "
+                      f"below the bound {MIN_COSINE}; running the fp32 file", OnnxInt8RefusedWarning, stacklevel=2)
+    else:
+        note = ""
 
     try:
-        encoder = OnnxVisionEncoder.open(path, model.image_cfg, plan, device, model.dtype)
+        encoder = OnnxVisionEncoder.open(path, model.image_cfg, plan, device, model.dtype, note)
         if device.type != "cpu":  # GPU providers may fail only at the first run (engine build, kernels)
             encoder.encode_pixels(torch.zeros(1, 3, model.vision.cfg.image_size, model.vision.cfg.image_size))
     except Exception as e:  # noqa: BLE001 - a corrupt file or a provider that fails to start

@@ -32,24 +32,29 @@ def open_session(path: Path, plan: ProviderPlan):
 class OnnxVisionEncoder:
     """Callable like `encode_images`; `provider` names the execution provider that runs the graph."""
 
-    def __init__(self, session, image_cfg, precision: str, device, dtype: torch.dtype, max_batch: int | None = None):
-        self.session, self.image_cfg, self.precision = session, image_cfg, precision
+    def __init__(self, session, image_cfg, precision: str, device, dtype: torch.dtype, max_batch: int | None = None,
+                 note: str = ""):
+        """`note`: why this precision and not the provider's first choice (shown by `describe`)."""
+        self.session, self.image_cfg, self.precision, self.note = session, image_cfg, precision, note
         self.device, self.dtype = torch.device(device), dtype
         self.max_batch = max_batch
         inp = session.get_inputs()[0]
         self.input_name, self.input_dtype = inp.name, _NUMPY[inp.type]
 
     @classmethod
-    def open(cls, path: Path, image_cfg, plan: ProviderPlan, device, dtype: torch.dtype) -> "OnnxVisionEncoder":
-        return cls(open_session(path, plan), image_cfg, plan.precision, device, dtype, plan.max_batch)
+    def open(cls, path: Path, image_cfg, plan: ProviderPlan, device, dtype: torch.dtype,
+             note: str = "") -> "OnnxVisionEncoder":
+        return cls(open_session(path, plan), image_cfg, plan.precision, device, dtype, plan.max_batch, note)
 
     @property
     def provider(self) -> str:
         return self.session.get_providers()[0]
 
     def describe(self) -> str:
-        """For `edge-vlm info` and the stats line, e.g. "onnxruntime CPU int8"."""
-        return f"onnxruntime {SHORT_NAMES.get(self.provider, self.provider)} {self.precision}"
+        """For `edge-vlm info` and the stats line, e.g. "onnxruntime CPU int8", or
+        "onnxruntime CPU fp32 (int8 refused: cosine 0.9815 < bound 0.99)"."""
+        text = f"onnxruntime {SHORT_NAMES.get(self.provider, self.provider)} {self.precision}"
+        return f"{text} ({self.note})" if self.note else text
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels [N, 3, S, S] -> [N, tokens, hidden] in the LLM's dtype, on its device."""
