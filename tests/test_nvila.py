@@ -44,9 +44,10 @@ def picture(w, h, seed=0):
 
 # ------------------------------------------------------------------ the reference, written from VILA's algorithm
 
-def ref_grid(w, h, s0, last, max_num):
-    """(cols, rows) as dynamic_s2_preprocess picks it."""
-    min_num = (last // s0) ** 2
+def ref_aspect_grid(w, h, tile, min_num, max_num):
+    """(cols, rows) as VILA's mm_utils picks an aspect grid (InternVL's rule): candidate grids by tile
+    count, the closest cols/rows wins, on an exact tie the later one while the image's area exceeds
+    half the grid's."""
     ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                      if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
     best, best_diff = (1, 1), float("inf")
@@ -54,9 +55,14 @@ def ref_grid(w, h, s0, last, max_num):
         diff = abs(w / h - i / j)
         if diff < best_diff:
             best, best_diff = (i, j), diff
-        elif diff == best_diff and w * h > 0.5 * s0 * s0 * i * j:
+        elif diff == best_diff and w * h > 0.5 * tile * tile * i * j:
             best = (i, j)
     return best
+
+
+def ref_grid(w, h, s0, last, max_num):
+    """(cols, rows) as dynamic_s2_preprocess picks it: at least (last // s0)**2 tiles."""
+    return ref_aspect_grid(w, h, s0, (last // s0) ** 2, max_num)
 
 
 def ref_tiles(image, scales, max_num):
@@ -223,17 +229,7 @@ def test_info_prints_the_s2_line(folders, capsys):
 
 def ref_lite_tiles(image, s, max_num, min_num=1):
     """mm_utils.dynamic_preprocess: the aspect grid's tiles row by row, then the thumbnail when more than one."""
-    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
-                     if min_num <= i * j <= max_num}, key=lambda r: r[0] * r[1])
-    w, h = image.size
-    best, best_diff = (1, 1), float("inf")
-    for i, j in ratios:
-        diff = abs(w / h - i / j)
-        if diff < best_diff:
-            best, best_diff = (i, j), diff
-        elif diff == best_diff and w * h > 0.5 * s * s * i * j:
-            best = (i, j)
-    cols, rows = best
+    cols, rows = ref_aspect_grid(*image.size, s, min_num, max_num)
     canvas = image.resize((cols * s, rows * s))
     tiles = [canvas.crop(((b % cols) * s, (b // cols) * s, (b % cols + 1) * s, (b // cols + 1) * s))
              for b in range(cols * rows)]
