@@ -46,9 +46,14 @@ class Sampler:
         if p.repetition_penalty != 1.0 and history is not None and history.numel():
             seen = logits[history]
             logits[history] = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        # extreme settings (a penalty of 1e-300 divides a logit to inf) must not give NaN probabilities:
+        # clamp to finite first, then scale relative to the best, so only the best can reach 0
+        finite = torch.finfo(logits.dtype)
+        logits = torch.nan_to_num(logits, nan=finite.min, posinf=finite.max, neginf=float("-inf"))
         if p.temperature <= 0:
             return int(torch.argmax(logits))
-        logits = logits / p.temperature
+        best = logits.max()
+        logits = (logits - best) / p.temperature  # a tiny temperature gives 0 for the best, -inf elsewhere
         if p.top_k > 0 and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits[logits < kth] = float("-inf")
@@ -60,4 +65,6 @@ class Sampler:
             sorted_logits[drop] = float("-inf")
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
         probs = logits.softmax(-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:  # nothing drawable: the best token
+            return int(torch.argmax(logits))
         return int(torch.multinomial(probs, 1, generator=self.generator))
