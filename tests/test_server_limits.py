@@ -144,7 +144,7 @@ def test_before_the_model_is_loaded_ready_and_chat_are_503():
     app = create_app(ModelWorker(), ServerConfig(model_id="m"))
 
     async def go():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as c:
             return (await c.get("/v1/health/live"), await c.get("/v1/health/ready"),
                     await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]}),
                     await c.get("/metrics"))
@@ -163,7 +163,7 @@ def test_cors_is_off_unless_an_origin_is_given_and_preflights_need_no_key():
                  "Access-Control-Request-Headers": "authorization,content-type"}
 
     async def go(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1:8000") as c:
             return (await c.options("/v1/chat/completions", headers=preflight),
                     await c.get("/v1/health/live", headers={"Origin": "http://board.local"}))
 
