@@ -21,6 +21,28 @@ class SamplingParams:
     seed: int | None = None
 
 
+class Drawn:
+    """Logits whose token this answer's own sampling has drawn already, elsewhere: the batched
+    llama.cpp context draws each lane's token in its decode thread (so N lanes do not each take
+    N sets of logits through Python) with a Sampler of the answer's settings and seed, the only
+    one that draws for it. `Sampler` hands the token on. `draw` (called on first use) draws a
+    token not drawn yet; `logits` are there for anything else."""
+
+    def __init__(self, logits: torch.Tensor, token: int | None = None, draw=None):
+        self.logits = logits
+        self._token, self._draw = token, draw
+
+    @property
+    def token(self) -> int:
+        if self._token is None:
+            self._token = int(self._draw(self.logits))
+        return self._token
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.p = params
@@ -35,7 +57,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None,
                  allowed: torch.Tensor | None = None) -> int:
         """logits: [vocab] float32; history: ids seen so far (for the repetition penalty);
-        allowed: bool [vocab], the only tokens that may be drawn (None: all)."""
+        allowed: bool [vocab], the only tokens that may be drawn (None: all). `Drawn` logits:
+        their token, drawn already by this answer's sampling (never under a mask)."""
+        if isinstance(logits, Drawn):
+            if allowed is not None:
+                raise ValueError("a token drawn elsewhere cannot honour a mask: draw it here")
+            return logits.token
         p = self.p
         if allowed is not None:
             logits = logits.detach().float().cpu().masked_fill(~allowed, float("-inf"))
