@@ -207,3 +207,23 @@ def test_a_constrained_answer_has_no_plan_and_its_lane_samples(model_lc):
     finally:
         ctx.close()
     assert got == want and got in ("yes", "no")
+
+
+def test_a_slot_reuses_the_cells_of_a_prompt_that_starts_the_same(model):
+    a, b = ids_of(model, QUESTIONS[0]), ids_of(model, QUESTIONS[1])
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    ctx = BatchedContext(gguf_path(), slots=2, max_context=128, gather_s=0.0)
+    lone = LlamaCppEngine(gguf_path(), 128)
+    try:
+        slot = ctx.engines[0]
+        slot.prefill(Prompt([a]))
+        slot.step(5)
+        slot.rewind(0)
+        got = slot.prefill(Prompt([b]))
+        assert slot.reused_tokens == shared > 10 and slot.position == len(b)
+        want = lone.prefill(Prompt([b]))
+        assert cosine(got, want) > 0.99999 and int(got.argmax()) == int(want.argmax())
+        assert cosine(slot.step(9), lone.step(9)) > 0.99999  # the old cells past the match were removed
+    finally:
+        ctx.close()
+        lone.close()

@@ -45,7 +45,7 @@ import torch
 from ...errors import EdgeVLMError
 from ...generate import GenerationConfig, Prompt
 from ...sampling import Drawn, Sampler
-from .engine import LlamaContext
+from .engine import Cells, LlamaContext
 
 
 @dataclass
@@ -324,6 +324,8 @@ class SlotEngine:
         self._plan: Plan | None = None
         self._gen: GenerationConfig | None = None
         self._eos: frozenset[int] = frozenset()
+        self._cells = Cells()  # what this sequence's cells hold: a prompt that starts the same reuses them
+        self.reused_tokens = 0
 
     def plan(self, gen: GenerationConfig | None, eos_ids=()) -> None:
         """Draw the tokens of the next answer(s) with `gen` in the decode thread (module docstring);
@@ -349,9 +351,14 @@ class SlotEngine:
         if not pieces:
             raise ValueError("an empty prompt")
         self.context.drop_ahead(self.slot)
-        logits = None
-        for piece in pieces:
-            logits = self._run(piece).logits
+        logits, self.reused_tokens = None, 0
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            kept = self._cells.reusable(self._position, piece, keep_last=last)
+            self._position += kept
+            self.reused_tokens += kept
+            if kept < len(piece):
+                logits = self._run(piece[kept:]).logits
         if self._gen is None:
             self._plan = None
             return logits
@@ -363,6 +370,7 @@ class SlotEngine:
         done = self.context.step_ahead(self.slot, token_id, self._position) if self._plan is not None else None
         if done is not None:
             self._position += 1
+            self._cells.add([token_id])
         else:
             done = self._run([token_id], self._plan)
         return done.logits if done.plan is None else Drawn(done.logits, token=done.token)
@@ -371,11 +379,9 @@ class SlotEngine:
         self.context.idle(self.slot)
 
     def rewind(self, position: int) -> None:
+        """Go back to `position`; the cells past it stay for a prompt that starts the same (engine.py)."""
         self.context.drop_ahead(self.slot)
-        position = max(0, min(position, self._position))
-        if position < self._position:
-            self.context.remove(self.slot, position)
-        self._position = position
+        self._position = max(0, min(position, self._position))
 
     def reset(self) -> None:
         self.rewind(0)
@@ -389,6 +395,9 @@ class SlotEngine:
             rows = list(piece)
         if self._position + len(rows) > self.max_context:
             raise ValueError(f"positions up to {self._position + len(rows)} exceed the context {self.max_context}")
+        if self._cells.stale_from(self._position):  # cells a rewind left that this piece does not reuse
+            self.context.remove(self.slot, self._position)
         done = self.context.run(self.slot, rows, self._position, plan)
+        self._cells.add(rows)
         self._position += len(rows)
         return done
