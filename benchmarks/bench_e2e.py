@@ -25,7 +25,7 @@ import torch
 
 from edge_vlm.backends import make_engine, optimize_for_device
 from edge_vlm.generate import Engine
-from edge_vlm.kv_cache import kv_cache_bytes
+from edge_vlm.models.kv_cache import kv_cache_bytes
 from edge_vlm.vlm import weight_bytes
 
 from .random_model import build_llm, build_vision

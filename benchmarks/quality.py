@@ -56,7 +56,7 @@ def eval_sets(src, eval_tokens: int, window: int, in_domain: bool = True) -> dic
 
 def evaluate(model_dir, sets: dict[str, list[int]], window: int) -> dict[str, float]:
     from edge_vlm import load_model
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
 
     # the reference modules: quality is a property of the weights, not of a fast path's roundings
     model = load_model(str(model_dir), device="cpu", dtype=torch.float32, progress=False, fast_path=False)
@@ -139,8 +139,8 @@ def table(rows: dict) -> str:
 def memory_projection(shape: str, context: int = 4096, group_size: int = 128) -> list[tuple[str, int, int]]:
     """(variant, weight bytes, KV-cache bytes) of an LLM of `shapes.LLM_SHAPES`, counted on the meta
     device (no weights needed)."""
-    from edge_vlm.config import QuantConfig
-    from edge_vlm.kv_cache import kv_cache_bytes
+    from edge_vlm.formats.configs import QuantConfig
+    from edge_vlm.models.kv_cache import kv_cache_bytes
     from edge_vlm.vlm import weight_bytes
 
     from .shapes import llm_config, meta_llm

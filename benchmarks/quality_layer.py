@@ -20,9 +20,9 @@ import torch
 
 
 def main(argv=None) -> int:
-    from edge_vlm.checkpoint import TensorStore, load_into
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLayer
+    from edge_vlm.formats.checkpoint import TensorStore, load_into
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLayer
     from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq, quantize_layer_rtn
     from edge_vlm.quantize.calibration import builtin_blocks
     from edge_vlm.quantize.pipeline import chat_template_of

@@ -10,17 +10,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from edge_vlm.config import LLMConfig, VisionConfig
-from edge_vlm.int4_formats import pack_triton
-from edge_vlm.llm import DecoderLM, RMSNorm
-from edge_vlm.vision import VisionTower
+from edge_vlm.formats.configs import LLMConfig, VisionConfig
+from edge_vlm.formats.int4_formats import pack_triton
+from edge_vlm.models.llm import DecoderLM, RMSNorm
+from edge_vlm.models.vision import VisionTower
 
 GROUP = 128
 
 
 def random_awq_linear(k: int, n: int, device, dtype, group: int = GROUP, seed: int = 0) -> nn.Module:
     """The runtime's `WQLinear` (AutoAWQ GEMM buffers) filled with random nibbles and small scales."""
-    from edge_vlm.quant_linear import WQLinear
+    from edge_vlm.models.quant_linear import WQLinear
 
     gen = torch.Generator(device=device).manual_seed(seed)
     layer = WQLinear(k, n, group, 4, bias=False, device=device, dtype=dtype)
@@ -55,7 +55,7 @@ def build_llm(cfg: LLMConfig, device, dtype, int4: bool, seed: int = 0, int4_lm_
     `int4_lm_head` / `int8_embedding` build what `edge-vlm quantize --quantize-lm-head /
     --quantize-embedding` writes (the big-vocabulary settings, e.g. Nemotron's 256k).
     """
-    from edge_vlm.quant_linear import Int8Embedding
+    from edge_vlm.models.quant_linear import Int8Embedding
 
     with torch.device("meta"):
         llm = DecoderLM(cfg)

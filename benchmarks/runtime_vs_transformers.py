@@ -110,11 +110,12 @@ def gguf_files(folder, int4_folder, tmp):
     yield "original Q4_1 GGUF", gguf_path()
     try:
         from edge_vlm.backends.llamacpp.gguf_export import export_gguf
+        from edge_vlm.loading import load_for_export
     except ImportError:
         return
-    yield "our int4 checkpoint -> Q4_1-AWQ export", export_gguf(int4_folder, f"{tmp}/awq.gguf", "q4_1-awq",
+    yield "our int4 checkpoint -> Q4_1-AWQ export", export_gguf(load_for_export(int4_folder), f"{tmp}/awq.gguf", "q4_1-awq",
                                                                  progress=False)
-    yield "Q4_K_M export of the 16-bit weights", export_gguf(folder, f"{tmp}/q4km.gguf", "q4_k_m", progress=False)
+    yield "Q4_K_M export of the 16-bit weights", export_gguf(load_for_export(folder), f"{tmp}/q4km.gguf", "q4_k_m", progress=False)
 
 
 def bench_llama_cpp(gguf, prompt_ids, new_tokens, repeat, threads):

@@ -133,7 +133,6 @@ def second_turn_ttft(url: str, repeat: int = 3) -> dict[str, float]:
     cached), image embeddings cached but the conversation not in the KV cache, and the usual case of
     a client resending the conversation it had (its prefix, image included, in the KV cache)."""
     import httpx
-    import numpy as np
     from PIL import Image
 
     from skimage import data

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from edge_vlm.config import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
+from edge_vlm.formats.configs import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 
 # Language models (LLMConfig fields).
 LLM_SHAPES: dict[str, dict] = {
@@ -67,8 +67,8 @@ def llm_config(name: str, layers: int | None = None, vocab: int | None = None, m
 
 def meta_llm(cfg: LLMConfig, quantization: QuantConfig | None = None):
     """The LLM as the loader builds it, in fp16 on the meta device: sized from its shape, no weights."""
-    from edge_vlm.llm import DecoderLM
-    from edge_vlm.quant_linear import prepare_quantized
+    from edge_vlm.models.llm import DecoderLM
+    from edge_vlm.models.quant_linear import prepare_quantized
 
     with torch.device("meta"):
         llm = DecoderLM(cfg).to(torch.float16)
@@ -79,8 +79,8 @@ def meta_llm(cfg: LLMConfig, quantization: QuantConfig | None = None):
 
 def meta_vlm(name: str, quantization: QuantConfig | None = None, kv_int8: bool = False):
     """A whole VLM of `VLMS` on the meta device, as `meta_llm` (`kv_int8`: as `--kv-cache int8` sizes its cache)."""
-    from edge_vlm.projector import Projector
-    from edge_vlm.vision import VisionTower
+    from edge_vlm.models.projector import Projector
+    from edge_vlm.models.vision import VisionTower
     from edge_vlm.vlm import ModelInfo, VisionLanguageModel
 
     llm_name, tower, projector_kind = VLMS[name]

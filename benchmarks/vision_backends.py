@@ -25,10 +25,11 @@ from edge_vlm.backends.onnx.encoder import OnnxVisionEncoder
 from edge_vlm.backends.onnx.export import VisionGraph, export_parts
 from edge_vlm.backends.onnx.int8 import calibration_pixels, check_pixels, cosine, quantize, synthetic_images
 from edge_vlm.backends.onnx.providers import CPU, ProviderPlan
-from edge_vlm.config import ImageConfig, ProjectorConfig
-from edge_vlm.preprocess import preprocess
-from edge_vlm.projector import Projector
-from edge_vlm.vision import VisionTower
+from edge_vlm.formats.configs import ImageConfig, ProjectorConfig
+from edge_vlm.formats.image_processor_config import settings_image_config
+from edge_vlm.imaging.preprocess import preprocess
+from edge_vlm.models.projector import Projector
+from edge_vlm.models.vision import VisionTower
 
 from .shapes import BENCH_VLMS, LLM_SHAPES, VLMS, vision_config
 from .timing import wall_time
@@ -63,8 +64,9 @@ def random_parts(name: str, layers: int | None = None, seed: int = 0, llm_hidden
 def image_config(cfg) -> ImageConfig:
     """The real preprocessing of the shape's tower: SigLIP squashes to a square, CLIP crops the short side."""
     side = {"height": cfg.image_size, "width": cfg.image_size}
-    pre = {"size": side} if cfg.arch == "siglip" else {"size": {"shortest_edge": cfg.image_size}, "crop_size": side}
-    return ImageConfig.from_hf(pre, cfg.image_size)
+    if cfg.arch == "siglip":
+        return settings_image_config({"size": side}, "SiglipImageProcessor")
+    return settings_image_config({"size": {"shortest_edge": cfg.image_size}, "crop_size": side}, "CLIPImageProcessor")
 
 
 def tower_flops(tower: VisionTower, projector: Projector) -> float:

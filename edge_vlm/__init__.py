@@ -2,8 +2,8 @@
 
 from .errors import EdgeVLMError
 from .generate import GenerationConfig, GenerationStats
-from .loader import load_model
+from .loading import load_model
 from .session import ChatSession
+from .version import __version__
 
-__all__ = ["load_model", "ChatSession", "GenerationConfig", "GenerationStats", "EdgeVLMError"]
-__version__ = "0.1.0"
+__all__ = ["load_model", "ChatSession", "GenerationConfig", "GenerationStats", "EdgeVLMError", "__version__"]

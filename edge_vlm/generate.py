@@ -3,8 +3,9 @@
 `Engine` owns the cache and the two model calls (prefill, step); `generate` drives them with
 a sampler and timing, and `AnswerText` decides where the answer ends (EOS, stop strings) and
 what text is safe to stream. A `constraint` (edge_vlm/constrained.py) masks the logits of every
-engine before sampling, so the answer matches a JSON schema or a list of choices. Faster engines (CUDA graphs) replace `step`; engines that are not
-torch modules (llama.cpp) take a `Prompt` of token ids and image embeddings as it is.
+engine before sampling, so the answer matches a JSON schema or a list of choices. Other engines
+(CUDA graphs, llama.cpp) keep the same two calls; engines that are not torch modules (llama.cpp)
+take a `Prompt` of token ids and image embeddings as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Iterator
 import torch
 
 from .constrained import compile_constraint
-from .llm import DecoderLM
+from .models.llm import DecoderLM
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
 

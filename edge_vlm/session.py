@@ -26,8 +26,8 @@ from .chat_template import _ANSWER_SENTINEL, IMAGE_MARK
 from .errors import ContextOverflowError, EdgeVLMError
 from .tools import arguments_dict, parse_tool_calls, result_text, template_call, tool_specs
 from .generate import AnswerText, GenerationConfig, GenerationStats, Prompt, generate
-from .preprocess import load_image
-from .video import sample_frames
+from .imaging.preprocess import load_image
+from .imaging.video import sample_frames
 from .vlm import VisionLanguageModel
 
 _KEEP = object()  # reset(): keep the current system prompt

@@ -16,14 +16,14 @@ import torch
 from PIL import Image
 
 from .chat_template import IMAGE_MARK, ChatTemplate, image_text
-from .config import ImageConfig
-from .kv_cache import kv_cache_bytes
-from .llm import DecoderLM
-from .preprocess import preprocess
-from .projector import Projector
-from .tiling import TilingConfig, split_tiles, tile_count
+from .formats.configs import ImageConfig
+from .models.kv_cache import kv_cache_bytes
+from .models.llm import DecoderLM
+from .imaging.preprocess import preprocess
+from .models.projector import Projector
+from .imaging.tiling import TilingConfig, split_tiles, tile_count
 from .tokenizer import Tokenizer
-from .vision import VisionTower
+from .models.vision import VisionTower
 
 
 @dataclass
@@ -42,6 +42,7 @@ class ModelInfo:
     vision_backend: str = "torch"  # or what ONNX Runtime runs it with, e.g. "onnxruntime CPU int8"
     max_tiles: int | None = None  # tiled models (InternVL, NVLM-D): the most tiles an image is cut into
     vision_quantization: str = "none"  # or "int8" (the tower's Linear weights, one scale per row)
+    image_preparation: str | None = None  # the image steps in use and where they were read (multimodal only)
     params: dict[str, int] = field(default_factory=dict)
     weight_bytes: int = 0
 

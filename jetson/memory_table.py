@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from edge_vlm.benchmarks.shapes import LLM_SHAPES, VLMS, meta_llm, meta_vlm
-from edge_vlm.config import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
+from edge_vlm.formats.configs import LLMConfig, ProjectorConfig, QuantConfig, VisionConfig
 
 # Orin modules and their unified memory (CPU and GPU share it), in GB as NVIDIA states it.
 MODULES = [("Nano 4GB", 4), ("Nano 8GB / NX 8GB", 8), ("NX 16GB", 16), ("AGX 32GB", 32), ("AGX 64GB", 64)]
@@ -83,9 +83,9 @@ INTERNVL_VLMS = {
 
 def internvl_parts(name: str, context: int, tower_int8: bool) -> dict[str, int]:
     """Bytes of each part of an InternViT VLM: int4 LLM, tower (fp16 or int8), mlp1 (fp16), KV cache."""
-    from edge_vlm.int8_rows import use_int8_linears
-    from edge_vlm.internvit import InternViT
-    from edge_vlm.projector import Projector
+    from edge_vlm.formats.int8_rows import use_int8_linears
+    from edge_vlm.models.internvit import InternViT
+    from edge_vlm.models.projector import Projector
     from edge_vlm.vlm import ModelInfo, VisionLanguageModel, weight_bytes
 
     llm_shape, tower, mid, bias = INTERNVL_VLMS[name]

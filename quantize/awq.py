@@ -31,10 +31,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edge_vlm.config import LLMConfig
-from edge_vlm.kv_cache import StaticKVCache
-from edge_vlm.llm import DecoderLayer, LayerNorm1P
-from edge_vlm.rotary import rope_tables
+from edge_vlm.formats.configs import LLMConfig
+from edge_vlm.models.kv_cache import StaticKVCache
+from edge_vlm.models.llm import DecoderLayer, LayerNorm1P
+from edge_vlm.models.rotary import rope_tables
 
 from .groupwise import QuantizedWeight, fake_quantize, quantize_weight
 from .gptq import gptq_quantize

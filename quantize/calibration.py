@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.preprocess import IMAGE_SUFFIXES
+from edge_vlm.imaging.preprocess import IMAGE_SUFFIXES
 
 HELD_OUT_FRACTION = 0.2
 CHARS_PER_TOKEN = 6  # a high estimate: read enough text for the blocks asked for, not the whole source

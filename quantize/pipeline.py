@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from edge_vlm.int4_formats import pack_gemm
-from edge_vlm.checkpoint import TensorStore, load_into, read_json
-from edge_vlm.config import LLMConfig, QuantConfig
+from edge_vlm.formats.int4_formats import pack_gemm
+from edge_vlm.formats.checkpoint import TensorStore, load_into, read_json
+from edge_vlm.formats.configs import LLMConfig, QuantConfig
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.llm import DecoderLayer
-from edge_vlm.loader import CheckpointLayout, detect_layout
+from edge_vlm.models.llm import DecoderLayer
+from edge_vlm.formats.layout import CheckpointLayout, detect_layout
 
 from .awq import AWQOptions, LayerRunner, LayerResult, quantize_layer_awq, quantize_layer_rtn
 from .calibration import builtin_blocks, calibration_blocks, list_images, read_calibration_file
@@ -228,7 +228,7 @@ def _rest_tensors(layout: CheckpointLayout, store: TensorStore, lm_head_group: i
     yet); its weight is the embedding's when the two are tied. With `embedding`, the token
     embeddings are written as int8 under `embed_tokens.{qweight,scales}`.
     """
-    from edge_vlm.quant_linear import quantize_embedding_int8
+    from edge_vlm.models.quant_linear import quantize_embedding_int8
 
     rest = {}
     emb_key = layout.llm_prefix + "embed_tokens.weight"

@@ -19,9 +19,11 @@ from typing import Callable
 import torch
 
 from edge_vlm.chat_template import IMAGE_MARK, image_text
-from edge_vlm.loader import CheckpointLayout, load_vision, vision_configs
-from edge_vlm.preprocess import load_image, preprocess
-from edge_vlm.tiling import split_tiles, tile_count
+from edge_vlm.formats.layout import CheckpointLayout
+from edge_vlm.loading import load_vision
+from edge_vlm.formats.vision_configs import vision_configs
+from edge_vlm.imaging.preprocess import load_image, preprocess
+from edge_vlm.imaging.tiling import split_tiles, tile_count
 from edge_vlm.tokenizer import Tokenizer
 
 

@@ -120,6 +120,43 @@ def preprocessor_config(kind: str, image_size: int) -> dict:
             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 
+LAYOUTS = ("hub", "processor")  # where the image processor's settings are saved (see save_image_processor)
+
+
+def image_processor(kind: str, image_size: int, **over):
+    """transformers' own image processor of a tower (PIL backend: no torchvision here), at its size."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    if kind == "siglip":
+        return SiglipImageProcessorPil(size={"height": image_size, "width": image_size}, **over)
+    return CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                 crop_size={"height": image_size, "width": image_size}, **over)
+
+
+def save_image_processor(folder: Path, processor, layout: str, wrap=None, **wrap_kwargs) -> None:
+    """Save an image processor in one of the layouts transformers writes, wrapped in the processor
+    class `wrap` (default SiglipProcessor) with the folder's tokenizer:
+    - "processor": the wrapper's save_pretrained, which in transformers >= 5 nests the image
+      processor in processor_config.json (and writes no preprocessor_config.json);
+    - "hub": the Hub's older layout: the image processor's own save_pretrained
+      (preprocessor_config.json) beside a processor_config.json of the wrapper's attributes only."""
+    from transformers import AutoTokenizer, SiglipProcessor
+
+    tok_dir = folder if (folder / "tokenizer.json").is_file() else folder.parent / "llm"
+    wrapper = (wrap or SiglipProcessor)(image_processor=processor, tokenizer=AutoTokenizer.from_pretrained(tok_dir),
+                                        **wrap_kwargs)
+    if layout == "processor":
+        wrapper.save_pretrained(folder)
+        assert not (folder / "preprocessor_config.json").exists()
+    elif layout == "hub":
+        processor.save_pretrained(folder)
+        attributes = {k: v for k, v in wrapper.to_dict().items() if k != "image_processor"}
+        (folder / "processor_config.json").write_text(json.dumps(attributes, indent=2))
+    else:
+        raise ValueError(layout)
+
+
 def vila_projector(kind: str, mm_hidden: int, hidden: int, seed: int = 0) -> torch.nn.Sequential:
     """The projector as VILA builds it (same module indices, hence the same checkpoint keys)."""
     torch.manual_seed(seed + 2)
@@ -142,10 +179,13 @@ def vila_projector(kind: str, mm_hidden: int, hidden: int, seed: int = 0) -> tor
 
 
 def make_vila(folder: Path, llm_kind: str = "llama", projector: str = "mlp_downsample",
-              vision_kind: str = "siglip", seed: int = 0, llm_folder: Path | None = None, **vision_over):
+              vision_kind: str = "siglip", seed: int = 0, llm_folder: Path | None = None, layout: str = "hub",
+              aspect: str | None = "resize", **vision_over):
     """A VILA-layout folder: config.json (llava_llama) + llm/ + vision_tower/ + mm_projector/.
 
     `llm_folder` copies an existing HF LLM folder (e.g. real SmolLM2) instead of a tiny random one.
+    `layout`: where vision_tower/ keeps the image processor (save_image_processor; "none": nowhere).
+    `aspect`: the config's image_aspect_ratio (None: the key is absent).
     Returns (llm, vision, projector) reference modules (llm is None when llm_folder is given).
     """
     import shutil
@@ -163,8 +203,8 @@ def make_vila(folder: Path, llm_kind: str = "llama", projector: str = "mlp_downs
     vision = make_vision(vision_kind, seed, **vision_over)
     vision.save_pretrained(folder / "vision_tower")
     vcfg = vision.config
-    (folder / "vision_tower" / "preprocessor_config.json").write_text(
-        json.dumps(preprocessor_config(vision_kind, vcfg.image_size)))
+    if layout != "none":
+        save_image_processor(folder / "vision_tower", image_processor(vision_kind, vcfg.image_size), layout)
     proj = vila_projector(projector, vcfg.hidden_size, hidden, seed)
     (folder / "mm_projector").mkdir(parents=True)
     save_file({f"layers.{k}": v.contiguous() for k, v in proj.state_dict().items()},
@@ -174,7 +214,7 @@ def make_vila(folder: Path, llm_kind: str = "llama", projector: str = "mlp_downs
     llm_cfg = json.loads((folder / "llm" / "config.json").read_text())
     top = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "hidden_size": hidden,
            "mm_hidden_size": vcfg.hidden_size, "mm_vision_select_layer": -2,
-           "mm_vision_select_feature": "cls_patch", "image_aspect_ratio": "resize",
+           "mm_vision_select_feature": "cls_patch", **({"image_aspect_ratio": aspect} if aspect else {}),
            "llm_cfg": llm_cfg, "vision_tower_cfg": vcfg.to_dict(),
            "mm_projector_cfg": {"mm_projector_type": projector, "model_type": "v2l_projector"},
            "num_video_frames": 8}
@@ -183,14 +223,17 @@ def make_vila(folder: Path, llm_kind: str = "llama", projector: str = "mlp_downs
 
 
 def make_llava(folder: Path, text_kind: str = "nemotron", vision_kind: str = "clip", seed: int = 0,
-               image_size: int = 28, **text_over):
-    """A transformers LlavaForConditionalGeneration folder (the Nemovision-style single folder)."""
+               image_size: int = 28, layout: str = "hub", **text_over):
+    """A transformers LlavaForConditionalGeneration folder (the Nemovision-style single folder); its
+    image processor saved by transformers in `layout` (save_image_processor; "none": not at all)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     text = llm_config(text_kind, **text_over)
     vis = vision_config(vision_kind, image_size=image_size)
     strategy = "default" if vision_kind == "clip" else "full"  # llava-hf SigLIP models keep every patch
-    cfg = LlavaConfig(vision_config=vis.to_dict(), text_config=text.to_dict(), image_token_index=VOCAB - 1,
+    # the image token: one no prompt holds (byte-level BPE never yields <unk>; transformers counts them)
+    cfg = LlavaConfig(vision_config=vis.to_dict(), text_config=text.to_dict(),
+                      image_token_index=SPECIAL_TOKENS.index("<unk>"),
                       vision_feature_layer=-2, vision_feature_select_strategy=strategy)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
@@ -198,7 +241,11 @@ def make_llava(folder: Path, text_kind: str = "nemotron", vision_kind: str = "cl
     folder = Path(folder)
     model.save_pretrained(folder)
     train_tokenizer(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(vision_kind, image_size)))
+    if layout != "none":
+        from transformers import LlavaProcessor
+
+        save_image_processor(folder, image_processor(vision_kind, image_size), layout, LlavaProcessor,
+                             patch_size=vis.patch_size, vision_feature_select_strategy=strategy)
     return model
 
 
@@ -237,24 +284,61 @@ def train_internvl_tokenizer(folder: Path) -> None:
     tok.train_from_iterator([CORPUS + " <tile_1> <tile_global_thumbnail> <Image></Image>"] * 20, trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
+    # InternVLProcessor reads its image tokens from the tokenizer (transformers' -hf tokenizers carry them)
     cfg = {"bos_token": None, "eos_token": "<|im_end|>", "unk_token": "<unk>", "model_max_length": 512,
-           "tokenizer_class": "PreTrainedTokenizerFast"}
+           "tokenizer_class": "PreTrainedTokenizerFast",
+           "extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
+                                    "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
 
 
-def internvl_preprocessor_config(image_size: int, max_patches: int) -> dict:
-    return {"image_processor_type": "GotOcr2ImageProcessor", "crop_to_patches": True, "min_patches": 1,
-            "max_patches": max_patches, "size": {"height": image_size, "width": image_size}, "resample": 3,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+def internvl_image_processor(image_size: int, max_patches: int):
+    """GotOcr2's image processor as transformers' conversion script writes it for the -hf repos:
+    ImageNet mean/std at the tile size, `crop_to_patches` left at its class default (false)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, max_patches=max_patches,
+                                    image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+
+
+class _WithoutVideo:
+    """InternVLProcessor with no video processor: its class needs torchvision, which does not install
+    beside the CPU torch here. Images go through the real InternVLProcessor code (call-time defaults
+    included); only the video attribute is left out, for as long as the context lasts."""
+
+    def __enter__(self):
+        from transformers import InternVLProcessor
+
+        self.cls, self.saved = InternVLProcessor, InternVLProcessor.__dict__.get("get_attributes")
+        InternVLProcessor.get_attributes = classmethod(lambda cls: ["image_processor", "tokenizer"])
+        return InternVLProcessor
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del self.cls.get_attributes
+        else:
+            self.cls.get_attributes = self.saved
+
+
+def internvl_processor(folder: Path):
+    """transformers' InternVLProcessor for an -hf folder, its image processor found by transformers'
+    own loader (processor_config.json's nested block first, then preprocessor_config.json)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    seq = json.loads((Path(folder) / "config.json").read_text())["image_seq_length"]
+    with _WithoutVideo() as cls:
+        return cls(image_processor=AutoImageProcessor.from_pretrained(folder),
+                   tokenizer=AutoTokenizer.from_pretrained(folder), image_seq_length=seq)
 
 
 def make_internvl_hf(folder: Path, norm: str = "layer_norm", qk_norm: bool = False, seed: int = 0,
                      image_size: int = 56, max_patches: int = 6, layers: int = 2, projector_bias: bool = True,
-                     **text_over):
+                     layout: str = "hub", **text_over):
     """A transformers InternVLForConditionalGeneration `-hf` folder (InternViT + Qwen2), tiny and random.
     300M style: norm="layer_norm", qk_norm=False (q/k/v biases); 6B style: "rms_norm", qk_norm=True, no
-    q/k/v biases. `projector_bias=False` zeroes the projector's biases (to match NVLM-D's bias-free mlp1)."""
+    q/k/v biases. `projector_bias=False` zeroes the projector's biases (to match NVLM-D's bias-free mlp1).
+    `layout`: the image processor saved alone ("hub": preprocessor_config.json, as the -hf repos ship it)
+    or inside InternVLProcessor's processor_config.json ("processor", transformers >= 5)."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig
 
     folder = Path(folder)
@@ -278,7 +362,10 @@ def make_internvl_hf(folder: Path, norm: str = "layer_norm", qk_norm: bool = Fal
                 if name.startswith("linear") and name.endswith("bias"):
                     p.zero_()
     model.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps(internvl_preprocessor_config(image_size, max_patches)))
+    if layout != "none":
+        with _WithoutVideo() as cls:
+            save_image_processor(folder, internvl_image_processor(image_size, max_patches), layout, cls,
+                                 image_seq_length=cfg.image_seq_length)
     return model
 
 

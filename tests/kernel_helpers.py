@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from edge_vlm.quant_linear import WQLinear
+from edge_vlm.models.quant_linear import WQLinear
 from tests.awq_reference import awq_pack
 
 # CPU: kernels run through Triton's interpreter (no TRITON_INTERPRET needed; see backends/triton/launcher.py).

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from edge_vlm.awq_format import TinyChatStore
-from edge_vlm.int4_formats import (AWQ_ORDER, dequantize_gemm, pack_gemm, pack_nibbles, tinychat_scale_rows,
+from edge_vlm.formats.tinychat import TinyChatStore
+from edge_vlm.formats.int4_formats import (AWQ_ORDER, dequantize_gemm, pack_gemm, pack_nibbles, tinychat_scale_rows,
                                    tinychat_to_gemm, unpack_nibbles, unpack_tinychat_qweight)
 from tests.awq_reference import awq_pack, awq_unpack
 
@@ -119,7 +119,7 @@ def _tiny_llm_for_tinychat(folder: Path):
 def test_vila_with_tinychat_llm_loads_and_matches_dequantized_reference(tmp_path):
     """A VILA folder whose llm/ holds only a TinyChat `.pt` (the published VILA AWQ layout)."""
     from edge_vlm import load_model
-    from edge_vlm.quant_linear import WQLinear
+    from edge_vlm.models.quant_linear import WQLinear
     from edge_vlm.quantize.groupwise import quantize_weight
     from tests.factories import make_vila
 

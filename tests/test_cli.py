@@ -96,10 +96,10 @@ def test_help_teaches(capsys):
 
 
 def test_chat_and_camera_share_the_generation_options():
-    """One definition (edge_vlm.commands.add_generation_options): the same flags give the same
+    """One definition (edge_vlm.cli.options.add_generation_options): the same flags give the same
     GenerationConfig in both commands; only the defaults differ (the camera: short, greedy answers)."""
     from edge_vlm.cli import build_parser
-    from edge_vlm.commands import generation_config
+    from edge_vlm.cli.options import generation_config
     from edge_vlm.generate import GenerationConfig
 
     parser = build_parser()
@@ -144,9 +144,9 @@ def test_vision_backend_option_runs_the_tower_on_onnx_runtime(tiny_vila, tmp_pat
 
 
 def test_vision_int8_option_loads_the_tower_in_int8(tiny_vila):
-    from edge_vlm import commands
+    from edge_vlm.cli import options as commands
     from edge_vlm.cli import build_parser
-    from edge_vlm.int8_rows import Int8Linear
+    from edge_vlm.formats.int8_rows import Int8Linear
 
     args = build_parser().parse_args(["chat", "--model", str(tiny_vila), "--device", "cpu",
                                                            "--backend", "torch", "--vision-int8", "hi"])

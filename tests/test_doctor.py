@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from edge_vlm import doctor
+from edge_vlm.cli import doctor
 from edge_vlm.cli import main
 
 AVX2_ONLY = """processor\t: 0
@@ -124,7 +124,7 @@ def test_cli_human_output(capsys):
 def test_exit_status_is_1_when_the_plain_path_fails_on_the_default_device(monkeypatch, capsys):
     """A real fault in the plain torch path (every fallback ends there): dequantization that
     returns NaN. Then chat has nothing usable, and the doctor says so and exits 1."""
-    from edge_vlm import quant_linear
+    from edge_vlm.models import quant_linear
 
     real = quant_linear.dequantize_gemm
     monkeypatch.setattr(quant_linear, "dequantize_gemm", lambda *a, **k: real(*a, **k) * float("nan"))

@@ -167,8 +167,8 @@ def test_vila_s2_tiling_is_refused_clearly(tiny_vila, tmp_path, field):
 
 def test_unknown_projector_is_refused_clearly(tiny_vila, tmp_path):
     m = copy_model(tiny_vila, tmp_path / "m")
-    (m / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp_downsample_3x3_fix"}))
-    with pytest.raises(UnsupportedModelError, match="unsupported projector 'mlp_downsample_3x3_fix'; supported"):
+    (m / "mm_projector" / "config.json").write_text(json.dumps({"mm_projector_type": "mlp_downsample_4x4"}))
+    with pytest.raises(UnsupportedModelError, match="unsupported projector 'mlp_downsample_4x4'; supported"):
         load_model(m, device="cpu", progress=False)
 
 

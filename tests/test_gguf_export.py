@@ -22,9 +22,10 @@ import torch
 from edge_vlm import load_model
 from edge_vlm.backends.llamacpp.ggml_blocks import awq_to_q4_1, int8_rows_to_q8_0
 from edge_vlm.backends.llamacpp.gguf_arch import rope_pair_rows
+from edge_vlm.loading import load_for_export
 from edge_vlm.backends.llamacpp.gguf_export import export_gguf, plan_tensors
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.int4_formats import dequantize_gemm, pack_gemm
+from edge_vlm.formats.int4_formats import dequantize_gemm, pack_gemm
 from tests.awq_reference import awq_unpack
 
 gguf = pytest.importorskip("gguf")  # a [test] dependency: always installed in CI
@@ -92,7 +93,7 @@ def test_q4_1_rows_follow_the_given_order():
 
 
 def test_int8_embeddings_become_exact_q8_0():
-    from edge_vlm.quant_linear import quantize_embedding_int8
+    from edge_vlm.models.quant_linear import quantize_embedding_int8
 
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
     qw, scales = quantize_embedding_int8(w)
@@ -195,7 +196,7 @@ def test_padded_vocabulary_gets_unused_tokens(tmp_path):
     from tests.factories import make_llm
 
     make_llm(tmp_path / "m", "llama", vocab_size=400)  # 16 embedding rows past the tokenizer's 384
-    f = _fields(export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f16", progress=False))
+    f = _fields(export_gguf(load_for_export(tmp_path / "m"), tmp_path / "m.gguf", "f16", progress=False))
     assert len(f["tokenizer.ggml.tokens"]) == 400 and f["tokenizer.ggml.tokens"][399] == "[PAD399]"
     assert f["tokenizer.ggml.token_type"][399] == int(gguf.TokenType.UNUSED)
 
@@ -204,21 +205,17 @@ def test_vlm_exports_its_language_model(tiny_vila, tmp_path):
     model = load_model(tiny_vila, device="cpu", fast_path=False, progress=False)
     assert model.is_multimodal
     ids = torch.randint(0, 380, (16,), generator=torch.Generator().manual_seed(4))
-    path = export_gguf(tiny_vila, tmp_path / "vila-llm.gguf", "f32", progress=False)
+    path = export_gguf(load_for_export(tiny_vila), tmp_path / "vila-llm.gguf", "f32", progress=False)
     assert not any(name.startswith(("v.", "mm.")) for name in _tensors(path))  # the LLM only
     want = _logits(model.llm, ids)
     torch.testing.assert_close(_hf_logits(path, ids), want, atol=1e-4 * float(want.abs().max()), rtol=0)
 
 
 def test_command_line(tiny_llms, tmp_path, capsys):
-    import argparse
+    from edge_vlm.cli import main
 
-    from edge_vlm.backends.llamacpp.gguf_export import add_export_arguments, run_export
-
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
-    args = parser.parse_args([str(tiny_llms["qwen2"]), str(tmp_path / "out.gguf"), "--outtype", "Q8_0", "--no-progress"])
-    assert run_export(args) == 0
+    assert main(["export", "gguf", str(tiny_llms["qwen2"]), str(tmp_path / "out.gguf"), "--outtype", "Q8_0",
+                 "--no-progress"]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "out.gguf").is_file()
     assert _fields(tmp_path / "out.gguf")["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
 
@@ -264,11 +261,11 @@ def test_awq_checkpoint_exports_q4_1_that_reproduces_it(tiny_awq, kind, tmp_path
 
 def test_unsupported_requests_are_one_line_errors(tiny_llms, tiny_awq, tmp_path):
     with pytest.raises(EdgeVLMError, match="needs an AWQ checkpoint"):
-        export_gguf(tiny_llms["llama"], tmp_path / "x.gguf", "q4_1-awq", progress=False)
+        export_gguf(load_for_export(tiny_llms["llama"]), tmp_path / "x.gguf", "q4_1-awq", progress=False)
     with pytest.raises(EdgeVLMError, match="quantize twice"):
-        export_gguf(tiny_awq["llama"], tmp_path / "x.gguf", "q4_k_m", progress=False)
+        export_gguf(load_for_export(tiny_awq["llama"]), tmp_path / "x.gguf", "q4_k_m", progress=False)
     with pytest.raises(EdgeVLMError, match="unknown GGUF type"):
-        export_gguf(tiny_llms["llama"], tmp_path / "x.gguf", "q3_z", progress=False)
+        export_gguf(load_for_export(tiny_llms["llama"]), tmp_path / "x.gguf", "q3_z", progress=False)
     model = load_model(tiny_llms["llama"], device="cpu", fast_path=False, progress=False)
     model.llm.cfg.arch = "mistral"
     with pytest.raises(EdgeVLMError, match="cannot export a 'mistral'"):
@@ -283,15 +280,15 @@ def test_failed_export_leaves_no_file(tiny_llms, tmp_path, monkeypatch):
     monkeypatch.setattr("edge_vlm.backends.llamacpp.ggml_blocks.encode_float", boom)
     (tmp_path / "old.gguf").write_bytes(b"previous")
     with pytest.raises(EdgeVLMError, match="No space left"):
-        export_gguf(tiny_llms["llama"], tmp_path / "old.gguf", "f16", progress=False)
+        export_gguf(load_for_export(tiny_llms["llama"]), tmp_path / "old.gguf", "f16", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.gguf"]  # the old file untouched, no temp
     assert (tmp_path / "old.gguf").read_bytes() == b"previous"
 
 
 def _tinychat_twin(awq_folder: Path, out: Path) -> None:
     """The same AWQ integers as a TinyChat `.pt` folder, packed by the spec-derived reference packer."""
-    from edge_vlm.checkpoint import TensorStore
-    from edge_vlm.int4_formats import tinychat_scale_rows
+    from edge_vlm.formats.checkpoint import TensorStore
+    from edge_vlm.formats.int4_formats import tinychat_scale_rows
     from tests.test_awq_format import reference_tinychat_pack
 
     shutil.copytree(awq_folder, out)
@@ -330,8 +327,8 @@ def test_tinychat_checkpoint_exports_the_same_blocks_as_its_autoawq_twin(tiny_ll
                         progress=False)
     _tinychat_twin(tmp_path / "awq", tmp_path / "tinychat")
     assert not list((tmp_path / "tinychat").glob("*.safetensors"))
-    a = export_gguf(tmp_path / "awq", tmp_path / "awq.gguf", "q4_1-awq", progress=False)
-    b = export_gguf(tmp_path / "tinychat", tmp_path / "tinychat.gguf", "q4_1-awq", progress=False)
+    a = export_gguf(load_for_export(tmp_path / "awq"), tmp_path / "awq.gguf", "q4_1-awq", progress=False)
+    b = export_gguf(load_for_export(tmp_path / "tinychat"), tmp_path / "tinychat.gguf", "q4_1-awq", progress=False)
     ta, tb = _tensors(a), _tensors(b)
     assert sorted(ta) == sorted(tb)
     assert ta["blk.1.attn_q.weight"].tensor_type == Q.Q4_1
@@ -430,7 +427,7 @@ def smollm2_awq(smollm2, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("gguf-smollm2-awq")
     quantize_checkpoint(smollm2, root / "awq", QuantizeSettings(method="rtn", group_size=64), progress=False)
-    return root / "awq", export_gguf(root / "awq", root / "smollm2-q4_1-awq.gguf", progress=False)
+    return root / "awq", export_gguf(load_for_export(root / "awq"), root / "smollm2-q4_1-awq.gguf", progress=False)
 
 
 def _held_out_ids(tok, n: int) -> list[int]:
@@ -484,7 +481,7 @@ def test_llama_cpp_tokenizes_prose_like_our_smollm2_tokenizer(smollm2_exports):
 
 @pytest.mark.slow  # ~60 s: RTN-quantizes the real model, exports Q4_1, two perplexity runs
 def test_llama_cpp_perplexity_of_awq_q4_1_export_matches_our_runtime(smollm2, smollm2_awq):
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
 
     llama_cpp = _llama_cpp()
     folder, path = smollm2_awq
@@ -507,7 +504,7 @@ def test_llama_cpp_quantizer_makes_q4_k_m_from_16_bit(smollm2_exports, tmp_path)
     assert path.stat().st_size < 0.6 * paths["f16"].stat().st_size
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the intermediate 16-bit file is gone
     ids = _held_out_ids(model.tokenizer, 512)
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
 
     want = perplexity(model.llm, ids, window=512)
     got = _llama_perplexity(_llama(llama_cpp, path, 512), ids)

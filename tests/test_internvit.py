@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.preprocess import preprocess
-from edge_vlm.projector import pixel_shuffle
-from edge_vlm.tiling import TilingConfig, choose_grid, split_tiles, tile_count
-from tests.factories import make_internvl_hf, write_internvl_original
+from edge_vlm.imaging.preprocess import preprocess
+from edge_vlm.models.projector import pixel_shuffle
+from edge_vlm.imaging.tiling import TilingConfig, choose_grid, split_tiles, tile_count
+from tests.factories import internvl_processor, make_internvl_hf, write_internvl_original
 
 VARIANTS = {"300m": dict(norm="layer_norm", qk_norm=False), "6b": dict(norm="rms_norm", qk_norm=True)}
 
@@ -25,15 +25,10 @@ def picture(seed: int, size=(150, 70)) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def hf_processor(model_dir, **over):
-    import json
-
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
-    cfg = json.loads((model_dir / "preprocessor_config.json").read_text())
-    cfg.pop("image_processor_type")
-    cfg.update(over)
-    return GotOcr2ImageProcessorPil(**cfg)
+def hf_pixels(model_dir, img, **images_kwargs) -> torch.Tensor:
+    """The pixels transformers' InternVLProcessor gives one picture (its call-time defaults included)."""
+    out = internvl_processor(model_dir)(images=[img], text=["<IMG_CONTEXT>"], return_tensors="pt", **images_kwargs)
+    return out["pixel_values"]
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -101,12 +96,12 @@ def test_tiles_and_pixels_match_reference_processor(native, size, max_tiles):
     _, folder, ours = native
     img = picture(sum(size), size)
     cfg = ours.tiling.with_max_tiles(max_tiles)
-    ref = hf_processor(folder, max_patches=max_tiles)(images=[img], return_tensors="pt")
+    ref = hf_pixels(folder, img, max_patches=max_tiles)
     tiles = split_tiles(img, cfg)
-    assert len(tiles) == tile_count(*size, cfg) == int(ref["num_patches"][0])
+    assert len(tiles) == tile_count(*size, cfg) == ref.shape[0]
     got = preprocess(tiles, ours.image_cfg)
-    assert got.shape == ref["pixel_values"].shape
-    assert float((got - ref["pixel_values"]).abs().max()) <= 1e-6
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= 1e-6
 
 
 def test_max_tiles_one_is_one_tile_and_load_option(native):
@@ -170,7 +165,7 @@ def test_image_prompt_logits_match_transformers(native):
     ids, chunks = session_ids(session, "What is in this picture?", [img], context_id)
     assert ids == ours.tokenizer.encode(reference_internvl_prompt(
         "What is in this picture?", ours.tile_count(img), ours.tokens_per_image))
-    pixels = hf_processor(folder)(images=[img], return_tensors="pt")["pixel_values"]
+    pixels = hf_pixels(folder, img)
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([ids]), pixel_values=pixels).logits
         embeds = session.engine.embed(session._prompt(chunks, [img]))
@@ -183,7 +178,7 @@ def test_greedy_generation_token_for_token(native):
     img = picture(9, (90, 130))
     session = ChatSession(ours)
     ids, _ = session_ids(session, "Describe the image.", [img], ours.tokenizer.token_to_id(CONTEXT))
-    pixels = hf_processor(folder)(images=[img], return_tensors="pt")["pixel_values"]
+    pixels = hf_pixels(folder, img)
     with torch.no_grad():
         out = ref.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=10, do_sample=False,
                            eos_token_id=None, pad_token_id=0)
@@ -295,7 +290,7 @@ def test_video_frames_take_one_tile_and_several_images_their_own(native, tmp_pat
 def test_max_tiles_cli_option_reaches_the_model(native):
     import argparse
 
-    from edge_vlm.commands import add_model_options, load_from_args
+    from edge_vlm.cli.options import add_model_options, load_from_args
 
     _, folder, _ = native
     p = argparse.ArgumentParser()
@@ -311,7 +306,7 @@ def test_max_tiles_cli_option_reaches_the_model(native):
 def test_int8_linear_error_is_within_half_a_step_per_weight():
     """y_q - y = x @ (W_q - W)^T and each |W_q - W| <= scale_row / 2, so every output is off by at most
     sum_j |x_j| * scale_i / 2: checked exactly (fp64 arithmetic) on random inputs."""
-    from edge_vlm.int8_rows import Int8Linear, int8_weight_recipes, use_int8_linears
+    from edge_vlm.formats.int8_rows import Int8Linear, int8_weight_recipes, use_int8_linears
 
     torch.manual_seed(0)
     ref = torch.nn.Sequential(torch.nn.Linear(96, 40)).double()
@@ -341,7 +336,7 @@ def test_vision_int8_tower_stays_close_to_fp32(tmp_path, variant):
     the features move by less than that (measured 0.09%): 1% is the bound, and more than 1e-4 shows the
     weights really are int8 (fp32 alone differs by ~1e-7). Layer scales are set to 1 so that the branches
     carry their full weight."""
-    from edge_vlm.int8_rows import Int8Linear
+    from edge_vlm.formats.int8_rows import Int8Linear
 
     make_internvl_hf(tmp_path / variant, seed=5, **VARIANTS[variant])
     ref = load_model(tmp_path / variant, device="cpu", progress=False, fast_path=False)

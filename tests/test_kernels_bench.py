@@ -83,8 +83,8 @@ def test_bench_on_a_missing_gpu_is_a_one_line_error(capsys):
 def test_decode_bytes_counts_what_a_step_reads(tied):
     from edge_vlm.benchmarks.bench_e2e import decode_bytes
     from edge_vlm.vlm import weight_bytes
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLM
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLM
     from tests.factories import llm_config as hf_config
 
     llm = DecoderLM(LLMConfig.from_hf(hf_config("llama", tie_word_embeddings=tied).to_dict()))
@@ -103,7 +103,7 @@ def test_big_vocabulary_settings_build_what_quantize_writes(tmp_path, capsys):
     from edge_vlm.vlm import weight_bytes
     from edge_vlm.cli import main
     from edge_vlm.backends import optimize_for_device
-    from edge_vlm.quant_linear import Int8Embedding, WQLinear
+    from edge_vlm.models.quant_linear import Int8Embedding, WQLinear
 
     cfg = llm_config("tiny")
     plain = build_llm(cfg, "cpu", torch.float32, int4=True)

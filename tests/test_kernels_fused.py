@@ -20,8 +20,8 @@ from edge_vlm.backends.triton.activations import silu_mul
 from edge_vlm.backends.triton.decode_attention import decode_attention
 from edge_vlm.backends.triton.norms import LAYERNORM1P, RMS, add_norm
 from edge_vlm.backends.triton.rotary_kv import rotary_kv_write
-from edge_vlm.llm import LayerNorm1P, RMSNorm
-from edge_vlm.rotary import apply_rotary
+from edge_vlm.models.llm import LayerNorm1P, RMSNorm
+from edge_vlm.models.rotary import apply_rotary
 from tests.kernel_helpers import DEVICES, fused_step, quantize_layers
 
 
@@ -118,7 +118,7 @@ def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_he
     """The int8 write stores what int8_rows.quantize_int8_rows makes of the reference's rotated
     fp16 key and of the value: the same int8 codes (one step apart at most, where the kernel's
     fp32 rotation rounds to a different fp16 neighbour than apply_rotary) and the same scales."""
-    from edge_vlm.int8_rows import quantize_int8_rows
+    from edge_vlm.formats.int8_rows import quantize_int8_rows
 
     s_max = 16
     q, k, v, cos, sin = _rotary_inputs(tokens, heads, kv_heads, head_dim, rotary_dim, s_max, 11, device)
@@ -141,7 +141,7 @@ def test_rotary_with_int8_kv_write_quantizes_like_the_cache(device, heads, kv_he
 def test_decode_attention_over_an_int8_cache_matches_sdpa_on_its_values(device):
     """With an int8 cache the kernel scales each cached vector in registers: the result is
     attention over exactly the dequantized cache."""
-    from edge_vlm.int8_rows import dequantize_int8_rows
+    from edge_vlm.formats.int8_rows import dequantize_int8_rows
 
     heads, kv_heads, head_dim, s_max, length = 4, 2, 16, 40, 29
     gen = torch.Generator().manual_seed(21)
@@ -171,7 +171,7 @@ def test_silu_mul_epilogue(device):
 # ---- the static decode step and the module swaps, on tiny real-architecture models -----------
 
 def _tiny(kind, tmp_path_factory):
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     folder = tmp_path_factory.mktemp(f"kern-{kind}")
@@ -335,9 +335,9 @@ def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
 
 
 def test_optimize_for_device_skips_meta():
-    from edge_vlm.config import LLMConfig
+    from edge_vlm.formats.configs import LLMConfig
     from edge_vlm.backends import optimize_for_device
-    from edge_vlm.llm import DecoderLM
+    from edge_vlm.models.llm import DecoderLM
     from tests.factories import llm_config
 
     with torch.device("meta"):
@@ -376,7 +376,7 @@ def test_interpreter_does_not_leak():
 def test_cuda_graph_engine_matches_eager_engine(tmp_path_factory):
     from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
     from edge_vlm.generate import Engine
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     folder = tmp_path_factory.mktemp("graph-llama")

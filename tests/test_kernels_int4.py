@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("triton")  # the kernels need it (the `gpu`/`test` extras)
 
 from edge_vlm.backends.triton.w4a16 import ACT_RELU2, ACT_SILU_MUL, w4a16_matmul
-from edge_vlm.int4_formats import (AWQ_ORDER, NATURAL_ORDER, concat_outputs, gemm_to_triton, pack_nibbles, pack_triton,
+from edge_vlm.formats.int4_formats import (AWQ_ORDER, NATURAL_ORDER, concat_outputs, gemm_to_triton, pack_nibbles, pack_triton,
                                    unpack_nibbles)
 from tests.awq_reference import awq_pack
 from tests.kernel_helpers import DEVICES, exact_dequant, random_int4
@@ -59,7 +59,7 @@ def test_repacks_in_column_chunks_equal_whole_repacks(monkeypatch):
     """Big layers are repacked a block of columns at a time (bounded memory): with tiny chunks
     (64 columns; 200 = 3 full chunks and a ragged one, padded to 16 for the CPU kernel) the
     results equal one-shot repacks."""
-    from edge_vlm import int4_formats
+    from edge_vlm.formats import int4_formats
     from edge_vlm.backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
     from tests.kernel_helpers import SpecWQLinear
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_vlm.kv_cache import StaticKVCache, kv_cache_bytes
-from edge_vlm.int8_rows import dequantize_int8_rows, quantize_int8_rows
+from edge_vlm.models.kv_cache import StaticKVCache, kv_cache_bytes
+from edge_vlm.formats.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 def test_quantized_vectors_are_within_half_a_step():
@@ -37,7 +37,7 @@ def test_int8_cache_returns_what_it_stored_and_halves_the_bytes():
 
 
 def _tiny_llm(tmp_path):
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     make_llm(tmp_path / "llm", "llama", seed=7)
@@ -63,7 +63,7 @@ def test_model_with_an_int8_cache_stays_close_and_chunking_does_not_matter(tmp_p
 def test_load_model_kv_cache_option_sets_what_engines_build(tmp_path):
     from edge_vlm.errors import EdgeVLMError
     from edge_vlm.generate import Engine
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     make_llm(tmp_path / "llm", "llama", seed=7)
@@ -79,8 +79,8 @@ def test_load_model_kv_cache_option_sets_what_engines_build(tmp_path):
 
 @pytest.mark.slow  # ~15 s: the real SmolLM2, 1024 held-out tokens, scored twice
 def test_int8_cache_keeps_real_smollm2_perplexity(smollm2):
-    from edge_vlm.loader import load_model
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.loading import load_model
+    from edge_vlm.models.perplexity import perplexity
     from edge_vlm.tokenizer import Tokenizer
     from edge_vlm.quantize.calibration import held_out_text
 

@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from edge_vlm.backends import verdicts
 from edge_vlm.backends.llamacpp import extra_buffers
 from edge_vlm.backends.llamacpp.engine import LlamaCppEngine
 from edge_vlm.benchmarks.real_model import gguf_path
@@ -49,8 +50,9 @@ def test_a_crashing_child_turns_them_off_once_and_the_verdict_is_reused(cache, g
     with pytest.warns(extra_buffers.LlamaCppCpuWarning, match=r"crashed \(signal 6\)"):
         assert extra_buffers.extra_buffers_safe(gguf, child=ABORT) is False
     key = extra_buffers.verdict_key(gguf)
-    stored = json.loads(extra_buffers.verdict_path(key).read_text())
-    assert stored["key"] == key and stored["extra_buffers"] is False and "signal 6" in stored["reason"]
+    stored = json.loads(verdicts.path_for(key).read_text())
+    op = stored["ops"][extra_buffers.OP]
+    assert stored["key"] == key and op["passed"] is False and "signal 6" in op["reason"]
     no_child(monkeypatch)
     with pytest.warns(extra_buffers.LlamaCppCpuWarning):
         assert extra_buffers.extra_buffers_safe(gguf) is False  # read from the file: no child
@@ -65,35 +67,40 @@ def test_a_passing_child_keeps_them_on_without_a_warning(cache, gguf, monkeypatc
 
 
 def test_a_hanging_child_is_a_failure_after_the_time_limit(gguf):
-    verdict = extra_buffers.probe(gguf, child=[sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
-    assert verdict == {"extra_buffers": False, "reason": "a test decode did not finish in 1 s"}
+    result = extra_buffers.probe(gguf, child=[sys.executable, "-c", "import time; time.sleep(30)"], timeout=1)
+    assert not result.passed and result.reason == "a test decode did not finish in 1 s" and result.seconds < 10
 
 
 def test_a_failing_child_names_its_exit_code(gguf):
-    verdict = extra_buffers.probe(gguf, child=[sys.executable, "-c", "raise SystemExit(4)"])
-    assert verdict["extra_buffers"] is False and "exit code 4" in verdict["reason"]
+    result = extra_buffers.probe(gguf, child=[sys.executable, "-c", "raise SystemExit(4)"])
+    assert not result.passed and "exit code 4" in result.reason
 
 
-@pytest.mark.parametrize("content", ["{not json", json.dumps({"key": {"llama_cpp": "0.0.1"}, "extra_buffers": False}),
-                                     json.dumps({"key": None})])
+def stale_verdict(key: dict) -> str:
+    """A whole verdict saying "off", made under another llama-cpp-python version."""
+    old = {**key, "versions": {**key["versions"], "llama_cpp": "0.0.1"}}
+    return json.dumps(verdicts.Verdict(old, {extra_buffers.OP: verdicts.OpResult(False, "old")}).to_dict())
+
+
+@pytest.mark.parametrize("content", ["{not json", "stale", json.dumps({"key": None})])
 def test_a_corrupt_or_stale_verdict_is_ignored_and_rewritten(cache, gguf, content):
     key = extra_buffers.verdict_key(gguf)
-    path = extra_buffers.verdict_path(key)
+    path = verdicts.path_for(key)
     path.parent.mkdir(parents=True)
-    path.write_text(content)
-    assert extra_buffers.read_verdict(key) is None
+    path.write_text(stale_verdict(key) if content == "stale" else content)
+    assert verdicts.read(path, key) is None
     assert extra_buffers.extra_buffers_safe(gguf, child=PASS) is True
-    assert json.loads(path.read_text())["extra_buffers"] is True
+    assert json.loads(path.read_text())["ops"][extra_buffers.OP]["passed"] is True
     assert not list(path.parent.glob("*.tmp"))  # written through a temporary name, then renamed
 
 
 def test_the_key_follows_the_weight_types_and_a_bad_file_gets_no_verdict(cache, gguf, tmp_path):
     key = extra_buffers.verdict_key(gguf)
-    assert {"Q4_1", "Q8_0"} <= set(key["weight_types"]) and key["cpu_flags"] == sorted(key["cpu_flags"])
+    assert {"Q4_1", "Q8_0"} <= set(key["family"]["weight_types"]) and key["versions"]["llama_cpp"]
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     assert extra_buffers.extra_buffers_safe(bad) is True  # llama.cpp's own load error comes next
-    assert not (cache / "verdicts").exists() or not list((cache / "verdicts").glob("*.json"))
+    assert not verdicts.folder().exists() or not list(verdicts.folder().glob("*.json"))
 
 
 def test_two_processes_checking_at_once_leave_one_whole_file(cache, gguf):
@@ -102,8 +109,8 @@ def test_two_processes_checking_at_once_leave_one_whole_file(cache, gguf):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(gguf)], stdout=subprocess.PIPE, text=True)
              for _ in range(2)]
     assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["True", "True"]
-    (path,) = (cache / "verdicts").glob("*.json")
-    assert json.loads(path.read_text())["extra_buffers"] is True
+    (path,) = verdicts.folder().glob("*.json")
+    assert json.loads(path.read_text())["ops"][extra_buffers.OP]["passed"] is True
 
 
 def test_a_prompt_batch_decodes_on_this_machine(cache, gguf):
@@ -113,5 +120,17 @@ def test_a_prompt_batch_decodes_on_this_machine(cache, gguf):
         engine = LlamaCppEngine(gguf, 128)
     logits = engine.prefill(Prompt([list(range(100, 164))]))
     assert logits.shape == (49152,) and torch.isfinite(logits).all()
-    assert extra_buffers.read_verdict(extra_buffers.verdict_key(gguf)) is not None
+    key = extra_buffers.verdict_key(gguf)
+    assert verdicts.read(verdicts.path_for(key), key) is not None
     engine.close()
+
+
+def test_doctor_lists_the_verdict_and_recheck_discards_it(cache, gguf):
+    from edge_vlm.cli import doctor
+
+    with pytest.warns(extra_buffers.LlamaCppCpuWarning):
+        extra_buffers.extra_buffers_safe(gguf, child=ABORT)
+    (listed,) = doctor.first_run_info()["verdicts"]
+    assert listed["family"].startswith("llama.cpp CPU kernels for") and listed["device"].startswith("llama.cpp on")
+    assert "signal 6" in listed["failed"][extra_buffers.OP] and not listed["stale"]
+    assert verdicts.discard() == 1 and doctor.first_run_info()["verdicts"] == []

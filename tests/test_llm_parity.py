@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from edge_vlm.generate import AnswerText, Engine, GenerationConfig, generate
-from edge_vlm.loader import load_model
+from edge_vlm.loading import load_model
 from tests.factories import make_llm
 
 CONFIGS = {

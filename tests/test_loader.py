@@ -89,8 +89,8 @@ def test_progress_callback_reports_every_stage(tiny_vila):
 
 
 def test_detect_layout_says_where_each_part_lives(tiny_vila, tiny_llava, reference):
-    from edge_vlm.checkpoint import TensorStore
-    from edge_vlm.loader import detect_layout
+    from edge_vlm.formats.checkpoint import TensorStore
+    from edge_vlm.formats.layout import detect_layout
 
     vila = detect_layout(tiny_vila)
     assert (vila.kind, vila.llm_dir, vila.config_path, vila.vision_dir, vila.projector_dir, vila.layer_prefix) == (
@@ -108,7 +108,7 @@ def test_detect_layout_says_where_each_part_lives(tiny_vila, tiny_llava, referen
 def test_older_llava_key_names_load_the_same_model(tiny_llava, tmp_path):
     import shutil
 
-    from edge_vlm.loader import detect_layout
+    from edge_vlm.formats.layout import detect_layout
     from tests.factories import use_older_llava_key_names
 
     old = tmp_path / "old"

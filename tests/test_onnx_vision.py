@@ -13,7 +13,6 @@ the model's real preprocessing:
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import warnings
@@ -29,8 +28,8 @@ import onnxruntime as ort
 
 from edge_vlm import load_model
 from edge_vlm.backends.onnx import (
-    OnnxFallbackWarning, OnnxVisionEncoder, add_export_arguments, attach_onnx_vision, export_vision,
-    release_torch_tower, run_export)
+    OnnxFallbackWarning, OnnxVisionEncoder, attach_onnx_vision, export_vision, release_torch_tower)
+from edge_vlm.cli import build_parser
 from edge_vlm.backends.onnx import cache, choice, export, int8, providers
 from edge_vlm.errors import EdgeVLMError
 from tests.factories import make_llm, make_vila
@@ -343,9 +342,12 @@ def test_first_use_exports_beside_a_local_model_and_changed_weights_export_again
 # ------------------------------------------------------------------ the CLI function
 
 def parse(argv):
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
-    return parser.parse_args(argv)
+    """`edge-vlm export onnx ARGV` as the CLI parses it."""
+    return build_parser().parse_args(["export", "onnx", *argv])
+
+
+def run_export(args) -> int:
+    return args.func(args)
 
 
 def test_export_cli_writes_the_requested_files(tiny_llava, tmp_path, capsys):

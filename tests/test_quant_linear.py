@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from edge_vlm.config import QuantConfig
+from edge_vlm.formats.configs import QuantConfig
 from edge_vlm.errors import UnsupportedModelError
-from edge_vlm.int4_formats import pack_gemm
-from edge_vlm.quant_linear import WQLinear, prepare_quantized
+from edge_vlm.formats.int4_formats import pack_gemm
+from edge_vlm.models.quant_linear import WQLinear, prepare_quantized
 
 
 def _random_wq(k=128, n=48, group=64, bias=True, seed=0):
@@ -54,8 +54,8 @@ def test_shapes_that_cannot_hold_the_layout_are_refused():
 
 
 def test_prepare_quantized_swaps_decoder_linears_but_not_lm_head():
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLM
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLM
     from tests.factories import llm_config
 
     cfg = LLMConfig.from_hf(llm_config("qwen2").to_dict())
@@ -73,8 +73,8 @@ def test_prepare_quantized_swaps_decoder_linears_but_not_lm_head():
 @pytest.mark.parametrize("bad,match", [({"quant_method": "gptq"}, "gptq"), ({"version": "gemv"}, "gemv"),
                                        ({"zero_point": False}, "zero points")])
 def test_unsupported_quantization_configs_are_one_line_errors(bad, match):
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLM
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLM
     from tests.factories import llm_config
 
     with torch.device("meta"):

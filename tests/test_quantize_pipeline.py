@@ -53,7 +53,7 @@ def test_output_config_and_tensor_layout(tiny_pair):
 
     parsed = AwqConfig.from_dict(conf["quantization_config"])
     assert (parsed.format, parsed.bits, parsed.group_size, parsed.zero_point) == ("gemm", 4, 32, True)
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
 
     store = TensorStore(out)
     qw = store.get("model.layers.0.mlp.down_proj.qweight")  # K = intermediate 128, N = hidden 64
@@ -70,7 +70,7 @@ def test_written_weights_decode_by_reference_to_a_close_approximation(tiny_pair,
     """With --rounding rtn, reference-unpacked (q - z) * s must be the AWQ-scaled weight up to half a
     step (q is never clipped); GPTQ rounding moves weights by more (its error compensation) but stays
     near them."""
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
 
     src, _, _ = tiny_pair
     out = tmp_path / "rtn-rounding"
@@ -91,7 +91,7 @@ def test_written_weights_decode_by_reference_to_a_close_approximation(tiny_pair,
 def test_runtime_logits_equal_reference_dequantized_model(tiny_pair):
     """The runtime's WQLinear path == a dense model holding the reference-decoded weights."""
     from edge_vlm import load_model
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
 
     _, out, _ = tiny_pair
     store = TensorStore(out)
@@ -101,8 +101,8 @@ def test_runtime_logits_equal_reference_dequantized_model(tiny_pair):
     dense_cfg.pop("quantization_config")
     dense = load_model(out, device="meta", progress=False)  # shape source only
     assert dense.llm.cfg.hidden_size == 64
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLM
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLM
 
     llm = DecoderLM(LLMConfig.from_hf(dense_cfg)).eval()
     sd = {}
@@ -165,8 +165,8 @@ def test_other_architectures_quantize_and_stay_close(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "nemotron"])
 def test_scale_folding_is_exact(kind):
     """Folding random scales changes no output: norm->qkv, v->o (GQA), norm->gate/up, up->down."""
-    from edge_vlm.config import LLMConfig
-    from edge_vlm.llm import DecoderLayer
+    from edge_vlm.formats.configs import LLMConfig
+    from edge_vlm.models.llm import DecoderLayer
     from edge_vlm.quantize.awq import LayerRunner, scale_columns, scale_groups
     from tests.factories import llm_config
 
@@ -190,7 +190,7 @@ def test_scale_folding_is_exact(kind):
 def test_rtn_needs_no_calibration_and_differs_from_awq(tiny_pair, tmp_path):
     src, awq_out, _ = tiny_pair
     quantize_checkpoint(src, tmp_path / "rtn", QuantizeSettings(method="rtn", group_size=32), progress=False)
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
 
     a, r = TensorStore(awq_out), TensorStore(tmp_path / "rtn")
     key = "model.layers.0.mlp.up_proj.scales"
@@ -316,7 +316,7 @@ def test_vila_keeps_vision_and_projector_and_calibrates_on_images(tiny_vila, tmp
 def test_int4_lm_head_option(tmp_path, tied):
     """--quantize-lm-head: lm_head becomes WQLinear (tied embeddings are untied, the embedding stays)."""
     from edge_vlm import load_model
-    from edge_vlm.quant_linear import WQLinear
+    from edge_vlm.models.quant_linear import WQLinear
 
     _llm(tmp_path / "src", "llama", seed=6, tie_word_embeddings=tied)
     settings = QuantizeSettings(method="rtn", group_size=32, quantize_lm_head=True)
@@ -346,7 +346,7 @@ def test_out_of_memory_names_the_step_and_suggests_a_fix(tiny_pair, tmp_path, mo
 
 def test_int8_embedding_rounds_each_row_within_half_a_step():
     """Symmetric per-row int8: every entry is within scale/2 = max|row|/254 of the original."""
-    from edge_vlm.quant_linear import Int8Embedding, quantize_embedding_int8
+    from edge_vlm.models.quant_linear import Int8Embedding, quantize_embedding_int8
 
     w = torch.randn(300, 48, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 300)[:, None]
     q, scales = quantize_embedding_int8(w)
@@ -364,7 +364,7 @@ def test_int8_embedding_option(tmp_path, tied):
     """--quantize-embedding: the table is stored int8 (+ one scale per row) and loads as Int8Embedding;
     with tied embeddings it needs an lm_head of its own (--quantize-lm-head)."""
     from edge_vlm import load_model
-    from edge_vlm.quant_linear import Int8Embedding
+    from edge_vlm.models.quant_linear import Int8Embedding
 
     _llm(tmp_path / "src", "nemotron", seed=7, tie_word_embeddings=tied)
     if tied:
@@ -394,7 +394,7 @@ def test_older_llava_key_names_quantize_under_their_own_prefixes(tiny_llava, tmp
     import shutil
 
     from edge_vlm import load_model
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
     from tests.factories import use_older_llava_key_names
 
     src = tmp_path / "old"
@@ -474,7 +474,7 @@ def test_internvl_layouts_quantize_on_image_tokens_and_load_back(internvl_source
     import skimage.data
 
     from edge_vlm import ChatSession, GenerationConfig, load_model
-    from edge_vlm.checkpoint import TensorStore
+    from edge_vlm.formats.checkpoint import TensorStore
 
     sources, imgs = internvl_sources
     src, out = sources[name], tmp_path / f"{name}-awq"
@@ -516,8 +516,8 @@ def test_internvl_calibration_sample_starts_with_the_image_as_the_runtime_feeds_
     tile tags around each tile's projected embeddings (tiles and projector as `load_model` runs them)."""
     from edge_vlm import ChatSession, load_model
     from edge_vlm.chat_template import IMAGE_MARK
-    from edge_vlm.checkpoint import TensorStore
-    from edge_vlm.preprocess import load_image
+    from edge_vlm.formats.checkpoint import TensorStore
+    from edge_vlm.imaging.preprocess import load_image
     from edge_vlm.quantize.pipeline import calibration_inputs, inspect_source
 
     sources, imgs = internvl_sources

@@ -13,9 +13,9 @@ import copy
 import pytest
 import torch
 
-from edge_vlm.checkpoint import TensorStore, load_into
-from edge_vlm.config import LLMConfig
-from edge_vlm.llm import DecoderLayer
+from edge_vlm.formats.checkpoint import TensorStore, load_into
+from edge_vlm.formats.configs import LLMConfig
+from edge_vlm.models.llm import DecoderLayer
 from edge_vlm.tokenizer import Tokenizer
 from edge_vlm.quantize.awq import AWQOptions, LayerRunner, quantize_layer_awq, quantize_layer_rtn
 from edge_vlm.quantize.calibration import calibration_blocks, default_calibration_text, held_out_text
@@ -68,7 +68,7 @@ def test_cpu_int4_fast_path_keeps_the_quantized_models_perplexity(smollm2, tmp_p
     """
     from edge_vlm import load_model
     from edge_vlm.backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
-    from edge_vlm.perplexity import perplexity
+    from edge_vlm.models.perplexity import perplexity
     from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
 
     if not cpu_int4_available():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
 from edge_vlm.generate import AnswerText, Engine, generate
-from edge_vlm.perplexity import perplexity
+from edge_vlm.models.perplexity import perplexity
 from edge_vlm.quantize.calibration import held_out_text
 
 QUESTION = "What is the capital of France? Answer in one sentence."

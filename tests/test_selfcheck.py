@@ -32,7 +32,7 @@ PROMPT, NEW_TOKENS = 5, 3
 
 
 def _model(tmp_path_factory, kind):
-    from edge_vlm.loader import load_model
+    from edge_vlm.loading import load_model
     from tests.factories import make_llm
 
     folder = tmp_path_factory.mktemp(f"selfcheck-{kind}")
@@ -146,9 +146,10 @@ def test_all_kernels_pass_and_serve_the_whole_cuda_path(llama, reference_tokens)
     fast, report, caught = _optimize(llama)
     assert caught == []
     assert [c.op for c in report.checks] == ["w4a16_gemv", "w4a16_gemm", "epilogue", "fused_norm", "rotary_kv",
-                                             "decode_attention", "fused_decode_step"]
-    assert all(c.passed for c in report.checks) and report.checked
+                                             "decode_attention", "fused_decode_step", "cuda_graph"]
+    assert all(c.passed for c in report.checks) and report.checked and report.first_run is None  # in-process only
     assert (report.linear, report.fused_mlp, report.fused_norm, report.fused_decode) == ("triton", True, True, True)
+    assert report.cuda_graph
     assert report.counts == {"fused_gated_mlp": 1, "w4a16_linear": 4, "fused_norm": 3}
     assert isinstance(make_engine(fast, 16), CUDAGraphEngine)
     tokens, caught = _tokens_and_warnings(fast)
@@ -243,14 +244,29 @@ def test_a_wrong_fused_step_turns_off_the_fused_decode(llama, reference_tokens, 
     assert tokens == reference_tokens and caught == []
 
 
-def test_a_failing_capture_decodes_with_plain_steps(llama, reference_tokens, monkeypatch):
-    def capture_fails(decoder):
-        raise RuntimeError("operation not permitted when stream is capturing")
+def _capture_fails(decoder):
+    raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(cuda_graph, "recorder_for", lambda device: capture_fails)
+
+def test_a_failing_capture_at_load_decodes_with_plain_steps(llama, reference_tokens, monkeypatch):
+    """The recording is checked at load: one that fails turns off the graphs, not the model."""
+    monkeypatch.setattr(cuda_graph, "recorder_for", lambda device: _capture_fails)
     fast, report, caught = _optimize(llama)
-    assert caught == [] and report.fused_decode  # the step itself is fine; recording it fails later
+    _one_warning(caught, "cuda_graph", "recording failed: CUDA graph capture failed (RuntimeError")
+    assert report.fused_decode and not report.cuda_graph and type(make_engine(fast, 16)) is Engine
     tokens, caught = _tokens_and_warnings(fast)
+    assert tokens == reference_tokens and caught == []
+
+
+def test_a_capture_failing_after_load_decodes_with_plain_steps(llama, reference_tokens):
+    """A recording that fails later (a shape the load's check did not see): the engine itself
+    warns once and decodes with plain steps."""
+    fast, report, caught = _optimize(llama)
+    assert caught == [] and report.cuda_graph
+    engine = CUDAGraphEngine(fast, 16, record=_capture_fails)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = greedy(fast, _ids(fast), engine)
     assert tokens == reference_tokens
     assert len(caught) == 1 and "CUDA graph capture failed (RuntimeError" in str(caught[0].message)
 

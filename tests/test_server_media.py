@@ -24,8 +24,8 @@ import apps.server.messages as messages_module
 import apps.server.remote as remote
 from apps.server.media import Fit, MediaLimits
 from edge_vlm import load_model
-from edge_vlm.config import ImageConfig
-from edge_vlm.preprocess import preprocess
+from edge_vlm.formats.configs import ImageConfig
+from edge_vlm.imaging.preprocess import preprocess
 from tests.test_server_support import Gate, asgi_post, body_of, in_process, png_uri, status_of
 
 
@@ -177,7 +177,8 @@ def test_reducing_changes_the_model_input_by_a_few_grey_levels(mode, size):
 
 
 def test_tiled_models_keep_their_grid_when_reduced():
-    from edge_vlm.tiling import TilingConfig, choose_grid
+    from edge_vlm.formats.configs import TilingConfig
+    from edge_vlm.imaging.tiling import choose_grid
 
     class Model:
         image_cfg = None

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_vlm.config import ImageConfig, ProjectorConfig, VisionConfig
-from edge_vlm.preprocess import preprocess
-from edge_vlm.projector import Projector, merge_2x2
-from edge_vlm.vision import VisionTower
+from edge_vlm.formats.configs import ImageConfig, ProjectorConfig, VisionConfig
+from edge_vlm.formats.image_processor_config import settings_image_config
+from edge_vlm.imaging.preprocess import preprocess
+from edge_vlm.models.projector import Projector, merge_2x2
+from edge_vlm.models.vision import VisionTower
 from tests.factories import make_vision, preprocessor_config, vila_projector
 
 
@@ -87,7 +88,7 @@ def test_merge_2x2_matches_vila_order(side):
 
 @pytest.mark.parametrize("kind", ["mlp_downsample", "mlp2x_gelu", "linear", "mlp3x_gelu"])
 def test_projector_matches_vila_module(kind):
-    from edge_vlm.loader import rename_projector
+    from edge_vlm.formats.recipes import rename_projector
 
     mm, hidden, side = 12, 20, 5
     ref = vila_projector(kind, mm, hidden, seed=1)
@@ -118,14 +119,15 @@ def test_preprocessing_matches_hf_image_processor(kind, size, name):
     pre = preprocessor_config(kind, size)
     cls = SiglipImageProcessor if kind == "siglip" else CLIPImageProcessor
     expected = torch.as_tensor(np.asarray(cls(**pre)(img, return_tensors="np")["pixel_values"]))
-    got = preprocess([img], ImageConfig.from_hf(pre, size))
+    got = preprocess([img], settings_image_config(pre))
     assert got.shape == expected.shape
     assert float((got - expected).abs().max()) <= 1e-5
 
 
 def test_pad_mode_pads_with_the_mean_colour():
     img = Image.new("RGB", (40, 20), (255, 0, 0))
-    cfg = ImageConfig(size=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize_mode="pad", shortest_edge=20)
+    cfg = ImageConfig(size=20, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resize="shortest_edge", crop=True,
+                      pad_to_square=True)
     x = preprocess([img], cfg)[0]
     # top and bottom quarter are the (127,127,127) pad colour, the middle is pure red
     assert torch.allclose(x[:, 0, 10], torch.full((3,), 127 / 255 * 2 - 1), atol=1e-6)

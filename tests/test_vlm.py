@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.preprocess import preprocess
+from edge_vlm.imaging.preprocess import preprocess
 from tests.factories import make_llava, make_vila
 from tests.test_vision_parity import reference_merge
 

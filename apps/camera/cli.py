@@ -38,7 +38,7 @@ examples:
 def register(sub) -> None:
     import argparse
 
-    from edge_vlm.commands import DEFAULT_MODEL, add_model_options, add_generation_options
+    from edge_vlm.cli.options import DEFAULT_MODEL, add_model_options, add_generation_options
 
     p = sub.add_parser("camera", help="answer questions about a live camera or video, continuously",
                        description=DESCRIPTION, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +138,7 @@ def _constraint(args):
 
 def run(args) -> int:
     from edge_vlm.apps.media.frame_sources import open_source
-    from edge_vlm.commands import generation_config
+    from edge_vlm.cli.options import generation_config
 
     from .alerts import Alerter, AlertRule
     from .outputs import AnnotatedVideo, JsonLines
@@ -198,7 +198,7 @@ def _session(args):
             raise EdgeVLMError(f"--server needs httpx: pip install 'edge-vlm[serve]' ({e})") from None
         _log(f"asking {session.check()} at {args.server}")
         return session
-    from edge_vlm.commands import load_from_args
+    from edge_vlm.cli.options import load_from_args
     from edge_vlm.session import ChatSession
 
     model = load_from_args(args)

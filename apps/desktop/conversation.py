@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from edge_vlm.errors import EdgeVLMError
-from edge_vlm.preprocess import load_image
+from edge_vlm.imaging.preprocess import load_image
 
 FORMAT_VERSION = 1
 

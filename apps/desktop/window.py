@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QMainWindow, QP
 
 from edge_vlm.apps.media.frame_sources import FrameSource
 from edge_vlm.errors import MediaError
-from edge_vlm.preprocess import IMAGE_SUFFIXES
+from edge_vlm.imaging.preprocess import IMAGE_SUFFIXES
 
 from .camera import CameraFeed, open_camera
 from .chat_view import ChatView
@@ -33,7 +33,7 @@ LIVE_KEEP_PX = 480  # longest side of the Live frames kept in the conversation
 
 
 def _reduced(image, side: int) -> Image.Image:
-    from edge_vlm.preprocess import load_image
+    from edge_vlm.imaging.preprocess import load_image
 
     im = load_image(image)
     if max(im.size) > side:
@@ -263,7 +263,7 @@ class MainWindow(QMainWindow):
     # ---- asking -------------------------------------------------------------------------
 
     def add_attachment(self, image) -> None:
-        from edge_vlm.preprocess import load_image
+        from edge_vlm.imaging.preprocess import load_image
 
         try:
             self.attachments.append(load_image(image))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_vlm.errors import MediaError
-from edge_vlm.preprocess import IMAGE_SUFFIXES, load_image
+from edge_vlm.imaging.preprocess import IMAGE_SUFFIXES, load_image
 
 from .gstreamer import source_pipeline
 

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_vlm import EdgeVLMError, GenerationConfig
+from edge_vlm import EdgeVLMError, GenerationConfig, __version__
 from edge_vlm.chat_template import TOOL_CALL_TAGS
 from edge_vlm.constrained import compile_constraint
 
@@ -166,7 +166,7 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
     worker.metrics = metrics
     # no /docs or /redoc: their pages load Swagger UI from a CDN (nothing offline, a third party's
     # scripts next to the API); the schema itself stays at /openapi.json
-    app = FastAPI(title="edge-vlm", version="0.1.0", docs_url=None, redoc_url=None,
+    app = FastAPI(title="edge-vlm", version=__version__, docs_url=None, redoc_url=None,
                   description="OpenAI chat completions and the NIM VILA API over a local model.")
     names = {config.model_id, *config.aliases}
     budget = PixelBudget(config.max_server_pixels)

@@ -25,7 +25,7 @@ examples:
 def register(sub) -> None:
     import argparse
 
-    from edge_vlm.commands import DEFAULT_MODEL, add_generation_options, add_model_options
+    from edge_vlm.cli.options import DEFAULT_MODEL, add_generation_options, add_model_options
 
     p = sub.add_parser("serve", help="serve a model over HTTP: OpenAI chat completions and the NIM VILA API",
                        description="Serve one model to any program: POST /v1/chat/completions (OpenAI), "
@@ -97,7 +97,7 @@ def _log(msg: str) -> None:
 
 
 def config_from_args(args):
-    from edge_vlm.commands import generation_config
+    from edge_vlm.cli.options import generation_config
     from edge_vlm.errors import EdgeVLMError
 
     from .app import ServerConfig
@@ -164,7 +164,7 @@ def exposure_warning(args, config) -> str | None:
 def run(args) -> int:
     import uvicorn
 
-    from edge_vlm.commands import load_from_args
+    from edge_vlm.cli.options import load_from_args
 
     from .app import create_app
     from .metrics import Metrics

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image, UnidentifiedImageError
 
 from edge_vlm.errors import MediaError
-from edge_vlm.tiling import choose_grid
+from edge_vlm.imaging.tiling import choose_grid
 
 from .errors import APIError
 
@@ -273,8 +273,8 @@ def decode_image(probe: Probe, fit: Fit) -> Image.Image:
 
 
 def decode_video(probe: Probe, fit: Fit) -> list[Image.Image]:
-    """A probed video -> its sampled RGB frames (edge_vlm.video), each reduced as it comes."""
-    from edge_vlm.video import sample_frames
+    """A probed video -> its sampled RGB frames (edge_vlm.imaging.video), each reduced as it comes."""
+    from edge_vlm.imaging.video import sample_frames
 
     try:
         frames = sample_frames(probe.video_path, probe.pictures)

@@ -10,7 +10,9 @@
 - anything else (meta, ...): the plain torch modules as loaded. They are also the reference
   every backend is tested against (`load_model(fast_path=False)`).
 On CUDA every fast op kind is self-checked at load before it serves (gpu_path.py, selfcheck.py):
-one that fails runs on the next path, with one `SelfCheckWarning`.
+one that fails runs on the next path, with one `SelfCheckWarning`. Before that, the first time
+a key (GPU, versions, model shape family) is seen, every check runs in a child process, where a
+crash or a hang costs nothing; its verdict is kept in the cache folder (first_run.py, verdicts.py).
 Modules are swapped by type (WQLinear, MLP, RMSNorm, LayerNorm1P), never by name.
 """
 
@@ -19,13 +21,16 @@ from __future__ import annotations
 import torch
 
 from ..generate import Engine
-from . import cpu
+from . import cpu, first_run, gpu_path
+from .first_run import FirstRunWarning
 from .gpu_path import SelfCheckReport, SelfCheckWarning
+from .stand_in import shape_family
 from .triton import triton_available
 
 BACKENDS = ("triton", "cuda_int4", "cpu")
 
-__all__ = ["BACKENDS", "SelfCheckReport", "SelfCheckWarning", "choose_backend", "make_engine", "optimize_for_device"]
+__all__ = ["BACKENDS", "FirstRunWarning", "SelfCheckReport", "SelfCheckWarning", "choose_backend", "make_engine",
+           "optimize_for_device"]
 
 
 def choose_backend(device: torch.device) -> str | None:
@@ -36,14 +41,17 @@ def choose_backend(device: torch.device) -> str | None:
     return None
 
 
-def optimize_for_device(model, backend: str | None = None, check: bool = True) -> dict[str, int]:
+def optimize_for_device(model, backend: str | None = None, check: bool = True, child_check: bool | None = None,
+                        recheck: bool = False) -> dict[str, int]:
     """Swap modules of `model` (a VisionLanguageModel or a DecoderLM) in place for the fast path.
 
     `backend` overrides the choice ("triton" on CPU runs the kernels through Triton's
     interpreter: that is how the tests exercise the CUDA path without a GPU). On the CUDA
     backends each op kind is self-checked first (`check=False` trusts them unchecked) and the
-    outcome is kept as `llm.selfcheck_report`. Returns how many modules of each kind were
-    swapped: empty when the plain torch path is kept.
+    outcome is kept as `llm.selfcheck_report`. `child_check`: run the first-run check in a child
+    process first (None: on CUDA only; True also on CPU tensors, through the interpreter, as the
+    tests do); `recheck` discards its kept verdict for this model first. Returns how many modules
+    of each kind were swapped: empty when the plain torch path is kept.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
@@ -53,9 +61,12 @@ def optimize_for_device(model, backend: str | None = None, check: bool = True) -
         return _vision_only(model)
     backend = backend or choose_backend(first.device)
     if backend in ("triton", "cuda_int4"):
-        from . import gpu_path
-
-        return gpu_path.convert(llm, triton=backend == "triton", check=check).counts
+        triton = backend == "triton"
+        family = shape_family(llm, triton)
+        isolate = check and first_run.needs_check(family) and (
+            first.device.type == "cuda" if child_check is None else child_check)
+        gate = first_run.gate_for(family, first.device, recheck) if isolate else None
+        return gpu_path.convert(llm, triton=triton, check=check, gate=gate).counts
     if backend == "cpu":
         return cpu.convert(llm, getattr(model, "vision", None), getattr(model, "projector", None))
     return {}
@@ -71,17 +82,21 @@ def _vision_only(model) -> dict[str, int]:
 
 
 def make_engine(llm, max_context: int) -> Engine:
-    """The fastest engine `llm` passed the self-check for: CUDA-graph decode over the fused step
-    when `optimize_for_device` checked that step, else the plain one. A KV-cache kind changed
-    since the check (e.g. `kv_cache_int8` set after loading) has its fused step checked now."""
+    """The engine `llm` passed the self-check for: CUDA-graph decode over the fused step (built
+    to be the fastest; its speed is unmeasured, no GPU has run it in this project) when
+    `optimize_for_device` checked that step and its recording, else the plain one. A
+    KV-cache kind changed since the check (e.g. `kv_cache_int8` set after loading) has its fused
+    step checked now (first in a child process, when the load's check was made in one)."""
     report = getattr(llm, "selfcheck_report", None)
     if report is None or not report.triton:
         return Engine(llm, max_context)
-    if report.checked and report.kv_cache_int8 != bool(getattr(llm, "kv_cache_int8", False)):
-        from .gpu_path import check_decode
-
-        check_decode(llm, report)
-    if report.fused_decode:
+    int8 = bool(getattr(llm, "kv_cache_int8", False))
+    if report.checked and report.kv_cache_int8 != int8:
+        gate = None
+        if report.first_run is not None:
+            gate = first_run.gate_for(dict(report.first_run["family"], kv_cache_int8=int8), llm.device)
+        gpu_path.check_decode(llm, report, gate)
+    if report.fused_decode and report.cuda_graph:
         from .triton.cuda_graph import CUDAGraphEngine
 
         return CUDAGraphEngine(llm, max_context)

@@ -16,9 +16,17 @@ the fast modules are swapped in, each kind of op the model will use is checked o
 - `fused_norm`: -> the model's norms in torch; the fused decode step needs it, so it goes too.
 - `rotary_kv`, `decode_attention`: -> no fused decode step.
 - `fused_decode_step` (the converted model's fused step vs its own plain step): -> the plain
-  decode loop; `make_engine` then builds no CUDA graph. (A graph capture that fails later is
-  handled by the engine itself: one warning, plain steps.)
+  decode loop; `make_engine` then builds no CUDA graph.
+- `cuda_graph` (the fused step recorded, then replayed, vs the plain engine): -> the fused step
+  is not used; plain decode. (A recording that fails later, at a shape not checked, is handled
+  by the engine itself: one warning, plain steps.)
 The outcome is kept on the LLM as `selfcheck_report` (`make_engine` and `edge-vlm doctor` read it).
+
+Who runs each check is a `Gate`'s call: by default every check runs here, in this process. The
+first-run check (first_run.py) runs them all first in a child process, where a crash or a hang
+costs nothing, through a gate that reports each one to the parent; the parent's gate then lets
+only the ops the child passed run their check here again (the second guard: this model's own
+layers) and turns the others off without touching them.
 """
 
 from __future__ import annotations
@@ -26,24 +34,29 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn as nn
 
-from ..llm import DecoderLayer, LayerNorm1P, RMSNorm
-from ..quant_linear import WQLinear
+from ..models.llm import DecoderLayer, LayerNorm1P, RMSNorm
+from ..models.quant_linear import WQLinear
 from . import selfcheck
 from .selfcheck import Check, Inputs
 
 LINEAR_PATHS = ("triton", "torch_int4", "reference")
-_FALLBACK_TEXT = {
-    "torch_int4": "int4 linears fall back to torch's int4 matmul",
-    "reference": "int4 linears fall back to dequantize + matmul (slow)",
+OPS = ("w4a16_gemv", "w4a16_gemm", "torch_int4", "epilogue", "fused_norm", "rotary_kv", "decode_attention",
+       "fused_decode_step", "cuda_graph")  # every op kind, in the order they are checked
+FALLBACK_TEXT = {  # what runs instead when an op fails
+    "w4a16_gemv": "int4 linears fall back to torch's int4 matmul",
+    "w4a16_gemm": "int4 linears fall back to torch's int4 matmul",
+    "torch_int4": "int4 linears fall back to dequantize + matmul (slow)",
     "epilogue": "MLPs run unfused in torch",
     "fused_norm": "norms run in torch; decoding without the fused step",
     "rotary_kv": "decoding without the fused step",
     "decode_attention": "decoding without the fused step",
     "fused_decode_step": "decoding without the fused step",
+    "cuda_graph": "decoding without CUDA graphs",
 }
 
 
@@ -58,12 +71,14 @@ class SelfCheckReport:
     fused_mlp: bool = False
     fused_norm: bool = False
     fused_decode: bool = False
+    cuda_graph: bool = False  # the fused step may be recorded and replayed as a CUDA graph
     kv_cache_int8: bool = False  # the cache kind the fused step was checked with
     triton: bool = False  # whether the Triton kernels were allowed (CUDA with Triton; the interpreter in tests)
     checked: bool = True  # False: the fast paths were trusted unchecked (check=False)
     checks: list[Check] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # modules swapped, per kind
     seconds: float = 0.0
+    first_run: dict | None = None  # the child-process check's outcome (first_run.py), None when not used
 
     def failures(self) -> list[Check]:
         return [c for c in self.checks if not c.passed]
@@ -72,22 +87,51 @@ class SelfCheckReport:
         return asdict(self)
 
 
-class _Run:
-    """One model's checks: runs them, records them, warns once per failed op."""
+class Gate(Protocol):
+    """Decides where each op's check happens."""
 
-    def __init__(self, llm, report: SelfCheckReport, enabled: bool):
-        self.llm, self.report, self.enabled = llm, report, enabled
+    def decided(self, op: str) -> Check | None:
+        """An outcome reached elsewhere (the op's check is not run here), or None: run it here."""
+
+    def ran(self, check: Check) -> None:
+        """Told each outcome of a check that ran here."""
+
+    def summary(self) -> dict | None:
+        """What the report keeps as `first_run` (None: no first-run check)."""
+
+
+class InProcess:
+    """Every check runs here, in this process (the default)."""
+
+    def decided(self, op: str) -> Check | None:
+        return None
+
+    def ran(self, check: Check) -> None:
+        pass
+
+    def summary(self) -> None:
+        return None
+
+
+class _Run:
+    """One model's checks: runs them (as the gate says), records them, warns once per failed op."""
+
+    def __init__(self, llm, report: SelfCheckReport, enabled: bool, gate: Gate):
+        self.llm, self.report, self.enabled, self.gate = llm, report, enabled, gate
         self.device = llm.device
         self.ins = Inputs(self.device, llm.dtype)
 
-    def passes(self, op: str, fn, fallback: str) -> bool:
+    def passes(self, op: str, fn) -> bool:
         if not self.enabled:
             return True
-        check = selfcheck.run_check(op, fn, self.device)
+        check = self.gate.decided(op)
+        if check is None:
+            check = selfcheck.run_check(op, fn, self.device)
+            self.gate.ran(check)
+            if not check.passed:
+                warnings.warn(f"edge-vlm self-check: {op} failed ({check.reason}); {FALLBACK_TEXT[op]}",
+                              SelfCheckWarning, stacklevel=2)
         self.report.checks.append(check)
-        if not check.passed:
-            warnings.warn(f"edge-vlm self-check: {op} failed ({check.reason}); {_FALLBACK_TEXT[fallback]}",
-                          SelfCheckWarning, stacklevel=2)
         return check.passed
 
 
@@ -137,8 +181,8 @@ def _choose_linear(run: _Run, triton: bool) -> str:
             return lambda: next((r for layer in layers if (r := selfcheck.check_linear(
                 TritonW4Linear.from_awq(layer), layer, rows, ins))), None)
 
-        if run.passes("w4a16_gemv", triton_rows(selfcheck.DECODE_ROWS), "torch_int4") and run.passes(
-                "w4a16_gemm", triton_rows(selfcheck.PREFILL_ROWS), "torch_int4"):
+        if run.passes("w4a16_gemv", triton_rows(selfcheck.DECODE_ROWS)) and run.passes(
+                "w4a16_gemm", triton_rows(selfcheck.PREFILL_ROWS)):
             return "triton"
     fitting = [layer for layer in layers if torch_int4_fits(layer)]
     if not fitting:
@@ -147,19 +191,21 @@ def _choose_linear(run: _Run, triton: bool) -> str:
     def torch_int4():
         return torch_int4_reason(fitting, ins)
 
-    return "torch_int4" if run.passes("torch_int4", torch_int4, "reference") else "reference"
+    return "torch_int4" if run.passes("torch_int4", torch_int4) else "reference"
 
 
-def convert(llm: nn.Module, triton: bool, check: bool = True) -> SelfCheckReport:
+def convert(llm: nn.Module, triton: bool, check: bool = True, gate: Gate | None = None) -> SelfCheckReport:
     """Check each op kind on `llm` (a DecoderLM), swap in the paths that passed; returns the report.
 
     `triton`: whether the Triton kernels may be used (CUDA with Triton, or the interpreter on CPU
     tensors in tests); without, only torch's int4 matmul is tried. `check=False` trusts every
-    fast path unchecked (benchmarks and tests that compare the paths themselves).
+    fast path unchecked (benchmarks and tests that compare the paths themselves). `gate`: where
+    each check runs (default: here); the first-run check's gates are in first_run.py.
     """
     start = time.perf_counter()
-    report = SelfCheckReport(str(llm.device), checked=check, triton=triton)
-    run = _Run(llm, report, check)
+    gate = gate or InProcess()
+    report = SelfCheckReport(str(llm.device), checked=check, triton=triton, first_run=gate.summary())
+    run = _Run(llm, report, check, gate)
     ins = run.ins
     report.linear = _choose_linear(run, triton)
     if triton:
@@ -170,29 +216,30 @@ def convert(llm: nn.Module, triton: bool, check: bool = True) -> SelfCheckReport
         if mlp is not None:
             report.fused_mlp = run.passes("epilogue", lambda: _first_reason(
                 selfcheck.check_mlp(fused_mlp(mlp), mlp, rows, ins) for rows in
-                (selfcheck.DECODE_ROWS, selfcheck.PREFILL_ROWS)), "epilogue")
+                (selfcheck.DECODE_ROWS, selfcheck.PREFILL_ROWS)))
         norm = llm.norm if isinstance(llm.norm, (RMSNorm, LayerNorm1P)) else None
-        report.fused_norm = norm is not None and run.passes("fused_norm", lambda: selfcheck.check_norm(norm, ins),
-                                                            "fused_norm")
+        report.fused_norm = norm is not None and run.passes("fused_norm", lambda: selfcheck.check_norm(norm, ins))
     report.counts = _swap(llm, report, triton)
     if triton:
-        check_decode(llm, report)
+        check_decode(llm, report, gate)
     report.seconds = time.perf_counter() - start
     llm.selfcheck_report = report
     return report
 
 
-def check_decode(llm: nn.Module, report: SelfCheckReport) -> bool:
-    """Check the fused decode step's own kernels and the whole step, over `llm` as converted and
-    with the KV-cache kind it uses now; records (and returns) whether the step may serve.
-    `make_engine` calls it again when the cache kind changed after loading."""
-    run = _Run(llm, report, report.checked)
+def check_decode(llm: nn.Module, report: SelfCheckReport, gate: Gate | None = None) -> bool:
+    """Check the fused decode step's own kernels, the whole step and its CUDA-graph replay, over
+    `llm` as converted and with the KV-cache kind it uses now; records (and returns) whether the
+    step may serve. `make_engine` calls it again when the cache kind changed after loading."""
+    run = _Run(llm, report, report.checked, gate or InProcess())
     ins = run.ins
     int8 = report.kv_cache_int8 = bool(getattr(llm, "kv_cache_int8", False))
     report.fused_decode = report.fused_norm and run.passes(
-        "rotary_kv", lambda: selfcheck.check_rotary_kv(llm, int8, ins), "rotary_kv") and run.passes(
-        "decode_attention", lambda: selfcheck.check_decode_attention(llm, int8, ins), "decode_attention") and run.passes(
-        "fused_decode_step", lambda: selfcheck.check_fused_step(llm, ins), "fused_decode_step")
+        "rotary_kv", lambda: selfcheck.check_rotary_kv(llm, int8, ins)) and run.passes(
+        "decode_attention", lambda: selfcheck.check_decode_attention(llm, int8, ins)) and run.passes(
+        "fused_decode_step", lambda: selfcheck.check_fused_step(llm, ins))
+    report.cuda_graph = report.fused_decode and run.passes(
+        "cuda_graph", lambda: selfcheck.check_graph_replay(llm, ins))
     return report.fused_decode
 
 

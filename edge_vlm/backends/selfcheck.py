@@ -16,15 +16,17 @@ sum, not their worst case (measured on the tests' shapes: 1-3 unit roundoffs). A
 order, zero point, group or position gives errors of order 1, NaN is named as such. A whole
 decode step through many layers is allowed 128 roundoffs (at most 1/8).
 
-Cost: a handful of launches per op kind plus a two-token decode step on a scratch cache of 8
-positions; the reference layers are dequantized once, at most ~16M weights each (larger ones,
-e.g. a big-vocabulary lm_head, are checked on their first and last 512 output columns).
+Cost: a handful of launches per op kind plus a one-token fused decode step and two recorded
+(CUDA graph) steps on scratch caches of 8 positions; the reference layers are dequantized once,
+at most ~16M weights each (larger ones, e.g. a big-vocabulary lm_head, are checked on their
+first and last 512 output columns).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,10 +34,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..int4_formats import dequantize_gemm
-from ..llm import LayerNorm1P, RMSNorm
-from ..quant_linear import WQLinear
-from ..rotary import apply_rotary
+from ..generate import Engine
+from ..formats.int4_formats import dequantize_gemm
+from ..models.llm import LayerNorm1P, RMSNorm
+from ..models.quant_linear import WQLinear
+from ..models.rotary import apply_rotary
 
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24,
                  torch.float64: 2.0**-53}
@@ -47,11 +50,13 @@ SEED = 0  # fixed: a check that fails does so on every load, reproducibly
 
 @dataclass
 class Check:
-    """One op kind's outcome: `reason` says why it failed ('' when it passed)."""
+    """One op kind's outcome: `reason` says why it failed ('' when it passed); `raised`: it failed
+    by an exception (a launch or CUDA error may have left the device unusable), not a wrong value."""
     op: str
     passed: bool
     reason: str = ""
     seconds: float = 0.0
+    raised: bool = False
 
 
 def tolerance(*dtypes: torch.dtype, roundoffs: int = 16) -> float:
@@ -77,15 +82,15 @@ def mismatch(got: torch.Tensor, want: torch.Tensor, tol: float) -> str | None:
 
 def run_check(op: str, fn: Callable[[], str | None], device: torch.device) -> Check:
     """Run one check; any exception (compile, launch, shape) is a failure with its first line."""
-    start = time.perf_counter()
+    start, raised = time.perf_counter(), False
     try:
         with torch.inference_mode():
             reason = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # a launch error surfaces here at the latest
     except Exception as e:  # noqa: BLE001 - every failure of a fast op means: use the next path
-        reason = describe(e)
-    return Check(op, reason is None, reason or "", time.perf_counter() - start)
+        reason, raised = describe(e), True
+    return Check(op, reason is None, reason or "", time.perf_counter() - start, raised)
 
 
 def describe(e: BaseException) -> str:
@@ -282,4 +287,30 @@ def check_fused_step(llm, ins: Inputs) -> str | None:
         got, want = (_cached(getattr(c, name), getattr(c, f"{name}_scale"), ins.ref) for c in (fused_cache, ref_cache))
         if (reason := mismatch(got, want, tol)) is not None:
             return f"{name} cache: {reason}"
+    return None
+
+
+def check_graph_replay(llm, ins: Inputs) -> str | None:
+    """The CUDA-graph engine over `llm` as converted (the fused step recorded once, then replayed)
+    against the plain engine over the same model: logits of two steps after a 3-token prefill;
+    the second replay reads its token and position from the device, as every later token does.
+    A recording that fails (the engine would then decode without graphs) fails the check."""
+    from .triton.cuda_graph import CUDAGraphEngine
+
+    prompt, steps = 3, 2
+    ids = ins.randint(0, llm.cfg.vocab_size, 1, prompt + steps)
+    plain, graph = Engine(llm, prompt + steps + 3), CUDAGraphEngine(llm, prompt + steps + 3)
+    embeds = llm.embed(ids[:, :prompt])
+    plain.prefill(embeds)
+    graph.prefill(embeds)
+    tol = tolerance(ins.dtype, roundoffs=128)
+    for i in range(prompt, prompt + steps):
+        want = plain.step(int(ids[0, i]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = graph.step(int(ids[0, i]))
+        if graph.replay is False:
+            return "recording failed: " + (str(caught[0].message) if caught else "no replay")
+        if (reason := mismatch(got, want.to(ins.ref), tol)) is not None:
+            return f"step {i - prompt + 1}: {reason}"
     return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...quant_linear import WQLinear
+from ...models.quant_linear import WQLinear
 from ..swap import swap_modules
 from .int4_linear import CpuInt4Linear, cpu_int4_available, cpu_int4_fits
 from .timing import cpu_bf16_matmul_is_faster

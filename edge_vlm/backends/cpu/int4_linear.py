@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...int4_formats import cpu_int4_output, cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
-from ...quant_linear import WQLinear
+from ...formats.int4_formats import cpu_int4_output, cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
+from ...models.quant_linear import WQLinear
 from .timing import cpu_int4_compute_dtype
 
 CPU_INT4_MAX_ROWS_FP32 = 4  # with fp32 activations the int4 CPU matmul loses from ~8 rows on (RESULTS.md)

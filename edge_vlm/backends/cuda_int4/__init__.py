@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from ...quant_linear import WQLinear
+from ...models.quant_linear import WQLinear
 from ..swap import swap_modules
 from .int4_linear import TorchInt4Linear, torch_int4_fits
 

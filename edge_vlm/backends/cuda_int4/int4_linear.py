@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ...int4_formats import cpu_int4_output, cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
-from ...quant_linear import WQLinear
+from ...formats.int4_formats import cpu_int4_output, cpu_int4_rows, gemm_to_cpu_int4_scales_zeros, gemm_to_cpu_int4_weight
+from ...models.quant_linear import WQLinear
 
 GROUP_SIZES = (32, 64, 128, 256)  # what both kernels are built for
 

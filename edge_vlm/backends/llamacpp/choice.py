@@ -5,8 +5,8 @@
 - "llama.cpp": llama.cpp from a GGUF exported once into the cache folder (gguf_cache.py).
 - "auto": llama.cpp on the CPU when llama-cpp-python is installed, else torch. On the 2-core AVX2
   machine our loop over llama.cpp decodes SmolLM2 at 82.5 tok/s against 19.4 for the torch int4 path
-  (RESULTS.md, one run); on a GPU "auto" keeps torch, whose Triton path is measured there, and
-  "llama.cpp" (all layers offloaded) stays a choice.
+  (RESULTS.md, one run); on a GPU "auto" keeps torch, whose Triton path is built for it but
+  unmeasured (no GPU has run it in this project), and "llama.cpp" (all layers offloaded) stays a choice.
 When "auto" picked llama.cpp and the export cannot be made (an architecture or quantization llama.cpp
 cannot take), the torch decoder runs instead with one warning line; an explicit "llama.cpp" raises.
 """

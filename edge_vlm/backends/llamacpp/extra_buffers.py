@@ -7,23 +7,21 @@ prompt of more than one token), and a segfault takes the user's chat, server or 
 So the first time a GGUF's weight types are used on a machine (CPU flags, llama-cpp-python version),
 a child process loads it with the extra buffers on and decodes one batch; a child that crashes,
 hangs or fails turns them off (`use_extra_bufts = False`: llama.cpp's plain CPU kernels) with one
-warning line. The verdict is a small JSON file in the cache folder; later loads read it and start
-no child. GPU offload never asks (the weights live on the GPU).
+warning line. The verdict is kept beside the GPU first-run verdicts (backends/verdicts.py); later
+loads read it and start no child; `edge-vlm doctor` lists it and `--recheck` discards it. GPU offload never asks (the weights live on the GPU).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import platform
 import subprocess
 import sys
-import tempfile
+import time
 import warnings
 from pathlib import Path
 
-from .gguf_cache import cache_root
+from .. import verdicts
+from ..verdicts import OpResult
 
 PROBE_TIMEOUT_S = 180
 # The child: load with the extra buffer types on (llama.cpp's default) and decode one batch of 32
@@ -52,12 +50,21 @@ class LlamaCppCpuWarning(RuntimeWarning):
     """llama.cpp's extra CPU buffer types failed the first-run check and are off."""
 
 
-def verdict_key(gguf_path: Path) -> dict:
-    """What the verdict depends on: the machine's CPU, llama-cpp-python, the GGUF's weight types."""
-    import llama_cpp  # optional dependency: only reached on the llama.cpp backend
+OP = "llama.cpp extra CPU buffers"
 
-    return {"machine": platform.machine(), "cpu_flags": _cpu_flags(), "llama_cpp": llama_cpp.__version__,
-            "weight_types": _weight_types(gguf_path)}
+
+def verdict_key(gguf_path: Path) -> dict:
+    """What the verdict depends on: the machine's CPU, the installed versions (llama-cpp-python's
+    among them), the GGUF's weight types. Kept with the GPU verdicts (backends/verdicts.py), so
+    `edge-vlm doctor` lists it and `--recheck` discards it."""
+    flags = _cpu_flags()
+    types = _weight_types(gguf_path)
+    level = next((name for name, prefix in (("AMX", "amx"), ("AVX512", "avx512"), ("AVX2", "avx2"), ("NEON", "asimd"))
+                  if any(f.startswith(prefix) for f in flags)), "baseline")
+    return {"device": {"type": "cpu", "name": f"llama.cpp on {platform.machine()}", "capability": level},
+            "versions": verdicts.versions("cpu"),
+            "family": {"backend": "llama.cpp", "cpu_flags": flags, "weight_types": types,
+                       "summary": f"llama.cpp CPU kernels for {'/'.join(types)} weights"}}
 
 
 def _cpu_flags() -> list[str]:
@@ -82,62 +89,45 @@ def _weight_types(gguf_path: Path) -> list[str]:
         return [f"unreadable: {type(e).__name__}"]
 
 
-def verdict_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / "verdicts" / f"llamacpp-extra-buffers-{digest}.json"
-
-
-def read_verdict(key: dict) -> dict | None:
-    """The stored verdict for `key`; None when there is none, or it is unreadable or for another key."""
-    try:
-        data = json.loads(verdict_path(key).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("extra_buffers"), bool):
-        return None
-    return data
-
-
-def write_verdict(key: dict, verdict: dict) -> None:
-    """Written to a temporary name and renamed, so two processes checking at once never leave half a file."""
-    path = verdict_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"key": key, **verdict}, f, indent=1)
-    os.replace(tmp, path)
-
-
 _NOT_LOADED = 3  # the child's exit code when llama.cpp cannot load the file at all
 
 
-def probe(gguf_path: Path, child: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> dict | None:
-    """Run the child check: {"extra_buffers": bool, "reason": str}, or None when the file does not
-    load at all (no verdict: the parent's own load reports why). `child` replaces the command (tests)."""
+def probe(gguf_path: Path, child: list[str] | None = None, timeout: float = PROBE_TIMEOUT_S) -> OpResult | None:
+    """Run the child check; None when the file does not load at all (no verdict: the parent's own
+    load reports why). `child` replaces the command (tests)."""
     cmd = child or [sys.executable, "-c", _CHILD, str(gguf_path)]
+    t0 = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"extra_buffers": False, "reason": f"a test decode did not finish in {timeout:.0f} s"}
+        return OpResult(False, f"a test decode did not finish in {timeout:.0f} s", time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
     if done.returncode == 0:
-        return {"extra_buffers": True, "reason": "a test decode with them passed"}
+        return OpResult(True, "a test decode with them passed", seconds)
     if done.returncode == _NOT_LOADED:
         return None
     how = f"signal {-done.returncode}" if done.returncode < 0 else f"exit code {done.returncode}"
-    return {"extra_buffers": False, "reason": f"a test decode with them crashed ({how})"}
+    return OpResult(False, f"a test decode with them crashed ({how})", seconds)
 
 
 def extra_buffers_safe(gguf_path: str | Path, child: list[str] | None = None) -> bool:
-    """Whether to load `gguf_path` with llama.cpp's extra CPU buffer types (read from the cached
-    verdict, else asked of a child process once and stored)."""
+    """Whether to load `gguf_path` with llama.cpp's extra CPU buffer types (read from the kept
+    verdict, else asked of a child process once and kept)."""
     key = verdict_key(Path(gguf_path))
-    verdict = read_verdict(key)
+    path = verdicts.path_for(key)
+    verdict = verdicts.read(path, key)
     if verdict is None:
-        verdict = probe(Path(gguf_path), child)
-        if verdict is None:
+        result = probe(Path(gguf_path), child)
+        if result is None:
             return True  # llama.cpp cannot load the file: its own error follows
-        write_verdict(key, verdict)
-    if not verdict["extra_buffers"]:
+        verdict = verdicts.Verdict(key, {OP: result}, children=1, seconds=result.seconds,
+                                   checked_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+        try:
+            verdicts.write(path, verdict)
+        except OSError:  # a read-only cache folder: the check runs again next time
+            pass
+    result = verdict.ops[OP]
+    if not result.passed:
         warnings.warn(f"llama.cpp's repacked CPU weights (AMX / interleaved blocks) are off on this machine: "
-                      f"{verdict['reason']}; using its plain CPU kernels", LlamaCppCpuWarning, stacklevel=3)
-    return verdict["extra_buffers"]
+                      f"{result.reason}; using its plain CPU kernels", LlamaCppCpuWarning, stacklevel=3)
+    return result.passed

@@ -20,7 +20,7 @@ import torch
 from gguf import GGMLQuantizationType, GGML_QUANT_SIZES
 from gguf.quants import quantize as gguf_quantize
 
-from edge_vlm.int4_formats import AWQ_ORDER, column_chunks, unpack_nibbles
+from edge_vlm.formats.int4_formats import AWQ_ORDER, column_chunks, unpack_nibbles
 
 QK = 32  # weights per Q4_1 / Q8_0 block
 

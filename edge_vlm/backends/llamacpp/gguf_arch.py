@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from edge_vlm.config import LLMConfig
+from edge_vlm.formats.configs import LLMConfig
 from edge_vlm.errors import UnsupportedModelError
-from edge_vlm.rotary import inverse_frequencies
+from edge_vlm.models.rotary import inverse_frequencies
 
 GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "nemotron": "nemotron"}
 

@@ -10,15 +10,13 @@ AWQ checkpoints become Q4_1 blocks of the same integers and scales (no second qu
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
+from ...cache import cache_root
+from .gguf_export import export_gguf
+
 FORMAT_VERSION = 1  # bump when the export changes what it writes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("EDGE_VLM_CACHE") or Path.home() / ".cache" / "edge-vlm")
 
 
 def _key(layout) -> str:
@@ -30,14 +28,12 @@ def _key(layout) -> str:
     return h.hexdigest()[:24]
 
 
-def cached_gguf(layout, awq: bool, progress: bool = False) -> Path:
+def cached_gguf(layout, awq: bool, load, progress: bool = False) -> Path:
     """The GGUF of `layout`'s language model (AWQ weights or not), exporting it first if this
-    checkpoint has none yet."""
-    from .gguf_export import export_gguf
-
+    checkpoint has none yet; `load()` gives the model to export (only called then)."""
     outtype = "q4_1-awq" if awq else "q8_0"
     path = cache_root() / "gguf" / _key(layout) / f"{Path(layout.folder).name}-{outtype}.gguf"
     if not path.is_file():
         print(f"edge-vlm: exporting the language model for llama.cpp once ({outtype}): {path}", file=sys.stderr)
-        export_gguf(layout.folder, path, outtype, progress=progress)  # temporary name, renamed when complete
+        export_gguf(load(), path, outtype, progress=progress)  # temporary name, renamed when complete
     return path

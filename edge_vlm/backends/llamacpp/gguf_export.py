@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
 from edge_vlm.errors import EdgeVLMError, UnsupportedModelError
@@ -47,33 +46,14 @@ def _llama_cpp():
     return llama_cpp_module()
 
 
-# ------------------------------------------------------------------ loading
-
-def _load(path, progress) -> "object":
-    """Load on the CPU in the dtype the checkpoint stores (so conversion is lossless and memory small)."""
-    from edge_vlm import load_model
-    from edge_vlm.awq_format import find_tinychat_checkpoint
-    from edge_vlm.checkpoint import TensorStore
-    from edge_vlm.loader import detect_layout
-
-    layout = detect_layout(path)
-    dtype = torch.float16
-    if layout.quantization is None and find_tinychat_checkpoint(layout.llm_dir) is None:
-        store = TensorStore(layout.llm_dir)
-        key = next((k for k in store.keys() if k.endswith("embed_tokens.weight")), None)
-        stored = store.meta(key).dtype if key else torch.float32
-        dtype = stored if stored in (torch.float16, torch.bfloat16) else torch.float32
-    return load_model(path, device="cpu", dtype=dtype, fast_path=False, progress=progress)
-
-
 def _is_awq(module) -> bool:
-    from edge_vlm.quant_linear import WQLinear
+    from edge_vlm.models.quant_linear import WQLinear
 
     return isinstance(module, WQLinear)
 
 
 def _is_int8_embedding(module) -> bool:
-    from edge_vlm.quant_linear import Int8Embedding
+    from edge_vlm.models.quant_linear import Int8Embedding
 
     return isinstance(module, Int8Embedding)
 
@@ -103,11 +83,11 @@ def _float_weight(module, part: str) -> torch.Tensor:
     if part == "bias":
         return module.bias.detach().float()
     if _is_awq(module):
-        from edge_vlm.int4_formats import dequantize_gemm
+        from edge_vlm.formats.int4_formats import dequantize_gemm
 
         return dequantize_gemm(module.qweight, module.qzeros, module.scales.float(), module.group_size).t()
     if _is_int8_embedding(module):
-        from edge_vlm.int8_rows import dequantize_int8_rows
+        from edge_vlm.formats.int8_rows import dequantize_int8_rows
 
         return dequantize_int8_rows(module.qweight, module.scales, torch.float32)
     return module.weight.detach().float()
@@ -243,15 +223,15 @@ def _temp_name(out: Path, tag: str) -> Path:
     return out.with_name(f".{out.name}.{tag}.{os.getpid()}.tmp")
 
 
-def export_gguf(model_or_path, out_path, outtype: str = "auto", progress: bool | None = None) -> Path:
-    """Write the language model of a loaded `VisionLanguageModel` (or of the checkpoint at a path)
-    as GGUF at `out_path`; returns the path. `progress`: a tqdm bar (default: when stderr is a tty)."""
+def export_gguf(model, out_path, outtype: str = "auto", progress: bool | None = None) -> Path:
+    """Write the language model of a loaded `VisionLanguageModel` (its weights on the CPU, in the
+    dtype the checkpoint stores: loading.load_for_export) as GGUF at `out_path`; returns the path.
+    `progress`: a tqdm bar (default: when stderr is a tty)."""
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
         raise EdgeVLMError(f"unknown GGUF type {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     _gguf()
     show = sys.stderr.isatty() if progress is None else progress
-    model = model_or_path if hasattr(model_or_path, "llm") else _load(model_or_path, show)
     awq = any(_is_awq(m) for m in model.llm.modules())
     if outtype == "auto":
         outtype = "q4_1-awq" if awq else "f16"
@@ -280,21 +260,3 @@ def export_gguf(model_or_path, out_path, outtype: str = "auto", progress: bool |
             if leftover is not None and leftover.exists():
                 leftover.unlink()
     return out
-
-
-# ------------------------------------------------------------------ command line
-
-def add_export_arguments(parser) -> None:
-    """Arguments of `edge-vlm export gguf MODEL OUT.gguf`."""
-    parser.add_argument("model", metavar="MODEL", help="model folder or Hugging Face repo id (its LLM is exported)")
-    parser.add_argument("out", metavar="OUT.gguf", help="the GGUF file to write (replaced if it exists)")
-    parser.add_argument("--outtype", choices=OUTTYPES, default="auto", type=str.lower,
-                        help="auto (default): q4_1-awq for AWQ checkpoints (their int4 weights as Q4_1 blocks, "
-                             "no re-quantization), f16 otherwise; q4_k_m etc. use llama.cpp's quantizer")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_export(args) -> int:
-    out = export_gguf(args.model, args.out, args.outtype, progress=False if args.no_progress else None)
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
-    return 0

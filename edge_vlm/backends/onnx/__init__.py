@@ -6,15 +6,14 @@
 - providers.py: TensorRT, then CUDA, then CPU, with each one's file and options;
 - encoder.py: `OnnxVisionEncoder`, the session behind `VisionLanguageModel.encode_images`'s contract;
 - cache.py: where a model's export lives, and exporting it once, on first use;
-- choice.py: `attach_onnx_vision(model, mode)`: the choice, and the fallback to torch with one warning;
-- cli.py: `edge-vlm export onnx MODEL DIR`'s arguments and run.
+- choice.py: `attach_onnx_vision(model, mode)`: the choice, and the fallback to torch with one warning.
+`edge-vlm export onnx MODEL DIR` is a command of the CLI layer (edge_vlm/cli/export.py).
 onnxruntime and onnx are optional (`pip install 'edge-vlm[onnx]'`): importing this package needs neither.
 """
 
 from .choice import MODES, OnnxFallbackWarning, attach_onnx_vision, cpu_int8_speedup, release_torch_tower
-from .cli import add_export_arguments, run_export
 from .encoder import OnnxVisionEncoder
 from .export import PRECISIONS, export_vision
 
-__all__ = ["MODES", "PRECISIONS", "OnnxFallbackWarning", "OnnxVisionEncoder", "add_export_arguments",
-           "attach_onnx_vision", "cpu_int8_speedup", "export_vision", "release_torch_tower", "run_export"]
+__all__ = ["MODES", "PRECISIONS", "OnnxFallbackWarning", "OnnxVisionEncoder", "attach_onnx_vision",
+           "cpu_int8_speedup", "export_vision", "release_torch_tower"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ...cache import cache_root
 from .export import FORMAT_VERSION, export_parts, file_name, read_manifest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json")
@@ -38,11 +39,11 @@ def model_cache_dir(model_path) -> Path:
     path = Path(model_path).expanduser().resolve()
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:16]
     if os.environ.get("EDGE_VLM_CACHE"):
-        return Path(os.environ["EDGE_VLM_CACHE"]).expanduser() / digest
+        return cache_root() / digest
     if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return path.parent.parent / "edge-vlm" / path.name
     beside = path / ".edge-vlm"
-    return beside if _writable(beside) else Path.home() / ".cache" / "edge-vlm" / digest
+    return beside if _writable(beside) else cache_root() / digest
 
 
 def fingerprint(model_path, vision_cfg, projector_cfg, vision_weights: str = "none") -> str:

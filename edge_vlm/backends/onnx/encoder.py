@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...preprocess import preprocess
+from ...imaging.preprocess import preprocess
 from .providers import SHORT_NAMES, ProviderPlan
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

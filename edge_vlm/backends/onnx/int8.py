@@ -44,14 +44,14 @@ def synthetic_images(n: int, seed: int) -> list[Image.Image]:
 
 def calibration_pixels(image_cfg, images=None, n: int = 4) -> np.ndarray:
     """Preprocessed calibration images (the model's own preprocessing), synthetic unless `images` are given."""
-    from ...preprocess import preprocess
+    from ...imaging.preprocess import preprocess
 
     return preprocess(list(images) if images else synthetic_images(n, seed=0), image_cfg).numpy()
 
 
 def check_pixels(image_cfg) -> np.ndarray:
     """Two synthetic images the static quantizer never calibrates on: where the int8 file is judged."""
-    from ...preprocess import preprocess
+    from ...imaging.preprocess import preprocess
 
     return preprocess(synthetic_images(2, seed=1), image_cfg).numpy()
 

@@ -4,7 +4,10 @@ Every kernel here is written once in Triton and runs two ways: compiled for CUDA
 through Triton's interpreter for CPU tensors (that is how the tests check them without a GPU,
 without ever setting TRITON_INTERPRET; see launcher.py). The runtime uses them only on CUDA
 (`edge_vlm.backends.optimize_for_device`). Triton is optional (the `gpu` extra): only the kernel
-modules import it, and nothing imports them until this backend is chosen.
+modules import it, and nothing imports them until this backend is chosen. No GPU has run them
+in this project: their speed is unmeasured (benchmarks/RESULTS.md, GPU figures: to be taken),
+their arithmetic is tested through the interpreter, and on a GPU each is checked before it
+serves (backends/first_run.py in a child process, then backends/gpu_path.py in-process).
 
 - launcher.py: one kernel, compiled on CUDA or interpreted on CPU.
 - w4a16.py, norms.py, rotary_kv.py, decode_attention.py, activations.py: the kernels.

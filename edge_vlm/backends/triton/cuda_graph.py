@@ -1,7 +1,8 @@
 """CUDA-graph decode: the whole decode step recorded once, replayed per token.
 
-At batch 1 a decode step is ~10 small kernels per layer; launching them from Python costs more
-than running them. `CUDAGraphEngine` keeps the reference `Engine.prefill` (one call per prompt)
+At batch 1 a decode step is ~10 small kernels per layer, and launching them from Python is
+expected to cost more than running them (the usual finding for batch-1 decode; unmeasured here:
+no GPU has run this engine in this project). `CUDAGraphEngine` keeps the reference `Engine.prefill` (one call per prompt)
 and replaces `step`: it writes the token id and position into static device tensors and
 replays a graph of `FusedDecoder.forward`, whose kernels read the position from those tensors
 (rotary + KV write at `pos`, attention over `pos + 1` cached tokens). Nothing is allocated
@@ -14,7 +15,8 @@ fail (a driver or Triton version that cannot capture some launch), the engine wa
 keeps decoding with the plain step: slower, never wrong.
 
 `edge_vlm.backends.make_engine` picks this engine only when the load-time self-check passed
-the fused step (backends/selfcheck.py).
+the fused step and its recording (`cuda_graph`, backends/selfcheck.py); on CUDA the first-run
+check has passed both in a child process before (backends/first_run.py).
 """
 
 from __future__ import annotations

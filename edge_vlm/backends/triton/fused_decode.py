@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kv_cache import StaticKVCache
+from ...models.kv_cache import StaticKVCache
 from .decode_attention import decode_attention
 from .modules import norm_args
 from .norms import add_norm

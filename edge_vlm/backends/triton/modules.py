@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ...int4_formats import TritonInt4Weight, concat_outputs, gemm_to_triton
-from ...llm import MLP, DecoderLayer, LayerNorm1P, RMSNorm
-from ...quant_linear import WQLinear
+from ...formats.int4_formats import TritonInt4Weight, concat_outputs, gemm_to_triton
+from ...models.llm import MLP, DecoderLayer, LayerNorm1P, RMSNorm
+from ...models.quant_linear import WQLinear
 from ..swap import swap_modules
 from .norms import LAYERNORM1P, RMS, add_norm
 from .w4a16 import ACT_RELU2, ACT_SILU_MUL, w4a16_matmul

@@ -5,7 +5,7 @@ Two kernels, picked by the number of rows M of x:
   [BLOCK_N, BLOCK_W] tile of int32 words (BLOCK_W * 4 contiguous bytes per row), unpacks the 8
   nibbles in registers and uses s * (sum_j q_j x_j - z * sum_j x_j), so the zero point costs
   one multiply per word, not per weight. The weights are read once per token; with M <= 8 the
-  re-reads for the other tokens come from L2.
+  re-reads for the other tokens are meant to come from L2 (by design; unmeasured on a GPU).
 - GEMM (prefill): tiles of x and dequantized weights (rounded to x's dtype, like the reference
   dequantize-then-matmul) fed to `tl.dot`.
 Epilogues (constexpr ACT): 0 none, 1 relu(y)^2 (Nemotron's MLP), 2 silu(gate) * up where the
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import triton.language as tl
 
-from ...int4_formats import TritonInt4Weight
+from ...formats.int4_formats import TritonInt4Weight
 from .launcher import kernel, next_power_of_2
 
 ACT_NONE, ACT_RELU2, ACT_SILU_MUL = 0, 1, 2

@@ -1,11 +1,9 @@
 """Image loading and preprocessing: PIL image -> normalized pixel tensor for the vision tower.
 
-Matches the Hugging Face SigLIP/CLIP image processors (PIL bicubic resize, optional center
-crop, rescale by 1/255, normalize) so features equal what the towers were trained on.
-`resize_mode` covers the three VLM conventions:
-- "resize": squash to a square (SigLIP, VILA1.5 "resize");
-- "shortest_edge_crop": resize the short side, center-crop (CLIP, LLaVA-hf);
-- "pad": pad to a square with the mean colour first, then as above (LLaVA "pad").
+Runs the steps of an `ImageConfig` (see config.py) with the Hugging Face image processors'
+arithmetic (PIL resize on uint8, the shortest-edge size truncated, zero-padded centre crop,
+rescale, then normalise in float32), so features equal what the towers were trained on. Which
+steps a checkpoint uses is read in image_processor_config.py.
 """
 
 from __future__ import annotations
@@ -16,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .config import ImageConfig
-from .errors import MediaError
+from ..formats.configs import ImageConfig
+from ..errors import MediaError
 
 # The still-image files every part of edge-vlm accepts (folders of images, drag and drop,
 # calibration images): the formats Pillow decodes everywhere.
@@ -77,17 +75,21 @@ def _center_crop(arr: np.ndarray, side: int) -> np.ndarray:
 def preprocess(images, cfg: ImageConfig) -> torch.Tensor:
     """List of images (anything `load_image` takes) -> float32 tensor [N, 3, S, S]."""
     out = []
+    mean, std = np.array(cfg.mean, dtype=np.float32), np.array(cfg.std, dtype=np.float32)
     for src in images:
         img = load_image(src)
-        if cfg.resize_mode == "pad":
+        if cfg.pad_to_square:
             img = pad_to_square(img, cfg.mean)
-        if cfg.resize_mode == "resize":
-            img = img.resize((cfg.size, cfg.size), resample=cfg.resample)
-            arr = np.asarray(img)
+        if cfg.squash_first:
+            img = img.resize((cfg.squash_first, cfg.squash_first), resample=Image.BICUBIC)
+        if cfg.resize == "square":
+            img = img.resize((cfg.resize_to, cfg.resize_to), resample=cfg.resample)
         else:
-            img = _resize_short_side(img, cfg.shortest_edge, cfg.resample)
-            arr = _center_crop(np.asarray(img), cfg.size)
-        x = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)
-        x = (x - np.array(cfg.mean, dtype=np.float32)) / np.array(cfg.std, dtype=np.float32)
+            img = _resize_short_side(img, cfg.resize_to, cfg.resample)
+        arr = np.asarray(img)
+        if cfg.crop:
+            arr = _center_crop(arr, cfg.size)
+        x = (arr.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
+        x = (x - mean) / std
         out.append(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))))
     return torch.stack(out)

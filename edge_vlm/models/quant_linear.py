@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .config import QuantConfig
-from .errors import UnsupportedModelError
-from .int4_formats import dequantize_gemm
-from .int8_rows import dequantize_int8_rows, quantize_int8_rows
+from ..formats.configs import QuantConfig
+from ..errors import UnsupportedModelError
+from ..formats.int4_formats import dequantize_gemm
+from ..formats.int8_rows import dequantize_int8_rows, quantize_int8_rows
 
 
 class WQLinear(nn.Module):

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import TensorStore, load_torch_file
-from .config import QuantConfig
-from .errors import CheckpointError
+from .configs import QuantConfig
+from ..errors import CheckpointError
 from .int4_formats import tinychat_scale_rows, tinychat_to_gemm
 
 

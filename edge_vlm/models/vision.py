@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VisionConfig
+from ..formats.configs import VisionConfig
 
 ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -83,7 +83,7 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
-            from .errors import UnsupportedModelError
+            from ..errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"unsupported vision activation {cfg.hidden_act!r}")
         self.cfg = cfg

@@ -12,22 +12,9 @@ the cheapest setting (and what video frames get).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from PIL import Image
 
-
-@dataclass(frozen=True)
-class TilingConfig:
-    tile_size: int = 448
-    min_tiles: int = 1
-    max_tiles: int = 12  # InternVL's default; NVLM-D's config says 6
-    thumbnail: bool = True
-
-    def with_max_tiles(self, max_tiles: int) -> "TilingConfig":
-        if max_tiles < 1:
-            raise ValueError(f"max tiles must be at least 1, not {max_tiles}")
-        return TilingConfig(self.tile_size, min(self.min_tiles, max_tiles), max_tiles, self.thumbnail)
+from ..formats.configs import TilingConfig
 
 
 def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LLMConfig
+from ..formats.configs import LLMConfig
 from .kv_cache import StaticKVCache
 from .rotary import apply_rotary, rope_tables
 

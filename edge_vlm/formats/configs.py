@@ -7,13 +7,15 @@ knows those spellings, so the model code only sees plain dataclasses.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .errors import UnsupportedModelError
+from ..errors import UnsupportedModelError
 
 SUPPORTED_LLMS = ("llama", "qwen2", "nemotron")
 SUPPORTED_VISION = ("siglip_vision_model", "clip_vision_model", "intern_vit_6b", "internvl_vision")
-SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu", "mlp_downsample", "mlp1")
+VILA_DOWNSAMPLE_PROJECTORS = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix",
+                              "mlp_downsample_3x3_s2", "mlp_downsample_3x3_s2_new")
+SUPPORTED_PROJECTORS = ("linear", "mlpNx_gelu") + VILA_DOWNSAMPLE_PROJECTORS + ("mlp1",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # InternVL's normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -198,7 +200,15 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    kind: str  # "linear", "mlp2x_gelu", ..., "mlp_downsample" or "mlp1" (InternVL)
+    """A projector's kind and widths. `kind` is VILA's `mm_projector_type` (or InternVL's `mlp1`).
+
+    The downsampling kinds first merge each k x k block of patches into one token (k = `merge_factor`),
+    then LayerNorm, then Linears with GELU between them; the 3x3 kinds also put a LayerNorm after every
+    GELU but the last (`inner_norms`). Widths of the Linears' outputs: `linear_dims`.
+    """
+
+    kind: str  # "linear", "mlp2x_gelu", ..., "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix",
+    #            "mlp_downsample_3x3_s2", "mlp_downsample_3x3_s2_new" or "mlp1" (InternVL)
     in_dim: int
     out_dim: int
     # mlp1 only: width of the middle layer (InternVL: the LLM's hidden size, NVLM-D: its
@@ -208,18 +218,65 @@ class ProjectorConfig:
     downsample_ratio: float = 0.5
 
     @property
+    def merge(self) -> str:
+        """How patches become tokens: "none", "2x2_columns" (VILA1.5's mlp_downsample: column blocks
+        outermost), "2x2_rows" / "3x3_rows" (NVILA's: row blocks outermost) or "pixel_shuffle" (InternVL)."""
+        if self.kind == "mlp_downsample":
+            return "2x2_columns"
+        if self.kind == "mlp_downsample_2x2_fix":
+            return "2x2_rows"
+        if self.kind.startswith("mlp_downsample_3x3"):
+            return "3x3_rows"
+        return "pixel_shuffle" if self.kind == "mlp1" else "none"
+
+    @property
+    def merge_factor(self) -> int:
+        """Side of the block of patches merged into one token (1: no merge)."""
+        return {"none": 1, "3x3_rows": 3}.get(self.merge, 2)
+
+    @property
+    def inner_norms(self) -> bool:
+        """A LayerNorm after each GELU except the last one (VILA's 3x3 projectors)."""
+        return self.merge == "3x3_rows"
+
+    @property
+    def linear_dims(self) -> list[int]:
+        """Output width of each Linear, in order."""
+        m, h = self.in_dim, self.out_dim
+        if self.kind == "mlp_downsample_3x3_fix":
+            return [3 * m, h, h]
+        if self.kind == "mlp_downsample_3x3_s2":
+            return [3 * m, m, m // 3, h, h]
+        if self.kind == "mlp_downsample_3x3_s2_new":
+            return [4 * m, 2 * m, m, m // 3, h, h]
+        if self.kind == "mlp1" and self.mid_dim:
+            return [self.mid_dim, h]
+        return [h] * self.depth
+
+    @property
     def depth(self) -> int:
+        """How many Linears."""
         if self.kind == "linear":
             return 1
-        if self.kind in ("mlp_downsample", "mlp1"):
+        if self.kind in ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp1"):
             return 2
+        if self.kind.startswith("mlp_downsample_3x3"):
+            return len(self.linear_dims)
         return int(self.kind[3:-6])  # "mlp{N}x_gelu"
 
     @classmethod
     def from_vila(cls, top: dict, projector: dict, vision_hidden: int, llm_hidden: int) -> "ProjectorConfig":
-        """From a VILA top config.json and its mm_projector/config.json."""
-        return cls(projector.get("mm_projector_type", top.get("mm_projector_type", "linear")),
-                   top.get("mm_hidden_size", vision_hidden), llm_hidden)
+        """From a VILA top config.json and its mm_projector/config.json.
+
+        `mlp_downsample` changed its token order in VILA's NVILA release (Dec 2024): VILA1.5 was trained
+        with column blocks outermost, NVILA with row blocks outermost (the same module as
+        `mlp_downsample_2x2_fix`). A config written by the NVILA-era code has the keys that code added
+        (`dynamic_s2`, `image_encoder`, `video_encoder`); VILA1.5's have none of them.
+        """
+        kind = projector.get("mm_projector_type", top.get("mm_projector_type", "linear"))
+        if kind == "mlp_downsample" and any(k in top for k in ("dynamic_s2", "image_encoder", "video_encoder")):
+            kind = "mlp_downsample_2x2_fix"
+        return cls(kind, top.get("mm_hidden_size", vision_hidden), llm_hidden)
 
     @classmethod
     def from_llava(cls, top: dict, vision_hidden: int, llm_hidden: int) -> "ProjectorConfig":
@@ -234,9 +291,13 @@ class ProjectorConfig:
 
         if self.kind == "mlp1" and self.downsample_ratio != 0.5:
             raise UnsupportedModelError(f"unsupported InternVL downsample ratio {self.downsample_ratio}; supported: 0.5")
-        if self.kind not in ("linear", "mlp_downsample", "mlp1") and not re.fullmatch(r"mlp\d+x_gelu", self.kind):
+        if self.kind not in VILA_DOWNSAMPLE_PROJECTORS + ("linear", "mlp1") and not re.fullmatch(r"mlp\d+x_gelu",
+                                                                                              self.kind):
             raise UnsupportedModelError(
                 f"unsupported projector {self.kind!r}; supported: {', '.join(SUPPORTED_PROJECTORS)}")
+        if self.kind.startswith("mlp_downsample_3x3_s2") and self.in_dim % 3:
+            raise UnsupportedModelError(f"projector {self.kind!r} needs a vision width divisible by 3, "
+                                        f"not {self.in_dim}")
 
 
 @dataclass(frozen=True)
@@ -295,41 +356,69 @@ class QuantConfig:
         return f"{self.method} w{self.bits} g{self.group_size}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ImageConfig:
-    """How images are turned into pixel tensors (read from preprocessor_config.json)."""
+    """How one picture becomes the tower's square pixel tensor: the steps of the Hugging Face image
+    processors, in their order (image_processor_config.py reads them from a checkpoint).
 
-    size: int  # square side fed to the tower
+    1. `pad_to_square`: pad to a square with the mean colour (LLaVA / VILA "pad", `do_pad`);
+    2. `squash_first`: squash to this square first (VILA's "resize" aspect ratio), PIL bicubic;
+    3. resize: "square" squashes to `resize_to` x `resize_to`, "shortest_edge" scales the short side
+       to `resize_to` (the long side truncated, as transformers does);
+    4. `crop`: centre-crop to `size` (zero-padded where the picture is smaller);
+    5. rescale by `rescale_factor`, normalise with `mean` / `std`.
+    """
+
+    size: int  # the square side fed to the tower
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    resize_mode: str = "resize"  # "resize" (square), "shortest_edge_crop" (CLIP), "pad" (LLaVA square pad)
-    shortest_edge: int | None = None
+    resize: str = "square"  # or "shortest_edge"
+    resize_to: int | None = None  # None: `size`
+    crop: bool = False
+    pad_to_square: bool = False
+    squash_first: int | None = None
     resample: int = 3  # PIL bicubic
+    rescale_factor: float = 1 / 255
 
-    @classmethod
-    def from_hf(cls, pre: dict, tower_image_size: int, model_config: dict | None = None) -> "ImageConfig":
-        """From a preprocessor_config.json dict ({} for the tower's defaults); the model config's
-        `image_aspect_ratio` ("pad" / "resize") overrides the resize mode."""
-        size = pre.get("size", tower_image_size)
-        crop = pre.get("crop_size")
-        is_clip_style = isinstance(size, dict) and "shortest_edge" in size or (
-            isinstance(size, int) and crop is not None and pre.get("do_center_crop", True))
-        side = tower_image_size
-        if isinstance(crop, dict):
-            side = crop.get("height", side)
-        elif isinstance(crop, int):
-            side = crop
-        elif isinstance(size, dict) and "height" in size:
-            side = size["height"]
-        shortest = size["shortest_edge"] if isinstance(size, dict) and "shortest_edge" in size else (
-            size if isinstance(size, int) else None)
-        mean = tuple(pre.get("image_mean", CLIP_MEAN if is_clip_style else (0.5, 0.5, 0.5)))
-        std = tuple(pre.get("image_std", CLIP_STD if is_clip_style else (0.5, 0.5, 0.5)))
-        mode = "shortest_edge_crop" if is_clip_style else "resize"
-        aspect = (model_config or {}).get("image_aspect_ratio")
-        if aspect == "pad":
-            mode = "pad"
-        elif aspect == "resize":
-            mode = "resize"
-        return cls(size=side, mean=mean, std=std, resize_mode=mode, shortest_edge=shortest or side,
-                   resample=int(pre.get("resample", 3)))
+    def __post_init__(self):
+        if self.resize not in ("square", "shortest_edge"):
+            raise UnsupportedModelError(f"unsupported image resize {self.resize!r}; supported: square, shortest_edge")
+        if self.resize_to is None:
+            object.__setattr__(self, "resize_to", self.size)
+        if not self.crop and (self.resize != "square" or self.resize_to != self.size):
+            raise UnsupportedModelError(f"image preparation without a centre crop must squash to the tower's "
+                                        f"{self.size} px, not {self.resize} {self.resize_to}")
+
+    def with_squash_first(self) -> "ImageConfig":
+        return replace(self, squash_first=self.size)
+
+    def with_pad_to_square(self) -> "ImageConfig":
+        return replace(self, pad_to_square=True)
+
+    def describe(self) -> str:
+        """One readable line: the steps, the mean and std."""
+        steps = ["pad to a square with the mean colour"] if self.pad_to_square else []
+        if self.squash_first:
+            steps.append(f"squash to {self.squash_first} px")
+        steps.append(f"resize the short side to {self.resize_to} px" if self.resize == "shortest_edge"
+                     else f"squash to {self.resize_to} px")
+        if self.crop:
+            steps.append(f"centre-crop {self.size} px")
+        fmt = lambda v: "/".join(f"{x:.3g}" for x in v)  # noqa: E731
+        resample = {0: "nearest", 2: "bilinear", 3: "bicubic", 1: "lanczos"}.get(self.resample, str(self.resample))
+        return f"{', '.join(steps)} ({resample}), mean {fmt(self.mean)}, std {fmt(self.std)}"
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """Dynamic tiling (InternVL, NVLM-D; imaging/tiling.py cuts the tiles): tile side, tiles a picture may take."""
+
+    tile_size: int = 448
+    min_tiles: int = 1
+    max_tiles: int = 12  # InternVL's default; NVLM-D's config says 6
+    thumbnail: bool = True
+
+    def with_max_tiles(self, max_tiles: int) -> "TilingConfig":
+        if max_tiles < 1:
+            raise ValueError(f"max tiles must be at least 1, not {max_tiles}")
+        return TilingConfig(self.tile_size, min(self.min_tiles, max_tiles), max_tiles, self.thumbnail)

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .config import LLMConfig
+from ..formats.configs import LLMConfig
 
 
 def inverse_frequencies(cfg: LLMConfig) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 Subcommands register themselves through the `edge_vlm.commands` entry-point group (see
 pyproject.toml): each entry is a `register(subparsers)` function that adds its parser and
-sets `func(args) -> exit code`. The runtime's own commands (chat, info) live in
-`edge_vlm.commands`; apps and the quantizer plug in the same way, so the runtime never
+sets `func(args) -> exit code`. The runtime's own commands (chat, info, doctor, export) are the
+modules beside this one; apps and the quantizer plug in the same way, so the runtime never
 imports them.
 """
 
@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from importlib.metadata import entry_points
 
-from .errors import EdgeVLMError
+from ..errors import EdgeVLMError
+from ..version import __version__
+from . import chat, doctor, export, info
 
 EXAMPLES = """examples:
   edge-vlm chat --model Efficient-Large-Model/VILA1.5-3b --image photo.jpg "What is in this picture?"
@@ -27,11 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-vlm", description="Run vision-language models on your own GPU (or CPU), privately.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version="edge-vlm 0.1.0")
+    parser.add_argument("--version", action="version", version=f"edge-vlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import commands
-
-    commands.register(sub)
+    for command in (chat, info, doctor, export):
+        command.register(sub)
     for ep in sorted(entry_points(group="edge_vlm.commands"), key=lambda e: e.name):
         try:
             ep.load()(sub)
@@ -47,7 +49,13 @@ def _missing(err: ImportError) -> int:
     return 2
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as the CLI's own lines (`edge-vlm: warning: ...`), not file:line plus source."""
+    return f"edge-vlm: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .int8_rows import dequantize_int8_rows, quantize_int8_rows
+from ..formats.int8_rows import dequantize_int8_rows, quantize_int8_rows
+
+
+KV_CACHE_KINDS = ("model", "int8")  # the cache in the model's dtype, or int8 rows (half of fp16)
 
 
 class StaticKVCache:

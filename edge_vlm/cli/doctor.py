@@ -2,11 +2,12 @@
 
 One command a Jetson or laptop user runs before (or after) a failed chat: torch and CUDA, the
 GPU or the CPU and its vector flags, Triton and whether each kernel passes the same self-check
-`load_model` runs (on a small stand-in model, so no download is needed), torch's int4 matmul,
-llama.cpp and ONNX Runtime when installed, OpenCV's GStreamer support and the cameras it opens,
-free disk in the model cache, and the backend `chat` would use. Progress goes to stderr as it
-goes; the report to stdout, for people or (`--json`) programs. Exit status 1 when `chat` would
-find nothing usable on its default device.
+`load_model` runs (on a small stand-in model, so no download is needed; on a GPU first in a child
+process, as at load), torch's int4 matmul, the first-run verdicts kept for this machine
+(`--recheck` discards them), llama.cpp and ONNX Runtime when installed, OpenCV's GStreamer
+support and the cameras it opens, free disk in the model cache, and the backend `chat` would use.
+Progress goes to stderr as it goes; the report to stdout, for people or (`--json`) programs.
+Exit status 1 when `chat` would find nothing usable on its default device.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ from pathlib import Path
 
 import torch
 
+from ..backends import SelfCheckWarning, choose_backend, optimize_for_device, selfcheck, verdicts
+from ..backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
+from ..backends.cpu.timing import cpu_bf16_matmul_is_faster, cpu_int4_compute_dtype
+from ..backends.gpu_path import layers_per_shape, torch_int4_reason
+from ..backends.llamacpp.choice import resolve_llm_backend
+from ..backends.stand_in import fill_random
+from ..backends.triton import triton_available
+from ..formats.configs import LLMConfig, QuantConfig
+from ..loading import default_device, default_dtype
+from ..models.llm import DecoderLM
+from ..models.quant_linear import prepare_quantized
+
 CAMERA_PROBE_SECONDS = 3.0  # per index: opening a missing camera can block on some drivers
 STAND_IN = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=64, norm_eps=1e-5, max_position_embeddings=64)
@@ -37,11 +50,14 @@ def register(sub) -> None:
     p.add_argument("--cameras", type=int, default=4, metavar="N", help="camera indices to try (default 4: 0-3)")
     p.add_argument("--interpreter", action="store_true",
                    help="without a CUDA GPU, check the Triton kernels through Triton's interpreter (slow)")
+    p.add_argument("--recheck", action="store_true",
+                   help="discard the first-run verdicts kept for this machine (which GPU kernels passed their "
+                        "check in a child process) first, so the doctor and the next load check again")
     p.set_defaults(func=run_doctor)
 
 
 def run_doctor(args) -> int:
-    report = collect(cameras=args.cameras, interpreter=args.interpreter, progress=_progress)
+    report = collect(cameras=args.cameras, interpreter=args.interpreter, recheck=args.recheck, progress=_progress)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["chat"]["usable"] else 1
 
@@ -50,8 +66,14 @@ def _progress(message: str) -> None:
     print(f"doctor: {message}", file=sys.stderr, flush=True)
 
 
-def collect(cameras: int = 4, interpreter: bool = False, progress=lambda message: None) -> dict:
+def collect(cameras: int = 4, interpreter: bool = False, recheck: bool = False,
+            progress=lambda message: None) -> dict:
     """The whole report as plain data (what `--json` prints)."""
+    discarded = 0
+    if recheck:
+
+        progress("discarding the first-run verdicts")
+        discarded = verdicts.discard()
     progress("torch and devices")
     report = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch_info(),
               "gpus": gpu_info(), "cpu": cpu_info()}
@@ -61,6 +83,7 @@ def collect(cameras: int = 4, interpreter: bool = False, progress=lambda message
     report["triton"] = triton_info(torch.device("cuda") if cuda else torch.device("cpu"), cuda or interpreter)
     progress("torch's int4 matmul")
     report["torch_int4"] = torch_int4_info(torch.device("cuda") if cuda else torch.device("cpu"))
+    report["first_run"] = first_run_info(discarded)
     progress("llama.cpp and ONNX Runtime")
     report["llama_cpp"], report["onnxruntime"] = llama_cpp_info(), onnxruntime_info()
     progress(f"OpenCV and cameras 0-{cameras - 1}" if cameras > 0 else "OpenCV")
@@ -127,31 +150,17 @@ def cpu_info(cpuinfo: str | None = None) -> dict:
 def stand_in_llm(arch: str, device: torch.device, dtype: torch.dtype):
     """A one-layer random int4 model of `arch` (llama: RMSNorm + gated SiLU; nemotron: LayerNorm1P +
     relu^2, partial rotary): every kernel variant a real model of that family uses, in seconds."""
-    from .config import LLMConfig, QuantConfig
-    from .llm import DecoderLM
-    from .quant_linear import prepare_quantized
 
     cfg = LLMConfig(arch=arch, partial_rotary_factor=0.5 if arch == "nemotron" else 1.0, **STAND_IN)
-    gen = torch.Generator().manual_seed(0)
     llm = DecoderLM(cfg).to(dtype)
     prepare_quantized(llm, QuantConfig(group_size=128))
-    with torch.no_grad():
-        for name, t in list(llm.named_parameters()) + list(llm.named_buffers()):
-            if t.dtype == torch.int32:  # packed nibbles and zero points: any bits are valid
-                t.copy_(torch.randint(-2**31, 2**31 - 1, t.shape, generator=gen, dtype=torch.int32))
-            elif name.endswith("scales"):
-                t.copy_(torch.rand(t.shape, generator=gen) * 0.01 + 0.002)
-            elif "norm" in name:
-                t.copy_((1.0 if cfg.norm == "rms" and name.endswith("weight") else 0.0)
-                        + 0.1 * torch.randn(t.shape, generator=gen))
-            else:
-                t.copy_(0.05 * torch.randn(t.shape, generator=gen))
-    return llm.to(device).eval()
+    llm = llm.to(device)
+    fill_random(llm)
+    return llm.eval()
 
 
 def triton_info(device: torch.device, run_checks: bool) -> dict:
     """Triton's version and, where asked, each kernel's self-check on stand-ins of both families."""
-    from .backends.triton import triton_available
 
     info: dict = {"installed": triton_available(), "version": None, "checked_on": None, "kernels": {}}
     if not info["installed"]:
@@ -161,15 +170,15 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
     info["version"] = triton.__version__
     if not run_checks:
         return info
-    from .backends import gpu_path
 
     info["checked_on"] = "cuda" if device.type == "cuda" else "interpreter"
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     for arch in ("llama", "nemotron"):
         llm = stand_in_llm(arch, device, dtype)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", gpu_path.SelfCheckWarning)  # reported below instead
-            report = gpu_path.convert(llm, triton=True)
+            warnings.simplefilter("ignore", SelfCheckWarning)  # reported below instead (first-run ones too)
+            optimize_for_device(llm, backend="triton")  # on CUDA: the child-process check first, as at load
+        report = llm.selfcheck_report
         for c in report.checks:
             key = c.op if c.op in ("w4a16_gemv", "w4a16_gemm", "rotary_kv", "decode_attention") else f"{c.op} ({arch})"
             old = info["kernels"].get(key)
@@ -182,15 +191,11 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
 
 def torch_int4_info(device: torch.device) -> dict:
     """torch's int4 matmul on `device`: the CUDA kernel (sm80+) or the CPU one chat uses on CPU."""
-    from .backends import selfcheck
-    from .backends.gpu_path import layers_per_shape, torch_int4_reason
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     info = {"device": device.type, "op": "_weight_int4pack_mm" if device.type == "cuda" else
             "_weight_int4pack_mm_for_cpu"}
     if device.type == "cpu":
-        from .backends.cpu.int4_linear import CpuInt4Linear, cpu_int4_available
-        from .backends.cpu.timing import cpu_int4_compute_dtype
 
         if not cpu_int4_available():
             return {**info, "passed": False, "reason": "this torch has no int4 CPU matmul"}
@@ -205,6 +210,36 @@ def torch_int4_info(device: torch.device) -> dict:
         check = selfcheck.run_check("torch_int4", lambda: torch_int4_reason(layers, selfcheck.Inputs(device, dtype)),
                                     device)
     return {**info, "passed": check.passed, "reason": check.reason}
+
+
+def first_run_info(discarded: int = 0) -> dict:
+    """The first-run verdicts kept in the cache folder: per file, the device, the model family,
+    whether it was made under the versions installed now, and what failed."""
+
+    kept = []
+    for path, v in verdicts.all_verdicts():
+        if v is None:
+            kept.append({"file": str(path), "error": "not a verdict of this format (ignored; rewritten on use)"})
+            continue
+        dev = v.key.get("device", {})
+        kept.append({"file": str(path), "device": f"{dev.get('name')} ({dev.get('capability')})",
+                     "family": family_summary(v.key.get("family", {})), "stale": verdicts.stale(v),
+                     "checked_at": v.checked_at, "children": v.children, "seconds": v.seconds,
+                     "passed": [op for op, r in v.ops.items() if r.passed], "failed": v.failures()})
+    return {"folder": str(verdicts.folder()), "discarded": discarded, "verdicts": kept}
+
+
+def family_summary(family: dict) -> str:
+    """A model shape family in a few words: 'llama 2048x5632, 32/8 heads of 64, vocab 32000, float16, int4 g128'."""
+    if "summary" in family:  # a non-GPU verdict (llama.cpp's extra CPU buffers) says itself what it covers
+        return family["summary"]
+    c = family.get("llm", {})
+    groups = sorted(set(family.get("int4", {}).values()))
+    return (f"{c.get('arch')} {c.get('hidden_size')}x{c.get('intermediate_size')}, {c.get('num_heads')}/"
+            f"{c.get('num_kv_heads')} heads of {c.get('head_dim')}, vocab {c.get('vocab_size')}, {family.get('dtype')}"
+            + (f", int4 g{'/'.join(map(str, groups))}" if groups else ", 16-bit")
+            + (", int8 KV cache" if family.get("kv_cache_int8") else "")
+            + ("" if family.get("triton", True) else ", without Triton"))
 
 
 # ---------------------------------------------------------------- other runtimes, cameras, disk
@@ -295,11 +330,8 @@ def disk_info() -> dict:
 
 def chat_info(report: dict) -> dict:
     """The device, dtype and paths `chat` picks by default, and whether that device works at all."""
-    from .backends import choose_backend
-    from .loader import default_device, default_dtype
 
     device = default_device()
-    from .backends.llamacpp.choice import resolve_llm_backend
 
     info = {"device": device, "dtype": str(default_dtype(device)).replace("torch.", ""),
             "backend": choose_backend(torch.device(device)), "llm_backend": resolve_llm_backend("auto", device)}
@@ -312,7 +344,6 @@ def chat_info(report: dict) -> dict:
         info["int4_linears"] = (f"torch's int4 CPU matmul ({i4.get('compute_dtype')} activations)" if i4.get("passed")
                                 else "dequantize + matmul")
         info["decode"] = "plain torch"
-        from .backends.cpu.timing import cpu_bf16_matmul_is_faster
 
         info["vision_dtype"] = "bfloat16" if cpu_bf16_matmul_is_faster() else "float32"
     else:
@@ -320,14 +351,13 @@ def chat_info(report: dict) -> dict:
         linear = paths["linear"] if paths else ("torch_int4" if report["torch_int4"]["passed"] else "reference")
         info["int4_linears"] = {"triton": "Triton W4A16 kernels", "torch_int4": "torch's int4 CUDA matmul",
                                 "reference": "dequantize + matmul"}[linear]
-        info["decode"] = "CUDA graph of the fused step" if paths and paths["fused_decode"] else "plain torch"
+        graph = report["triton"]["kernels"].get("cuda_graph (llama)", {}).get("passed", False)
+        info["decode"] = "CUDA graph of the fused step" if paths and paths["fused_decode"] and graph else "plain torch"
     return info
 
 
 def _reference_decode_reason(device: torch.device) -> str | None:
     """Why the plain torch path (dequantize + matmul, what every fallback ends at) fails here."""
-    from .backends import selfcheck
-    from .backends.gpu_path import layers_per_shape
 
     def run():
         layer = layers_per_shape(stand_in_llm("llama", device, torch.float32))[0]
@@ -341,6 +371,26 @@ def _reference_decode_reason(device: torch.device) -> str | None:
 
 def _yes(flag) -> str:
     return "?" if flag is None else "yes" if flag else "no"
+
+
+def _first_run_lines(fr: dict | None) -> list[str]:
+    if fr is None:
+        return []
+    gone = f"{fr['discarded']} discarded; " if fr["discarded"] else ""
+    if not fr["verdicts"]:
+        return [f"  first-run   {gone}no verdicts kept in {fr['folder']} (made the first time a GPU path is used)"]
+    lines = [f"  first-run   {gone}{len(fr['verdicts'])} verdict(s) in {fr['folder']} "
+             "(--recheck discards them):"]
+    for v in fr["verdicts"]:
+        if "error" in v:
+            lines.append(f"                {Path(v['file']).name}: {v['error']}")
+            continue
+        state = ("FAILED " + "; ".join(f"{op} ({why})" for op, why in v["failed"].items()) if v["failed"]
+                 else f"all {len(v['passed'])} checks passed")
+        lines.append(f"                {v['device']}, {v['family']}: {state}; {v['children']} child process(es), "
+                     f"{v['seconds']:.1f} s, {v['checked_at']}" + (" (STALE: other versions; ignored)" if v["stale"]
+                                                                   else ""))
+    return lines
 
 
 def format_report(r: dict) -> str:
@@ -375,6 +425,7 @@ def format_report(r: dict) -> str:
     dtype = f", {i4['compute_dtype']} activations" if "compute_dtype" in i4 else ""
     lines.append(f"  int4        torch {i4['op']} on {i4['device']}: "
                  f"{'passed' if i4['passed'] else 'FAILED: ' + i4['reason']}{dtype}")
+    lines.extend(_first_run_lines(r.get("first_run")))
     lc = r["llama_cpp"]
     lines.append(f"  llama.cpp   {lc.get('version') or 'installed' if lc['installed'] else 'not installed'}"
                  + (f", GPU offload {_yes(lc.get('gpu_offload'))}" if lc["installed"] else ""))

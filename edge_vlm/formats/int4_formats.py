@@ -31,7 +31,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of each AutoAWQ int32 holds column 8j + AWQ_ORDER[i]
 NATURAL_ORDER = tuple(range(8))       # nibble i holds column 8j + i (the Triton layout)

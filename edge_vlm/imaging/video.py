@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import MediaError
+from ..errors import MediaError
 
 
 def sample_frames(path, num_frames: int = 8) -> list[Image.Image]:

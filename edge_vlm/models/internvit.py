@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import VisionConfig
-from .errors import UnsupportedModelError
+from ..formats.configs import VisionConfig
+from ..errors import UnsupportedModelError
 from .llm import RMSNorm  # the decoder's: the same float32 normalisation
 
 

@@ -1,0 +1,8 @@
+"""The version, from the installed package's metadata (pyproject.toml is the one place it is written)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("edge-vlm")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
