@@ -128,11 +128,10 @@ class Fit:
         if self.image_cfg is None:
             return 1.0
         cfg = self.image_cfg
-        if cfg.resize_mode == "pad":
-            return max(w, h) / cfg.size
-        if cfg.resize_mode == "resize":
-            return min(w, h) / cfg.size
-        return min(w, h) / (cfg.shortest_edge or cfg.size)
+        side = max(cfg.resize_to, cfg.squash_first or 0)  # the largest side a step resizes to
+        if cfg.pad_to_square:  # padded to its long side first, so that side is the one resized
+            return max(w, h) / side
+        return min(w, h) / side  # squashed or short side scaled: the tighter axis
 
     def target(self, size: tuple[int, int], video_frame: bool = False) -> tuple[int, int] | None:
         """The size to shrink a picture of `size` to, or None to keep it."""
