@@ -21,6 +21,7 @@ import time
 import torch
 
 from .bench_e2e import decode_bytes
+from .same_cpu_kernels import same_kernels
 from .timing import bandwidth_share, copy_bandwidth
 
 
@@ -124,6 +125,7 @@ def bench_llama_cpp(gguf, prompt_ids, new_tokens, repeat, threads):
         from llama_cpp import Llama
     except ImportError:
         return None
+    same_kernels(gguf)  # the extra-buffer verdict our engine loads this file with
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=threads, verbose=False)
     runs = []
     for _ in range(repeat + 1):

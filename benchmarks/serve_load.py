@@ -4,7 +4,7 @@ Both servers run the real SmolLM2-135M-Instruct on this machine, on the same Q8_
 from the fp16 folder with its default CPU backend (llama.cpp over the Q8_0 file it exports once),
 at `--parallel 1` (one request at a time) and at each `--parallel N` asked for (N requests'
 tokens decoded together); llama.cpp's `python -m llama_cpp.server` on that file (it answers one
-request at a time); `--ours-torch` adds our torch fp32 path. The same chat prompts go to
+request at a time), on the CPU kernels ours uses (same_cpu_kernels.py); `--ours-torch` adds our torch fp32 path. The same chat prompts go to
 each at concurrency 1, 4 and 16 as streamed chat completions (greedy, `max_tokens` each); with
 `--vila FOLDER` a VILA model also gets rows with an image (ours only: llama.cpp's server has no
 vision tower for it). Reported per row: time to first token p50/p99 and inter-token latency p50
@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from edge_vlm.backends.llamacpp.engine import default_threads
 
 PROMPTS = ["Name three fruits.", "What is the capital of France?", "Write one sentence about the sea.",
            "Give me a tip for learning to code."]
@@ -174,7 +176,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16, help="requests per row (default 16)")
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=default_threads(),
+                    help="llama_cpp.server's threads (default: the CPUs this process may use, as ours takes)")
     ap.add_argument("--parallel", default="4", help="our server's --parallel values besides 1 (default 4; '' none)")
     ap.add_argument("--ours-torch", action="store_true", help="also our server with --backend torch (fp32)")
     ap.add_argument("--vila", help="a VILA folder for the rows with an image (our server only)")
@@ -197,7 +200,9 @@ def main() -> None:
                         ours(folder, "llama.cpp", "--parallel", str(n)), "/v1/health/ready", PROMPTS))
     if args.ours_torch:
         servers.append(("edge-vlm serve (torch fp32)", ours(folder, "torch"), "/v1/health/ready", PROMPTS))
-    servers.append(("llama_cpp.server (q8_0)", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf),
+    # llama_cpp.server on the CPU kernels ours uses (same_cpu_kernels.py: the extra-buffer verdict)
+    servers.append(("llama_cpp.server (q8_0)", [sys.executable, "-m", "edge_vlm.benchmarks.same_cpu_kernels",
+                                               "--model", str(gguf),
                                                "--n_ctx", "2048", "--n_threads", str(args.threads),
                                                "--n_threads_batch", str(args.threads),
                                                # queue concurrent requests as ours does (its default cuts
@@ -212,7 +217,7 @@ def main() -> None:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             log = open(work / f"{i}.log", "wb")
-            extra = ["--host", "127.0.0.1"] if "llama_cpp" in cmd[2] else []
+            extra = ["--host", "127.0.0.1"] if "same_cpu_kernels" in cmd[2] else []
             running.append((name, start(cmd + ["--port", str(port)] + extra, url, ready, log), url, contents, log))
         for c in levels:
             for name, _, url, contents, _ in running:

@@ -12,32 +12,15 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
 from .contracts import Engine, Prompt
 from .text.constrained import compile_constraint
-from .text.sampling import Sampler, SamplingParams
+from .text.sampling import GenerationConfig, Sampler
 from .text.tokenizer import StreamDecoder
-
-
-@dataclass
-class GenerationConfig:
-    max_new_tokens: int = 512
-    temperature: float = 0.2  # 0 = greedy
-    top_p: float = 0.9
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    # the answer must match: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}},
-    # a JSON schema dict (NIM's guided_json), a list of choices, or a constrained.Constraint (None: free text)
-    constraint: object = None
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)
 
 
 @dataclass

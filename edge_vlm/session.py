@@ -189,17 +189,20 @@ class ChatSession:
         """Token-id chunks of the next prompt (the unfed tokens first), to interleave with the
         encoded pictures; `new` are the turn's messages (tool results, the user's question);
         `tiles[i]` is how many tiles picture i takes (tiled models)."""
-        tpl, kw = self.model.template, {"tools": self.tools, "documents": self.documents}
+        # every text of the messages, tools and documents is quoted: only the template's markup
+        # becomes control tokens, never "<|im_end|>" written by a user or a tool (tokenizer.py)
+        tok = self.model.tokenizer
+        tpl, kw = self.model.template, {"tools": tok.quote(self.tools), "documents": tok.quote(self.documents)}
         if not self._turns:
-            text = tpl.render(self._head() + new, **kw)
+            text = tpl.render(tok.quote(self._head() + new), **kw)
         else:
-            text = tpl.continuation(self.messages, new, **kw)
+            text = tpl.continuation(tok.quote(self.messages), tok.quote(new), **kw)
         pieces = text.split(IMAGE_MARK)
         if self.model.tiling is not None and len(pieces) > 1:  # each picture's mark -> its tiles' marks
             alone = len(tiles) == 1
             text = pieces[0] + "".join(self.model.image_text(n, alone) + rest for n, rest in zip(tiles, pieces[1:]))
             pieces = text.split(IMAGE_MARK)
-        chunks = [self.model.tokenizer.encode(c) for c in pieces]
+        chunks = [tok.encode_prompt(c) for c in pieces]
         start, end = self.model.image_wrap_ids  # token ids around each image (NVILA-era VILA)
         chunks = [(end if i else []) + c + (start if i < len(chunks) - 1 else []) for i, c in enumerate(chunks)]
         chunks[0] = self._pending + chunks[0]
@@ -344,11 +347,13 @@ class ChatSession:
         content, chunks, need = self._question(question, pictures, results)
         if need + 1 > self.max_context - self.position:
             raise ContextOverflowError(f"the conversation is longer than the context ({self.max_context} tokens)")
-        text = self._answer_text(list(results) + ([] if content is None else [{"role": "user", "content": content}]),
-                                 answer, calls) if calls else answer
+        user = [] if content is None else [{"role": "user", "content": content}]
+        text = self._answer_text(list(results) + user, answer, calls) if calls else answer
         turn = Turn(content, pictures, text, self.position, self._pending, tuple(results), [dict(c) for c in calls])
         self.engine.prefill(self._prompt(chunks, pictures))
-        self._pending = self.model.tokenizer.encode(text)
+        tok = self.model.tokenizer  # the client's text as plain text; with calls, the template's markup around it
+        self._pending = tok.encode_prompt(self._answer_text(tok.quote(list(results) + user), tok.quote(answer),
+                                                            tok.quote(calls))) if calls else tok.encode_text(answer)
         self._turns.append(turn)
 
     def _answer_text(self, new: list[dict], content: str | None, calls: Sequence[dict]) -> str:

@@ -293,3 +293,34 @@ class Pushy:
 
     def step(self, token):
         return self._push(self.engine.step(token))
+
+
+def _deep(levels: int) -> dict:
+    schema = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+@pytest.mark.parametrize("spec,words", [
+    ({"$ref": "#"}, "refers to itself"),
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "refers to itself"),
+    (_deep(200), "deeper than 64"),
+    (_deep(5000), "deeper than 64"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(6000)}}, "more than 10000"),
+    ({"type": "object", "properties": {"\ud800": {"type": "string"}}}, "invalid json schema"),
+    ([f"choice {i}" for i in range(10000)], "at most 1024 choices"),
+    (["x" * 70000], "at most 1024 choices"),
+], ids=["self-ref", "ref-cycle", "depth-200", "depth-5000", "size", "surrogate-key", "10000-choices", "long-choice"])
+def test_hostile_constraints_are_refused_before_any_decoding(tmp_path, spec, words):
+    """Each is an EdgeVLMError (a 400 at the server) raised by parse or compile, never a
+    RecursionError, a ValueError from llguidance or an empty answer."""
+    from edge_vlm.text.tokenizer import Tokenizer
+    from tests.factories import train_tokenizer
+
+    train_tokenizer(tmp_path)
+    with pytest.raises(EdgeVLMError, match=words):
+        compile_constraint(spec, Tokenizer(tmp_path), {2})
+    # a recursive schema that has answers still compiles
+    tree = {"type": "object", "properties": {"child": {"$ref": "#"}, "v": {"type": "integer"}}}
+    assert not compile_constraint(tree, Tokenizer(tmp_path), {2}).done

@@ -136,3 +136,25 @@ def test_multibyte_text_streams_whole_characters(tokenizer):
     pieces = [p for p in (decoder.push(i) for i in ids) if p] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1e-300), dict(temperature=1e-45), dict(temperature=5e-324),
+                                    dict(temperature=0.7, repetition_penalty=1e-300),
+                                    dict(temperature=1e-300, repetition_penalty=1e-300, top_p=0.5, top_k=3),
+                                    dict(temperature=0, repetition_penalty=1e-300)],
+                         ids=["t1e-300", "t1e-45", "t-denormal", "penalty1e-300", "all", "greedy-penalty"])
+def test_extreme_settings_draw_a_token_not_nan(params):
+    """Dividing by 1e-300 overflows to inf (and inf - inf is NaN): the sampler still draws, and a
+    vanishing temperature draws the best token, its limit."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, generator=g) * 3
+    hist = torch.tensor([3, 5, 7])
+    sampler = Sampler(SamplingParams(seed=1, **params))
+    for _ in range(20):
+        token = sampler(logits, hist)
+        assert 0 <= token < 64
+    if params.get("repetition_penalty", 1.0) == 1.0:
+        assert {sampler(logits, hist) for _ in range(20)} == {int(logits.argmax())}
+    allowed = torch.zeros(64, dtype=torch.bool)
+    allowed[10] = True
+    assert sampler(logits, hist, allowed) == 10

@@ -64,7 +64,7 @@ def test_tools_use_only_public_names_of_the_runtime():
             for mod, names, line in imports(p):
                 if not mod.startswith("edge_vlm") or any(mod.startswith(t) for t in TOOLS.values()):
                     continue
-                private = [n for n in [*mod.split(".")[1:], *names] if n.startswith("_") and n != "__future__"]
+                private = [n for n in [*mod.split(".")[1:], *names] if n.startswith("_") and not n.endswith("__")]
                 if private:
                     bad.append(f"{p.relative_to(ROOT)}:{line} uses {mod}: {', '.join(private)}")
     assert bad == []

@@ -144,3 +144,86 @@ def test_sessions_on_slots_answer_like_sessions_on_their_own(model_lc):
     finally:
         ctx.close()
     assert all(s.stats.backend == "llama.cpp" for s in sessions)
+
+
+def test_tokens_drawn_in_the_decode_thread_answer_like_sessions_on_their_own(model_lc, monkeypatch):
+    """With plans (the server's --parallel), the decode thread draws every lane's tokens after the
+    first and feeds each into the next decode before the lane has seen it. Seeded, greedy, with a
+    repetition penalty, cut by a stop string and by max_new_tokens: the same answers as one
+    session answering alone, a second turn after a stop string (whose token fed ahead was taken
+    out of the cache) included; and the draws really happen in the decode thread."""
+    from edge_vlm.backends.llamacpp import batched
+
+    model = model_lc
+    gen = [GenerationConfig(max_new_tokens=20, temperature=0.8, seed=1),
+           GenerationConfig(max_new_tokens=12, temperature=0),
+           GenerationConfig(max_new_tokens=16, temperature=0.7, seed=5, repetition_penalty=1.3),
+           GenerationConfig(max_new_tokens=24, temperature=0, stop=[","])]
+    follow = "And then?"
+    alone = ChatSession(model, max_context=256)
+    want = []
+    for q, g in zip(QUESTIONS, gen):
+        alone.reset()
+        first = alone.answer(q, gen=g)
+        want.append((first, alone.answer(follow, gen=g)))
+    threads = []
+    real_draw = batched.Plan.draw
+    monkeypatch.setattr(batched.Plan, "draw", lambda self, logits: threads.append(
+        threading.current_thread().name) or real_draw(self, logits))
+    ctx = BatchedContext(model.gguf_path, slots=len(QUESTIONS), max_context=256, gather_s=30)
+    sessions = [ChatSession(model, engine=e) for e in ctx.engines]
+
+    def ask(i):
+        engine = ctx.engines[i]
+        try:
+            engine.plan(gen[i], model.eos_token_ids)
+            first = sessions[i].answer(QUESTIONS[i], gen=gen[i])
+            engine.idle()
+            engine.plan(gen[i], model.eos_token_ids)
+            return first, sessions[i].answer(follow, gen=gen[i])
+        finally:
+            engine.idle()
+
+    try:
+        assert in_threads(ask, len(QUESTIONS)) == want
+    finally:
+        ctx.close()
+    assert threads.count("edge-vlm-llama-decode") > len(threads) // 2
+    assert ctx.shared_decodes > 0
+
+
+def test_a_constrained_answer_has_no_plan_and_its_lane_samples(model_lc):
+    """The fallback: a grammar mask needs the lane's own sampler; its answer is the lone one."""
+    model = model_lc
+    g = GenerationConfig(max_new_tokens=12, temperature=0, constraint=["yes", "no"])
+    alone = ChatSession(model, max_context=256)
+    want = alone.answer("Is the sky blue?", gen=g)
+    ctx = BatchedContext(model.gguf_path, slots=1, max_context=256)
+    try:
+        engine = ctx.engines[0]
+        engine.plan(g, model.eos_token_ids)
+        assert engine._gen is None  # no plan: the constraint's mask is applied in the lane
+        got = ChatSession(model, engine=engine).answer("Is the sky blue?", gen=g)
+    finally:
+        ctx.close()
+    assert got == want and got in ("yes", "no")
+
+
+def test_a_slot_reuses_the_cells_of_a_prompt_that_starts_the_same(model):
+    a, b = ids_of(model, QUESTIONS[0]), ids_of(model, QUESTIONS[1])
+    shared = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    ctx = BatchedContext(gguf_path(), slots=2, max_context=128, gather_s=0.0)
+    lone = LlamaCppEngine(gguf_path(), 128)
+    try:
+        slot = ctx.engines[0]
+        slot.prefill(Prompt([a]))
+        slot.step(5)
+        slot.rewind(0)
+        got = slot.prefill(Prompt([b]))
+        assert slot.reused_tokens == shared > 10 and slot.position == len(b)
+        want = lone.prefill(Prompt([b]))
+        assert cosine(got, want) > 0.99999 and int(got.argmax()) == int(want.argmax())
+        assert cosine(slot.step(9), lone.step(9)) > 0.99999  # the old cells past the match were removed
+    finally:
+        ctx.close()
+        lone.close()

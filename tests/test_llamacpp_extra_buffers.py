@@ -134,3 +134,20 @@ def test_doctor_lists_the_verdict_and_recheck_discards_it(cache, gguf):
     assert listed["family"].startswith("llama.cpp CPU kernels for") and listed["device"].startswith("llama.cpp on")
     assert "signal 6" in listed["failed"][extra_buffers.OP] and not listed["stale"]
     assert verdicts.discard() == 1 and doctor.first_run_info()["verdicts"] == []
+
+
+@pytest.mark.parametrize("safe", [False, True])
+def test_benchmark_baselines_load_with_our_verdict(gguf, monkeypatch, safe):
+    """llama-cpp-python's Llama / server (serve_load's baseline) get the extra-buffer setting ours
+    uses for the file, whatever their own default; patching twice does not stack."""
+    import llama_cpp.llama_cpp as lib
+
+    from edge_vlm.benchmarks import same_cpu_kernels
+
+    monkeypatch.setattr(lib, "llama_model_default_params", lib.llama_model_default_params)  # undone after
+    monkeypatch.setattr(same_cpu_kernels, "extra_buffers_safe", lambda path: safe)
+    assert lib.llama_model_default_params().use_extra_bufts is True  # llama.cpp's own default
+    for _ in range(2):
+        assert same_cpu_kernels.same_kernels(gguf) is safe
+        assert lib.llama_model_default_params().use_extra_bufts is safe
+    assert lib.llama_model_default_params.edge_vlm_default().use_extra_bufts is True

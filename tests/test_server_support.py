@@ -3,14 +3,17 @@ free 127.0.0.1 port, media as data URIs, and reading /metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import httpx
@@ -91,14 +94,16 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
-def in_process(model, **config):
+def in_process(model, max_queue: int = 4, **config):
     """(app, worker): the server's app over `model` (loaded here) in this process, for tests that
-    must see inside the model (`Scripted`); `worker.close()` ends its thread."""
+    must see inside the model (`Scripted`); `worker.close()` ends its thread. Starlette's
+    TestClient sends `Host: testserver`: the app is told that name, as --allowed-hosts would."""
     from apps.server.app import ServerConfig, create_app
     from apps.server.worker import ModelWorker
 
-    worker = ModelWorker(max_queue=4)
+    worker = ModelWorker(max_queue=max_queue)
     worker.attach(model)
+    config.setdefault("allowed_hosts", ("testserver",))
     return create_app(worker, ServerConfig(model_id="tiny", **config)), worker
 
 
@@ -128,3 +133,60 @@ class Scripted:
             return force(real_step(token))
 
         engine.prefill, engine.step = prefill, step
+
+
+class Gate:
+    """Holds the model thread inside its next prefill until `open()`: the model is busy, the
+    queue behind it fills, and nothing is generated meanwhile."""
+
+    def __init__(self, engine):
+        self.entered, self.opened = threading.Event(), threading.Event()
+        real = engine.prefill
+
+        def prefill(prompt):
+            self.entered.set()
+            assert self.opened.wait(60), "the gate was never opened"
+            return real(prompt)
+
+        engine.prefill = prefill
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+async def asgi_post(app, body: dict | bytes, path: str = "/v1/chat/completions", headers: dict | None = None,
+                    leave: "asyncio.Event | None" = None, sent: list | None = None) -> list[dict]:
+    """POST straight into the ASGI app, as uvicorn would; the client disconnects when `leave` is
+    set (httpx's ASGI transport cannot). The messages the app sent, also live in `sent`."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    hdrs = {"host": "127.0.0.1:8000", "content-type": "application/json", "content-length": str(len(data)),
+            **{k.lower(): v for k, v in (headers or {}).items()}}
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(k.encode(), v.encode()) for k, v in hdrs.items()],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000), "state": {}}
+    leave = leave or asyncio.Event()
+    out = sent if sent is not None else []
+    given = False
+
+    async def receive():
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        out.append(message)
+
+    await app(scope, receive, send)
+    return out
+
+
+def status_of(messages: list[dict]) -> int | None:
+    return next((m["status"] for m in messages if m["type"] == "http.response.start"), None)
+
+
+def body_of(messages: list[dict]) -> bytes:
+    return b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")

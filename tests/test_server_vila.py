@@ -207,30 +207,61 @@ def test_media_error_rows_are_400s_and_the_server_keeps_serving(server):
     assert httpx.post(server.url + "/v1/chat/completions", json=ok, timeout=300).status_code == 200
 
 
-def test_two_hundred_image_requests_keep_the_server_memory_flat(tiny_vila):
-    """Bound: RSS may grow by at most 40 MB from request 20 to request 220. Each request sends a
-    different 256x256 image (196 KB decoded), so keeping any per-request image, prompt, cache or
-    session alive would add about 40 MB over 200 requests; a bounded image cache does not."""
-    s = Server(tiny_vila, "--image-cache", "16", backend="auto").wait_ready()
+def one_bit_png(side: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _proc_counts(pid: int) -> tuple[int, int]:
+    """(open file descriptors, threads) of a process."""
+    import os
+
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_a_soak_of_valid_invalid_and_over_budget_images_keeps_memory_fds_and_threads_flat(tiny_vila):
+    """220 requests from 4 clients at once: a different 256x256 image each (kept by no cache
+    beyond its 16 entries), a corrupt one, eight 36-megapixel PNGs (refused from their headers),
+    and one 36-megapixel PNG that is decoded (108 MB as RGB) and reduced at once. Bounds, from
+    after the 20 warm-up requests to the end: RSS within +10% (a kept 108 MB decode or any
+    per-request leak would pass it), the same open fds and threads (+2 for a connection or
+    worker thread in flight at the moment of reading)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Server(tiny_vila, "--image-cache", "16", "--max-queue", "64", backend="auto").wait_ready()
     try:
         base = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
-        with httpx.Client(base_url=s.url, timeout=120) as c:
+        big = uri(one_bit_png(6000))
+        with httpx.Client(base_url=s.url, timeout=300, limits=httpx.Limits(max_connections=8)) as c:
             def ask(i):
-                img = base.copy()
-                img.flat[:8] = np.frombuffer(np.int64(i).tobytes(), np.uint8)  # a different image each time
-                r = c.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": parts(png_uri(img), "What is this?")}],
-                    "max_tokens": 2, "temperature": 0})
-                assert r.status_code == 200, r.text
+                kind = i % 10
+                if kind == 3:
+                    images, want = [uri(b"\x89PNG\r\n\x1a\n not really")], 400
+                elif kind == 6:
+                    images, want = [big] * 8, 400
+                elif kind == 9:
+                    images, want = [big], 200
+                else:
+                    img = base.copy()  # a different image each time (a block big enough to survive the reduction)
+                    img[:96, :96] = (i % 256, i // 256, 7)
+                    images, want = [png_uri(img)], 200
+                r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+                    *({"type": "image_url", "image_url": {"url": u}} for u in images),
+                    {"type": "text", "text": "What is this?"}]}], "max_tokens": 2, "temperature": 0})
+                assert r.status_code == want, (i, r.text[:300])
 
-            for i in range(20):
-                ask(i)
-            rss0 = metric(c.get("/metrics").text, "edge_vlm_memory_bytes", kind="rss")
-            for i in range(20, 220):
-                ask(i)
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(ask, range(20)))
+                rss0 = metric(c.get("/metrics").text, "edge_vlm_memory_bytes", kind="rss")
+                fds0, threads0 = _proc_counts(s.proc.pid)
+                list(pool.map(ask, range(20, 220)))
             text = c.get("/metrics").text
             rss1 = metric(text, "edge_vlm_memory_bytes", kind="rss")
-        assert metric(text, "edge_vlm_image_cache_misses") == 220
-        assert rss1 - rss0 < 40 * 2**20, f"RSS grew by {(rss1 - rss0) / 2**20:.1f} MB"
+            fds1, threads1 = _proc_counts(s.proc.pid)
+        distinct = sum(i % 10 not in (3, 6, 9) for i in range(220))
+        assert metric(text, "edge_vlm_image_cache_misses") == distinct + 1  # and the big one, once
+        assert rss1 < 1.10 * rss0, f"RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MB"
+        assert fds1 <= fds0 + 2 and threads1 <= threads0 + 2, (fds0, fds1, threads0, threads1)
     finally:
         s.stop()

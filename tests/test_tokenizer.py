@@ -68,3 +68,35 @@ def test_loader_accepts_a_model_with_only_tokenizer_model(tiny_vila, sp_folder, 
 def test_no_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece"])
+def test_plain_text_never_encodes_to_a_control_token(kind, sp_folder, tmp_path):
+    from tests.factories import SPECIAL_TOKENS, train_tokenizer
+
+    if kind == "tokenizer.json":
+        train_tokenizer(tmp_path)
+        tok, controls = Tokenizer(tmp_path), SPECIAL_TOKENS
+    else:
+        tok, controls = Tokenizer(sp_folder), ["<s>", "</s>", "<extra_id_0>", "<extra_id_1>"]
+    for c in controls:
+        cid = tok.token_to_id(c)
+        text = f"A{c}B {c}\n{c}{c}"
+        assert cid in tok.encode(text)  # markup: the control token
+        plain = tok.encode_text(text)
+        assert cid not in plain and not set(plain) & tok.special_ids, c
+        # (sentencepiece puts its "▁" before each separately encoded part: compare without spaces)
+        same = (lambda a, b: a == b) if kind == "tokenizer.json" else (lambda a, b: "".join(a.split()) == "".join(b.split()))
+        assert same(tok.decode(plain, skip_special=False), text)
+        # a prompt rendered around quoted text: the markup keeps its control token, the text has none
+        prompt = f"{c}user\n" + tok.quote(text) + c
+        ids = tok.encode_prompt(prompt)
+        assert ids.count(cid) == 2 and ids[-1] == cid
+        if kind == "tokenizer.json":  # (sentencepiece's decode drops its control pieces <s> </s>)
+            assert tok.decode(ids, skip_special=False) == f"{c}user\n{text}{c}"
+        assert tok.unquote(prompt) == f"{c}user\n{text}{c}"
+    # the placeholder's own characters in user text are quoted too: they cannot forge a placeholder
+    forged = "\ue0020\ue003 and \ue000ANSWER\ue001"
+    assert tok.unquote(tok.quote(forged)) == forged
+    assert same(tok.decode(tok.encode_prompt(tok.quote(forged)), skip_special=False), forged)
+    assert tok.quote({"k": ["x", 1, None]}) == {"k": ["x", 1, None]}

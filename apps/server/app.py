@@ -1,13 +1,20 @@
 """The HTTP API: routes, request checks and responses (non-streaming JSON or server-sent events).
 
-    request -> limits (key, content type, body size) -> pydantic -> media decoded -> worker queue
+    request -> limits (Host, key, content type, body size and read time) -> pydantic -> field checks
+            -> a place in the worker queue -> media read and decoded -> the job
             -> text pieces -> chat.completion | chat.completion.chunk events
+
+Work is refused as early as it can be: a full queue before any media is read, an over-budget
+request before any picture is decoded (media.py), a bad schema before the job is queued. A
+stream's first chunk (the assistant role) goes out as soon as the job is queued, so clients and
+proxies see the answer start while it waits or prefills; errors after that come in the stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,18 +26,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from edge_vlm import EdgeVLMError, GenerationConfig
+from edge_vlm import EdgeVLMError, GenerationConfig, __version__
+from edge_vlm.text.constrained import compile_constraint
 from edge_vlm.text.templates import TOOL_CALL_SYNTAX
 
 from . import protocol
 from .errors import APIError, error_body, error_response
-from .media import MediaLimits
-from .messages import to_messages
+from .media import Fit, MediaLimits, PixelBudget
+from .messages import MediaReader
 from .metrics import Metrics
 from .worker import Job, ModelWorker, QueueFull
 
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/v1/health/",)  # the API paths that need no key (probes); the page and /docs need none either
+OPEN_PATHS = ("/v1/health/",)  # the API paths that need no key and any Host (probes); the page needs no key
 
 
 @dataclass
@@ -41,14 +49,39 @@ class ServerConfig:
     max_body_bytes: int = 20 * 2**20
     request_timeout_s: float = 300.0
     cors_origins: tuple[str, ...] = ()
+    # without a key, the Host names served besides loopback ones ("*": any); with a key, any
+    allowed_hosts: tuple[str, ...] = ()
+    body_timeout_s: float = 30.0  # the whole body must arrive within this (a slow body is a 408)
+    max_server_pixels: int = 160_000_000  # decoded pixels of all requests in flight together
     media: MediaLimits = field(default_factory=MediaLimits)
     gen_defaults: GenerationConfig = field(default_factory=GenerationConfig)
 
 
+def loopback_host(name: str) -> bool:
+    """Whether a host name is this machine's own: localhost, *.localhost, 127.x, ::1."""
+    name = name.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name of a Host header, without its port ("[::1]:8000" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
 class Limits:
-    """ASGI middleware in front of every route: API key (constant-time compare), JSON content
-    type, body size, and the requests-by-status counter. The body is read here once (up to the
-    limit) and handed on, so disconnects still reach the route."""
+    """ASGI middleware in front of every route: the Host header (without a key only loopback
+    names, so a page elsewhere cannot reach this server through DNS rebinding), the API key
+    (constant-time compare), JSON content type, body size and the time it may take to arrive,
+    and the requests-by-status counter. The body is read here once (up to the limit) and handed
+    on, so disconnects still reach the route. CORS wraps it, so its errors carry CORS headers."""
 
     def __init__(self, app, config: ServerConfig, metrics: Metrics):
         self.app, self.config, self.metrics = app, config, metrics
@@ -73,14 +106,20 @@ class Limits:
         if scope["method"] != "POST":
             return await self.app(scope, receive, counted_send)
         body, more = bytearray(), True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.config.max_body_bytes:
-                return await error_response(self._too_large())(scope, receive, counted_send)
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body += message.get("body", b"")
+                    more = message.get("more_body", False)
+                    if len(body) > self.config.max_body_bytes:
+                        return await error_response(self._too_large())(scope, receive, counted_send)
+        except TimeoutError:
+            slow = APIError(408, f"the request body did not arrive within {self.config.body_timeout_s:g} s "
+                                 "(the server's --body-timeout)", None, "body_timeout", {"Connection": "close"})
+            return await error_response(slow)(scope, receive, counted_send)
         replayed = False
 
         async def replay():
@@ -98,6 +137,13 @@ class Limits:
 
     def _check(self, scope, path: str, headers: dict) -> APIError | None:
         key = self.config.api_key
+        allowed = self.config.allowed_hosts
+        if not key and not path.startswith(OPEN_PATHS) and "*" not in allowed:
+            name = _host_name(headers.get("host", ""))
+            if not (loopback_host(name) or name in allowed):
+                return APIError(400, "this server answers only to its loopback names without an API key (a page "
+                                     "elsewhere could reach it through DNS rebinding): start it with --api-key, or "
+                                     "name the host it is reached by with --allowed-hosts", None, "invalid_host")
         if key and path.startswith(("/v1/", "/metrics")) and not path.startswith(OPEN_PATHS):
             given = headers.get("authorization", "")
             token = given[7:].strip() if given.lower().startswith("bearer ") else headers.get("x-api-key", "")
@@ -118,9 +164,12 @@ class Limits:
 def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | None = None) -> FastAPI:
     metrics = metrics or worker.metrics or Metrics()
     worker.metrics = metrics
-    app = FastAPI(title="edge-vlm", version="0.1.0",
+    # no /docs or /redoc: their pages load Swagger UI from a CDN (nothing offline, a third party's
+    # scripts next to the API); the schema itself stays at /openapi.json
+    app = FastAPI(title="edge-vlm", version=__version__, docs_url=None, redoc_url=None,
                   description="OpenAI chat completions and the NIM VILA API over a local model.")
     names = {config.model_id, *config.aliases}
+    budget = PixelBudget(config.max_server_pixels)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -128,11 +177,18 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
+        errors = e.errors()
+        err = errors[0] if errors else {}
         if err.get("type") == "json_invalid":
             return error_response(APIError(400, f"invalid JSON: {err.get('ctx', {}).get('error', 'cannot parse')}",
                                            None, "invalid_json"))
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # of a union's errors (content: a string, or a list of parts), the one that got deepest into the body
+        paths = [_field_path(x.get("loc", ()), e.body, x.get("type") == "missing") for x in errors]
+        if paths:
+            k = max(range(len(paths)), key=lambda i: (len(paths[i]), -i))
+            err, loc = errors[k], paths[k]
+        else:
+            loc = []
         param = ".".join(loc) or None
         msg = err.get("msg", "invalid request")
         if err.get("type") == "missing":
@@ -167,13 +223,13 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
         return Response(metrics.render(worker), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def chat(body: protocol.ChatRequest, request: Request):
-        body.check_fields()
+        deadline = time.monotonic() + config.request_timeout_s  # from arrival: media fetch and queue included
+        body.check_fields(await request.json())
         if body.model is not None and body.model not in names:
             raise APIError(404, f"model {body.model!r} is not served here; this server has {config.model_id!r}",
                            "model", "model_not_found")
         if not worker.ready:
             raise APIError(503, "the model is still loading", None, "not_ready", {"Retry-After": "5"})
-        messages, _ = await to_messages(body, config.media, worker.model.is_multimodal)
         template = worker.model.template
         if body.tools and template.tool_format is None:  # the model cannot take tools at all: say that first
             try:
@@ -189,12 +245,11 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
                 raise APIError(400, f"context: {e}", "context", "context_not_supported") from None
         constraint = body.constraint() if plan is None else plan.constraint(template.tool_format)
         if constraint is not None:  # a schema the grammar compiler refuses is the request's fault: 400 now
-            from edge_vlm.text.constrained import compile_constraint
-
-            try:
-                compile_constraint(constraint, worker.model.tokenizer, worker.model.eos_token_ids)
-            except EdgeVLMError as e:
-                param = "tools" if plan is not None else "response_format" if body.response_format else "nvext"
+            try:  # compiled (then cached for the answer) and its first mask computed, before any decoding
+                mask = compile_constraint(constraint, worker.model.tokenizer, worker.model.eos_token_ids)
+                mask.allowed(mask.vocab_size)
+            except (EdgeVLMError, ValueError, RuntimeError) as e:
+                param = "tools" if plan is not None else body.constraint_field
                 raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
         d = config.gen_defaults
         gen = GenerationConfig(
@@ -204,13 +259,20 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
             top_k=d.top_k if body.top_k is None else body.top_k,
             repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
             seed=body.seed if body.seed is not None else d.seed, stop=body.stops, constraint=constraint)
-        job = Job(messages, gen, asyncio.get_running_loop(), time.monotonic() + config.request_timeout_s,
-                  tools=plan.tools if plan else [], context=context)
         try:
-            worker.submit(job)
+            place = worker.admit()  # before any media is read or decoded
         except QueueFull as e:
             raise APIError(503, f"the server is busy: {worker.max_queue} requests already queued; retry later",
                            None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
+        try:
+            reader = MediaReader(config.media, budget, Fit(worker.model))
+            messages, _ = await reader.read(body, worker.model.is_multimodal, deadline)
+            job = Job(messages, gen, asyncio.get_running_loop(), deadline, tools=plan.tools if plan else [],
+                      context=context, place=place)
+            worker.submit(job)
+        except BaseException:
+            place.release()
+            raise
         try:
             opening = TOOL_CALL_SYNTAX[template.tool_format].opening if plan is not None else None
             return await _respond(job, request, body, metrics, config.model_id, opening)
@@ -229,30 +291,27 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
         async def page():
             return Response((STATIC / "index.html").read_bytes(), media_type="text/html; charset=utf-8")
 
-    if config.cors_origins:
+    app.add_middleware(Limits, config=config, metrics=metrics)
+    if config.cors_origins:  # added last: the outermost, so the limits' own errors get CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
-    app.add_middleware(Limits, config=config, metrics=metrics)
     return app
 
 
 async def _respond(job: Job, request: Request, body: protocol.ChatRequest, metrics: Metrics, model_id: str,
                    opening: str | None = None):
-    """The answer as one chat.completion, or as a stream of chunks once the first piece is there.
+    """The answer as one chat.completion, or as a stream of chunks that starts at once (the role).
     `opening`: the tag that opens a tool call when the request offers tools (its calls are then
     the session's parsed ones, and `content` the text beside them)."""
     cid, created = protocol.completion_id(), protocol.now()
-    first = await _next(job, request)  # errors before the first token (prompt too long) are plain 4xx
-    if first[0] == "error":
-        raise _stopped(job, first[1], metrics)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_events(job, request, first, cid, created, model_id, include_usage,
-                                         metrics, opening), media_type="text/event-stream",
+        return StreamingResponse(_events(job, request, cid, created, model_id, include_usage, metrics, opening),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    text, event = [], first
+    text, event = [], await _next(job, request)  # errors before the first token (prompt too long): plain 4xx
     while event[0] == "piece":
         text.append(event[1])
         event = await _next(job, request)
@@ -284,19 +343,39 @@ def _stopped(job: Job, error, metrics: Metrics) -> APIError:
     return APIError(499, "client closed the request", None, "client_closed")
 
 
+def _field_path(loc, body, missing: bool) -> list[str]:
+    """A pydantic error location as the request's own field path: the steps that lead through
+    the body (keys and indices it has), without pydantic's names of union members ("str",
+    "list[...]", a tagged union's tag); a missing field keeps its name at the end."""
+    steps = [x for x in loc if x != "body"]
+    out, node = [], body
+    for n, step in enumerate(steps):
+        if isinstance(node, dict) and isinstance(step, str) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        elif missing and n == len(steps) - 1 and isinstance(node, dict):
+            pass
+        else:
+            continue
+        out.append(str(step))
+    return out
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-async def _events(job: Job, request: Request, first, cid: str, created: int, model: str, include_usage: bool,
+async def _events(job: Job, request: Request, cid: str, created: int, model: str, include_usage: bool,
                   metrics: Metrics, opening: str | None = None):
-    """chat.completion.chunk events: the role, the text pieces, the finish reason, the usage, [DONE].
+    """chat.completion.chunk events: the role (at once), the text pieces, the finish reason, the
+    usage, [DONE]; an error (a prompt over the context, a timeout) is an error event, then [DONE].
     With tools, text that may be call markup is held back; the calls follow as `tool_calls` deltas."""
     ended = False  # the worker's last event (done or error) was seen
     held = protocol.ContentFilter(opening) if opening is not None else None
     try:
         yield _sse(protocol.chunk(cid, created, model, {"role": "assistant", "content": ""}))
-        event = first
+        event = await _next(job, request)
         while event[0] == "piece":
             piece = event[1] if held is None else held.push(event[1])
             if piece:

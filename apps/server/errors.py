@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
-         500: "server_error", 503: "overloaded_error", 504: "timeout_error"}
+         405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+         415: "invalid_request_error", 500: "server_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
 class APIError(Exception):
@@ -21,8 +21,13 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": TYPES.get(status, "invalid_request_error"),
+                      "param": None if param is None else _printable(param), "code": code}}
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8 (a lone surrogate echoed from a request is written as \\udXXX)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_response(e: APIError) -> JSONResponse:

@@ -3,7 +3,9 @@
 `ModelWorker` answers one request at a time. `ParallelWorker` keeps N lanes, each a
 conversation (`ChatSession`) whose engine is one sequence of a shared `BatchedContext`: every
 lane runs the single worker's per-request code in its own thread, and their steps meet in one
-`llama_decode` (one read of the weights for N tokens). Requests still leave the bounded queue in
+`llama_decode` (one read of the weights for N tokens); each lane's tokens are drawn in the
+context's decode thread with the request's own sampling settings and seed (`SlotEngine.plan`),
+so the lanes only turn tokens into text. Requests still leave the bounded queue in
 arrival order; each goes to the idle lane whose conversation it extends, so its KV prefix is
 reused there as with one lane, else to the lane idle the longest.
 """
@@ -104,6 +106,7 @@ class ParallelWorker(ModelWorker):
             if job is None:
                 return
             try:
+                engine.plan(job.gen, self.model.eos_token_ids)  # drawn in the decode thread (constrained: here)
                 self._serve(job, lane.session, lanes=self.parallel)
             finally:
                 engine.idle()

@@ -1,6 +1,6 @@
 """The request and response shapes: OpenAI's chat completions, with NIM VILA's extra field.
 
-pydantic checks every field (types, ranges) and the API page at /docs comes from these models.
+pydantic checks every field (types, ranges) and the OpenAPI schema at /openapi.json comes from these models.
 Fields that would change the answer but that the runtime cannot honour (n > 1, logprobs, ...)
 are refused by name; harmless ones clients always send (`user`, `n: 1`) are accepted.
 
@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
 from .errors import APIError
 
@@ -29,6 +29,18 @@ UNSUPPORTED = {
     "audio": "audio output is not supported", "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
 }
+
+
+def _not_bool(value):
+    """JSON true is not the number 1 (pydantic's lax mode would take it as one)."""
+    if isinstance(value, bool):
+        raise ValueError("a number, not true/false")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Int = StrictInt  # JSON integers only: true, "5" and 5.0 are refused
+Bool = StrictBool  # JSON true/false only
 
 
 class Strict(BaseModel):
@@ -67,7 +79,7 @@ class ToolCall(Strict):
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
-    index: int | None = None  # what clients that rebuild messages from stream deltas carry along
+    index: Int | None = None  # what clients that rebuild messages from stream deltas carry along
 
 
 class ChatMessage(Strict):
@@ -83,7 +95,7 @@ class ChatMessage(Strict):
 
 
 class StreamOptions(Strict):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ChatRequest(BaseModel):
@@ -93,23 +105,23 @@ class ChatRequest(BaseModel):
 
     model: str | None = Field(None, description="the loaded model's id, or any alias of it (e.g. nvidia/vila)")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=-2**63, lt=2**63)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=0)
+    seed: Int | None = Field(None, ge=-2**63, lt=2**63)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: Bool = False
     stream_options: StreamOptions | None = None
-    num_frames_per_inference: int = Field(8, ge=1, le=32, description="frames sampled evenly from a video")
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    n: int | None = None
-    logprobs: bool | None = None
+    num_frames_per_inference: Int = Field(8, ge=1, le=32, description="frames sampled evenly from a video")
+    repetition_penalty: Number | None = Field(None, gt=0, le=10)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    n: Int | None = None
+    logprobs: Bool | None = None
     user: str | None = None
-    store: bool | None = None
+    store: Bool | None = None
     metadata: dict[str, str] | None = None
     response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
                                                            '"json_schema": {"schema": {...}}}')
@@ -118,12 +130,19 @@ class ChatRequest(BaseModel):
                                                  '{"name", "description", "parameters": JSON schema}}]')
     tool_choice: str | dict | None = Field(None, description='"auto" (default with tools), "none", "required", or '
                                                              '{"type": "function", "function": {"name": ...}}')
-    parallel_tool_calls: bool | None = Field(None, description="tool_choice required or a named function makes "
+    parallel_tool_calls: Bool | None = Field(None, description="tool_choice required or a named function makes "
                                                                "one call; false with auto is refused")
     context: str | list[str] | None = Field(None, description="RAG documents for the model's context block "
                                                               "(Nemovision's <context>)")
 
-    def check_fields(self) -> None:
+    def check_fields(self, raw=None) -> None:
+        """400s for what the field types cannot say: unknown or unsupported fields and values, and
+        (in `raw`, the parsed JSON body) text that is not valid Unicode (a lone surrogate such as
+        "\\ud800", which JSON can spell but no tokenizer or encoder takes)."""
+        where = _bad_text(raw if raw is not None else self.model_dump())
+        if where is not None:
+            raise APIError(400, f"{where or 'body'}: text with a lone surrogate (invalid Unicode)", where or None,
+                           "invalid_unicode")
         for name in self.model_extra or {}:
             why = UNSUPPORTED.get(name, "unknown field")
             raise APIError(400, f"{name}: {why} by edge-vlm serve", name, "unsupported_field")
@@ -167,8 +186,17 @@ class ChatRequest(BaseModel):
         try:
             return Constraint.parse(spec)
         except EdgeVLMError as e:
-            param = name if name == "response_format" else f"nvext.{name}"
+            param = self.constraint_field
             raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
+
+    @property
+    def constraint_field(self) -> str:
+        """The field the answer's constraint came from (where its errors are reported)."""
+        if self.response_format is not None and self.response_format != {"type": "text"}:
+            return "response_format"
+        ext = self.nvext or {}
+        return "nvext.guided_json" if "guided_json" in ext else "nvext.guided_choice" if "guided_choice" in ext \
+            else "nvext"
 
     def tool_plan(self) -> "ToolPlan | None":
         """The request's tools (checked, OpenAI's shape) and what `tool_choice` asks; None without
@@ -222,6 +250,27 @@ class ChatRequest(BaseModel):
     @property
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+def _bad_text(value, path: str = "") -> str | None:
+    """The dotted path of the first string (or key) in `value` with a lone surrogate, else None."""
+    stack = [(value, path)]
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return at
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                key = f"{at}.{k}" if at else str(k)
+                if isinstance(k, str) and _bad_text(k) is not None:
+                    return at or ""
+                stack.append((item, key))
+        elif isinstance(v, list):
+            stack += [(item, f"{at}.{i}" if at else str(i)) for i, item in enumerate(v)]
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """The one thread that runs the model: requests are served in arrival order from a bounded queue.
 
-The HTTP side never touches the model. It submits a `Job` and reads its events (text pieces,
-then `done` or `error`) from an asyncio queue the worker fills thread-safely. A job's `stop`
-event (client gone, timeout) ends its generation at the next token, and a job stopped while
-still waiting is skipped, so the model is free for the next one. One `ChatSession` serves all
-requests: a request that extends the conversation in its KV cache reuses that prefix.
+The HTTP side never touches the model. It first takes a `Place` in the bounded queue (before it
+reads or decodes any media, so a full queue costs nothing), then submits a `Job` and reads its
+events (`started`, text pieces, then `done` or `error`) from an asyncio queue the worker fills
+thread-safely. A job's `stop` event (client gone, timeout) ends its generation at the next token;
+a job stopped while still waiting gives its place back at once and is skipped, so the model is
+free for the next one. One `ChatSession` serves all requests: a request that extends the
+conversation in its KV cache reuses that prefix.
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ from .image_cache import CachedImages
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
         self.retry_after = retry_after
+
+
+class Place:
+    """One request's place among the worker's `max_queue` (waiting or running); `release` gives
+    it back, once, whoever calls it first (the worker when the job ends, the HTTP side when the
+    request fails before it is queued or its client leaves while it waits)."""
+
+    def __init__(self, worker: "ModelWorker"):
+        self._worker = worker
+        self._held = True
+
+    def release(self) -> None:
+        with self._worker._lock:
+            if self._held:
+                self._held = False
+                self._worker._admitted -= 1
 
 
 @dataclass
@@ -55,11 +73,15 @@ class Job:
     queued_at: float = field(default_factory=time.monotonic)
     tools: list = field(default_factory=list)  # OpenAI specs offered in the prompt (the session's tools)
     context: list = field(default_factory=list)  # RAG documents
+    place: Place | None = None  # its place in the queue, given back when it ends or leaves waiting
+    started: bool = False  # the worker has taken it up (set in the worker thread)
 
     def cancel(self, why: str) -> None:
         if not self.stop.is_set():
             self.why_stopped = why
             self.stop.set()
+        if not self.started and self.place is not None:  # still waiting: its place is free now
+            self.place.release()
 
     def emit(self, kind: str, value=None) -> None:
         try:
@@ -97,11 +119,18 @@ class ModelWorker:
         self._thread = threading.Thread(target=self._run, name="edge-vlm-model", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
+    def admit(self) -> Place:
+        """A place in the queue, or QueueFull (with a Retry-After estimate) when all are taken."""
         with self._lock:
             if self._admitted >= self.max_queue:
                 raise QueueFull(max(1, min(60, round(self._avg_s * self._admitted))))
             self._admitted += 1
+        return Place(self)
+
+    def submit(self, job: Job) -> None:
+        """Queue `job` (its `place` from `admit`; taken here when it has none)."""
+        if job.place is None:
+            job.place = self.admit()
         self._jobs.put(job)
         self._gauge()
 
@@ -126,19 +155,20 @@ class ModelWorker:
         """Answer one job on `session` (unless it was stopped while waiting), then count it out.
         `lanes`: how many jobs run side by side (the --parallel worker), for Retry-After."""
         t0 = time.monotonic()
+        job.started = True
+        final = ("error", None)  # stopped (the HTTP side says why)
         try:
             if time.monotonic() > job.deadline:
                 job.cancel("timeout")
             if not job.stop.is_set():
-                self._generate(job, session)
-            else:
-                job.emit("error", None)
-        finally:
-            with self._lock:
-                self._admitted -= 1
+                final = self._generate(job, session)
+        finally:  # the place is free before the client hears the end: its next request finds it free
+            job.place.release()
             self._avg_s = 0.8 * self._avg_s + 0.2 * (time.monotonic() - t0) / lanes
+            job.emit(*final)
 
-    def _generate(self, job: Job, session: ChatSession) -> None:
+    def _generate(self, job: Job, session: ChatSession) -> tuple[str, object]:
+        """Stream the job's pieces; its last event (`done` with the Result, or `error`) is returned."""
         self.model.encode_s = 0.0
         try:
             for piece in session.chat(job.messages, job.gen, job.stop, tools=job.tools, context=job.context):
@@ -146,22 +176,19 @@ class ModelWorker:
                 if time.monotonic() > job.deadline:
                     job.cancel("timeout")
         except EdgeVLMError as e:
-            job.emit("error", APIError(400, str(e), "messages", "invalid_request"))
-            return
+            return "error", APIError(400, str(e), "messages", "invalid_request")
         except Exception as e:  # noqa: BLE001 - one failed request must not stop the server
             print(f"edge-vlm serve: request failed: {type(e).__name__}: {e}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
             out_of_memory = isinstance(e, MemoryError) or "out of memory" in str(e)
-            job.emit("error", APIError(503 if out_of_memory else 500,
-                                       "out of memory" if out_of_memory else f"internal error ({type(e).__name__})",
-                                       None, "out_of_memory" if out_of_memory else "internal_error"))
-            return
+            return "error", APIError(503 if out_of_memory else 500,
+                                     "out of memory" if out_of_memory else f"internal error ({type(e).__name__})",
+                                     None, "out_of_memory" if out_of_memory else "internal_error")
         s = session.stats
         if job.stop.is_set() and s.stop_reason == "stopped":
             if self.metrics is not None:
                 self.metrics.generated_tokens.inc(s.new_tokens)
-            job.emit("error", None)  # the HTTP side says why (timeout, client gone)
-            return
+            return "error", None  # the HTTP side says why (timeout, client gone)
         turn = session.turns[-1]
         result = Result(prompt_tokens=turn.start + s.prompt_tokens, completion_tokens=s.new_tokens,
                         cached_prompt_tokens=s.cached_prompt_tokens, ttft_s=s.ttft_s,
@@ -169,4 +196,4 @@ class ModelWorker:
                         stop_reason=s.stop_reason, tool_calls=session.tool_calls, content=session.reply["content"])
         if self.metrics is not None:
             self.metrics.observe(result)
-        job.emit("done", result)
+        return "done", result

@@ -33,6 +33,71 @@ from .templates import TOOL_CALL_SYNTAX
 from .tools import tool_specs
 
 
+# Bounds on what a request may ask, checked before any grammar is built: a schema nested deeper
+# than llguidance parses (serde's 128 levels of JSON) or big enough to take seconds to compile,
+# and choice lists that would make the lexer's automaton huge, are refused with one clear line.
+MAX_SCHEMA_DEPTH = 64  # levels of JSON nesting in the schema text
+MAX_SCHEMA_NODES = 10_000  # objects, arrays and values in it
+MAX_CHOICES = 1024
+MAX_CHOICE_CHARS = 64 * 1024
+
+
+def check_schema(schema) -> None:
+    """EdgeVLMError unless `schema` is within the depth and size bounds and has no `$ref` that
+    resolves to itself without a value in between (`{"$ref": "#"}`, a <-> b: no answer could
+    ever match). Walks iteratively: a hostile depth cannot exhaust Python's stack here."""
+    nodes, stack = 0, [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH:
+            raise EdgeVLMError(f"constraint: the JSON schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        if nodes > MAX_SCHEMA_NODES:
+            raise EdgeVLMError(f"constraint: the JSON schema has more than {MAX_SCHEMA_NODES} parts")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1) for v in value]
+    for start in _refs(schema):
+        seen, ref = set(), start
+        while isinstance(ref, str):
+            if ref in seen:
+                raise EdgeVLMError(f"constraint: the JSON schema's $ref {start!r} refers to itself; no answer "
+                                   "could match it")
+            seen.add(ref)
+            target = _resolve(schema, ref)
+            ref = target.get("$ref") if isinstance(target, dict) and set(target) <= {"$ref", "$defs",
+                                                                                    "definitions"} else None
+
+
+def _refs(schema) -> list[str]:
+    out, stack = [], [schema]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if isinstance(value.get("$ref"), str):
+                out.append(value["$ref"])
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    return out
+
+
+def _resolve(schema, ref: str):
+    """The part of `schema` a local `$ref` ("#", "#/$defs/a") points at (None: not local or missing)."""
+    if ref != "#" and not ref.startswith("#/"):
+        return None
+    node = schema
+    for key in [k.replace("~1", "/").replace("~0", "~") for k in ref[2:].split("/")] if ref != "#" else []:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return None
+    return node
+
+
 @dataclass(frozen=True)
 class Constraint:
     """What the answer must be. kind: "json_object" (any JSON object), "json_schema" (`schema`),
@@ -77,6 +142,7 @@ class Constraint:
     def json_schema(cls, schema: dict) -> "Constraint":
         if not isinstance(schema, dict):
             raise EdgeVLMError(f"constraint: a JSON schema must be an object, got {type(schema).__name__}")
+        check_schema(schema)
         try:
             text = json.dumps(schema)  # property order is the order the answer writes them
         except (TypeError, ValueError) as e:
@@ -88,6 +154,9 @@ class Constraint:
         choices = tuple(choices)
         if not choices or not all(isinstance(c, str) and c for c in choices):
             raise EdgeVLMError("constraint: choices must be a non-empty list of non-empty strings")
+        if len(choices) > MAX_CHOICES or sum(map(len, choices)) > MAX_CHOICE_CHARS:
+            raise EdgeVLMError(f"constraint: at most {MAX_CHOICES} choices of {MAX_CHOICE_CHARS} characters "
+                               f"in all (got {len(choices)} of {sum(map(len, choices))})")
         return cls("choice", choices=choices)
 
     @classmethod
@@ -179,11 +248,16 @@ class _Compiled:
         with self.lock:
             fresh = self.grammars.get(constraint)
             if fresh is None:
-                grammar = constraint.grammar()
-                fresh = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+                what = constraint.kind.replace("_", " ")
+                try:
+                    grammar = constraint.grammar()
+                    fresh = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
+                except (ValueError, TypeError, RuntimeError) as e:  # llguidance refuses the schema itself
+                    raise EdgeVLMError(f"constraint: invalid {what}: {_one_line(str(e))}") from None
                 if fresh.is_error():
-                    raise EdgeVLMError(f"constraint: invalid {constraint.kind.replace('_', ' ')}: "
-                                       + _one_line(fresh.get_error()))
+                    raise EdgeVLMError(f"constraint: invalid {what}: " + _one_line(fresh.get_error()))
+                if fresh.is_stopped():  # nothing but the empty answer fits (e.g. a $ref llguidance gives up on)
+                    raise EdgeVLMError(f"constraint: no answer can match this {what}")
                 self.grammars[constraint] = fresh
                 while len(self.grammars) > self.MAX_GRAMMARS:
                     self.grammars.popitem(last=False)

@@ -4,7 +4,16 @@ Everything around the LLM stays ours (tokenizer, chat template, sampler, stop st
 streaming, the vision tower and projector); llama.cpp only turns inputs into logits. Text goes
 in as token ids; image embeddings from our projector go in as `llama_batch.embd` rows at their
 positions, so a VLM prompt is one sequence of token and embedding batches. The KV cache is
-llama.cpp's (one sequence, `max_context` cells); `rewind` removes its cells past a position.
+llama.cpp's (one sequence, `max_context` cells).
+
+A rewind keeps the cells past its position (`Cells`): a prompt decoded there next that starts
+with the same token ids (a new conversation's system prompt and chat markup, a regenerated
+answer's question) keeps those cells and runs only the rest, as llama.cpp's own server does;
+whatever does not match is removed before anything is decoded in its place. The cells hold
+what a fresh prefill would compute (the same tokens at the same positions); only the batch split
+differs, and llama.cpp's CPU kernels were measured bit-exact across splits of prompts under 64
+rows on an AVX512 machine (larger batches take other kernels and round differently, as the
+cache reuse of earlier turns always has).
 
 Uses llama-cpp-python's low-level bindings (`llama_cpp.llama_cpp`): the high-level `Llama`
 class tokenizes, samples and caches prompts by itself, and takes no embeddings.
@@ -139,6 +148,37 @@ class LlamaContext:
             pass
 
 
+class Cells:
+    """What each KV cell of one sequence holds: a token id, or None for an embedding row. After a
+    rewind the entries past the position stay, for a prompt that starts the same to reuse."""
+
+    def __init__(self):
+        self.ids: list[int | None] = []
+
+    def reusable(self, position: int, piece, keep_last: bool) -> int:
+        """How many leading token ids of `piece` the cells from `position` on already hold (one
+        fewer than all when `keep_last`: the last row is decoded for its logits)."""
+        if isinstance(piece, (torch.Tensor, np.ndarray)):  # embedding rows: never reused
+            return 0
+        n, limit = 0, len(piece) - (1 if keep_last else 0)
+        held = self.ids
+        while n < limit and position + n < len(held) and held[position + n] == int(piece[n]):
+            n += 1
+        return n
+
+    def stale_from(self, position: int) -> bool:
+        """Forget the entries from `position` on; whether there were any (cells to remove)."""
+        if len(self.ids) <= position:
+            return False
+        del self.ids[position:]
+        return True
+
+    def add(self, piece) -> None:
+        """Cells decoded next: token ids, or embedding rows (a tensor or an array)."""
+        embd = isinstance(piece, (torch.Tensor, np.ndarray))
+        self.ids += [None] * piece.shape[0] if embd else [int(t) for t in piece]
+
+
 class LlamaCppEngine:
     """Prefill/step over a GGUF language model in llama.cpp, for one conversation at a time."""
 
@@ -151,6 +191,8 @@ class LlamaCppEngine:
         self.n_vocab, self.n_embd = self._llama.n_vocab, self._llama.n_embd
         self._max_context = max_context
         self._position = 0
+        self._cells = Cells()
+        self.reused_tokens = 0  # prompt tokens the last prefill found in the cache (not run again)
         self.gguf_path = self._llama.path
 
     # ---- what generate() and the session use ------------------------------------------
@@ -177,8 +219,16 @@ class LlamaCppEngine:
         pieces = [prompt[0]] if isinstance(prompt, torch.Tensor) else list(prompt.pieces())
         if not pieces:
             raise ValueError("an empty prompt")
+        self.reused_tokens = 0
         for i, piece in enumerate(pieces):
-            self._run(piece, logits=i == len(pieces) - 1)
+            last = i == len(pieces) - 1
+            if self._position + len(piece) > self._max_context:
+                raise ValueError(f"positions up to {self._position + len(piece)} exceed the context "
+                                 f"{self._max_context}")
+            kept = self._cells.reusable(self._position, piece, keep_last=last)
+            self._position += kept
+            self.reused_tokens += kept
+            self._run(piece[kept:], logits=last)
         return self._logits()
 
     def step(self, token_id: int) -> torch.Tensor:
@@ -186,11 +236,9 @@ class LlamaCppEngine:
         return self._logits()
 
     def rewind(self, position: int) -> None:
-        """Forget the cached tokens after `position` (0: everything)."""
-        position = max(0, min(position, self._position))
-        if position < self._position:
-            self._llama.remove(0, position)
-        self._position = position
+        """Go back to `position` (0: the start): what follows is forgotten (its cells are kept
+        for a prompt that starts the same, and removed before anything else goes there)."""
+        self._position = max(0, min(position, self._position))
 
     def reset(self) -> None:
         self.rewind(0)
@@ -207,7 +255,11 @@ class LlamaCppEngine:
         n = rows.shape[0] if is_embd else len(piece)
         if self._position + n > self._max_context:
             raise ValueError(f"positions up to {self._position + n} exceed the context {self._max_context}")
+        if n == 0:  # (a piece the cache held whole)
+            return
         llama = self._llama
+        if self._cells.stale_from(self._position):  # cells a rewind left that this piece does not reuse
+            llama.remove(0, self._position)
         for start in range(0, n, llama.batch_size):
             end = min(start + llama.batch_size, n)
             batch = llama.embeds if is_embd else llama.tokens
@@ -222,6 +274,7 @@ class LlamaCppEngine:
                 batch.logits[j] = 1 if logits and start + j == n - 1 else 0
             batch.n_tokens = end - start
             llama.decode(batch)
+            self._cells.add(rows[start:end] if is_embd else piece[start:end])
             self._position += end - start
 
     def _logits(self) -> torch.Tensor:
