@@ -60,3 +60,28 @@ def real_vila(smollm2, tmp_path_factory):
     make_vila(folder, llm_folder=smollm2, image_size=384, patch_size=14, hidden_size=64, intermediate_size=96,
               num_hidden_layers=3)
     return folder
+
+
+# the tiny VILA folder loaded once per module (files that need another model define their own `model`)
+@pytest.fixture(scope="module")
+def model(tiny_vila):
+    from edge_vlm import load_model
+
+    return load_model(tiny_vila, device="cpu", progress=False)
+
+
+@pytest.fixture
+def served(model):
+    """make(**config) -> (app, worker): the server in-process over `model`; workers closed after the test."""
+    from tests.test_server_support import in_process  # the server's extra: only tests that serve need it
+
+    made = []
+
+    def make(**config):
+        app, worker = in_process(model, **config)
+        made.append(worker)
+        return app, worker
+
+    yield make
+    for w in made:
+        w.close()

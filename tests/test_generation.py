@@ -14,11 +14,6 @@ from edge_vlm.text.sampling import Sampler, SamplingParams
 from edge_vlm.text.tokenizer import StreamDecoder, Tokenizer
 
 
-@pytest.fixture(scope="module")
-def model(tiny_vila):
-    return load_model(tiny_vila, device="cpu", progress=False)
-
-
 def ask(model, text="Describe the picture.", **gen):
     session = ChatSession(model)
     return session.answer(text, gen=GenerationConfig(**{"max_new_tokens": 16, **gen})), session

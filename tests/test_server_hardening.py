@@ -17,29 +17,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from edge_vlm import load_model
-from tests.test_server_support import Gate, Scripted, asgi_post, body_of, in_process, png_uri, status_of
+from tests.test_server_support import Gate, Scripted, asgi_post, body_of, png_uri, status_of
 
 MSG = [{"role": "user", "content": "Hi"}]
-
-
-@pytest.fixture(scope="module")
-def model(tiny_vila):
-    return load_model(tiny_vila, device="cpu", progress=False)
-
-
-@pytest.fixture
-def served(model):
-    made = []
-
-    def make(**config):
-        app, worker = in_process(model, **config)
-        made.append(worker)
-        return app, worker
-
-    yield make
-    for w in made:
-        w.close()
 
 
 def post(client, body, **headers):

@@ -23,29 +23,9 @@ from PIL import Image
 import apps.server.messages as messages_module
 import apps.server.remote as remote
 from apps.server.media import Fit, MediaLimits
-from edge_vlm import load_model
 from edge_vlm.formats.configs import ImageConfig
 from edge_vlm.imaging.preprocess import preprocess
-from tests.test_server_support import Gate, asgi_post, body_of, in_process, png_uri, status_of
-
-
-@pytest.fixture(scope="module")
-def model(tiny_vila):
-    return load_model(tiny_vila, device="cpu", progress=False)
-
-
-@pytest.fixture
-def served(model):
-    made = []
-
-    def make(**config):
-        app, worker = in_process(model, **config)
-        made.append(worker)
-        return app, worker
-
-    yield make
-    for w in made:
-        w.close()
+from tests.test_server_support import Gate, asgi_post, body_of, png_uri, status_of
 
 
 def uri(data: bytes, mime: str = "image/png") -> str:

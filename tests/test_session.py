@@ -16,11 +16,6 @@ from edge_vlm.session import Message
 GREEDY = GenerationConfig(max_new_tokens=6, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def model(tiny_vila):
-    return load_model(tiny_vila, device="cpu", progress=False)
-
-
 def picture(seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (40, 56, 3), dtype=np.uint8))
 
