@@ -180,7 +180,9 @@ FAULT_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", FAULT_CASES)
+# the hang cases wait out the child's time limit: in the full run, not the fast tier
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("hang", "double") else c
+                                  for c in FAULT_CASES])
 def test_a_fault_in_the_child_turns_off_exactly_the_failing_ops(llama, reference_tokens, children, monkeypatch, case):
     faults, off, child_count = FAULT_CASES[case]
     monkeypatch.setenv(FAULTS, ",".join(f"{op}={kind}" for op, kind in faults.items()))
@@ -220,6 +222,7 @@ def test_a_fault_in_the_child_turns_off_exactly_the_failing_ops(llama, reference
     assert _tokens(again) == reference_tokens and all(spy.count == 0 for spy in spies.values())
 
 
+@pytest.mark.slow  # the whole CUDA path through the interpreter, in a child: ~18 s
 def test_all_ops_passing_in_the_child_serve_the_whole_cuda_path(llama, reference_tokens, children, monkeypatch):
     monkeypatch.delenv(FAULTS, raising=False)
     fast, report, caught = _load(llama)
@@ -246,6 +249,7 @@ def test_all_ops_passing_in_the_child_serve_the_whole_cuda_path(llama, reference
     assert caught == [] and len(children) == 2 and not report3.first_run["cached"]
 
 
+@pytest.mark.slow  # a child check and the in-process one: ~9 s
 def test_the_in_process_check_still_guards_what_the_child_passed(llama, reference_tokens, children, monkeypatch):
     """A fault only this process sees (a shape the child's stand-in did not have, say): the child
     passed the epilogue, the in-process check here fails it, one SelfCheckWarning."""

@@ -440,6 +440,7 @@ def test_benchmark_runs_every_backend_on_the_tiny_tower(capsys):
     assert "physical floor (fp32)" in out and "peak fp32 FMA" in out
 
 
+@pytest.mark.slow  # a benchmark check: every backend pair on the real SmolLM2
 def test_image_question_benchmark_runs_each_backend_pair(smollm2, capsys):
     """The TTFT benchmark of a 1-image question (a 2-layer real-width SigLIP tower here): every row is a
     real session through the backends it names."""

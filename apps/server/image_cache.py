@@ -42,9 +42,18 @@ class CachedImages:
     def __len__(self) -> int:
         return len(self._lru)
 
-    def encode_images(self, images) -> torch.Tensor:
+    def _keys(self, images) -> list[str]:
+        """One key per image: its pixels, and for dynamic S2 (NVILA) whether it is alone in its
+        message, which decides its tiling and so its embeddings."""
+        s2 = self._model.s2
+        alone = f":alone={len(images) == 1}" if s2 is not None and s2.dynamic else ""
+        return [image_key(im) + alone for im in images]
+
+    def encode_images(self, images) -> torch.Tensor | list[torch.Tensor]:
+        """As the model's `encode_images`: a [N, tokens, hidden] tensor, or one block per picture for
+        models whose pictures take different numbers of tokens (dynamic S2)."""
         t0 = time.perf_counter()
-        keys = [image_key(im) for im in images]
+        keys = self._keys(images)
         with self._lock:
             found = [self._lru.get(k) for k in keys]
         if self.capacity > 0 and all(f is not None for f in found):
@@ -53,7 +62,8 @@ class CachedImages:
                     self._lru.move_to_end(k)
                 self.hits += len(keys)
             self.encode_s = 0.0
-            return torch.stack(found)
+            blocks = self._model.s2 is not None and self._model.s2.dynamic
+            return list(found) if blocks else torch.stack(found)
         out = self._model.encode_images(images)
         with self._lock:
             self.misses += len(keys)  # all of them ran through the tower

@@ -53,8 +53,8 @@ def add_model_options(p, backend_flag: str = "--backend") -> None:
     p.add_argument("--max-context", type=int, help="context window in tokens (default: min(model limit, 4096))")
     p.add_argument("--template", help="chat template: nemovision, vicuna_v1, llama_3, chatml (default: the model's)")
     p.add_argument("--max-tiles", type=int,
-                   help="InternVL / NVLM-D: the most 448 px tiles an image is cut into (default: the model's, 12 or "
-                        "6); fewer tiles answer faster, 1 is one tile per image")
+                   help="tiled models (InternVL, NVLM-D, NVILA): the most tiles an image is cut into (default: "
+                        "the model's own, e.g. 12 or 6); fewer tiles answer faster (InternVL: 1 is one tile per image)")
     p.add_argument("--vision-int8", action="store_true",
                    help="hold the vision tower's Linear weights in int8, one scale per output row, quantized as "
                         "they load (InternViT-6B: 11.8 -> 5.9 GB; features within 0.1%% of fp32 on the test tower)")
