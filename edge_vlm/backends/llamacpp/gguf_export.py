@@ -51,18 +51,6 @@ def gguf_module():
     return gguf
 
 
-def _llama_cpp():
-    return llama_cpp_module()
-
-
-def _is_awq(module) -> bool:
-    return isinstance(module, WQLinear)
-
-
-def _is_int8_embedding(module) -> bool:
-    return isinstance(module, Int8Embedding)
-
-
 # ------------------------------------------------------------------ the tensor plan
 
 class _Planned:
@@ -88,19 +76,19 @@ def _float_weight(module, part: str) -> torch.Tensor:
     """The float value of a weight or bias, dequantizing AWQ / int8 modules (as [out, in])."""
     if part == "bias":
         return module.bias.detach().float()
-    if _is_awq(module):
+    if isinstance(module, WQLinear):
 
         return dequantize_gemm(module.qweight, module.qzeros, module.scales.float(), module.group_size).t()
-    if _is_int8_embedding(module):
+    if isinstance(module, Int8Embedding):
 
         return dequantize_int8_rows(module.qweight, module.scales, torch.float32)
     return module.weight.detach().float()
 
 
 def _matrix_shape(module) -> tuple[int, int]:
-    if _is_awq(module):
+    if isinstance(module, WQLinear):
         return module.out_features, module.in_features
-    if _is_int8_embedding(module):
+    if isinstance(module, Int8Embedding):
         return module.num_embeddings, module.embedding_dim
     return tuple(module.weight.shape)
 
@@ -129,10 +117,10 @@ def _plan_one(src, outtype: str, gguf) -> _Planned:
         return make
 
     blocks_fit = cols % QK == 0
-    if outtype == "q4_1-awq" and _is_awq(module):
+    if outtype == "q4_1-awq" and isinstance(module, WQLinear):
         return _Planned(src, q.Q4_1, (rows, cols), lambda: awq_to_q4_1(
             module.qweight, module.qzeros, module.scales, module.group_size, order))
-    if outtype in ("q4_1-awq", "q8_0") and _is_int8_embedding(module) and blocks_fit:
+    if outtype in ("q4_1-awq", "q8_0") and isinstance(module, Int8Embedding) and blocks_fit:
         return _Planned(src, q.Q8_0, (rows, cols), lambda: int8_rows_to_q8_0(module.qweight, module.scales, order))
     if outtype == "q8_0" and blocks_fit:
         return _Planned(src, q.Q8_0, (rows, cols), floats(q.Q8_0))
@@ -150,7 +138,7 @@ def plan_tensors(llm, outtype: str) -> list[_Planned]:
         if not any(p.qtype == gguf.GGMLQuantizationType.Q4_1 for p in plan):
             raise UnsupportedModelError("q4_1-awq needs an AWQ checkpoint (make one with `edge-vlm quantize`); "
                                         "use f16, q8_0 or q4_k_m for 16-bit weights")
-        bad = [m.group_size for m in llm.modules() if _is_awq(m) and m.group_size % 32]
+        bad = [m.group_size for m in llm.modules() if isinstance(m, WQLinear) and m.group_size % 32]
         if bad:
             raise UnsupportedModelError(f"AWQ group size {bad[0]} does not split into Q4_1 blocks of 32")
     return plan
@@ -202,7 +190,7 @@ def _write(model, path: Path, outtype: str, progress: bool) -> None:
 
 
 def _llamacpp_quantize(src: Path, dst: Path, outtype: str) -> None:
-    llama_cpp = _llama_cpp()
+    llama_cpp = llama_cpp_module()
     ftype = int(getattr(gguf_module().LlamaFileType, "MOSTLY_" + outtype.upper()))
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -232,14 +220,14 @@ def export_gguf(model, out_path, outtype: str = "auto", progress: bool | None = 
         raise EdgeVLMError(f"unknown GGUF type {outtype!r}; choose one of: {', '.join(OUTTYPES)}")
     gguf_module()
     show = sys.stderr.isatty() if progress is None else progress
-    awq = any(_is_awq(m) for m in model.llm.modules())
+    awq = any(isinstance(m, WQLinear) for m in model.llm.modules())
     if outtype == "auto":
         outtype = "q4_1-awq" if awq else "f16"
     if outtype in LLAMACPP_TYPES:
         if awq:
             raise UnsupportedModelError(f"{outtype} from an AWQ checkpoint would quantize twice; export q4_1-awq "
                                         f"(the AWQ weights as they are) or start from the 16-bit checkpoint")
-        _llama_cpp()  # before spending time on the intermediate file
+        llama_cpp_module()  # before spending time on the intermediate file
     out = Path(out_path)
     if out.is_dir():
         raise EdgeVLMError(f"{out} is a folder; give the GGUF file's name")
