@@ -183,6 +183,12 @@ class VisionLanguageModel:
         return self.vision is not None
 
     @property
+    def images_vary_in_length(self) -> bool:
+        """Dynamic S2 (NVILA): each picture's embeddings are a block of their own, sized by its tiling,
+        which depends on whether it is alone in its message; `encode_images` gives them as a list."""
+        return self.s2 is not None and self.s2.dynamic
+
+    @property
     def tokens_per_image(self) -> int:
         """Embeddings per encoded picture: per tile for tiled models; S2 models: a picture not tiled
         (dynamic S2: one of several in a message; see `image_tokens`)."""
@@ -211,7 +217,7 @@ class VisionLanguageModel:
         pictures of one message and give one [tokens, hidden] block per picture (a list)."""
         if self.encoder is not None:
             return self.encoder(images)
-        if self.s2 is not None and self.s2.dynamic:
+        if self.images_vary_in_length:
             return self._encode_dynamic_s2(images)
         pixels = preprocess(images, self.image_cfg).to(self.device)
         if self.s2 is not None:

@@ -45,8 +45,7 @@ class CachedImages:
     def _keys(self, images) -> list[str]:
         """One key per image: its pixels, and for dynamic S2 (NVILA) whether it is alone in its
         message, which decides its tiling and so its embeddings."""
-        s2 = self._model.s2
-        alone = f":alone={len(images) == 1}" if s2 is not None and s2.dynamic else ""
+        alone = f":alone={len(images) == 1}" if self._model.images_vary_in_length else ""
         return [image_key(im) + alone for im in images]
 
     def encode_images(self, images) -> torch.Tensor | list[torch.Tensor]:
@@ -62,8 +61,7 @@ class CachedImages:
                     self._lru.move_to_end(k)
                 self.hits += len(keys)
             self.encode_s = 0.0
-            blocks = self._model.s2 is not None and self._model.s2.dynamic
-            return list(found) if blocks else torch.stack(found)
+            return list(found) if self._model.images_vary_in_length else torch.stack(found)
         out = self._model.encode_images(images)
         with self._lock:
             self.misses += len(keys)  # all of them ran through the tower
