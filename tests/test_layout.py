@@ -116,7 +116,7 @@ FLOORS = [
     ["edge_vlm.formats", "edge_vlm.text"],
     ["edge_vlm.imaging"],
     ["edge_vlm.models"],
-    ["edge_vlm.backends"],
+    ["edge_vlm.backends", "edge_vlm.run_spec"],
     ["edge_vlm.generate", "edge_vlm.vlm"],
     ["edge_vlm.session", "edge_vlm.loading"],
     ["edge_vlm.cli"],
