@@ -81,17 +81,18 @@ def meta_vlm(name: str, quantization: QuantConfig | None = None, kv_int8: bool =
     """A whole VLM of `VLMS` on the meta device, as `meta_llm` (`kv_int8`: as `--kv-cache int8` sizes its cache)."""
     from edge_vlm.models.projector import Projector
     from edge_vlm.models.vision import VisionTower
+    from edge_vlm.run_spec import RunSpec
     from edge_vlm.vlm import ModelInfo, VisionLanguageModel
 
     llm_name, tower, projector_kind = VLMS[name]
     cfg, vcfg = llm_config(llm_name), VisionConfig(**tower)
     llm = meta_llm(cfg, quantization)
-    llm.kv_cache_int8 = kv_int8
     with torch.device("meta"):
         vision = VisionTower(vcfg).to(torch.float16)
         projector = Projector(ProjectorConfig(projector_kind, vcfg.hidden_size, cfg.hidden_size)).to(torch.float16)
     info = ModelInfo(name, "vila", cfg.arch, vcfg.arch, projector_kind)
-    return VisionLanguageModel(llm, None, None, info, vision, projector)
+    spec = RunSpec(device=torch.device("meta"), dtype=llm.dtype, kv_cache_int8=kv_int8)
+    return VisionLanguageModel(llm, None, None, info, vision, projector, spec=spec)
 
 
 VISION_SHAPES: dict[str, dict] = {**{shape: VLMS[vlm][1] for shape, vlm in BENCH_VLMS.items()}, "tiny": TINY_TOWER}

@@ -13,14 +13,16 @@ encoder's start/end tokens (default: none / "\n") around each block as token ids
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from .backends import make_engine
+from .backends import SelfCheckReport, make_engine
 from .backends.llamacpp.engine import LlamaCppEngine
+from .contracts import ImageEncoder
 from .formats.configs import ImageConfig
 from .formats.vila_encoders import ImageEncoderConfig, S2Config
 from .imaging.preprocess import preprocess
@@ -37,6 +39,7 @@ from .models.llm import DecoderLM
 from .models.projector import Projector
 from .models.s2_features import encode_dynamic_s2, fixed_s2_features
 from .models.vision import VisionTower
+from .run_spec import RunSpec
 from .text.templates import IMAGE_MARK, ChatTemplate, image_text
 from .text.tokenizer import Tokenizer
 
@@ -64,13 +67,23 @@ class ModelInfo:
 
 
 class VisionLanguageModel:
+    """Complete when constructed: its parts, and how it runs (`spec`, a frozen RunSpec). A model that
+    runs another way is another object (`with_run`, `replace`), sharing the same weights."""
+
     def __init__(self, llm: DecoderLM, tokenizer: Tokenizer, template: ChatTemplate, info: ModelInfo,
                  vision: VisionTower | None = None, projector: Projector | None = None,
-                 image_cfg: ImageConfig | None = None, max_context: int = 4096, s2: S2Config | None = None,
-                 image_encoder: ImageEncoderConfig | None = None):
+                 image_cfg: ImageConfig | None = None, spec: RunSpec | None = None,
+                 image_encoder: ImageEncoderConfig | None = None, encoder: ImageEncoder | None = None,
+                 kernel_report: SelfCheckReport | None = None):
+        """`encoder`: what turns pictures into LLM-space embeddings when not our torch tower (ONNX
+        Runtime: backends/onnx); `kernel_report`: on CUDA, which fast ops passed their load-time
+        check (backends/gpu_path.py), read when engines are made."""
         self.llm, self.tokenizer, self.template, self.info = llm, tokenizer, template, info
         self.vision, self.projector, self.image_cfg = vision, projector, image_cfg
-        self.s2 = s2
+        self.spec = spec or RunSpec(device=llm.device, dtype=llm.dtype)
+        self.image_encoder_config = image_encoder
+        self.encoder = encoder
+        self.kernel_report = kernel_report
         enc = image_encoder
         # NVILA-era VILA: token ids before / after each image's embeddings (VILA tokenizes the strings alone)
         self.image_wrap_ids: tuple[list[int], list[int]] = (
@@ -78,16 +91,44 @@ class VisionLanguageModel:
             tokenizer.encode(enc.end_tokens) if enc and enc.end_tokens else [])
         # what follows a default `<image>` mark in the text: NVILA's "\n" comes from its end tokens instead
         self.image_mark_suffix = "" if enc is not None else "\n"
-        self.max_context = max_context
-        # llama.cpp backend: the LLM runs from this GGUF; `llm` is then its shape only (meta tensors)
-        self.gguf_path: Path | None = None
-        self.torch_device: torch.device | None = None  # where our torch modules run when `llm` is not loaded
-        self.llm_threads: int | None = None  # llama.cpp's CPU threads (None: every core we may use)
-        # ONNX Runtime vision backend: images -> LLM-space embeddings in its session (backends/onnx)
-        self.encoder = None
-        # dynamic tiling (InternVL, NVLM-D): None for models that see each picture once
-        self.tiling: TilingConfig | None = None
-        self.image_format: str | None = None  # how a tiled picture is written: "internvl" or "nvlm"
+
+    def replace(self, **changes) -> VisionLanguageModel:
+        """This model with some of its constructor's arguments changed: a new object, the same weights."""
+        args = dict(llm=self.llm, tokenizer=self.tokenizer, template=self.template, info=self.info,
+                    vision=self.vision, projector=self.projector, image_cfg=self.image_cfg, spec=self.spec,
+                    image_encoder=self.image_encoder_config, encoder=self.encoder, kernel_report=self.kernel_report)
+        return VisionLanguageModel(**{**args, **changes})
+
+    def with_run(self, **changes) -> VisionLanguageModel:
+        """This model run another way (RunSpec fields: max_context, tiling, kv_cache_int8, ...)."""
+        return self.replace(spec=dataclasses.replace(self.spec, **changes))
+
+    # ---- how it runs (the spec's fields, read-only) --------------------------------------
+
+    @property
+    def max_context(self) -> int:
+        return self.spec.max_context
+
+    @property
+    def gguf_path(self) -> Path | None:
+        """llama.cpp backend: the GGUF the LLM runs from (`llm` is then its shape only); else None."""
+        return self.spec.gguf_path
+
+    @property
+    def llm_threads(self) -> int | None:
+        return self.spec.llm_threads
+
+    @property
+    def tiling(self) -> TilingConfig | None:
+        return self.spec.tiling
+
+    @property
+    def image_format(self) -> str | None:
+        return self.spec.image_format
+
+    @property
+    def s2(self) -> S2Config | None:
+        return self.spec.s2
 
     # ---- pictures as the LLM sees them --------------------------------------------------
 
@@ -163,16 +204,17 @@ class VisionLanguageModel:
 
     @property
     def device(self) -> torch.device:
-        return self.torch_device or self.llm.device
+        return self.spec.device
 
     def new_engine(self, max_context: int | None = None):
         """A fresh prefill/step engine with its own KV cache: llama.cpp over the GGUF, else our
         decoder (CUDA graphs on a GPU with Triton)."""
         ctx = max_context or self.max_context
-        if self.gguf_path is not None:
-            return LlamaCppEngine(self.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0,
-                                  n_threads=self.llm_threads, kv_cache_int8=getattr(self.llm, "kv_cache_int8", False))
-        return make_engine(self.llm, ctx)
+        spec = self.spec
+        if spec.gguf_path is not None:
+            return LlamaCppEngine(spec.gguf_path, ctx, n_gpu_layers=-1 if self.device.type == "cuda" else 0,
+                                  n_threads=spec.llm_threads, kv_cache_int8=spec.kv_cache_int8)
+        return make_engine(self.llm, ctx, spec.kv_cache_int8, self.kernel_report)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -243,7 +285,7 @@ class VisionLanguageModel:
         cfg = self.llm.cfg
         ctx = max_context or self.max_context
         kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, self.dtype.itemsize,
-                            self.llm.kv_cache_int8)
+                            self.spec.kv_cache_int8)
         weights = weight_bytes(*(m for m in (self.llm, self.vision, self.projector) if m is not None))
         return {"weights": weights, "kv_cache": kv, "total": weights + kv}
 

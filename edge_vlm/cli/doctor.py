@@ -178,8 +178,7 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
         llm = stand_in_llm(arch, device, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SelfCheckWarning)  # reported below instead (first-run ones too)
-            optimize_for_device(llm, backend="triton")  # on CUDA: the child-process check first, as at load
-        report = llm.selfcheck_report
+            report = optimize_for_device(llm, backend="triton").report  # on CUDA: the child check first, as at load
         for c in report.checks:
             key = c.op if c.op in ("w4a16_gemv", "w4a16_gemm", "rotary_kv", "decode_attention") else f"{c.op} ({arch})"
             old = info["kernels"].get(key)
