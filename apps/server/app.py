@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -286,8 +287,6 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
 
     app.add_middleware(Limits, config=config, metrics=metrics)
     if config.cors_origins:  # added last: the outermost, so the limits' own errors get CORS headers too
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
     return app

@@ -23,7 +23,11 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
 
+from edge_vlm.errors import EdgeVLMError
+from edge_vlm.text.constrained import Constraint
 from edge_vlm.text.sampling import GenerationConfig, GenerationConfigError
+from edge_vlm.text.templates import TOOL_CALL_SYNTAX
+from edge_vlm.text.tools import tool_spec, tool_specs
 
 from .errors import APIError
 
@@ -197,9 +201,6 @@ class ChatRequest(BaseModel):
     def constraint(self):
         """What the answer must match (edge_vlm.text.constrained), from `response_format` or NIM's
         `nvext.guided_json` / `guided_choice`; None for free text. A bad one is a 400 naming its field."""
-        from edge_vlm.text.constrained import Constraint
-        from edge_vlm.errors import EdgeVLMError
-
         ext = dict(self.nvext or {})
         guided = {k: ext.pop(k) for k in ("guided_json", "guided_choice") if k in ext}
         if ext:
@@ -236,9 +237,6 @@ class ChatRequest(BaseModel):
         """The request's tools (checked, OpenAI's shape) and what `tool_choice` asks, for a model
         that writes calls in tool format `fmt`; None without tools. A malformed tool, an unknown
         function, tools with response_format: 400s naming the field."""
-        from edge_vlm.errors import EdgeVLMError
-        from edge_vlm.text.tools import tool_spec, tool_specs
-
         if not self.tools:
             if self.tool_choice not in (None, "none"):
                 raise APIError(400, "tool_choice: only allowed when tools are given", "tool_choice", "invalid_value")
@@ -323,13 +321,9 @@ class ToolPlan:
 
     def constraint(self):
         """The answer's grammar (edge_vlm.text.constrained): a forced call, or no call; None for auto."""
-        from edge_vlm.text.constrained import Constraint
-
         if self.choice == "auto":
             return None
         if self.choice == "none":
-            from edge_vlm.text.templates import TOOL_CALL_SYNTAX
-
             return Constraint.without(TOOL_CALL_SYNTAX[self.fmt].opening)
         if self.choice == "required":
             return Constraint.tool_calls(self.fmt, self.tools)
