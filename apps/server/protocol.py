@@ -169,10 +169,11 @@ class ChatRequest(BaseModel):
             raise APIError(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
 
     def to_generation_config(self, defaults: GenerationConfig, plan: "ToolPlan | None" = None) -> GenerationConfig:
-        """The answer this request asks for: each of its length, sampling and stop fields where
-        given, else the server's `defaults`; its constraint (response_format / nvext) or, with
-        tools, the one `plan` implies. The values are checked by GenerationConfig itself; a bad
-        one is a 400 naming the request's field."""
+        """The answer this request asks for (the one place a request becomes a GenerationConfig):
+        each of its length, sampling and stop fields where given, else the server's `defaults`;
+        its constraint (response_format / nvext) or, with tools, the one `plan` implies (the
+        request's alone: the server has no default constraint). The values are checked by
+        GenerationConfig itself; a bad one is a 400 naming the request's field."""
 
         def given(value, default):
             return default if value is None else value
