@@ -1,8 +1,10 @@
 """Next-token selection: greedy, or temperature / top-k / top-p sampling with a repetition penalty.
 
 A seeded `torch.Generator` makes sampled answers reproducible: same seed, same text. An optional
-mask of allowed tokens (constrained decoding, edge_vlm/constrained.py) removes the others before
-anything else, so the same seed draws the same token whenever the mask allows every token.
+mask of allowed tokens (constrained decoding, edge_vlm/text/constrained.py) removes the others
+before anything else, so the same seed draws the same token whenever the mask allows every token.
+`GenerationConfig`, what one answer asks for, checks its own values when it is made: the CLI's
+flags and the server's request fields meet the same ranges in one place.
 """
 
 from __future__ import annotations
