@@ -105,6 +105,7 @@ def meta_llm(cfg: LLMConfig, quantization: QuantConfig | None = None):
         llm = DecoderLM(cfg).to(torch.float16)
         if quantization:
             prepare_quantized(llm, quantization)  # quantized layers take the model's dtype for their scales
+        llm.tie_weights()  # as the loader does: a tied lm_head shares the embedding (Qwen2-1.5B's 0.47 GB)
     return llm
 
 
