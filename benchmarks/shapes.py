@@ -40,6 +40,10 @@ LLM_SHAPES: dict[str, dict] = {
     "qwen2.5-14b": dict(arch="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_layers=48,
                         num_heads=40, num_kv_heads=8, head_dim=128, norm_eps=1e-5, rope_theta=1000000.0,
                         qkv_bias=True),
+    # a few-kB Qwen2 for checking the NVILA benchmarks run (real_size nvila-ttft --tiny); 512 tokens leave
+    # room for the byte-level tokenizer's alphabet
+    "tiny-qwen2": dict(arch="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=16, norm_eps=1e-6, qkv_bias=True),
     # a few-kB model for the tests of the benchmark itself (not a speed figure)
     "tiny": dict(arch="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, norm_eps=1e-5),
@@ -67,6 +71,9 @@ VLMS: dict[str, tuple[str, dict, str]] = {
     "VILA1.5-13B": ("vila1.5-13b", SIGLIP_384, "mlp_downsample"),
 }
 
+TINY_NVILA_LLM = "tiny-qwen2"
+TINY_NVILA_TOWER = dict(TINY_TOWER, image_size=42)  # a 3x3 patch grid: the 3x3 merge pads nothing, 2x2 pads
+
 # NVILA (VILA 2.0): (LLM shape, tower, projector, S2 scales or None). NVILA-8B/15B: dynamic S2 over
 # 448,896,1344 (features at the last scale, mm_hidden 3 x 1152) and NVILA's mlp_downsample, which is
 # the 2x2_fix merge (NVILA-8B's config; NVlabs/VILA scripts/NVILA/stage3_9tile.sh). NVILA-Lite: no S2,
@@ -74,6 +81,7 @@ VLMS: dict[str, tuple[str, dict, str]] = {
 # (NVlabs/VILA scripts/NVILA-Lite/sft.sh; sglang python/sglang/srt/models/nvila_lite.py). NVILA-15B's own
 # config was not found: its S2 and projector are NVILA-8B's (the family's, per VILA's README).
 NVILA_S2_SCALES = (448, 896, 1344)
+CAMERA_FRAME = (640, 480)  # the 4:3 camera picture the NVILA memory table and TTFT benchmark count with
 NVILA_MAX_TILES = 12  # LlavaConfig's default max_tiles (NVILA-8B's config keeps it)
 NVILA_VLMS: dict[str, tuple[str, dict, str, tuple[int, ...] | None]] = {
     "NVILA-Lite-2B": ("qwen2-1.5b", SIGLIP_448, "mlp_downsample_3x3_fix", None),

@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from edge_vlm.benchmarks.shapes import LLM_SHAPES, NVILA_MAX_TILES, NVILA_VLMS, VLMS, llm_config, meta_llm, meta_vlm
+from edge_vlm.benchmarks.shapes import CAMERA_FRAME, LLM_SHAPES, NVILA_MAX_TILES, NVILA_VLMS, VLMS, llm_config, meta_llm, meta_vlm
 from edge_vlm.formats.configs import LLMConfig, ProjectorConfig, QuantConfig, TilingConfig, VisionConfig
 from edge_vlm.formats.int8_rows import use_int8_linears
 from edge_vlm.formats.vila_encoders import S2Config
@@ -134,9 +134,6 @@ def internvl_table(context: int = 4096) -> str:
 
 
 # ------------------------------------------------------------------ NVILA
-
-CAMERA_FRAME = (640, 480)  # a 4:3 camera picture, what a Jetson pipeline usually feeds
-
 
 def nvila_modules(name: str, tower_int8: bool = False):
     """NVILA `name`'s int4 (AWQ g128) LLM, its tower (fp16, or int8 rows as `--vision-int8` loads it) and
