@@ -78,3 +78,22 @@ def test_a_tied_qwen2_is_written_without_lm_head_and_loads_tied(tmp_path, monkey
         assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
     model = load_model(folder, device="cpu", progress=False, llm_backend="torch", fast_path=False)
     assert model.llm.lm_head.weight is model.llm.embed_tokens.weight
+
+
+@pytest.mark.parametrize("name", list(shapes.NVILA_VLMS))
+def test_real_size_projector_keys_are_the_ones_the_loader_maps(name):
+    # the real folders are GBs (built by the benchmark only): their projector tensors are checked against
+    # the runtime's projector of the same shape, renamed to VILA's keys as the loader renames them
+    import torch
+
+    from edge_vlm.formats.configs import ProjectorConfig
+    from edge_vlm.models.projector import Projector, vila_module_names
+
+    llm_shape, tower, kind, scales = shapes.NVILA_VLMS[name]
+    mm, hidden = tower["hidden_size"] * (len(scales) if scales else 1), shapes.LLM_SHAPES[llm_shape]["hidden_size"]
+    cfg = ProjectorConfig(kind, mm, hidden)
+    with torch.device("meta"):
+        ours = dict(Projector(cfg).named_parameters())
+    rename = {ours_name: vila for vila, ours_name in vila_module_names(cfg).items()}
+    expected = {f"{rename[k.rsplit('.', 1)[0]]}.{k.rsplit('.', 1)[1]}": tuple(p.shape) for k, p in ours.items()}
+    assert dict(real_size._projector_tensors(kind, mm, hidden)) == expected
