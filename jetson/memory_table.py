@@ -117,31 +117,41 @@ def internvl_parts(name: str, context: int, tower_int8: bool) -> dict[str, int]:
             "projector": weight_bytes(projector), "kv_cache": est["kv_cache"]}
 
 
-def internvl_table(context: int = 4096) -> str:
-    head = (f"| model | LLM int4 AWQ | vision tower | mlp1 fp16 | KV cache at {context} | sum | "
+def parts_table(rows, context: int, projector_label: str) -> str:
+    """A per-part table: `rows` of (model, LLM label, tower int8?, bytes of llm / vision / projector /
+    kv_cache); "yes" where the sum leaves RESERVE_GB of the module's memory."""
+    head = (f"| model | LLM | vision tower | {projector_label} | KV cache at {context} | sum | "
             + " | ".join(m for m, _ in MODULES) + " |")
     lines = [head, "|" + "---|" * (6 + len(MODULES))]
-    for name in INTERNVL_VLMS:
-        for tower_int8 in (False, True):
-            b = internvl_parts(name, context, tower_int8)
-            gb = {k: v / 1e9 for k, v in b.items()}
-            total = sum(gb.values())
-            fits = ["yes" if total + RESERVE_GB <= mem else "no" for _, mem in MODULES]
-            lines.append(f"| {name} | {gb['llm']:.2f} GB | {gb['vision']:.2f} GB "
-                         f"({'int8' if tower_int8 else 'fp16'}) | {gb['projector']:.2f} GB | "
-                         f"{gb['kv_cache']:.2f} GB | {total:.2f} GB | " + " | ".join(fits) + " |")
+    for name, llm_label, tower_int8, b in rows:
+        gb = {k: v / 1e9 for k, v in b.items()}
+        total = sum(gb.values())
+        fits = ["yes" if total + RESERVE_GB <= mem else "no" for _, mem in MODULES]
+        lines.append(f"| {name} | {gb['llm']:.2f} GB ({llm_label}) | {gb['vision']:.2f} GB "
+                     f"({'int8' if tower_int8 else 'fp16'}) | {gb['projector']:.2f} GB | "
+                     f"{gb['kv_cache']:.2f} GB | {total:.2f} GB | " + " | ".join(fits) + " |")
     return "\n".join(lines)
+
+
+def internvl_table(context: int = 4096) -> str:
+    rows = [(name, "int4 AWQ", int8, internvl_parts(name, context, int8))
+            for name in INTERNVL_VLMS for int8 in (False, True)]
+    return parts_table(rows, context, "mlp1 fp16")
 
 
 # ------------------------------------------------------------------ NVILA
 
-def nvila_modules(name: str, tower_int8: bool = False):
+# `--quantize-lm-head --quantize-embedding` for NVILA's 152k-token Qwen2 vocabularies (BIG_VOCAB)
+NVILA_LLM_WEIGHTS = [("int4 AWQ", AWQ_INT4, (False, True)), ("+ int4 lm_head, int8 embeddings", AWQ_INT4_BIG_VOCAB, (True,))]
+
+
+def nvila_modules(name: str, tower_int8: bool = False, quantization: QuantConfig = AWQ_INT4):
     """NVILA `name`'s int4 (AWQ g128) LLM, its tower (fp16, or int8 rows as `--vision-int8` loads it) and
     its fp16 projector, on the meta device. The projector's input is the tower's width times the S2 scales
     (NVILA-8B's mm_hidden_size 3456 = 3 x 1152), the tower's own width without S2 (NVILA-Lite)."""
     llm_shape, tower, kind, scales = NVILA_VLMS[name]
     cfg, vcfg = llm_config(llm_shape, max_positions=32768), VisionConfig(**tower)
-    llm = meta_llm(cfg, AWQ_INT4)
+    llm = meta_llm(cfg, quantization)
     with torch.device("meta"):
         vision = VisionTower(vcfg).to(torch.float16)
         if tower_int8:
@@ -151,34 +161,19 @@ def nvila_modules(name: str, tower_int8: bool = False):
     return llm, vision, projector
 
 
-def nvila_parts(name: str, context: int, tower_int8: bool) -> dict[str, int]:
+def nvila_parts(name: str, context: int, tower_int8: bool, quantization: QuantConfig = AWQ_INT4) -> dict[str, int]:
     """Bytes of each part of NVILA `name`: int4 LLM, tower, projector, the fp16 KV cache at `context`."""
-    llm, vision, projector = nvila_modules(name, tower_int8)
+    llm, vision, projector = nvila_modules(name, tower_int8, quantization)
     info = ModelInfo(name, "vila", "qwen2", "siglip", projector.cfg.kind)
     est = VisionLanguageModel(llm, None, None, info, vision, projector).memory_estimate(context)
     return {"llm": weight_bytes(llm), "vision": weight_bytes(vision),
             "projector": weight_bytes(projector), "kv_cache": est["kv_cache"]}
 
 
-def parts_table(parts, names, context: int, projector_label: str) -> str:
-    """The per-part table of `parts(name, context, tower_int8)` for `names`, tower fp16 then int8."""
-    head = (f"| model | LLM int4 AWQ | vision tower | {projector_label} | KV cache at {context} | sum | "
-            + " | ".join(m for m, _ in MODULES) + " |")
-    lines = [head, "|" + "---|" * (6 + len(MODULES))]
-    for name in names:
-        for tower_int8 in (False, True):
-            b = parts(name, context, tower_int8)
-            gb = {k: v / 1e9 for k, v in b.items()}
-            total = sum(gb.values())
-            fits = ["yes" if total + RESERVE_GB <= mem else "no" for _, mem in MODULES]
-            lines.append(f"| {name} | {gb['llm']:.2f} GB | {gb['vision']:.2f} GB "
-                         f"({'int8' if tower_int8 else 'fp16'}) | {gb['projector']:.2f} GB | "
-                         f"{gb['kv_cache']:.2f} GB | {total:.2f} GB | " + " | ".join(fits) + " |")
-    return "\n".join(lines)
-
-
 def nvila_table(context: int = 4096) -> str:
-    return parts_table(nvila_parts, NVILA_VLMS, context, "projector fp16")
+    rows = [(name, label, int8, nvila_parts(name, context, int8, q))
+            for name in NVILA_VLMS for label, q, towers in NVILA_LLM_WEIGHTS for int8 in towers]
+    return parts_table(rows, context, "projector fp16")
 
 
 def nvila_picture(name: str, max_tiles: int, size: tuple[int, int] | None = CAMERA_FRAME) -> tuple[int, int]:

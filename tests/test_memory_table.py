@@ -34,19 +34,28 @@ def awq_linear_bytes(k: int, n: int, bias: bool) -> int:
     return k * n // 2 + groups * n // 2 + groups * n * FP16 + (n * FP16 if bias else 0)
 
 
-def int4_llm_bytes(s: dict) -> int:
-    """A Qwen2 decoder with AWQ linears: biased q/k/v, fp16 norms, embeddings and (untied) lm_head."""
+def int4_llm_bytes(s: dict, big_vocab: bool = False) -> int:
+    """A Qwen2 decoder with AWQ linears: biased q/k/v, fp16 norms, fp16 embedding and lm_head (one table
+    when tied); `big_vocab`: the lm_head int4 AWQ too and the embedding int8 rows with an fp16 scale each
+    (two tables then, tied or not)."""
     d, f, q, kv = s["hidden_size"], s["intermediate_size"], s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
     layer = (awq_linear_bytes(d, q, True) + 2 * awq_linear_bytes(d, kv, True) + awq_linear_bytes(q, d, False)
              + 2 * awq_linear_bytes(d, f, False) + awq_linear_bytes(f, d, False) + 2 * d * FP16)
-    table = s["vocab_size"] * d * FP16
-    return s["num_layers"] * layer + table * (1 if s.get("tie_word_embeddings") else 2) + d * FP16
+    v = s["vocab_size"]
+    if big_vocab:
+        tables = v * d + v * FP16 + awq_linear_bytes(d, v, False)
+    else:
+        tables = v * d * FP16 * (1 if s.get("tie_word_embeddings") else 2)
+    return s["num_layers"] * layer + tables + d * FP16
 
 
 @pytest.mark.parametrize("name", list(NVILA_VLMS))
 def test_nvila_llm_is_sized_as_int4_awq_of_its_shape(table, name):
     shape = LLM_SHAPES[NVILA_VLMS[name][0]]
     assert table.nvila_parts(name, 4096, False)["llm"] == int4_llm_bytes(shape)
+    big = table.nvila_parts(name, 4096, True, table.AWQ_INT4_BIG_VOCAB)["llm"]
+    assert big == int4_llm_bytes(shape, big_vocab=True)
+    assert shape["vocab_size"] >= table.BIG_VOCAB  # why the table lists that row for NVILA
 
 
 @pytest.mark.parametrize("name", list(NVILA_VLMS))
@@ -84,7 +93,7 @@ def test_nvila_projector_widths_follow_the_s2_scales_and_the_merge(table, name):
 
 def test_nvila_table_says_yes_exactly_where_the_sum_and_the_reserve_fit(table):
     lines = table.nvila_table(4096).splitlines()[2:]
-    assert [line.split(" | ")[0].strip("| ") for line in lines] == [n for n in NVILA_VLMS for _ in (0, 1)]
+    assert [line.split(" | ")[0].strip("| ") for line in lines] == [n for n in NVILA_VLMS for _ in (0, 1, 2)]
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         total = float(cells[5].removesuffix(" GB"))
@@ -94,7 +103,8 @@ def test_nvila_table_says_yes_exactly_where_the_sum_and_the_reserve_fit(table):
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         sums.setdefault(cells[0], []).append(float(cells[5].removesuffix(" GB")))
-    assert all(int8 < fp16 for fp16, int8 in sums.values())  # the int8 tower row is the second
+    # the int8 tower row is the second, the smaller tables' the third
+    assert all(fp16 > int8 > big for fp16, int8, big in sums.values())
 
 
 def plain_grid(width: int, height: int, lo: int, hi: int) -> tuple[int, int]:
