@@ -443,7 +443,8 @@ def nvila_ttft_table(name: str, folder: Path, repeats: int) -> str:
     rows = [nvila_ttft(folder, None, repeats), nvila_ttft(folder, 1, repeats)]
     lines = [f"{name}-shaped (random weights) 1-image question, 640x480 picture, torch on the CPU: {facts['name']}, "
              f"{facts['cores']} threads; median of {repeats} after a warm-up; load average {os.getloadavg()[0]:.1f}",
-             "| --max-tiles | tower tiles | image tokens | prompt tokens | tower s | prefill s | time to first token s |",
+             "| --max-tiles | tower tiles | image tokens | prompt tokens | tower s | prefill s | "
+             "time to first token s |",
              "|---|---|---|---|---|---|---|"]
     for label, r in zip((f"{rows[0]['max_tiles']} (default)", "1"), rows):
         lines.append(f"| {label} | {r['tower_tiles']} | {r['image_tokens']} | {r['prompt_tokens']} | "

@@ -23,7 +23,8 @@ import argparse
 
 import torch
 
-from edge_vlm.benchmarks.shapes import CAMERA_FRAME, LLM_SHAPES, NVILA_MAX_TILES, NVILA_VLMS, VLMS, llm_config, meta_llm, meta_vlm
+from edge_vlm.benchmarks.shapes import (CAMERA_FRAME, LLM_SHAPES, NVILA_MAX_TILES, NVILA_VLMS, VLMS, llm_config,
+                                        meta_llm, meta_vlm)
 from edge_vlm.formats.configs import LLMConfig, ProjectorConfig, QuantConfig, TilingConfig, VisionConfig
 from edge_vlm.formats.int8_rows import use_int8_linears
 from edge_vlm.formats.vila_encoders import S2Config
@@ -142,7 +143,8 @@ def internvl_table(context: int = 4096) -> str:
 # ------------------------------------------------------------------ NVILA
 
 # `--quantize-lm-head --quantize-embedding` for NVILA's 152k-token Qwen2 vocabularies (BIG_VOCAB)
-NVILA_LLM_WEIGHTS = [("int4 AWQ", AWQ_INT4, (False, True)), ("+ int4 lm_head, int8 embeddings", AWQ_INT4_BIG_VOCAB, (True,))]
+NVILA_LLM_WEIGHTS = [("int4 AWQ", AWQ_INT4, (False, True)),
+                     ("+ int4 lm_head, int8 embeddings", AWQ_INT4_BIG_VOCAB, (True,))]
 
 
 def nvila_modules(name: str, tower_int8: bool = False, quantization: QuantConfig = AWQ_INT4):
@@ -206,7 +208,8 @@ def nvila_picture(name: str, max_tiles: int, size: tuple[int, int] | None = CAME
 
 def nvila_tokens_table() -> str:
     w, h = CAMERA_FRAME
-    lines = [f"| model | --max-tiles | tower tiles ({w}x{h}) | image tokens ({w}x{h}) | most image tokens (any picture) |",
+    lines = [f"| model | --max-tiles | tower tiles ({w}x{h}) | image tokens ({w}x{h}) | "
+             "most image tokens (any picture) |",
              "|---|---|---|---|---|"]
     for name in NVILA_VLMS:
         for max_tiles, label in ((NVILA_MAX_TILES, f"{NVILA_MAX_TILES} (default)"), (1, "1")):

@@ -38,7 +38,8 @@ def int4_llm_bytes(s: dict, big_vocab: bool = False) -> int:
     """A Qwen2 decoder with AWQ linears: biased q/k/v, fp16 norms, fp16 embedding and lm_head (one table
     when tied); `big_vocab`: the lm_head int4 AWQ too and the embedding int8 rows with an fp16 scale each
     (two tables then, tied or not)."""
-    d, f, q, kv = s["hidden_size"], s["intermediate_size"], s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
+    d, f = s["hidden_size"], s["intermediate_size"]
+    q, kv = s["num_heads"] * s["head_dim"], s["num_kv_heads"] * s["head_dim"]
     layer = (awq_linear_bytes(d, q, True) + 2 * awq_linear_bytes(d, kv, True) + awq_linear_bytes(q, d, False)
              + 2 * awq_linear_bytes(d, f, False) + awq_linear_bytes(f, d, False) + 2 * d * FP16)
     v = s["vocab_size"]
