@@ -151,16 +151,21 @@ def nvila_modules(name: str, tower_int8: bool = False, quantization: QuantConfig
     """NVILA `name`'s int4 (AWQ g128) LLM, its tower (fp16, or int8 rows as `--vision-int8` loads it) and
     its fp16 projector, on the meta device. The projector's input is the tower's width times the S2 scales
     (NVILA-8B's mm_hidden_size 3456 = 3 x 1152), the tower's own width without S2 (NVILA-Lite)."""
-    llm_shape, tower, kind, scales = NVILA_VLMS[name]
+    llm_shape, tower, _, _ = NVILA_VLMS[name]
     cfg, vcfg = llm_config(llm_shape, max_positions=32768), VisionConfig(**tower)
     llm = meta_llm(cfg, quantization)
     with torch.device("meta"):
         vision = VisionTower(vcfg).to(torch.float16)
         if tower_int8:
             use_int8_linears(vision)  # what load_model(vision_int8=True) runs
-        in_dim = vcfg.hidden_size * (len(scales) if scales else 1)
-        projector = Projector(ProjectorConfig(kind, in_dim, cfg.hidden_size)).to(torch.float16)
-    return llm, vision, projector
+    return llm, vision, nvila_projector(name)
+
+
+def nvila_projector(name: str) -> Projector:
+    llm_shape, tower, kind, scales = NVILA_VLMS[name]
+    in_dim = tower["hidden_size"] * (len(scales) if scales else 1)
+    with torch.device("meta"):
+        return Projector(ProjectorConfig(kind, in_dim, LLM_SHAPES[llm_shape]["hidden_size"])).to(torch.float16)
 
 
 def nvila_parts(name: str, context: int, tower_int8: bool, quantization: QuantConfig = AWQ_INT4) -> dict[str, int]:
@@ -185,7 +190,7 @@ def nvila_picture(name: str, max_tiles: int, size: tuple[int, int] | None = CAME
     _, tower, _, scales = NVILA_VLMS[name]
     vcfg = VisionConfig(**tower)
     side, tile = vcfg.image_size // vcfg.patch_size, vcfg.image_size
-    _, _, projector = nvila_modules(name)
+    projector = nvila_projector(name)
     if scales:
         s2 = S2Config(scales=scales, dynamic=True, resize_output_to_scale_idx=-1, max_tiles=max_tiles)
         grids = s2_tiling.candidate_grids((scales[-1] // tile) ** 2, max_tiles)
