@@ -508,7 +508,7 @@ def main(argv=None) -> int:
     nv = sub.add_parser("nvila-ttft", help="time to first token of a 1-image question to a real-size NVILA, split "
                                            "into tower and prefill, at the default --max-tiles and at 1")
     nv.add_argument("name", nargs="?", default="NVILA-Lite-2B", choices=list(NVILA_VLMS),
-                    help="the shape (default NVILA-Lite-2B: a 4.4 GB folder, built once)")
+                    help="the shape (default NVILA-Lite-2B: a ~4 GB folder, built once)")
     nv.add_argument("--tiny", action="store_true", help="a few-kB model of the same layout (checks the run only)")
     nv.add_argument("--repeats", type=int, default=2, help="timed runs per setting after a warm-up (default 2)")
     for s in (b, q, nv):
