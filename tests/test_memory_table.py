@@ -144,3 +144,19 @@ def test_max_tiles_one_is_what_the_tokens_table_prints(table):
             tiles, tokens = table.nvila_picture(name, max_tiles)
             label = f"{max_tiles} (default)" if max_tiles == NVILA_MAX_TILES else "1"
             assert f"| {name} | {label} | {tiles} | {tokens} |" in text
+
+
+def test_readme_nvila_figures_are_the_tables(table):
+    readme = (JETSON.parent / "README.md").read_text()
+    para = readme[readme.index("**NVILA and VILA1.5-*-s2 today:**"):]
+    para = " ".join(para[:para.index("\n\n")].split())
+    w, h = table.CAMERA_FRAME
+    full = {n: table.nvila_picture(n, NVILA_MAX_TILES) for n in ("NVILA-8B", "NVILA-Lite-2B")}
+    one = {n: table.nvila_picture(n, 1) for n in ("NVILA-8B", "NVILA-Lite-2B")}
+    assert (f"A {w}×{h} picture is {full['NVILA-8B'][1]} tokens for NVILA-8B ({full['NVILA-8B'][0]} tower tiles) "
+            f"and {full['NVILA-Lite-2B'][1]} for NVILA-Lite-2B ({full['NVILA-Lite-2B'][0]} tiles)") in para
+    assert (f"`--max-tiles 1` makes them {one['NVILA-8B'][1]} ({one['NVILA-8B'][0]} tiles) and "
+            f"{one['NVILA-Lite-2B'][1]} ({one['NVILA-Lite-2B'][0]} tile)") in para
+    gb = lambda name, int8=False, q=table.AWQ_INT4: sum(table.nvila_parts(name, 4096, int8, q).values()) / 1e9  # noqa: E731
+    assert " / ".join(f"{gb(n):.1f}" for n in NVILA_VLMS) + " GB" in para
+    assert f"NVILA-8B projects to {gb('NVILA-8B', True, table.AWQ_INT4_BIG_VOCAB):.1f} GB, within an 8 GB Orin" in para
