@@ -198,7 +198,7 @@ def test_how_a_model_runs_is_fixed_at_construction(tiny_vila):
         with pytest.raises(AttributeError):
             setattr(model, name, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.max_context = 8
+        setattr(spec, "max_context", 8)  # frozen
     small = model.with_run(max_context=64, kv_cache_int8=False)
     assert small is not model and small.llm is model.llm and small.vision is model.vision
     assert small.new_engine().max_context == 64 and not small.new_engine().cache.quantized
