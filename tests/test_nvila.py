@@ -311,3 +311,25 @@ def test_the_servers_image_cache_keeps_a_pictures_embeddings_apart_by_its_tiling
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert cached.hits == 3 and cached.misses == 3  # the second [a] and [a, b] came from the cache
     assert cached.encode_images([a])[0].shape[0] > cached.encode_images([a, b])[0].shape[0]
+
+
+@pytest.mark.parametrize("name", ["nvila", "vila_s2", "nvila_lite"])
+def test_llama_cpp_llm_gives_the_torch_paths_logits_on_an_s2_image_prompt(folders, name, tmp_path, monkeypatch):
+    """The LLM on llama.cpp (a GGUF export of the Qwen2 / Llama weights), our S2 tower beside it: the first
+    logits after an image prompt agree with the torch path by cosine (llama.cpp's Q8_0 dot products, as in
+    test_llamacpp_backend), and another picture moves both alike, so the per-picture blocks land where the
+    torch path puts them."""
+    from tests.test_internvit_apps import cosine, first_logits
+
+    monkeypatch.setenv("EDGE_VLM_CACHE", str(tmp_path / "cache"))
+    fast = load_model(folders[name][0], device="cpu", progress=False, llm_backend="llama.cpp")
+    ref = load_model(folders[name][0], device="cpu", progress=False, fast_path=False)
+    assert fast.info.llm_backend == "llama.cpp" and fast.gguf_path.is_file()
+    img, other = picture(120, 70, seed=5), picture(60, 130, seed=6)
+    a, b = ChatSession(fast), ChatSession(ref)
+    assert a.engine.name == "llama.cpp"
+    got, want = first_logits(a, "What is in this picture?", [img]), first_logits(b, "What is in this picture?", [img])
+    assert cosine(got, want) > 0.99
+    got2 = first_logits(ChatSession(fast), "What is in this picture?", [other])
+    want2 = first_logits(ChatSession(ref), "What is in this picture?", [other])
+    assert cosine(got2 - got, want2 - want) > 0.9
