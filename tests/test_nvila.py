@@ -333,3 +333,44 @@ def test_llama_cpp_llm_gives_the_torch_paths_logits_on_an_s2_image_prompt(folder
     got2 = first_logits(ChatSession(fast), "What is in this picture?", [other])
     want2 = first_logits(ChatSession(ref), "What is in this picture?", [other])
     assert cosine(got2 - got, want2 - want) > 0.9
+
+
+@pytest.mark.parametrize("name", ["nvila", "vila_s2"])
+def test_quantize_calibrates_on_s2_image_tokens_and_loads_back(folders, name, tmp_path):
+    """AWQ of the LLM calibrated on the runtime's own S2 image embeddings (each picture alone, between the
+    image encoder's start/end tokens), the tower and projector copied bit for bit; read back, the first
+    logits after an image prompt stay within int4 noise of the 16-bit model's (< 0.4 relative: the
+    argument of test_quantize_pipeline's InternVL test, ~10-25% through two quantized layers)."""
+    from edge_vlm import GenerationConfig
+    from edge_vlm.formats.checkpoint import TensorStore
+    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
+    from tests.test_internvit_apps import first_logits
+
+    src, out, imgs = folders[name][0], tmp_path / "awq", tmp_path / "imgs"
+    imgs.mkdir()
+    for i, size in enumerate([(140, 90), (60, 120)]):
+        picture(*size, seed=20 + i).save(imgs / f"{i}.png")
+    summary = quantize_checkpoint(src, out, QuantizeSettings(calib_images=str(imgs), group_size=32, n_samples=4,
+                                                             seqlen=64), progress=False)
+    line = summary.calibration[-1]
+    assert line.startswith("image tokens of 2 images") and ("dynamic S2" if name == "nvila" else "fixed S2") in line
+    ref = load_model(src, device="cpu", progress=False, fast_path=False)
+    counts = [int(n) for n in line.split("(")[1].split(" ")[0].split("+")]
+    if name == "vila_s2":
+        assert counts == [ref.tokens_per_image] * 2
+    else:  # each picture alone, tiled as a one-picture chat tiles it, at the most tiles that fit 64 - 16 tokens
+        assert all(c <= 48 for c in counts) and max(counts) > ref.tokens_per_image
+    for part in ("vision_tower", "mm_projector"):
+        before, after = TensorStore(src / part), TensorStore(out / part)
+        assert before.keys() and sorted(before.keys()) == sorted(after.keys())
+        assert all(torch.equal(before.get(k), after.get(k)) for k in before.keys())
+    model = load_model(out, device="cpu", progress=False, fast_path=False)
+    assert model.info.quantization == "awq w4 g32" and model.s2 == ref.s2
+    img = picture(130, 80, seed=30)
+    got = first_logits(ChatSession(model), "What is in the picture?", [img])
+    want = first_logits(ChatSession(ref), "What is in the picture?", [img])
+    err = float((got - want).norm() / want.norm())
+    assert 0 < err < 0.4, err
+    session = ChatSession(model)
+    session.answer("What is this?", images=[img], gen=GenerationConfig(max_new_tokens=3, temperature=0))
+    assert session.stats.new_tokens >= 1
