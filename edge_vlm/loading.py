@@ -184,6 +184,7 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     template = _template_for(tok, layout, template)
     model = VisionLanguageModel(llm, tok, template, info, *(parts[:3] if parts else ()), spec=spec,
                                 image_encoder=configs.image_encoder if configs is not None else None,
+                                video_encoder=configs.video_encoder if configs is not None else None,
                                 kernel_report=fast.report)
     if vision_backend != "torch" and model.is_multimodal:
         model = with_onnx_vision(model, vision_backend, progress=show)

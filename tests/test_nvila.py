@@ -374,3 +374,64 @@ def test_quantize_calibrates_on_s2_image_tokens_and_loads_back(folders, name, tm
     session = ChatSession(model)
     session.answer("What is this?", images=[img], gen=GenerationConfig(max_new_tokens=3, temperature=0))
     assert session.stats.new_tokens >= 1
+
+
+def ref_video(path, vision, proj, kind, frames, pool):
+    """VILA's clip path, read plainly: `frames` frames at linspace(0, n - 1).round() of the decoded clip, each
+    squashed to one tower tile, its features repeated over the 3 scales (one tile: no merge), projected,
+    then TSP: means over runs of t frames and h x w cells of the projected token grid."""
+    import cv2
+    import numpy as np
+
+    cap, decoded = cv2.VideoCapture(str(path)), []
+    while (got := cap.read())[0]:
+        decoded.append(Image.fromarray(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB)))
+    cap.release()
+    picked = [decoded[i] for i in np.linspace(0, len(decoded) - 1, frames).round().astype(int)]
+    proc = image_processor("siglip", TILE)
+    pixels = torch.stack([torch.as_tensor(proc(f, return_tensors="pt")["pixel_values"][0]) for f in picked])
+    feats = hf_features(vision, pixels)
+    maps = torch.stack([place([f], 1, 1, GRID).repeat(3, 1, 1) for f in feats])
+    tokens = ref_project(proj, kind, maps)  # [frames, side*side, H]
+    t, h, w = pool
+    side = math.isqrt(tokens.shape[1])
+    out = []
+    for start in range(0, frames, t):
+        grid = tokens[start:start + t].reshape(t, side, side, -1)
+        cells = [grid[:, i * h:(i + 1) * h, j * w:(j + 1) * w].reshape(-1, grid.shape[-1]).mean(0)
+                 for i in range(side // h) for j in range(side // w)]
+        out.append(torch.stack(cells))
+    return out
+
+
+@pytest.mark.parametrize("pool", [(2, 1, 1), (2, 2, 2)])
+def test_nvila_video_is_sampled_and_pooled_as_the_reference(tmp_path, pool):
+    """An NVILA folder with a TSPVideoEncoder: `num_video_frames` frames are sampled, each seen once, and
+    every run of t frames becomes one block of the pooled grid; `--frames` that do not divide into runs are
+    refused in one line."""
+    import json
+
+    from edge_vlm.errors import EdgeVLMError
+    from edge_vlm.imaging.video import sample_frames
+    from tests.test_vlm import write_video
+
+    encoder = json.dumps({"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [list(pool)]})
+    llm, vision, proj = make_nvila(tmp_path / "nvila", seed=4, video_encoder=encoder, num_video_frames=4)
+    model = load_model(tmp_path / "nvila", fast_path=False, progress=False)
+    assert model.video_frames == 4
+    clip = write_video(tmp_path / "clip.mp4", frames=13, size=(80, 48))
+    pictures = model.video_pictures(sample_frames(clip, model.video_frames))
+    assert len(pictures) == 2 and not model.lone_image(pictures)
+    side = math.isqrt(model.tokens_per_image)
+    assert model.image_tokens(pictures) == 2 * (side // pool[1]) * (side // pool[2])
+    ours = model.encode_images(pictures)
+    ref = ref_video(clip, vision, proj, "mlp_downsample_2x2_fix", 4, pool)
+    assert [b.shape for b in ours] == [r.shape for r in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)  # fp32 both: summation order only
+    # one image beside the clip is still its message's only image: dynamic S2 tiles it
+    photo = picture(130, 70, seed=9)
+    both = model.encode_images([photo] + pictures)
+    assert both[0].shape[0] == model.image_tokens([photo]) > model.tokens_per_image
+    with pytest.raises(EdgeVLMError, match="multiple of 2 frames"):
+        model.video_pictures(sample_frames(clip, 3))
