@@ -435,3 +435,25 @@ def test_nvila_video_is_sampled_and_pooled_as_the_reference(tmp_path, pool):
     assert both[0].shape[0] == model.image_tokens([photo]) > model.tokens_per_image
     with pytest.raises(EdgeVLMError, match="multiple of 2 frames"):
         model.video_pictures(sample_frames(clip, 3))
+
+
+def test_vision_int8_runs_the_s2_tower_in_int8_within_its_bound(folders):
+    """`--vision-int8` on NVILA: the SigLIP Linears int8 (one scale a row), the projector as loaded; the S2
+    embeddings (every tile through the int8 tower, merged, projected) stay within int8 rounding of fp32's:
+    each weight off by at most max|row|/254 (~0.5% of a Gaussian row's weight), independent over the tower's
+    Linears and damped by the residual stream, so < 2% relative (a wrong scale gives ~100%), and > 1e-4
+    shows the weights really are int8."""
+    from edge_vlm.formats.int8_rows import Int8Linear
+
+    folder = folders["nvila"][0]
+    ref = load_model(folder, device="cpu", progress=False, fast_path=False)
+    q = load_model(folder, device="cpu", progress=False, fast_path=False, vision_int8=True)
+    assert q.info.vision_quantization == "int8" and q.s2 == ref.s2
+    linears = [m for m in q.vision.modules() if isinstance(m, (Int8Linear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    assert not any(isinstance(m, Int8Linear) for m in q.projector.modules())
+    for pictures in ([picture(130, 70, seed=11)], [picture(60, 90, seed=12), picture(90, 60, seed=13)]):
+        for a, b in zip(q.encode_images(pictures), ref.encode_images(pictures)):
+            assert a.shape == b.shape
+            err = float((a - b).norm() / b.norm())
+            assert 1e-4 < err < 0.02, err
