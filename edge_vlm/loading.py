@@ -163,7 +163,6 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(str(device))
     configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
-    vision_backend = _vision_backend_for(configs, vision_backend)
     if configs is not None and configs.preparation.assumed:
         warnings.warn(configs.preparation.assumed, ImagePreparationWarning, stacklevel=2)
     store, q = open_llm_store(layout.llm_dir, layout.quantization)
@@ -190,17 +189,6 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
         model = with_onnx_vision(model, vision_backend, progress=show)
         release_torch_tower(model)  # ONNX Runtime holds the vision weights now (no-op on the torch path)
     return model
-
-
-def _vision_backend_for(configs: VisionConfigs | None, asked: str) -> str:
-    """The vision backend asked, unless the tower cannot run on it: S2 towers stay on torch ("auto"),
-    or are refused in one line (ONNX asked by name)."""
-    if configs is None or configs.s2 is None or asked == "torch":
-        return asked
-    if asked != "auto":
-        raise EdgeVLMError("the ONNX vision backend does not run S2 multi-scale towers (NVILA, VILA1.5-*-s2) "
-                           "yet; use --vision-backend torch")
-    return "torch"
 
 
 def _gguf_for(layout: CheckpointLayout, quantized: bool, asked: str, device: torch.device, show) -> Path | None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from edge_vlm import GenerationConfig
 from edge_vlm.cli import main
 from edge_vlm.errors import UnsupportedModelError
 from edge_vlm.imaging.s2_tiling import dynamic_s2_image_tokens
@@ -287,14 +288,37 @@ def test_max_tiles_trades_tokens_for_speed_and_turns_reuse_the_cache(folders):
     assert s.stats.cached_prompt_tokens == at and s.position > at + 48  # the first turn stays in the cache
 
 
-def test_the_onnx_tower_is_refused_for_s2_and_auto_stays_on_torch(folders):
-    from edge_vlm.errors import EdgeVLMError
+@pytest.mark.parametrize("name", ["nvila", "vila_s2"])
+def test_the_onnx_tower_runs_every_s2_tile_and_torch_merges_and_projects(folders, name, tmp_path, monkeypatch):
+    """`--vision-backend onnx` on S2 models: the exported graph is the tower alone (batched over a picture's
+    tiles of every scale); the scales are merged and projected in torch, so the projector's weights stay and
+    only the tower's are freed. fp32 gives the torch embeddings within float32 summation noise (1e-4 of
+    their size, as test_onnx_vision's fp32 bound); the int8 file, where chosen, within its cosine bound."""
+    from edge_vlm.backends.onnx import int8
 
-    with pytest.raises(EdgeVLMError, match="ONNX vision backend does not run S2") as e:
-        load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="onnx")
-    assert "\n" not in str(e.value)
-    model = load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="auto")
-    assert model.encoder is None and model.info.vision_backend == "torch"
+    monkeypatch.setenv("EDGE_VLM_CACHE", str(tmp_path / "cache"))
+    folder = folders[name][0]
+    ref = load_model(folder, fast_path=False, progress=False)
+    pictures = [[picture(130, 70, seed=40)], [picture(60, 90, seed=41), picture(90, 60, seed=42)]]
+    want = [ref.encode_images(p) for p in pictures]
+    from edge_vlm.backends.onnx import with_onnx_vision
+
+    fp32 = with_onnx_vision(ref, "onnx", precision="fp32")
+    assert fp32.info.vision_backend == "onnxruntime CPU fp32 (tower only: S2 merge and projector in torch)"
+    assert fp32.encoder.tower_only
+    for p, w in zip(pictures, want):
+        for a, b in zip(fp32.encode_images(p), w):
+            assert a.shape == b.shape and float((a - b).norm() / b.norm()) <= 1e-4
+    model = load_model(folder, fast_path=False, progress=False, vision_backend="onnx")
+    assert model.info.vision_backend.startswith("onnxruntime CPU")
+    assert all(t.device.type == "meta" for t in model.vision.parameters())  # the tower runs in ONNX Runtime
+    assert all(t.device.type == "cpu" for t in model.projector.parameters())  # the projector still in torch
+    for p, w in zip(pictures, want):
+        for a, b in zip(model.encode_images(p), w):
+            assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) >= int8.MIN_COSINE
+    session = ChatSession(model)
+    session.answer("What is this?", images=pictures[0], gen=GenerationConfig(max_new_tokens=3, temperature=0))
+    assert session.stats.vision_backend.startswith("onnxruntime") and session.stats.new_tokens >= 1
 
 
 def test_the_servers_image_cache_keeps_a_pictures_embeddings_apart_by_its_tiling(folders):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import ensure_exported, export_dir
+from .cache import ensure_exported, export_dir, graph_image_config, tower_only
 from .encoder import OnnxVisionEncoder
 from .int8 import MIN_COSINE, quiet_quantizer
 from .providers import plan as provider_plan
@@ -172,7 +172,8 @@ def choose_onnx_vision(model, mode: str = "auto", precision: str | None = None,
         note = ""
 
     try:
-        encoder = OnnxVisionEncoder.open(path, model.image_cfg, plan, device, model.dtype, note)
+        encoder = OnnxVisionEncoder.open(path, graph_image_config(model), plan, device, model.dtype, note,
+                                         tower_only=tower_only(model))
         if device.type != "cpu":  # GPU providers may fail only at the first run (engine build, kernels)
             encoder.encode_pixels(torch.zeros(1, 3, model.vision.cfg.image_size, model.vision.cfg.image_size))
     except Exception as e:  # noqa: BLE001 - a corrupt file or a provider that fails to start
@@ -189,7 +190,8 @@ def release_torch_tower(model) -> int:
     """
     if model.encoder is None or model.vision is None:
         return 0
-    parts = [m for m in (model.vision, model.projector) if m is not None]
+    # S2 models keep the projector: it runs in torch after the scales are merged
+    parts = [m for m in (model.vision, None if tower_only(model) else model.projector) if m is not None]
     freed = sum(t.numel() * t.element_size() for m in parts for t in (*m.parameters(), *m.buffers())
                 if t.device.type != "meta")
     for m in parts:
