@@ -363,7 +363,7 @@ def family_summary(family: dict) -> str:
             + ("" if family.get("triton", True) else ", without Triton"))
 
 
-# ---------------------------------------------------------------- other runtimes, cameras, disk
+# ---------------------------------------------------------------- other runtimes, disk
 
 def llama_cpp_info() -> dict:
     try:
