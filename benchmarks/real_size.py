@@ -403,9 +403,9 @@ def quantize_full(name: str, cache: Path, out: Path | None, fast: bool, matmul: 
 QUESTION = "What is in this picture? Describe it in one sentence."
 
 
-def nvila_ttft(folder: Path, max_tiles: int | None, repeats: int = 2) -> dict:
+def nvila_ttft(folder: Path, max_tiles: int | None, repeats: int = 2, llm_backend: str = "torch") -> dict:
     """A 1-image question (a 640x480 picture) to the NVILA folder on the CPU (torch LLM), `max_tiles`
-    None: the checkpoint's own. Medians over `repeats` after a warm-up of: the tower (preprocessing, SigLIP
+    None: the checkpoint's own; `llm_backend`: "torch" or "llama.cpp" (the CPU default). Medians over `repeats` after a warm-up of: the tower (preprocessing, SigLIP
     over every tile, the projector: `encode_images`) and the session's time to first token, which runs
     the tower again; "prefill" is their difference (prompt prefill and the first token)."""
     from edge_vlm import ChatSession, GenerationConfig, load_model
@@ -414,7 +414,7 @@ def nvila_ttft(folder: Path, max_tiles: int | None, repeats: int = 2) -> dict:
 
     from .shapes import CAMERA_FRAME
 
-    model = load_model(folder, device="cpu", progress=False, max_tiles=max_tiles, llm_backend="torch")
+    model = load_model(folder, device="cpu", progress=False, max_tiles=max_tiles, llm_backend=llm_backend)
     image = synthetic_images(1, seed=3)[0].resize(CAMERA_FRAME)
     tiles = model.message_tiles([image])
     gen = GenerationConfig(max_new_tokens=1, temperature=0)
@@ -436,12 +436,13 @@ def nvila_ttft(folder: Path, max_tiles: int | None, repeats: int = 2) -> dict:
             "tower_s": t_tower, "prefill_s": t_first - t_tower, "ttft_s": t_first}
 
 
-def nvila_ttft_table(name: str, folder: Path, repeats: int) -> str:
+def nvila_ttft_table(name: str, folder: Path, repeats: int, llm_backend: str = "torch") -> str:
     from .vision_backends import cpu_facts
 
     facts = cpu_facts()
-    rows = [nvila_ttft(folder, None, repeats), nvila_ttft(folder, 1, repeats)]
-    lines = [f"{name}-shaped (random weights) 1-image question, 640x480 picture, torch on the CPU: {facts['name']}, "
+    rows = [nvila_ttft(folder, None, repeats, llm_backend), nvila_ttft(folder, 1, repeats, llm_backend)]
+    lines = [f"{name}-shaped (random weights) 1-image question, 640x480 picture, tower in torch, LLM on {llm_backend}, "
+             f"CPU: {facts['name']}, "
              f"{facts['cores']} threads; median of {repeats} after a warm-up; load average {os.getloadavg()[0]:.1f}",
              "| --max-tiles | tower tiles | image tokens | prompt tokens | tower s | prefill s | "
              "time to first token s |",
@@ -511,6 +512,8 @@ def main(argv=None) -> int:
                     help="the shape (default NVILA-Lite-2B: a ~4 GB folder, built once)")
     nv.add_argument("--tiny", action="store_true", help="a few-kB model of the same layout (checks the run only)")
     nv.add_argument("--repeats", type=int, default=2, help="timed runs per setting after a warm-up (default 2)")
+    nv.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
+                    help="what runs the LLM (llama.cpp: the CPU default of edge-vlm chat; its GGUF exported once)")
     for s in (b, q, nv):
         s.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where folders are kept (default {DEFAULT_CACHE})")
     for s in (q, layer):
@@ -528,7 +531,7 @@ def main(argv=None) -> int:
     elif a.cmd == "nvila-ttft":
         if a.repeats < 1:
             p.error("--repeats must be at least 1")
-        print(nvila_ttft_table(a.name, build_nvila(a.name, a.cache, tiny=a.tiny), a.repeats))
+        print(nvila_ttft_table(a.name, build_nvila(a.name, a.cache, tiny=a.tiny), a.repeats, a.backend))
     else:
         print(gpu_estimate())
     return 0
