@@ -259,7 +259,7 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
             raise APIError(503, f"the server is busy: {worker.max_queue} requests already queued; retry later",
                            None, "queue_full", {"Retry-After": str(e.retry_after)}) from None
         try:
-            reader = MediaReader(config.media, budget, Fit(worker.model))
+            reader = MediaReader(config.media, budget, Fit(worker.model), worker.model)
             messages, _ = await reader.read(body, worker.model.is_multimodal, deadline)
             job = Job(messages, gen, asyncio.get_running_loop(), deadline, tools=plan.tools if plan else [],
                       context=context, place=place)

@@ -1,7 +1,8 @@
 """OpenAI / NIM messages -> the runtime's `Message` list, media decoded where it stands.
 
 An image becomes an `<image>` mark at its place in the text (the session splices its embeddings
-there); a video becomes one mark per sampled frame (flagged as a video frame: tiled models give it one tile). Media only in user messages. Assistant
+there); a video becomes one mark per picture the model makes of its sampled frames (flagged as video
+frames: tiled models give each one tile; NVILA pools runs of them). Media only in user messages. Assistant
 messages may carry `tool_calls` (content then may be null) and `role: "tool"` messages the
 result of one call (text, with its `tool_call_id`); the session renders both in the model's format.
 """
@@ -16,7 +17,6 @@ from edge_vlm.errors import EdgeVLMError
 from edge_vlm.session import Message
 from edge_vlm.text.templates import IMAGE_MARK
 from edge_vlm.text.tools import arguments_dict
-from edge_vlm.vlm import VisionLanguageModel
 
 from .errors import APIError
 from .media import (BIG_REQUEST_PIXELS, Fit, Media, MediaLimits, PixelBudget, Probe, decode_image, decode_video,
@@ -50,8 +50,13 @@ class MediaReader:
     picture's bytes fetched and its header read first, the request's pixels checked and
     reserved from the server-wide budget, then each decoded and reduced at once (media.py)."""
 
-    def __init__(self, limits: MediaLimits, budget: PixelBudget, fit: Fit):
-        self.limits, self.budget, self.fit = limits, budget, fit
+    def __init__(self, limits: MediaLimits, budget: PixelBudget, fit: Fit, model):
+        """`model`: the loaded VisionLanguageModel, whose own rules say how many frames a clip gives, how
+        its frames become pictures (NVILA pools runs of them) and how media stand in the text."""
+        self.limits, self.budget, self.fit, self.model = limits, budget, fit, model
+        # NVILA-era VILA puts each medium's mark straight into the text (its end tokens follow the
+        # embeddings); older checkpoints and OpenAI parts: each part a line of its own
+        self.joiner = "\n" if model.image_mark_suffix else ""
         self.allow = AllowList(limits.remote_hosts)
 
     async def _bytes(self, media: Media, param: str, deadline: float, fetched: list[int]) -> tuple[bytes, str | None]:
@@ -110,8 +115,8 @@ class MediaReader:
                     if p.kind == "image":
                         probe = await loop.run_in_executor(DECODER, probe_image, data, mime, limits, param)
                     else:
-                        probe = await loop.run_in_executor(DECODER, probe_video, data, req.num_frames_per_inference,
-                                                           limits, param)
+                        frames = req.num_frames_per_inference or self.model.video_frames
+                        probe = await loop.run_in_executor(DECODER, probe_video, data, frames, limits, param)
                     probes.append(probe)
                     pieces[k] = probe
                     if sum(q.pictures for q in probes) > limits.max_images:
@@ -147,13 +152,13 @@ class MediaReader:
                     if p.kind == "image":
                         pics = [decode_image(p, self.fit)]
                     else:
-                        pics = [VisionLanguageModel.mark_video_frame(f) for f in decode_video(p, self.fit)]
+                        pics = self.model.video_pictures(decode_video(p, self.fit))
                     decoded += p.pixels
                     images += pics
                     texts.append(IMAGE_MARK * len(pics) if isinstance(m.content, str) else
-                                 "\n".join([IMAGE_MARK] * len(pics)))
-                # inline NIM media stands in the text as it is; OpenAI parts are lines of their own
-                text = "".join(texts) if isinstance(m.content, str) else "\n".join(texts)
+                                 self.joiner.join([IMAGE_MARK] * len(pics)))
+                # inline NIM media stands in the text as it is; OpenAI parts are lines of their own (NVILA: joined)
+                text = "".join(texts) if isinstance(m.content, str) else self.joiner.join(texts)
                 messages.append(_message(m, text, images))
         finally:
             if decoded > BIG_REQUEST_PIXELS:

@@ -125,7 +125,8 @@ class ChatRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 16 non-empty strings that end the answer")
     stream: Bool = False
     stream_options: StreamOptions | None = None
-    num_frames_per_inference: Int = Field(8, ge=1, le=32, description="frames sampled evenly from a video")
+    num_frames_per_inference: Int | None = Field(None, ge=1, le=32, description="frames sampled evenly from a video "
+                                                 "(default: the model's own, e.g. NVILA's num_video_frames, else 8)")
     repetition_penalty: Number | None = Field(None, description="above 0, at most 10 (1: off)")
     frequency_penalty: Number | None = Field(None, description="only 0 (use repetition_penalty)")
     presence_penalty: Number | None = Field(None, description="only 0 (use repetition_penalty)")
