@@ -61,11 +61,16 @@ def test_llama_cpp_llm_matches_torch_on_a_tiled_image_prompt(folders, name):
     assert fast.info.llm_backend == "llama.cpp" and fast.gguf_path.is_file()
     img, other = picture(30, (150, 70)), picture(31, (70, 150))
     assert fast.tile_count(img) > 2  # a grid and the thumbnail, each at its place in the prompt
+    assert_llama_cpp_image_logits_agree(fast, ref, img, other)
+
+
+def assert_llama_cpp_image_logits_agree(fast, ref, img, other):
+    """The first logits after an image prompt, the LLM on llama.cpp (`fast`) against torch (`ref`): close by
+    cosine, and the image matters the same way on both (another picture moves both logits alike)."""
     a, b = ChatSession(fast), ChatSession(ref)
     assert a.engine.name == "llama.cpp"
     got, want = first_logits(a, "What is in this picture?", [img]), first_logits(b, "What is in this picture?", [img])
     assert cosine(got, want) > 0.99
-    # the image matters, and the same way on both: another picture moves both logits alike
     got2 = first_logits(ChatSession(fast), "What is in this picture?", [other])
     want2 = first_logits(ChatSession(ref), "What is in this picture?", [other])
     assert cosine(got2 - got, want2 - want) > 0.9

@@ -343,20 +343,13 @@ def test_llama_cpp_llm_gives_the_torch_paths_logits_on_an_s2_image_prompt(folder
     logits after an image prompt agree with the torch path by cosine (llama.cpp's Q8_0 dot products, as in
     test_llamacpp_backend), and another picture moves both alike, so the per-picture blocks land where the
     torch path puts them."""
-    from tests.test_internvit_apps import cosine, first_logits
+    from tests.test_internvit_apps import assert_llama_cpp_image_logits_agree
 
     monkeypatch.setenv("EDGE_VLM_CACHE", str(tmp_path / "cache"))
     fast = load_model(folders[name][0], device="cpu", progress=False, llm_backend="llama.cpp")
     ref = load_model(folders[name][0], device="cpu", progress=False, fast_path=False)
     assert fast.info.llm_backend == "llama.cpp" and fast.gguf_path.is_file()
-    img, other = picture(120, 70, seed=5), picture(60, 130, seed=6)
-    a, b = ChatSession(fast), ChatSession(ref)
-    assert a.engine.name == "llama.cpp"
-    got, want = first_logits(a, "What is in this picture?", [img]), first_logits(b, "What is in this picture?", [img])
-    assert cosine(got, want) > 0.99
-    got2 = first_logits(ChatSession(fast), "What is in this picture?", [other])
-    want2 = first_logits(ChatSession(ref), "What is in this picture?", [other])
-    assert cosine(got2 - got, want2 - want) > 0.9
+    assert_llama_cpp_image_logits_agree(fast, ref, picture(120, 70, seed=5), picture(60, 130, seed=6))
 
 
 @pytest.mark.parametrize("name", ["nvila", "vila_s2"])
