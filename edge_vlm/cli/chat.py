@@ -8,7 +8,8 @@ from pathlib import Path
 from ..errors import EdgeVLMError
 from ..imaging.preprocess import load_image
 from ..session import ChatSession
-from .options import DEFAULT_MODEL, add_generation_options, add_model_options, generation_config, load_from_args
+from .options import (DEFAULT_MODEL, add_generation_options, add_model_options, generation_config, load_from_args,
+                      positive_int)
 
 
 def register(sub) -> None:
@@ -21,7 +22,8 @@ def register(sub) -> None:
                    help=f"model folder or Hugging Face repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat for several)")
     p.add_argument("--video", metavar="PATH", help="a video; --frames frames are sampled evenly from it")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled from --video (default 8)")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="frames sampled from --video (default: the model's own, e.g. NVILA's num_video_frames; else 8)")
     p.add_argument("--system", help="system prompt (default: the model's own)")
     add_generation_options(p)
     add_model_options(p)
@@ -31,7 +33,8 @@ def register(sub) -> None:
 
 
 def _stream(session, question, images, video, args) -> None:
-    for piece in session.ask(question, images=images, video=video, frames=args.frames, gen=generation_config(args)):
+    frames = args.frames or session.model.video_frames
+    for piece in session.ask(question, images=images, video=video, frames=frames, gen=generation_config(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
