@@ -15,7 +15,10 @@ from edge_vlm.backends.onnx.encoder import OnnxVisionEncoder
 from edge_vlm.backends.torch_engine import TorchEngine
 from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
 from edge_vlm.cli.doctor import stand_in_llm
-from edge_vlm.contracts import ChatFormatter, Engine, ImageEncoder, Prompt
+from edge_vlm.apps.camera.remote import RemoteSession
+from edge_vlm.apps.server.image_cache import CachedImages
+from edge_vlm.contracts import ChatFormatter, Engine, GenerationStats, ImageEncoder, Prompt, Session
+from edge_vlm.session import ChatSession
 from edge_vlm.text.templates import ChatTemplate
 
 
@@ -63,9 +66,46 @@ def test_every_engine_provides_the_engine_contract(cls):
     assert breaches(cls, Engine) == []
 
 
-@pytest.mark.parametrize("cls", [OnnxVisionEncoder])
+@pytest.mark.parametrize("cls", [OnnxVisionEncoder, CachedImages])
 def test_every_image_encoder_provides_the_encoder_contract(cls):
     assert breaches(cls, ImageEncoder) == []
+
+
+@pytest.mark.parametrize("cls", [ChatSession, RemoteSession])
+def test_every_session_provides_the_session_contract(cls):
+    assert breaches(cls, Session) == []
+
+
+def test_a_remote_session_is_a_session_with_the_servers_stats():
+    remote = RemoteSession("http://127.0.0.1:9", system="Be brief.")
+    try:
+        assert isinstance(remote, Session) and isinstance(remote.stats, GenerationStats)
+        remote.reset()
+        assert remote.system == "Be brief."  # KEEP, the default, keeps it
+        remote.reset(system=None)
+        assert remote.system is None
+    finally:
+        remote.close()
+
+
+def test_the_image_cache_encodes_each_picture_once_and_hands_back_what_the_encoder_gave():
+    from PIL import Image
+
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        return torch.stack([torch.full((2, 3), float(im.getpixel((0, 0))[0])) for im in images])
+
+    cache = CachedImages(encode, per_picture_blocks=False, capacity=2)
+    assert isinstance(cache, ImageEncoder)
+    red, blue = Image.new("RGB", (4, 4), (200, 0, 0)), Image.new("RGB", (4, 4), (7, 0, 255))
+    first = cache([red, blue])
+    again = cache([Image.new("RGB", (4, 4), (200, 0, 0)), blue])  # equal pixels, another object: a hit
+    assert calls == [2] and torch.equal(first, again) and (cache.hits, cache.misses) == (2, 2)
+    cache([Image.new("RGB", (4, 4), (1, 1, 1))])  # a third picture: the oldest (red) leaves
+    cache([red])
+    assert calls == [2, 1, 1] and len(cache) == 2
 
 
 def test_the_chat_template_provides_the_formatter_contract():
