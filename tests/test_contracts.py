@@ -88,6 +88,28 @@ def test_a_remote_session_is_a_session_with_the_servers_stats():
         remote.close()
 
 
+def test_a_remote_session_answers_and_counts_as_the_local_session_does(model, served):
+    """The same greedy question through the server: the same text, and the server's usage and
+    timings as the stats (the whole prompt, the answer's tokens, why it ended)."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from edge_vlm import GenerationConfig
+
+    app, _ = served()
+    picture = Image.new("RGB", (64, 48), (30, 120, 200))
+    gen = GenerationConfig(max_new_tokens=5, temperature=0)
+    local = ChatSession(model, system="Be brief.")
+    want = "".join(local.ask("What is this?", images=[picture], gen=gen))
+    with TestClient(app) as http:
+        remote = RemoteSession("http://testserver", system="Be brief.", http=http)
+        got = "".join(remote.ask("What is this?", images=[picture], gen=gen))
+    s, r = local.stats, remote.stats
+    assert got == want
+    assert r.prompt_tokens + r.cached_prompt_tokens == s.prompt_tokens + s.cached_prompt_tokens > 0
+    assert (r.new_tokens, r.stop_reason) == (s.new_tokens, s.stop_reason) and r.ttft_s > 0 and r.vision_s > 0
+
+
 def test_the_image_cache_encodes_each_picture_once_and_hands_back_what_the_encoder_gave():
     from PIL import Image
 

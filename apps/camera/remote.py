@@ -34,14 +34,16 @@ def data_uri(rgb) -> str:
 class RemoteSession:
     """A session on a running `edge-vlm serve`: each question is its own conversation there."""
 
-    def __init__(self, url: str, api_key: str | None = None, system: str | None = None, timeout_s: float = 600.0):
-        import httpx
+    def __init__(self, url: str, api_key: str | None = None, system: str | None = None, timeout_s: float = 600.0,
+                 http=None):
+        """`http`: the httpx.Client to send with (default: one for `url`, with the key's header)."""
+        import httpx  # the server's extra (edge-vlm[serve])
 
         self.url = url.rstrip("/")
         self.system = system
         self._stats = GenerationStats(backend="edge-vlm serve")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
+        self._http = http if http is not None else httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s)
 
     def check(self) -> str:
         """The served model's id; a clear error when the server is not there or not ready."""
