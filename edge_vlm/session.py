@@ -16,7 +16,7 @@ conversation with `role: "tool"` messages goes to `chat`.
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass, replace
 import threading
 import time
 from typing import Iterator, Sequence
@@ -35,6 +35,15 @@ from .text.tools import parse_tool_calls, result_text, template_call, tool_specs
 from .vlm import VisionLanguageModel
 
 __all__ = ["ChatSession", "Message"]
+
+
+@dataclass(frozen=True)
+class _Question:
+    """A question's prompt before its pictures are encoded."""
+
+    content: str | None  # the user message as the template sees it (None: tool results only)
+    chunks: list[list[int]]  # token ids, one chunk before each picture and one after the last
+    need: int  # context tokens it takes, pictures included
 
 
 class ChatSession:
@@ -148,10 +157,9 @@ class ChatSession:
         chunks[0] = self._pending + chunks[0]
         return chunks
 
-    def _question(self, text: str | None, pictures, results: Sequence[dict] = ()) -> tuple[str, list[list[int]], int]:
-        """(user content, prompt chunks, tokens needed) for a question with `pictures` (decoded
-        images, or only their number: then tiled models count the most tiles a picture can take),
-        after the tool `results`."""
+    def _question(self, text: str | None, pictures, results: Sequence[dict] = ()) -> _Question:
+        """The prompt of a question with `pictures` (decoded images, or only their number: then
+        tiled models count the most tiles a picture can take), after the tool `results`."""
         n_images = pictures if isinstance(pictures, int) else len(pictures)
         if n_images and not self.model.is_multimodal:
             raise EdgeVLMError("this model is text-only: it cannot take images or video")
@@ -161,15 +169,15 @@ class ChatSession:
         tiles = self.model.mark_counts(pictures)
         user = [] if content is None else [{"role": "user", "content": content}]
         chunks = self._prompt_chunks(list(results) + user, tiles)
-        return content, chunks, sum(len(c) for c in chunks) + self.model.image_tokens(pictures)
+        return _Question(content, chunks, sum(len(c) for c in chunks) + self.model.image_tokens(pictures))
 
     def tokens_needed(self, text: str, n_images: int = 0, images=None) -> int:
         """How many context tokens asking `text` with `n_images` images (or video frames) takes now.
         Tiled models (InternVL, NVLM-D) count each image at its most tiles unless `images` (the
         images themselves) are given."""
         if images is not None:
-            return self._question(text, [load_image(im) for im in images], self._results)[2]
-        return self._question(text, n_images, self._results)[2]
+            return self._question(text, [load_image(im) for im in images], self._results).need
+        return self._question(text, n_images, self._results).need
 
     def _check_fits(self, need: int, n_images: int, saved: bool = False) -> None:
         """ContextOverflowError unless `need` prompt tokens and one answer token fit after the cache;
@@ -239,12 +247,12 @@ class ChatSession:
         exchanges of this call (chat)."""
         gen = gen or GenerationConfig()
         results = tuple(results)
-        content, chunks, need = self._question(text, pictures, results)
-        self._check_fits(need, len(pictures))
-        prompt, seconds = self._prompt(chunks, pictures)
+        q = self._question(text, pictures, results)
+        self._check_fits(q.need, len(pictures))
+        prompt, seconds = self._prompt(q.chunks, pictures)
         start = self.position
         cached = start if cached is None else cached
-        exchange = Exchange(content, tuple(pictures), "", start, tuple(self._pending), results)
+        exchange = Exchange(q.content, tuple(pictures), "", start, tuple(self._pending), results)
         self._pending = []
         self._results = []
         self._stats = stats = GenerationStats(
@@ -266,7 +274,7 @@ class ChatSession:
                 self._pending = answer.tokens[self.position - prompt_end:]  # sampled, never fed: leads the next prompt
                 stats.prompt_tokens = prompt_end - cached  # with the earlier exchanges this call ran (chat)
                 calls = parse_tool_calls(answer.text, self.model.template.tool_format)[1] if self.tools else []
-                self._exchanges[-1] = dataclasses.replace(exchange, answer=answer.text, tool_calls=tuple(calls))
+                self._exchanges[-1] = replace(exchange, answer=answer.text, tool_calls=tuple(calls))
 
     def answer(self, text: str, **kw) -> str:
         """The whole answer as one string (non-streaming convenience)."""
@@ -298,14 +306,14 @@ class ChatSession:
                           results: Sequence[dict] = (), calls: Sequence[dict] = ()) -> float:
         """Prefill one saved exchange; an answer that called tools (`calls`, with `answer` the text
         beside them) goes in as the template writes such a message. Returns the encoder's seconds."""
-        content, chunks, need = self._question(question, pictures, results)
-        self._check_fits(need, len(pictures), saved=True)
-        user = [] if content is None else [{"role": "user", "content": content}]
+        q = self._question(question, pictures, results)
+        self._check_fits(q.need, len(pictures), saved=True)
+        user = [] if q.content is None else [{"role": "user", "content": q.content}]
         calls = [dict(c) for c in calls]
         text = self._answer_text(list(results) + user, answer, calls) if calls else answer
-        exchange = Exchange(content, tuple(pictures), text, self.position, tuple(self._pending), tuple(results),
+        exchange = Exchange(q.content, tuple(pictures), text, self.position, tuple(self._pending), tuple(results),
                             tuple(calls))
-        prompt, seconds = self._prompt(chunks, pictures)
+        prompt, seconds = self._prompt(q.chunks, pictures)
         self.engine.prefill(prompt)
         tok = self.model.tokenizer  # the client's text as plain text; with calls, the template's markup around it
         self._pending = tok.encode_prompt(self._answer_text(tok.quote(list(results) + user), tok.quote(answer),
