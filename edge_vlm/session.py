@@ -16,10 +16,10 @@ conversation with `role: "tool"` messages goes to `chat`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 import threading
 import time
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 from PIL import Image
 
@@ -37,8 +37,7 @@ from .vlm import VisionLanguageModel
 __all__ = ["ChatSession", "Message"]
 
 
-@dataclass(frozen=True)
-class _Question:
+class _Question(NamedTuple):
     """A question's prompt before its pictures are encoded."""
 
     content: str | None  # the user message as the template sees it (None: tool results only)
@@ -193,14 +192,22 @@ class ChatSession:
             f"({self.max_context} tokens, {self.position} used by earlier turns): "
             f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
 
-    def _prompt(self, chunks: list[list[int]], images: Sequence[Image.Image]) -> tuple[Prompt, float]:
-        """The prompt with its pictures encoded, and the seconds the encoder took."""
+    def _prompt(self, chunks: list[list[int]], images: Sequence[Image.Image],
+                stats: GenerationStats | None = None) -> Prompt:
+        """The prompt with its pictures encoded; the encoder's time is added to `stats.vision_s`."""
         tiles = self.model.message_tiles(images)  # tiled models: every tile
         if not tiles:
-            return Prompt(chunks, None), 0.0
+            return Prompt(chunks, None)
         t0 = time.perf_counter()
         embeddings = self.encoder(tiles)
-        return Prompt(chunks, embeddings), time.perf_counter() - t0
+        if stats is not None:
+            stats.vision_s += time.perf_counter() - t0
+        return Prompt(chunks, embeddings)
+
+    def _new_stats(self, cached: int) -> GenerationStats:
+        """The stats of an answer about to be prepared, `cached` of its prompt tokens in the cache."""
+        return GenerationStats(cached_prompt_tokens=cached, backend=self.engine.name,
+                               vision_backend=self.model.info.vision_backend if self.model.is_multimodal else "")
 
     def _pictures(self, images, video, frames: int) -> list[Image.Image]:
         pictures = [load_image(im) for im in images]  # each image is decoded here, once
@@ -240,24 +247,22 @@ class ChatSession:
         return self._ask(None, [], gen, stop_event, time.perf_counter(), results=self._results)
 
     def _ask(self, text: str | None, pictures: Sequence[Image.Image], gen: GenerationConfig | None,
-             stop_event: threading.Event | None, t0: float, cached: int | None = None,
-             results: Sequence[dict] = (), vision_s: float = 0.0) -> Iterator[str]:
-        """Generate the answer to one question. `cached`: the prompt tokens of this call that came
-        from the cache (default: all before it); `vision_s`: encoder time already spent on earlier
-        exchanges of this call (chat)."""
+             stop_event: threading.Event | None, t0: float, results: Sequence[dict] = (),
+             stats: GenerationStats | None = None) -> Iterator[str]:
+        """Generate the answer to one question. `stats`: this answer's so far (chat: the earlier
+        exchanges it ran; default: new ones, every token before the question cached)."""
         gen = gen or GenerationConfig()
         results = tuple(results)
+        start = self.position
+        stats = stats if stats is not None else self._new_stats(start)
+        cached = stats.cached_prompt_tokens
         q = self._question(text, pictures, results)
         self._check_fits(q.need, len(pictures))
-        prompt, seconds = self._prompt(q.chunks, pictures)
-        start = self.position
-        cached = start if cached is None else cached
+        prompt = self._prompt(q.chunks, pictures, stats)
         exchange = Exchange(q.content, tuple(pictures), "", start, tuple(self._pending), results)
         self._pending = []
         self._results = []
-        self._stats = stats = GenerationStats(
-            cached_prompt_tokens=cached, backend=self.engine.name, vision_s=vision_s + seconds,
-            vision_backend=self.model.info.vision_backend if self.model.is_multimodal else "")
+        self._stats = stats
         answer = AnswerText(self.model.tokenizer, self.model.eos_token_ids,
                             list(gen.stop) + self.model.template.stop_strings)
         prompt_end = start + len(prompt)
@@ -303,9 +308,11 @@ class ChatSession:
             raise
 
     def _prefill_exchange(self, question: str | None, pictures: Sequence[Image.Image], answer: str,
-                          results: Sequence[dict] = (), calls: Sequence[dict] = ()) -> float:
+                          results: Sequence[dict] = (), calls: Sequence[dict] = (),
+                          stats: GenerationStats | None = None) -> None:
         """Prefill one saved exchange; an answer that called tools (`calls`, with `answer` the text
-        beside them) goes in as the template writes such a message. Returns the encoder's seconds."""
+        beside them) goes in as the template writes such a message. `stats`: of the answer this
+        prefill prepares (chat), its vision time added there."""
         q = self._question(question, pictures, results)
         self._check_fits(q.need, len(pictures), saved=True)
         user = [] if q.content is None else [{"role": "user", "content": q.content}]
@@ -313,13 +320,11 @@ class ChatSession:
         text = self._answer_text(list(results) + user, answer, calls) if calls else answer
         exchange = Exchange(q.content, tuple(pictures), text, self.position, tuple(self._pending), tuple(results),
                             tuple(calls))
-        prompt, seconds = self._prompt(q.chunks, pictures)
-        self.engine.prefill(prompt)
+        self.engine.prefill(self._prompt(q.chunks, pictures, stats))
         tok = self.model.tokenizer  # the client's text as plain text; with calls, the template's markup around it
         self._pending = tok.encode_prompt(self._answer_text(tok.quote(list(results) + user), tok.quote(answer),
                                                             tok.quote(calls))) if calls else tok.encode_text(answer)
         self._exchanges.append(exchange)
-        return seconds
 
     def _answer_text(self, new: list[dict], content: str | None, calls: Sequence[dict]) -> str:
         """The text the template writes for an assistant message with tool calls after `new`
@@ -359,13 +364,13 @@ class ChatSession:
             self.reset(history.system, new_tools, new_docs)
         keep = shared_turns(self._exchanges, history.answered, self.model.image_mark_suffix, fmt)
         self.rewind(keep)
-        cached, vision_s = self.position, 0.0
+        stats = self._new_stats(self.position)
         try:
             for sent in history.answered[keep:]:
-                vision_s += self._prefill_exchange(sent.question, sent.pictures, sent.answer, sent.tool_results,
-                                                   sent.tool_calls)
+                self._prefill_exchange(sent.question, sent.pictures, sent.answer, sent.tool_results, sent.tool_calls,
+                                       stats)
         except BaseException:
             self.rewind(keep)
             raise
         last = history.question
-        return self._ask(last.question, last.pictures, gen, stop_event, t0, cached, last.tool_results, vision_s)
+        return self._ask(last.question, last.pictures, gen, stop_event, t0, last.tool_results, stats)
