@@ -16,9 +16,9 @@ conversation with `role: "tool"` messages goes to `chat`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 import threading
 import time
+from dataclasses import replace
 from typing import Iterator, NamedTuple, Sequence
 
 from PIL import Image
