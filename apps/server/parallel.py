@@ -56,7 +56,7 @@ class ParallelWorker(ModelWorker):
 
     def attach(self, model) -> None:
         """Serve `model` on `parallel` lanes (its LLM must run on llama.cpp)."""
-        self.model, self.image_cache = model, self._image_cache(model)
+        self.model, self.image_cache = model, self._new_image_cache(model)
         ctx = self.max_context or model.max_context
         self.context = batched_context(model, self.parallel, ctx)
         self._lanes = [_Lane(ChatSession(model, engine=e, encoder=self.image_cache)) for e in self.context.engines]

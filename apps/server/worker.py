@@ -111,12 +111,12 @@ class ModelWorker:
 
     def attach(self, model) -> None:
         """Serve `model` (loaded elsewhere): the worker thread starts here."""
-        self.model, self.image_cache = model, self._image_cache(model)
+        self.model, self.image_cache = model, self._new_image_cache(model)
         self.session = ChatSession(model, max_context=self.max_context, encoder=self.image_cache)
         self._thread = threading.Thread(target=self._run, name="edge-vlm-model", daemon=True)
         self._thread.start()
 
-    def _image_cache(self, model) -> CachedImages:
+    def _new_image_cache(self, model) -> CachedImages:
         return CachedImages(model.encode_images, model.images_vary_in_length, self.image_cache_size)
 
     def admit(self) -> Place:
