@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 
@@ -48,7 +47,7 @@ class E2EResult:
     peak_kind: str = ""
 
 
-def decode_bytes(llm, ctx: int, itemsize: int) -> int:
+def decode_bytes(llm, ctx: int, itemsize: int, kv_int8: bool = False) -> int:
     """Bytes one decode step must read: every weight the step uses (one row of the embedding
     table; for CPU int4 layers their packed copy, not the AWQ layer kept for prefill), plus
     the KV cache up to `ctx`."""
@@ -63,12 +62,12 @@ def decode_bytes(llm, ctx: int, itemsize: int) -> int:
     weights = sum(t.numel() * t.element_size() for t in seen.values())
     one_row = sum(t[0].numel() * t.element_size() for t in emb if id(t) not in head)
     cfg = llm.cfg
-    kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, itemsize, llm.kv_cache_int8)
+    kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, ctx, itemsize, kv_int8)
     return weights + one_row + kv
 
 
 def run_variant(name: str, llm, engine: TorchEngine, vision, device, contexts, decode_steps: int, copy_bw: float,
-                repeats: int, image_tokens: int = DEFAULT_IMAGE_TOKENS) -> E2EResult:
+                repeats: int, image_tokens: int = DEFAULT_IMAGE_TOKENS, kv_int8: bool = False) -> E2EResult:
     cfg = llm.cfg
     dtype = llm.dtype
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -108,7 +107,7 @@ def run_variant(name: str, llm, engine: TorchEngine, vision, device, contexts, d
             t = wall_time(lambda: [engine.step(token) for _ in range(decode_steps)], device)
             step_s = t / decode_steps
             result.decode_tps[ctx] = 1.0 / step_s
-            result.floor_pct[ctx] = 100.0 * bandwidth_share(decode_bytes(llm, ctx, dtype.itemsize), step_s, copy_bw)
+            result.floor_pct[ctx] = 100.0 * bandwidth_share(decode_bytes(llm, ctx, dtype.itemsize, kv_int8), step_s, copy_bw)
     return result
 
 
@@ -175,17 +174,17 @@ def run(model: str, device: str, contexts=(128, 2048), decode_steps: int = 64, l
         swapped = {}
         if on_cpp:  # the GGUF is written from the AWQ layers, before any swap
             engine, gguf_bytes = llama_cpp_engine(llm, max_ctx, tmp.name, kv_int8)
-            swapped = optimize_for_device(SimpleNamespace(llm=None, vision=vision))
+            swapped = optimize_for_device(None, vision).counts
             swapped["llama.cpp Q4_1-AWQ"] = 1
         elif int4:  # the runtime's own dispatch, on the LLM and the vision tower (bf16 on some CPUs)
-            swapped = optimize_for_device(SimpleNamespace(llm=llm, vision=vision))
-            llm.kv_cache_int8 = kv_int8
-            engine = make_engine(llm, max_ctx)
+            fast = optimize_for_device(llm, vision, kv_cache_int8=kv_int8)
+            swapped, engine = fast.counts, make_engine(llm, max_ctx, kv_int8, fast.report)
         else:
             engine = TorchEngine(llm, max_ctx)
         fast = ", ".join(f"{n} {kind}" for kind, n in swapped.items()) or "plain torch modules"
         progress(f"timing {variant} ({type(engine).__name__}, {fast})")
-        r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens)
+        r = run_variant(variant, llm, engine, vision, dev, contexts, decode_steps, copy_bw, repeats, image_tokens,
+                        kv_int8 and int4 and not on_cpp)
         if on_cpp:  # llama.cpp holds the file's weights and an F16 (or Q8_0) KV cache
             kv = kv_cache_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_ctx, 2, kv_int8)
             # its floor: the file's bytes (16-bit tables: half of our fp32 lm_head), the embedding table

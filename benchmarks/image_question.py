@@ -13,6 +13,7 @@ llama.cpp LLM), and `--vision-backend onnx` (ONNX Runtime int8 tower + llama.cpp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -34,9 +35,8 @@ QUESTION = "What is in this picture? Describe it in one sentence."
 
 def with_vision(model, tower, projector, icfg, encoder=None):
     """`model` (a text-only SmolLM2) with the random tower attached, as a VILA folder would load it."""
-    model.vision, model.projector, model.image_cfg, model.encoder = tower, projector, icfg, encoder
-    model.info.vision_backend = encoder.describe() if encoder is not None else "torch"
-    return model
+    info = dataclasses.replace(model.info, vision_backend=encoder.describe() if encoder is not None else "torch")
+    return model.replace(vision=tower, projector=projector, image_cfg=icfg, encoder=encoder, info=info)
 
 
 def ttft(model, repeats: int) -> tuple[float, str]:

@@ -14,6 +14,7 @@ reused while their shapes are unchanged; nothing here runs in the test suite's f
     python -m edge_vlm.benchmarks.real_size layer --shape llama-3-8b --n-samples 16
     python -m edge_vlm.benchmarks.real_size quantize VILA1.5-3B              # the whole default run, timed
     python -m edge_vlm.benchmarks.real_size gpu-estimate                     # from the operation counts
+    python -m edge_vlm.benchmarks.real_size nvila-ttft NVILA-Lite-2B         # 1-image TTFT: tower + prefill
 
 `layer` times one decoder layer of the shape (random weights, random hidden states with a few
 outlier channels) through `quantize_layer_awq` with the settings `edge-vlm quantize` would use, per
@@ -27,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,7 +41,7 @@ from edge_vlm.quantize.cost import Step, layer_seconds, layer_steps, step_second
 from edge_vlm.quantize.matmul_choice import choose_matmul
 from edge_vlm.quantize.pipeline import FAST, QuantizeSettings, awq_options, pick_group_size, quantize_checkpoint
 
-from .shapes import LLM_SHAPES, VLMS, llm_config
+from .shapes import LLM_SHAPES, NVILA_VLMS, TINY_NVILA_LLM, TINY_NVILA_TOWER, VLMS, llm_config
 
 MARKER = "real_size.json"
 SHARD_BYTES = 2 * 10**9
@@ -57,13 +59,16 @@ TIMED = {"forward 16-bit + H": ("forward 16-bit", "H = X^T X"),
 
 def _hf_text_config(shape: str):
     """The transformers config of an LLM shape of shapes.LLM_SHAPES (as its checkpoint's config.json says)."""
-    from transformers import LlamaConfig, NemotronConfig
+    from transformers import LlamaConfig, NemotronConfig, Qwen2Config
 
     s = LLM_SHAPES[shape]
     common = dict(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
                   num_hidden_layers=s["num_layers"], num_attention_heads=s["num_heads"],
                   num_key_value_heads=s["num_kv_heads"], head_dim=s["head_dim"], max_position_embeddings=4096,
-                  rope_theta=s.get("rope_theta", 10000.0), tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                  rope_theta=s.get("rope_theta", 10000.0), tie_word_embeddings=s.get("tie_word_embeddings", False),
+                  bos_token_id=1, eos_token_id=2)
+    if s["arch"] == "qwen2":  # q/k/v biases are Qwen2's own (no switch in its config)
+        return Qwen2Config(rms_norm_eps=s["norm_eps"], architectures=["Qwen2ForCausalLM"], **common)
     if s["arch"] == "nemotron":
         return NemotronConfig(norm_eps=s["norm_eps"], partial_rotary_factor=s["partial_rotary_factor"],
                               architectures=["NemotronForCausalLM"], **common)
@@ -203,6 +208,53 @@ def _build_vila(folder: Path, llm_shape: str, tower: dict, seed: int) -> None:
     (folder / "config.json").write_text(json.dumps(top, indent=1))
 
 
+def _projector_tensors(kind: str, mm: int, hidden: int) -> list[tuple[str, tuple[int, ...]]]:
+    """VILA's mm_projector Sequential keys: merge (no weights), LayerNorm, Linear, GELU, ...; the 3x3 kinds put
+    a LayerNorm before the middle Linear (indices as in VILA's base_projector)."""
+    if kind == "mlp_downsample_3x3_fix":  # 0 merge, 1 LN(9m), 2 Lin(9m, 3m), 3 GELU, 4 LN(3m), 5 Lin(3m, h), 6 GELU, 7 Lin
+        dims = {1: (9 * mm,), 2: (3 * mm, 9 * mm), 4: (3 * mm,), 5: (hidden, 3 * mm), 7: (hidden, hidden)}
+    else:  # mlp_downsample (_2x2_fix): 0 merge, 1 LN(4m), 2 Lin(4m, h), 3 GELU, 4 Lin(h, h)
+        dims = {1: (4 * mm,), 2: (hidden, 4 * mm), 4: (hidden, hidden)}
+    return [(f"layers.{i}.{p}", shape if p == "weight" else shape[:1]) for i, shape in dims.items()
+            for p in ("weight", "bias")]
+
+
+def _build_nvila(folder: Path, llm_shape: str, tower: dict, projector: str, scales: tuple[int, ...] | None,
+                 seed: int) -> None:
+    """NVILA's layout (VILA's llm/ vision_tower/ mm_projector/ with a Qwen2 LLM) and its top config keys:
+    dynamic S2 over `scales`, or (None) NVILA-Lite's image_aspect_ratio "dynamic" tiles; max_tiles 12."""
+    import transformers
+
+    from .shapes import NVILA_MAX_TILES
+
+    text, vision = _hf_text_config(llm_shape), _hf_vision_config(tower)
+    for sub in ("llm", "vision_tower", "mm_projector"):
+        (folder / sub).mkdir(parents=True)
+    text.save_pretrained(folder / "llm")
+    _write_weights(folder / "llm", [(k, s) for k, s in _meta_shapes(transformers.Qwen2ForCausalLM, text)
+                                    if not (text.tie_word_embeddings and k == "lm_head.weight")], seed)
+    _tokenizer(folder / "llm", text.vocab_size)
+    vision.save_pretrained(folder / "vision_tower")
+    _write_weights(folder / "vision_tower", _meta_shapes(transformers.SiglipVisionModel, vision), seed + 1)
+    (folder / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(_preprocessor(tower)))
+    mm, hidden = vision.hidden_size * (len(scales) if scales else 1), text.hidden_size
+    _write_weights(folder / "mm_projector", _projector_tensors(projector, mm, hidden), seed + 2)
+    (folder / "mm_projector" / "config.json").write_text(json.dumps(
+        {"architectures": ["MultimodalProjector"], "mm_projector_type": projector, "model_type": "v2l_projector"}))
+    encoders = {"image_encoder": json.dumps({"_target_": "llava.model.encoders.BasicImageEncoder"}),
+                "video_encoder": json.dumps({"_target_": "llava.model.encoders.BasicVideoEncoder"})}
+    if scales:
+        tiling = {"dynamic_s2": True, "s2": False, "image_aspect_ratio": "dynamic_s2", "s2_scales":
+                  ",".join(map(str, scales)), "s2_max_split_size": scales[0], "s2_resize_output_to_scale_idx": -1}
+    else:
+        tiling = {"dynamic_s2": False, "s2": False, "image_aspect_ratio": "dynamic"}
+    top = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "hidden_size": hidden,
+           "mm_hidden_size": mm, "mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch",
+           "mm_projector_type": projector, "min_tiles": 1, "max_tiles": NVILA_MAX_TILES, "num_video_frames": 8,
+           **tiling, **encoders}
+    (folder / "config.json").write_text(json.dumps(top, indent=1))
+
+
 def _build_llava(folder: Path, llm_shape: str, tower: dict, seed: int) -> None:
     """One transformers LlavaForConditionalGeneration folder (Nemovision / NeVA style, CLS dropped)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -226,13 +278,28 @@ def build(name: str, cache: Path = DEFAULT_CACHE, seed: int = 0, log=print) -> P
     return build_folder(Path(cache).expanduser() / name, llm_shape, tower, projector, seed, log)
 
 
-def build_folder(folder: Path, llm_shape: str, tower: dict, projector: str, seed: int = 0, log=print) -> Path:
-    """`folder` holding a random VLM of an LLM shape, a tower (shapes.py dicts) and a projector kind."""
+def build_nvila(name: str, cache: Path = DEFAULT_CACHE, seed: int = 0, log=print, tiny: bool = False) -> Path:
+    """The random-weight folder of NVILA_VLMS[name] (NVILA's layout, see `_build_nvila`); `tiny`: the same
+    layout and config keys at a few-kB size (shapes.TINY_NVILA), for checking the benchmark runs."""
+    llm_shape, tower, projector, scales = NVILA_VLMS[name]
+    if tiny:
+        llm_shape, tower, scales = TINY_NVILA_LLM, TINY_NVILA_TOWER, scales and tuple(
+            s * TINY_NVILA_TOWER["image_size"] // tower["image_size"] for s in scales)
+    folder = Path(cache).expanduser() / (name + ("-tiny" if tiny else ""))
+    return build_folder(folder, llm_shape, tower, projector, seed, log, nvila_scales=scales, nvila=True)
+
+
+def build_folder(folder: Path, llm_shape: str, tower: dict, projector: str, seed: int = 0, log=print,
+                 nvila_scales: tuple[int, ...] | None = None, nvila: bool = False) -> Path:
+    """`folder` holding a random VLM of an LLM shape, a tower (shapes.py dicts) and a projector kind
+    (`nvila`: in NVILA's layout, dynamic S2 over `nvila_scales` or, None, NVILA-Lite's tiles)."""
     import transformers
 
     name = folder.name
     spec = {"llm": LLM_SHAPES[llm_shape], "tower": tower, "projector": projector, "seed": seed,
             "transformers": transformers.__version__}
+    if nvila:
+        spec["nvila_scales"] = list(nvila_scales) if nvila_scales else None
     if (folder / MARKER).is_file() and json.loads((folder / MARKER).read_text()) == spec:
         return folder
     partial = folder.with_name(name + ".partial")
@@ -240,7 +307,10 @@ def build_folder(folder: Path, llm_shape: str, tower: dict, projector: str, seed
     shutil.rmtree(folder, ignore_errors=True)
     t = time.perf_counter()
     log(f"building {folder} (random weights of the published shapes)...")
-    (_build_vila if projector == "mlp_downsample" else _build_llava)(partial, llm_shape, tower, seed)
+    if nvila:
+        _build_nvila(partial, llm_shape, tower, projector, nvila_scales, seed)
+    else:
+        (_build_vila if projector == "mlp_downsample" else _build_llava)(partial, llm_shape, tower, seed)
     (partial / MARKER).write_text(json.dumps(spec, indent=1))
     os.replace(partial, folder)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
@@ -328,6 +398,61 @@ def quantize_full(name: str, cache: Path, out: Path | None, fast: bool, matmul: 
     return f"{summary.text()}\nwall {wall / 60:.1f} min, peak RSS {peak:.2f} GiB"
 
 
+# ------------------------------------------------------------------ NVILA: time to first token of a picture
+
+QUESTION = "What is in this picture? Describe it in one sentence."
+
+
+def nvila_ttft(folder: Path, max_tiles: int | None, repeats: int = 2, llm_backend: str = "torch") -> dict:
+    """A 1-image question (a 640x480 picture) to the NVILA folder on the CPU (torch LLM), `max_tiles`
+    None: the checkpoint's own; `llm_backend`: "torch" or "llama.cpp" (the CPU default). Medians over `repeats` after a warm-up of: the tower (preprocessing, SigLIP
+    over every tile, the projector: `encode_images`) and the session's time to first token, which runs
+    the tower again; "prefill" is their difference (prompt prefill and the first token)."""
+    from edge_vlm import ChatSession, GenerationConfig, load_model
+    from edge_vlm.backends.onnx.int8 import synthetic_images
+    from edge_vlm.imaging.s2_tiling import plan_dynamic_s2
+
+    from .shapes import CAMERA_FRAME
+
+    model = load_model(folder, device="cpu", progress=False, max_tiles=max_tiles, llm_backend=llm_backend)
+    image = synthetic_images(1, seed=3)[0].resize(CAMERA_FRAME)
+    tiles = model.message_tiles([image])
+    gen = GenerationConfig(max_new_tokens=1, temperature=0)
+    tower, ttft, session = [], [], None
+    for i in range(repeats + 1):  # the first run warms up (weight packing, allocator)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.encode_images(tiles)
+        dt = time.perf_counter() - t
+        session = ChatSession(model)
+        session.answer(QUESTION, images=[image], gen=gen)
+        if i:
+            tower.append(dt)
+            ttft.append(session.stats.ttft_s)
+    t_tower, t_first = statistics.median(tower), statistics.median(ttft)
+    s2 = model.s2
+    return {"max_tiles": model.info.max_tiles, "tower_tiles": plan_dynamic_s2(*image.size, s2).num_tiles if s2
+            else len(tiles), "image_tokens": model.image_tokens([image]), "prompt_tokens": session.stats.prompt_tokens,
+            "tower_s": t_tower, "prefill_s": t_first - t_tower, "ttft_s": t_first}
+
+
+def nvila_ttft_table(name: str, folder: Path, repeats: int, llm_backend: str = "torch") -> str:
+    from .vision_backends import cpu_facts
+
+    facts = cpu_facts()
+    rows = [nvila_ttft(folder, None, repeats, llm_backend), nvila_ttft(folder, 1, repeats, llm_backend)]
+    lines = [f"{name}-shaped (random weights) 1-image question, 640x480 picture, tower in torch, LLM on {llm_backend}, "
+             f"CPU: {facts['name']}, "
+             f"{facts['cores']} threads; median of {repeats} after a warm-up; load average {os.getloadavg()[0]:.1f}",
+             "| --max-tiles | tower tiles | image tokens | prompt tokens | tower s | prefill s | "
+             "time to first token s |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in zip((f"{rows[0]['max_tiles']} (default)", "1"), rows):
+        lines.append(f"| {label} | {r['tower_tiles']} | {r['image_tokens']} | {r['prompt_tokens']} | "
+                     f"{r['tower_s']:.2f} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------ GPU estimate
 
 # Published peak rates (dense, TFLOP/s; memory TB/s) and the share of them assumed reached. On CUDA the
@@ -381,7 +506,15 @@ def main(argv=None) -> int:
     layer.add_argument("--seqlen", type=int, default=512)
     layer.add_argument("--fast", action="store_true", help="the --fast preset")
     sub.add_parser("gpu-estimate", help="quantize time on GPUs, from the operation counts")
-    for s in (b, q):
+    nv = sub.add_parser("nvila-ttft", help="time to first token of a 1-image question to a real-size NVILA, split "
+                                           "into tower and prefill, at the default --max-tiles and at 1")
+    nv.add_argument("name", nargs="?", default="NVILA-Lite-2B", choices=list(NVILA_VLMS),
+                    help="the shape (default NVILA-Lite-2B: a ~4 GB folder, built once)")
+    nv.add_argument("--tiny", action="store_true", help="a few-kB model of the same layout (checks the run only)")
+    nv.add_argument("--repeats", type=int, default=2, help="timed runs per setting after a warm-up (default 2)")
+    nv.add_argument("--backend", choices=["torch", "llama.cpp"], default="torch",
+                    help="what runs the LLM (llama.cpp: the CPU default of edge-vlm chat; its GGUF exported once)")
+    for s in (b, q, nv):
         s.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=f"where folders are kept (default {DEFAULT_CACHE})")
     for s in (q, layer):
         s.add_argument("--matmul", choices=["auto", "fp32", "bf16"], default="auto")
@@ -395,6 +528,10 @@ def main(argv=None) -> int:
         if a.n_samples:
             over["n_samples"] = a.n_samples
         print(layer_table(time_layer(a.shape, QuantizeSettings(seqlen=a.seqlen, **over), a.matmul)))
+    elif a.cmd == "nvila-ttft":
+        if a.repeats < 1:
+            p.error("--repeats must be at least 1")
+        print(nvila_ttft_table(a.name, build_nvila(a.name, a.cache, tiny=a.tiny), a.repeats, a.backend))
     else:
         print(gpu_estimate())
     return 0

@@ -10,15 +10,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from .backends import optimize_for_device
+from .backends import FastPath, optimize_for_device
 from .backends.llamacpp.choice import MODES, resolve_llm_backend, warn_fallback
 from .backends.llamacpp.gguf_cache import cached_gguf
-from .backends.onnx import attach_onnx_vision, release_torch_tower
+from .backends.onnx import release_torch_tower, with_onnx_vision
 from .errors import EdgeVLMError
 from .formats.checkpoint import TensorStore, load_into
 from .formats.configs import ImageConfig, LLMConfig, QuantConfig
@@ -41,6 +42,7 @@ from .models.quant_linear import prepare_quantized
 from .models.vision import VisionTower
 from .text.templates import BUILTIN_TEMPLATES, ChatTemplate, default_template_name
 from .text.tokenizer import Tokenizer
+from .run_spec import RunSpec
 from .vlm import ModelInfo, VisionLanguageModel
 
 
@@ -150,86 +152,96 @@ def load_model(name_or_path, device: str | None = None, dtype: torch.dtype | Non
     `progress`: None shows bars when stderr is a terminal, True/False forces them on/off, and a
     function `(stage, done, total)` receives the progress instead (for GUIs).
     """
-    if llm_threads is not None and llm_threads < 1:
-        raise EdgeVLMError(f"llm_threads must be at least 1, not {llm_threads}")
     if kv_cache not in (None, *KV_CACHE_KINDS):
         raise EdgeVLMError(f"kv_cache must be 'model' (the model's dtype) or 'int8', not {kv_cache!r}")
-
     if llm_backend not in MODES:
         raise EdgeVLMError(f"llm_backend must be one of {', '.join(MODES)}, not {llm_backend!r}")
-    layout = detect_layout(name_or_path)
-    device = device or default_device()
-    auto, llm_backend = llm_backend == "auto", resolve_llm_backend(llm_backend, device)
-    dtype = dtype or default_dtype(device)
+    if llm_threads is not None and llm_threads < 1:
+        raise EdgeVLMError(f"llm_threads must be at least 1, not {llm_threads}")
     show = sys.stderr.isatty() if progress is None else progress
+    layout = detect_layout(name_or_path)
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(str(device))
     configs = vision_configs(layout) if layout.multimodal else None  # every config checked before weights load
-    if configs is not None and configs.s2 is not None and vision_backend != "torch":
-        if vision_backend != "auto":
-            raise EdgeVLMError("the ONNX vision backend does not run S2 multi-scale towers (NVILA, VILA1.5-*-s2) "
-                               "yet; use --vision-backend torch")
-        vision_backend = "torch"
     if configs is not None and configs.preparation.assumed:
         warnings.warn(configs.preparation.assumed, ImagePreparationWarning, stacklevel=2)
     store, q = open_llm_store(layout.llm_dir, layout.quantization)
-    gguf = None
-    if llm_backend == "llama.cpp" and str(device) != "meta":
 
-        try:
-            gguf = cached_gguf(layout, q is not None, lambda: load_for_export(layout.folder, show), show)
-        except EdgeVLMError as e:
-            if not auto:
-                raise
-            warn_fallback(str(e).splitlines()[0])
-            llm_backend = "torch"
+    gguf = _gguf_for(layout, q is not None, llm_backend, device, show)
     if gguf is not None:
         llm = _build(DecoderLM, layout.llm).to(dtype)  # its shape only: llama.cpp holds the weights
     else:
         llm = load_llm(store, layout.llm, dtype, device, layout.llm_key, _progress("loading LLM", show), q)
-    info = ModelInfo(str(layout.folder), layout.kind, layout.llm.arch, quantization=_quant_name(q),
-                     params={"llm": _count(llm)}, weight_bytes=store.nbytes(), llm_backend=llm_backend)
-    parts = ()
-    if configs is not None:
-        parts = load_vision(layout, configs, dtype, device, show, int8=vision_int8)
-        info.vision_arch, info.projector = configs.vision.arch, configs.projector.kind
-        info.vision_quantization = "int8" if vision_int8 else "none"
-        info.params.update(vision=_count(parts.tower), projector=_count(parts.projector))
-        info.weight_bytes += parts.weight_bytes
+    parts = load_vision(layout, configs, dtype, device, show, int8=vision_int8) if configs is not None else None
+    spec = _run_spec(layout, configs, device, dtype, max_context, gguf, llm_threads, kv_cache == "int8", max_tiles)
+    info = _model_info(layout, q, store, llm, parts, configs, spec, vision_int8)  # sizes as stored, before swaps
+    fast = FastPath({})
+    if fast_path and device.type != "meta":
+        fast = optimize_for_device(llm if gguf is None else None, *(parts[:2] if parts else ()),
+                                   recheck=recheck_kernels, kv_cache_int8=spec.kv_cache_int8)
     tok = Tokenizer(layout.llm_dir)
-    default = _internvl_template(layout.config) if layout.kind == "internvl" else None
-    s2 = configs.s2 if configs is not None else None
-    if s2 is not None and max_tiles is not None:
-        s2 = s2.with_max_tiles(max_tiles)
-    model = VisionLanguageModel(llm, tok, _template_for(tok, layout.llm.arch, default), info, *parts[:3],
-                                s2=s2, image_encoder=configs.image_encoder if configs is not None else None)
-    if configs is not None:
-        prep = configs.preparation
-        if prep.tiling is not None:
-            if max_tiles is not None:
-                prep = dataclasses.replace(prep, tiling=prep.tiling.with_max_tiles(max_tiles))
-            model.tiling, model.image_format = prep.tiling, configs.image_format
-            model.info.max_tiles = prep.tiling.max_tiles
-        model.info.image_preparation = prep.describe()
-        if s2 is not None:
-            model.info.max_tiles = s2.max_tiles if s2.dynamic else None
-            model.info.s2 = s2.describe()
-    limit = model.llm.cfg.max_position_embeddings
-    model.max_context = min(max_context or min(limit, 4096), limit)
-    if template:
-        model.template = ChatTemplate.builtin(template, tok.bos_token, tok.eos_token)
-    model.llm.kv_cache_int8 = kv_cache == "int8"
-    model.llm_threads = llm_threads
-    model.info.dtype = str(dtype).replace("torch.", "")
-    model.info.device = str(device)
-    if gguf is not None:
-        model.gguf_path, model.torch_device = gguf, torch.device(device)
-    if fast_path and str(device) != "meta":
-
-        optimize_for_device(model, recheck=recheck_kernels)
+    template = _template_for(tok, layout, template)
+    model = VisionLanguageModel(llm, tok, template, info, *(parts[:3] if parts else ()), spec=spec,
+                                image_encoder=configs.image_encoder if configs is not None else None,
+                                video_encoder=configs.video_encoder if configs is not None else None,
+                                kernel_report=fast.report)
     if vision_backend != "torch" and model.is_multimodal:
-
-        model.info.vision_backend = attach_onnx_vision(model, vision_backend, progress=show)
+        model = with_onnx_vision(model, vision_backend, progress=show)
         release_torch_tower(model)  # ONNX Runtime holds the vision weights now (no-op on the torch path)
     return model
+
+
+def _gguf_for(layout: CheckpointLayout, quantized: bool, asked: str, device: torch.device, show) -> Path | None:
+    """The GGUF llama.cpp runs the LLM from, when that is the backend (exported once into the cache);
+    None on torch. "auto" falls back to torch with one warning where the export or llama.cpp fails."""
+    if resolve_llm_backend(asked, str(device)) != "llama.cpp" or device.type == "meta":
+        return None
+    try:
+        return cached_gguf(layout, quantized, lambda: load_for_export(layout.folder, show), show)
+    except EdgeVLMError as e:
+        if asked != "auto":
+            raise
+        warn_fallback(str(e).splitlines()[0])
+        return None
+
+
+def _run_spec(layout: CheckpointLayout, configs: VisionConfigs | None, device, dtype, max_context, gguf,
+              llm_threads, kv_cache_int8: bool, max_tiles: int | None) -> RunSpec:
+    """How the model runs: load_model's options and what the checkpoint says (context limit, tiling, S2)."""
+    limit = layout.llm.max_position_embeddings
+    tiling = image_format = s2 = None
+    if configs is not None:
+        tiling = configs.preparation.tiling
+        if tiling is not None:
+            tiling = tiling.with_max_tiles(max_tiles) if max_tiles is not None else tiling
+            image_format = configs.image_format
+        s2 = configs.s2
+        if s2 is not None and max_tiles is not None:
+            s2 = s2.with_max_tiles(max_tiles)
+    return RunSpec(device=device, dtype=dtype, max_context=min(max_context or min(limit, 4096), limit),
+                   gguf_path=gguf, llm_threads=llm_threads, kv_cache_int8=kv_cache_int8, tiling=tiling,
+                   image_format=image_format, s2=s2)
+
+
+def _model_info(layout: CheckpointLayout, q: dict | None, store: TensorStore, llm: DecoderLM, parts: VisionParts | None,
+                configs: VisionConfigs | None, spec: RunSpec, vision_int8: bool) -> ModelInfo:
+    """What `edge-vlm info` prints: the parts, their sizes, and how they run."""
+    info = ModelInfo(str(layout.folder), layout.kind, layout.llm.arch, quantization=_quant_name(q),
+                     params={"llm": _count(llm)}, weight_bytes=store.nbytes(), llm_backend=spec.llm_backend,
+                     dtype=str(spec.dtype).replace("torch.", ""), device=str(spec.device))
+    if parts is None:
+        return info
+    prep = configs.preparation
+    if spec.tiling is not None:
+        prep = dataclasses.replace(prep, tiling=spec.tiling)
+    return dataclasses.replace(
+        info, vision_arch=configs.vision.arch, projector=configs.projector.kind,
+        vision_quantization="int8" if vision_int8 else "none",
+        params={**info.params, "vision": _count(parts.tower), "projector": _count(parts.projector)},
+        weight_bytes=info.weight_bytes + parts.weight_bytes, image_preparation=prep.describe(),
+        max_tiles=(spec.s2.max_tiles if spec.s2.dynamic else None) if spec.s2 is not None
+        else spec.tiling.max_tiles if spec.tiling is not None else None,
+        s2=spec.s2.describe() if spec.s2 is not None else None)
 
 
 def _internvl_template(top: dict) -> str:
@@ -240,10 +252,14 @@ def _internvl_template(top: dict) -> str:
     return name if name in BUILTIN_TEMPLATES else "internvl2_5"
 
 
-def _template_for(tok: Tokenizer, arch: str, default: str | None = None) -> ChatTemplate:
+def _template_for(tok: Tokenizer, layout: CheckpointLayout, asked: str | None) -> ChatTemplate:
+    """The template asked by name, else the checkpoint's own, else our built-in for its family."""
+    if asked:
+        return ChatTemplate.builtin(asked, tok.bos_token, tok.eos_token)
     if tok.chat_template:
         return ChatTemplate(tok.chat_template, "checkpoint", tok.bos_token, tok.eos_token)
-    return ChatTemplate.builtin(default or default_template_name(arch, tok), tok.bos_token, tok.eos_token)
+    default = _internvl_template(layout.config) if layout.kind == "internvl" else None
+    return ChatTemplate.builtin(default or default_template_name(layout.llm.arch, tok), tok.bos_token, tok.eos_token)
 
 
 def _count(module) -> int:

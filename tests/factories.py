@@ -222,6 +222,16 @@ def make_vila(folder: Path, llm_kind: str = "llama", projector: str = "mlp_downs
     return llm, vision, proj
 
 
+def make_rtn_int4(source: Path, out: Path, group_size: int) -> Path:
+    """`source` quantized to an int4 (AWQ GEMM layout) folder at `out` by round-to-nearest: no
+    calibration, so it takes seconds; quietly (no progress bar, no log)."""
+    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
+
+    quantize_checkpoint(source, out, QuantizeSettings(method="rtn", group_size=group_size), progress=False,
+                        log=lambda _msg: None)
+    return out
+
+
 def make_llava(folder: Path, text_kind: str = "nemotron", vision_kind: str = "clip", seed: int = 0,
                image_size: int = 28, layout: str = "hub", **text_over):
     """A transformers LlavaForConditionalGeneration folder (the Nemovision-style single folder); its

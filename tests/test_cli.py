@@ -67,8 +67,8 @@ def test_kv_cache_option_in_chat_and_info(tiny_vila, capsys, monkeypatch):
     built = []
     original = TorchEngine.__init__
 
-    def spy(self, llm, max_context):
-        original(self, llm, max_context)
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
         built.append(self.cache.quantized)
 
     monkeypatch.setattr(TorchEngine, "__init__", spy)

@@ -1,15 +1,21 @@
 """`edge-vlm doctor`: runs on this machine and names its real state; never hangs on a camera;
-exits non-zero when the default device cannot run even the plain torch path."""
+exits non-zero when the default device cannot run even the plain torch path; takes extra sections
+from the `edge_vlm.doctor` entry points, and a broken one is one line of the report."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+import tomllib
+from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 import torch
 
+from edge_vlm.apps.media import doctor as camera_doctor
 from edge_vlm.cli import doctor
 from edge_vlm.cli import main
 
@@ -34,8 +40,9 @@ def test_cpu_flags_are_read_from_cpuinfo():
 
 
 def test_without_cpuinfo_the_flags_are_unknown_not_guessed(monkeypatch):
-    monkeypatch.setattr(doctor.Path, "read_text", lambda self: (_ for _ in ()).throw(OSError("no /proc")))
-    info = doctor.cpu_info()
+    with monkeypatch.context() as m:  # only around cpu_info: collect reads files too (the entry points)
+        m.setattr(doctor.Path, "read_text", lambda self: (_ for _ in ()).throw(OSError("no /proc")))
+        info = doctor.cpu_info()
     assert set(info["flags"].values()) == {None} and info["cores"] >= 1
     assert "AVX2 ?" in doctor.format_report({**doctor.collect(cameras=0), "cpu": info})
 
@@ -136,12 +143,12 @@ def test_exit_status_is_1_when_the_plain_path_fails_on_the_default_device(monkey
 def test_a_blocking_camera_driver_cannot_hang_the_doctor(monkeypatch):
     """The probe runs in a child process killed after its time: the first index answered, the
     second blocked forever."""
-    monkeypatch.setattr(doctor, "no_video_devices", lambda: False)
-    monkeypatch.setattr(doctor, "_CAMERA_PROBE", "import json, time\n"
+    monkeypatch.setattr(camera_doctor, "no_video_devices", lambda: False)
+    monkeypatch.setattr(camera_doctor, "_CAMERA_PROBE", "import json, time\n"
                         "print(json.dumps({'index': 0, 'opened': True, 'frame': [640, 480]}), flush=True)\n"
                         "time.sleep(3600)\n")
     start = time.monotonic()
-    cams = doctor.probe_cameras(2, seconds_each=0.5)
+    cams = camera_doctor.probe_cameras(2, seconds_each=0.5)
     assert time.monotonic() - start < 15
     assert cams["probed"] == 1 and cams["opened"] == [{"index": 0, "opened": True, "frame": [640, 480]}]
     assert "timed out" in cams["note"]
@@ -149,8 +156,8 @@ def test_a_blocking_camera_driver_cannot_hang_the_doctor(monkeypatch):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /dev")
 def test_cameras_are_probed_only_where_a_device_exists(monkeypatch):
-    monkeypatch.setattr(doctor, "no_video_devices", lambda: True)
-    assert doctor.probe_cameras(4) == {"probed": 0, "opened": [], "note": "no /dev/video* device"}
+    monkeypatch.setattr(camera_doctor, "no_video_devices", lambda: True)
+    assert camera_doctor.probe_cameras(4) == {"probed": 0, "opened": [], "note": "no /dev/video* device"}
 
 
 def test_kernel_self_check_through_the_interpreter_reports_a_failing_kernel(monkeypatch):
@@ -172,3 +179,114 @@ def test_kernel_self_check_through_the_interpreter_reports_a_failing_kernel(monk
     report = {**doctor.collect(cameras=0), "triton": info}
     text = doctor.format_report(report)
     assert "fused_norm (llama)           FAILED: without residual: NaN or inf in the output" in text
+
+
+# ---------------------------------------------------------------- sections from entry points
+
+class CountingSection:
+    """A section as a tool would write one: its own option, its data, its line."""
+
+    name = "counting"
+
+    def add_arguments(self, parser):
+        parser.add_argument("--count-to", type=int, default=2)
+
+    def collect(self, options, progress):
+        progress(f"counting to {options.count_to}")
+        return {"numbers": list(range(1, options.count_to + 1))}
+
+    def lines(self, data):
+        return [f"  counting    {', '.join(map(str, data['numbers']))}"]
+
+
+class RaisingSection(CountingSection):
+    name = "raising"
+
+    def add_arguments(self, parser):
+        pass
+
+    def collect(self, options, progress):
+        raise RuntimeError("the probe fell over")
+
+
+class BadLinesSection(CountingSection):
+    name = "badlines"
+
+    def add_arguments(self, parser):
+        pass
+
+    def lines(self, data):
+        return [data["missing"]]
+
+
+COUNTING, RAISING, BAD_LINES, NOT_A_SECTION = CountingSection(), RaisingSection(), BadLinesSection(), object()
+
+
+def _injected(monkeypatch, *extra: tuple[str, str]):
+    """The entry-point lookup doctor uses, with `extra` (name, value) entries beside the installed ones."""
+    real = doctor.entry_points
+
+    def lookup(group):
+        mine = [EntryPoint(name, value, group) for name, value in extra] if group == doctor.SECTIONS else []
+        return [*real(group=group), *mine]
+
+    monkeypatch.setattr(doctor, "entry_points", lookup)
+
+
+def test_the_camera_section_is_declared_by_the_apps_and_loads():
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["entry-points"]
+    assert declared[doctor.SECTIONS] == {"opencv": "edge_vlm.apps.media.doctor:section"}
+    (section,) = doctor.load_sections()
+    assert section is camera_doctor.section and isinstance(section, doctor.DoctorSection)
+
+
+def test_an_injected_section_adds_its_option_its_part_of_the_json_and_its_progress(monkeypatch, capsys):
+    _injected(monkeypatch, ("counting", "tests.test_doctor:COUNTING"))
+    assert main(["doctor", "--json", "--cameras", "0", "--count-to", "3"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["counting"] == {"numbers": [1, 2, 3]}
+    keys = list(report)  # the tools' parts stand between the other runtimes and the disk, in name order
+    assert keys.index("onnxruntime") < keys.index("counting") < keys.index("opencv") < keys.index("disk")
+    assert report["opencv"]["cameras"]["note"] == "not probed"  # --cameras still reaches its section
+    assert "doctor: counting to 3\n" in err
+    # without a command line, a section's own defaults, with the caller's values on top
+    assert doctor.collect(cameras=0)["counting"] == {"numbers": [1, 2]}
+    assert doctor.collect(cameras=0, count_to=1)["counting"] == {"numbers": [1]}
+
+
+def test_a_broken_section_is_one_line_of_the_report_not_a_crash(monkeypatch, capsys):
+    _injected(monkeypatch, ("missing", "tests.no_such_module:section"), ("raising", "tests.test_doctor:RAISING"),
+              ("badlines", "tests.test_doctor:BAD_LINES"), ("notone", "tests.test_doctor:NOT_A_SECTION"),
+              ("counting", "tests.test_doctor:COUNTING"))
+    assert main(["doctor", "--cameras", "0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    failed = [line for line in out if "section failed" in line]
+    assert failed == [
+        "  badlines    section failed: lines raised KeyError: 'missing'",
+        "  missing     section failed: cannot load tests.no_such_module:section "
+        "(ModuleNotFoundError: No module named 'tests.no_such_module')",
+        "  notone      section failed: tests.test_doctor:NOT_A_SECTION is not a doctor section (needs name, "
+        "add_arguments, collect and lines)",
+        "  raising     section failed: collect raised RuntimeError: the probe fell over",
+    ]
+    assert "  counting    1, 2" in out and any(line.startswith("  OpenCV      ") for line in out)
+    assert out[-1].startswith("  chat        would run on")  # the rest of the report is all there
+    assert main(["doctor", "--json", "--cameras", "0"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["raising"] == {"section_error": "collect raised RuntimeError: the probe fell over"}
+    assert report["missing"]["section_error"].startswith("cannot load") and report["chat"]["usable"]
+
+
+def test_a_section_that_returns_no_plain_data_or_clashes_fails_alone():
+    class NotJSON(CountingSection):
+        def collect(self, options, progress):
+            return {"when": time}  # a module: not JSON
+
+    data = doctor.collect_section(NotJSON(), argparse.Namespace(count_to=1), lambda _m: None)
+    assert data["section_error"].startswith("collect raised TypeError")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count-to")
+    kept = doctor.with_options([COUNTING, RAISING], parser)
+    assert kept[1] is RAISING and isinstance(kept[0], doctor.FailedSection)
+    assert kept[0].reason.startswith("cannot add its options (ArgumentError")

@@ -140,14 +140,14 @@ def _load(llm, **kw):
     fast = copy.deepcopy(llm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        optimize_for_device(fast, backend="triton", child_check=True, **kw)
-    return fast, fast.selfcheck_report, caught
+        report = optimize_for_device(fast, backend="triton", child_check=True, **kw).report
+    return fast, report, caught
 
 
-def _tokens(fast):
+def _tokens(fast, report):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tokens = greedy(fast, _ids(fast))
+        tokens = greedy(fast, _ids(fast), report=report)
     assert caught == []
     return tokens
 
@@ -199,8 +199,8 @@ def test_a_fault_in_the_child_turns_off_exactly_the_failing_ops(llama, reference
     decode_off = {"rotary_kv", "decode_attention"} & set(faults)
     assert report.linear == ("torch_int4" if linear_off else "triton")
     assert report.fused_decode == (not decode_off) and report.cuda_graph == (not decode_off)
-    assert type(make_engine(fast, 16)) is (TorchEngine if decode_off else CUDAGraphEngine)
-    assert _tokens(fast) == reference_tokens
+    assert type(make_engine(fast, 16, report=report)) is (TorchEngine if decode_off else CUDAGraphEngine)
+    assert _tokens(fast, report) == reference_tokens
     assert all(spy.count == 0 for spy in spies.values())
 
     saved = _verdict_file(report)
@@ -219,7 +219,7 @@ def test_a_fault_in_the_child_turns_off_exactly_the_failing_ops(llama, reference
     _first_run_warning(caught, off, cached=True)
     assert report2.first_run["cached"]
     assert (report2.linear, report2.fused_decode) == (report.linear, report.fused_decode)
-    assert _tokens(again) == reference_tokens and all(spy.count == 0 for spy in spies.values())
+    assert _tokens(again, report2) == reference_tokens and all(spy.count == 0 for spy in spies.values())
 
 
 @pytest.mark.slow  # the whole CUDA path through the interpreter, in a child: ~18 s
@@ -238,11 +238,11 @@ def test_all_ops_passing_in_the_child_serve_the_whole_cuda_path(llama, reference
     assert [c.op for c in report.checks] == ["w4a16_gemv", "w4a16_gemm", "epilogue", "fused_norm", "rotary_kv",
                                              "decode_attention", "fused_decode_step", "cuda_graph"]
     assert all(c.passed and c.seconds > 0 for c in report.checks)
-    assert isinstance(make_engine(fast, 16), CUDAGraphEngine) and _tokens(fast) == reference_tokens
+    assert isinstance(make_engine(fast, 16, report=report), CUDAGraphEngine) and _tokens(fast, report) == reference_tokens
 
     children.forbidden = True
     again, report2, caught = _load(llama)
-    assert caught == [] and report2.first_run["cached"] and _tokens(again) == reference_tokens
+    assert caught == [] and report2.first_run["cached"] and _tokens(again, report2) == reference_tokens
 
     children.forbidden = False  # the recheck option discards the verdict: a child runs again
     _, report3, caught = _load(llama, recheck=True)
@@ -262,7 +262,7 @@ def test_the_in_process_check_still_guards_what_the_child_passed(llama, referenc
     assert [str(w.message).split(" failed")[0] for w in caught] == ["edge-vlm self-check: epilogue"]
     assert not issubclass(caught[0].category, FirstRunWarning) and issubclass(caught[0].category, SelfCheckWarning)
     assert report.first_run["failed"] == {} and not report.fused_mlp and report.linear == "triton"
-    assert _tokens(fast) == reference_tokens
+    assert _tokens(fast, report) == reference_tokens
 
 
 def test_a_child_dying_before_its_first_check_leaves_every_op_off_and_keeps_no_verdict(
@@ -274,7 +274,7 @@ def test_a_child_dying_before_its_first_check_leaves_every_op_off_and_keeps_no_v
     assert "could not finish (the child process failed before its first check: crashed the child process " \
            "(SIGABRT))" in texts[0] and "runs again on the next load" in texts[0]
     assert report.linear == "reference" and not report.fused_norm and not report.fused_decode  # nothing unchecked runs
-    assert report.counts == {} and _tokens(fast) == reference_tokens
+    assert report.counts == {} and _tokens(fast, report) == reference_tokens
     assert not Path(report.first_run["file"]).exists() and len(children) == 1
     _load(llama)
     assert len(children) == 2  # not kept: the next load tries again
@@ -343,10 +343,10 @@ def test_a_kv_cache_kind_changed_after_loading_is_checked_in_a_child_first(llama
     monkeypatch.setenv(FAULTS, "decode_attention=wrong")
     fast, report, _ = _load(llama)
     assert len(children) == 1 and not report.fused_decode and not report.kv_cache_int8
-    fast.kv_cache_int8 = True  # the int8 cache's kernels: another family, another verdict
+    # an engine over the int8 cache: its kernels are another family, another verdict
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = make_engine(fast, 16)
+        engine = make_engine(fast, 16, kv_cache_int8=True, report=report)
     assert len(children) == 2 and report.kv_cache_int8 and type(engine) is TorchEngine
     _first_run_warning(caught, {"decode_attention": "mismatch"}, cached=False)
     assert len(list(verdicts.folder().glob("*.json"))) == 2

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_vlm import ChatSession, GenerationConfig, load_model
-from edge_vlm.text.sampling import Sampler, SamplingParams
+from edge_vlm.errors import EdgeVLMError
+from edge_vlm.text.sampling import GenerationConfigError, Sampler, SamplingParams
 from edge_vlm.text.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -153,3 +154,37 @@ def test_extreme_settings_draw_a_token_not_nan(params):
     allowed = torch.zeros(64, dtype=torch.bool)
     allowed[10] = True
     assert sampler(logits, hist, allowed) == 10
+
+
+@pytest.mark.parametrize("field,bad,good", [
+    ("max_new_tokens", [0, -1, True, 2.0, None], [1, 4096]),
+    ("temperature", [-0.01, 2.01, float("nan"), float("inf"), True, "0.5", None], [0, 1e-300, 2, 1]),
+    ("top_p", [0, -0.5, 1.01, float("nan"), False], [1e-6, 1, 0.5]),
+    ("top_k", [-1, 1.5, True], [0, 50]),
+    ("repetition_penalty", [0, -1, 10.5, float("inf"), float("nan")], [1e-300, 1, 10]),
+    ("seed", [2**63, -2**63 - 1, 10**4000, 1.0, True], [None, 0, -1, -2**63, 2**63 - 1]),
+    ("stop", ["x", [""], ["a", 3], ["s"] * 17, None], [[], ["</s>"], ["s"] * 16, ("a", "b")]),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_generation_config_checks_its_values_once_when_made(field, bad, good):
+    """Every caller (the CLI, the apps, the server) builds a GenerationConfig, so its ranges are
+    checked here: a bad value is one line naming the field, an EdgeVLMError the CLI prints as is."""
+    for value in good:
+        assert getattr(GenerationConfig(**{field: value}), field) == value
+    for value in bad:
+        with pytest.raises(GenerationConfigError) as e:
+            GenerationConfig(**{field: value})
+        assert isinstance(e.value, EdgeVLMError) and e.value.field == field
+        assert str(e.value) == f"{field}: {e.value.reason}" and "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+def test_the_cli_options_are_checked_by_generation_config():
+    from edge_vlm.cli import build_parser
+    from edge_vlm.cli.options import generation_config
+
+    parser = build_parser()
+    for flags, field in ((["--temperature", "5"], "temperature"), (["--top-p", "0"], "top_p"),
+                         (["--max-new-tokens", "0"], "max_new_tokens"), (["--top-k", "-2"], "top_k"),
+                         (["--repetition-penalty", "0"], "repetition_penalty")):
+        with pytest.raises(GenerationConfigError) as e:
+            generation_config(parser.parse_args(["chat", *flags, "hi"]))
+        assert e.value.field == field

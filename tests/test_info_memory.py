@@ -16,6 +16,7 @@ from edge_vlm.cli.info import memory_plan
 from edge_vlm.cli.memory_plan import parameter_count
 from edge_vlm.loading import default_dtype
 from edge_vlm.vlm import weight_bytes
+from tests.factories import make_rtn_int4
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -23,12 +24,7 @@ pytest.importorskip("llama_cpp")
 
 @pytest.fixture(scope="module")
 def int4_vila(tiny_vila, tmp_path_factory):
-    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
-
-    out = tmp_path_factory.mktemp("info") / "vila-rtn"
-    quantize_checkpoint(tiny_vila, out, QuantizeSettings(method="rtn", group_size=32), progress=False,
-                        log=lambda _msg: None)
-    return out
+    return make_rtn_int4(tiny_vila, tmp_path_factory.mktemp("info") / "vila-rtn", group_size=32)
 
 
 @pytest.fixture()

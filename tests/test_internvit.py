@@ -143,18 +143,13 @@ def test_two_tile_prompt_is_the_reference_format(native):
     _, _, ours = native
     img = picture(7, (112, 56))  # 2:1 -> a 2x1 grid
     model_tiles = ours.tiling
-    try:
-        ours.tiling = model_tiles.with_max_tiles(2)
-        session = ChatSession(ours)
-        assert ours.tile_count(img) == 3  # 2 grid tiles + the thumbnail
-        ours.tiling = TilingConfig(model_tiles.tile_size, 1, 2, thumbnail=False)
-        assert ours.tile_count(img) == 2  # exactly 2 tiles
-        tok = ours.tokenizer
-        context_id = tok.token_to_id(CONTEXT)
-        ids, _ = session_ids(session, "Describe the image.", [img], context_id)
-        assert ids == tok.encode(reference_internvl_prompt("Describe the image.", 2, ours.tokens_per_image))
-    finally:
-        ours.tiling = model_tiles
+    assert ours.with_run(tiling=model_tiles.with_max_tiles(2)).tile_count(img) == 3  # 2 grid tiles + the thumbnail
+    two = ours.with_run(tiling=TilingConfig(model_tiles.tile_size, 1, 2, thumbnail=False))
+    assert two.tile_count(img) == 2 and ours.tiling == model_tiles  # exactly 2 tiles; the loaded model as it was
+    tok = two.tokenizer
+    context_id = tok.token_to_id(CONTEXT)
+    ids, _ = session_ids(ChatSession(two), "Describe the image.", [img], context_id)
+    assert ids == tok.encode(reference_internvl_prompt("Describe the image.", 2, two.tokens_per_image))
 
 
 def test_image_prompt_logits_match_transformers(native):

@@ -102,18 +102,20 @@ def test_several_images_and_video_frames_stream_through_llama_cpp(folders, tmp_p
 def test_onnx_tower_gives_the_torch_features_for_every_tile(folders):
     """NVLM-D's layout (padding heads dropped at load): the exported tower + mlp1 in ONNX Runtime, fp32
     within 1e-4 of torch (as for VILA, test_onnx_vision), and the int8 file judged as VILA's is."""
-    from edge_vlm.backends.onnx import attach_onnx_vision
+    from edge_vlm.backends.onnx import with_onnx_vision
     from edge_vlm.backends.onnx.int8 import MIN_COSINE, cosine as int8_cosine
 
     model = torch_model(folders["nvlm"])
     tiles = model.image_tiles(picture(34, (150, 70)))
     ref = model.encode_images(tiles)
-    assert attach_onnx_vision(model, "onnx", precision="fp32") == "onnxruntime CPU fp32"
+    model = with_onnx_vision(model, "onnx", precision="fp32")
+    assert model.info.vision_backend == "onnxruntime CPU fp32"
     got = model.encode_images(tiles)
     assert got.shape == ref.shape == (len(tiles), model.tokens_per_image, model.llm.cfg.hidden_size)
     assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4
     int8 = torch_model(folders["nvlm"])
-    assert attach_onnx_vision(int8, "onnx") == "onnxruntime CPU int8"
+    int8 = with_onnx_vision(int8, "onnx")
+    assert int8.info.vision_backend == "onnxruntime CPU int8"
     assert int8_cosine(int8.encode_images(tiles), ref) >= MIN_COSINE
     # and a whole answer through it
     session = ChatSession(model)
@@ -124,7 +126,7 @@ def test_onnx_tower_gives_the_torch_features_for_every_tile(folders):
 def test_int8_tower_exports_to_its_own_onnx_folder_and_keeps_its_features(folders):
     """vision_int8 + ONNX: the graph carries the rounded weights, so it is cached apart from the 16-bit
     tower's export, and in fp32 it gives the int8 torch tower's features."""
-    from edge_vlm.backends.onnx import attach_onnx_vision
+    from edge_vlm.backends.onnx import with_onnx_vision
     from edge_vlm.backends.onnx.cache import export_dir
 
     plain = torch_model(folders["nvlm"])
@@ -132,8 +134,9 @@ def test_int8_tower_exports_to_its_own_onnx_folder_and_keeps_its_features(folder
     assert export_dir(q) != export_dir(plain) and export_dir(plain) == export_dir(torch_model(folders["nvlm"]))
     tiles = q.image_tiles(picture(37, (150, 70)))
     ref = q.encode_images(tiles)
-    assert attach_onnx_vision(q, "onnx", precision="fp32") == "onnxruntime CPU fp32"
-    assert float((q.encode_images(tiles) - ref).abs().max() / ref.abs().max()) <= 1e-4
+    onnx = with_onnx_vision(q, "onnx", precision="fp32")
+    assert onnx.info.vision_backend == "onnxruntime CPU fp32"
+    assert float((onnx.encode_images(tiles) - ref).abs().max() / ref.abs().max()) <= 1e-4
 
 
 # ---------------------------------------------------------------- server and camera

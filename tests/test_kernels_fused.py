@@ -243,7 +243,7 @@ def test_optimize_for_device_triton_path_matches_reference(tmp_path_factory):
         ref = _tiny(kind, tmp_path_factory).llm
         quantize_layers(ref)
         fast = copy.deepcopy(ref)
-        counts = optimize_for_device(fast, backend="triton", check=False)  # tests/test_selfcheck.py checks the checks
+        counts = optimize_for_device(fast, backend="triton", check=False).counts  # tests/test_selfcheck.py checks the checks
         mlp_kind = "fused_gated_mlp" if kind == "llama" else "fused_relu2_mlp"
         # per layer: q, k, v, o as W4A16 linears; the MLP (with its down_proj) as one fused module
         assert counts[mlp_kind] == 2 and counts["w4a16_linear"] == 2 * 4 and counts["fused_norm"] == 5
@@ -303,19 +303,19 @@ def test_optimize_for_device_on_cpu(tmp_path_factory, monkeypatch, compute):
     monkeypatch.setattr(int4_linear, "cpu_int4_compute_dtype", lambda: compute)  # both choices, whatever this CPU prefers
     model = _tiny("llama", tmp_path_factory)
     before = dict(model.llm.named_modules())
-    assert optimize_for_device(model) == {}  # unquantized on CPU: untouched, module for module
+    assert optimize_for_device(model.llm, model.vision, model.projector).counts == {}  # unquantized on CPU: untouched
     assert dict(model.llm.named_modules()) == before
 
     ref = model.llm
     quantize_layers(ref)
     fast = copy.deepcopy(ref)
-    counts = optimize_for_device(fast)
+    counts = optimize_for_device(fast).counts
     assert counts == {"cpu_int4_linear": 2 * 7}
     down = fast.layers[0].mlp.down_proj
     assert isinstance(down, int4_linear.CpuInt4Linear)
     # fp32 keeps the AWQ layer for prefill; bf16 needs no fallback
     assert (type(down.reference) is SpecWQLinear) if compute == torch.float32 else down.reference is None
-    assert optimize_for_device(fast) == {}  # idempotent: the kept AWQ layer is not swapped again
+    assert optimize_for_device(fast).counts == {}  # idempotent: the kept AWQ layer is not swapped again
     ids = torch.randint(0, ref.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         outs = []
@@ -342,7 +342,7 @@ def test_optimize_for_device_skips_meta():
 
     with torch.device("meta"):
         llm = DecoderLM(LLMConfig.from_hf(llm_config("llama").to_dict()))
-    assert optimize_for_device(llm) == {}
+    assert optimize_for_device(llm).counts == {}
 
 
 def test_interpreter_does_not_leak():

@@ -216,10 +216,10 @@ def test_cpu_int4_takes_every_awq_width_and_skips_group_sizes_the_kernel_lacks()
                                                         group) for name, n, group in shapes})
     reference = {name: model[name] for name, _, _ in shapes}
     model.norm = torch.nn.LayerNorm(4)  # gives the dispatcher a float parameter to read the device from
-    assert optimize_for_device(model) == {"cpu_int4_linear": 2}
+    assert optimize_for_device(model).counts == {"cpu_int4_linear": 2}
     assert [name for name, m in model.items() if isinstance(m, CpuInt4Linear)] == ["fits", "n_not_multiple_of_16"]
     assert model["small_group"] is reference["small_group"]  # untouched: still the plain path
-    assert optimize_for_device(model) == {}  # already done: a second call swaps nothing
+    assert optimize_for_device(model).counts == {}  # already done: a second call swaps nothing
     x = torch.randn(3, 128)
     with torch.inference_mode():
         got, want = model["n_not_multiple_of_16"](x), reference["n_not_multiple_of_16"](x)

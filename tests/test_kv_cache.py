@@ -68,7 +68,8 @@ def test_load_model_kv_cache_option_sets_what_engines_build(tmp_path):
 
     make_llm(tmp_path / "llm", "llama", seed=7)
     model = load_model(tmp_path / "llm", device="cpu", progress=False, kv_cache="int8")
-    assert TorchEngine(model.llm, 64).cache.quantized
+    assert model.spec.kv_cache_int8 and model.new_engine(64).cache.quantized
+    assert not TorchEngine(model.llm, 64).cache.quantized  # the engine's own default: the model's dtype
     plain = load_model(tmp_path / "llm", device="cpu", progress=False)
     est, est8 = plain.memory_estimate(4096)["kv_cache"], model.memory_estimate(4096)["kv_cache"]
     d = model.llm.cfg.head_dim
@@ -87,8 +88,7 @@ def test_int8_cache_keeps_real_smollm2_perplexity(smollm2):
     ids = Tokenizer(smollm2).encode(held_out_text()[:20_000])[:1024]
     model = load_model(smollm2, device="cpu", progress=False)
     base = perplexity(model.llm, ids, window=512)
-    model.llm.kv_cache_int8 = True
-    int8 = perplexity(model.llm, ids, window=512)
+    int8 = perplexity(model.llm, ids, window=512, kv_cache_int8=True)
     # per-vector int8 K/V: a rounding of <= 1/254 of each vector's max, random in sign; measured
     # +0.3% here (8.896 -> 8.923). 1% still tells it from a broken cache (wrong scales give perplexity in the hundreds)
     assert base < 20 and abs(int8 - base) <= 0.01 * base, (base, int8)

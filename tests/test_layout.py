@@ -4,6 +4,7 @@ only its public names, and installing puts nothing but `edge_vlm` into site-pack
 from __future__ import annotations
 
 import ast
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from edge_vlm.run_spec import RunSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = {"apps": "edge_vlm.apps", "quantize": "edge_vlm.quantize", "benchmarks": "edge_vlm.benchmarks"}
@@ -116,7 +119,7 @@ FLOORS = [
     ["edge_vlm.formats", "edge_vlm.text"],
     ["edge_vlm.imaging"],
     ["edge_vlm.models"],
-    ["edge_vlm.backends"],
+    ["edge_vlm.backends", "edge_vlm.run_spec"],
     ["edge_vlm.generate", "edge_vlm.vlm", "edge_vlm.conversation"],
     ["edge_vlm.session", "edge_vlm.loading"],
     ["edge_vlm.cli"],
@@ -222,4 +225,27 @@ def test_every_import_inside_a_function_says_why():
             group = lines[first - 1:last]
             if not lines[first - 2].strip().startswith("#") and not any("#" in text for text in group):
                 bad.append(f"{p.relative_to(ROOT)}:{n.lineno}")
+    assert bad == []
+
+
+# How a model runs is decided at load (edge_vlm/run_spec.py) and passed to its constructor: these
+# names are never assigned on another object after it is built (a changed setting is a new model:
+# VisionLanguageModel.with_run / replace). A self-check `report` records the cache kind it checked.
+RUN_SETTINGS = {f.name for f in dataclasses.fields(RunSpec)} | {
+    "spec", "encoder", "kernel_report", "template", "image_cfg", "vision", "projector", "llm",
+    "kv_cache_int8", "selfcheck_report", "torch_device"}
+
+
+def test_no_run_setting_is_assigned_after_construction():
+    bad = []
+    for folder in ("edge_vlm", "apps", "quantize", "benchmarks", "jetson", "tests"):
+        for p in python_files(folder):
+            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+                for target in targets:
+                    for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                        if isinstance(t, ast.Attribute) and t.attr in RUN_SETTINGS and not (
+                                isinstance(t.value, ast.Name) and t.value.id in ("self", "cls", "report")):
+                            bad.append(f"{p.relative_to(ROOT)}:{node.lineno} sets {ast.unparse(t)}")
     assert bad == []

@@ -142,3 +142,26 @@ def test_a_prompt_that_starts_like_the_cached_one_reuses_its_cells_exactly(pair)
         assert fast.reused_tokens == 0 and fast.position == len(b)
     finally:
         fresh.close()
+
+
+def test_engines_over_one_file_share_its_weights_and_keep_their_own_caches(pair):
+    """Two sessions of one model: one llama.cpp model in memory, two contexts. Each decodes as if alone
+    (the same logits as a fresh engine), one closing leaves the other working, and the last frees it."""
+    from edge_vlm.backends.llamacpp.engine import SHARED_MODELS
+
+    model, _, _ = pair
+    before = len(SHARED_MODELS.held)
+    a, b = LlamaCppEngine(gguf_path(), 128), LlamaCppEngine(gguf_path(), 128)
+    assert a._llama.model == b._llama.model and a._llama.ctx != b._llama.ctx
+    assert SHARED_MODELS.held[a._llama.model_key][1] >= 2
+    one, two = prompt_ids(model, "Name a fruit."), prompt_ids(model, "Name a planet.")
+    alone = LlamaCppEngine(gguf_path(), 128)
+    want_one, want_two = alone.prefill(Prompt([one])), (alone.reset(), alone.prefill(Prompt([two])))[1]
+    alone.close()
+    got_one, got_two = a.prefill(Prompt([one])), b.prefill(Prompt([two]))  # interleaved: caches apart
+    assert torch.equal(got_one, want_one) and torch.equal(got_two, want_two)
+    a.close()
+    b.reset()
+    assert torch.equal(b.prefill(Prompt([two])), want_two)
+    b.close()
+    assert len(SHARED_MODELS.held) == before

@@ -15,6 +15,7 @@ from edge_vlm.backends.llamacpp.choice import LlamaCppFallbackWarning, resolve_l
 from edge_vlm.cli import main
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.contracts import Prompt
+from tests.factories import make_rtn_int4
 
 GREEDY = GenerationConfig(max_new_tokens=6, temperature=0)
 
@@ -31,12 +32,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def awq_group16(tiny, tmp_path_factory):
     """An AWQ-layout checkpoint whose groups of 16 do not split into llama.cpp's Q4_1 blocks of 32."""
-    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
-
-    out = tmp_path_factory.mktemp("choice") / "awq16"
-    quantize_checkpoint(tiny, out, QuantizeSettings(method="rtn", group_size=16), progress=False,
-                        log=lambda _msg: None)
-    return out
+    return make_rtn_int4(tiny, tmp_path_factory.mktemp("choice") / "awq16", group_size=16)
 
 
 def test_resolution_rules(monkeypatch):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from edge_vlm import GenerationConfig
 from edge_vlm.cli import main
 from edge_vlm.errors import UnsupportedModelError
 from edge_vlm.imaging.s2_tiling import dynamic_s2_image_tokens
@@ -287,14 +288,37 @@ def test_max_tiles_trades_tokens_for_speed_and_turns_reuse_the_cache(folders):
     assert s.stats.cached_prompt_tokens == at and s.position > at + 48  # the first turn stays in the cache
 
 
-def test_the_onnx_tower_is_refused_for_s2_and_auto_stays_on_torch(folders):
-    from edge_vlm.errors import EdgeVLMError
+@pytest.mark.parametrize("name", ["nvila", "vila_s2"])
+def test_the_onnx_tower_runs_every_s2_tile_and_torch_merges_and_projects(folders, name, tmp_path, monkeypatch):
+    """`--vision-backend onnx` on S2 models: the exported graph is the tower alone (batched over a picture's
+    tiles of every scale); the scales are merged and projected in torch, so the projector's weights stay and
+    only the tower's are freed. fp32 gives the torch embeddings within float32 summation noise (1e-4 of
+    their size, as test_onnx_vision's fp32 bound); the int8 file, where chosen, within its cosine bound."""
+    from edge_vlm.backends.onnx import int8
 
-    with pytest.raises(EdgeVLMError, match="ONNX vision backend does not run S2") as e:
-        load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="onnx")
-    assert "\n" not in str(e.value)
-    model = load_model(folders["nvila"][0], fast_path=False, progress=False, vision_backend="auto")
-    assert model.encoder is None and model.info.vision_backend == "torch"
+    monkeypatch.setenv("EDGE_VLM_CACHE", str(tmp_path / "cache"))
+    folder = folders[name][0]
+    ref = load_model(folder, fast_path=False, progress=False)
+    pictures = [[picture(130, 70, seed=40)], [picture(60, 90, seed=41), picture(90, 60, seed=42)]]
+    want = [ref.encode_images(p) for p in pictures]
+    from edge_vlm.backends.onnx import with_onnx_vision
+
+    fp32 = with_onnx_vision(ref, "onnx", precision="fp32")
+    assert fp32.info.vision_backend == "onnxruntime CPU fp32 (tower only: S2 merge and projector in torch)"
+    assert fp32.encoder.tower_only
+    for p, w in zip(pictures, want):
+        for a, b in zip(fp32.encode_images(p), w):
+            assert a.shape == b.shape and float((a - b).norm() / b.norm()) <= 1e-4
+    model = load_model(folder, fast_path=False, progress=False, vision_backend="onnx")
+    assert model.info.vision_backend.startswith("onnxruntime CPU")
+    assert all(t.device.type == "meta" for t in model.vision.parameters())  # the tower runs in ONNX Runtime
+    assert all(t.device.type == "cpu" for t in model.projector.parameters())  # the projector still in torch
+    for p, w in zip(pictures, want):
+        for a, b in zip(model.encode_images(p), w):
+            assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) >= int8.MIN_COSINE
+    session = ChatSession(model)
+    session.answer("What is this?", images=pictures[0], gen=GenerationConfig(max_new_tokens=3, temperature=0))
+    assert session.stats.vision_backend.startswith("onnxruntime") and session.stats.new_tokens >= 1
 
 
 def test_the_servers_image_cache_keeps_a_pictures_embeddings_apart_by_its_tiling(folders):
@@ -311,3 +335,149 @@ def test_the_servers_image_cache_keeps_a_pictures_embeddings_apart_by_its_tiling
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert cached.hits == 3 and cached.misses == 3  # the second [a] and [a, b] came from the cache
     assert cached([a])[0].shape[0] > cached([a, b])[0].shape[0]
+
+
+@pytest.mark.parametrize("name", ["nvila", "vila_s2", "nvila_lite"])
+def test_llama_cpp_llm_gives_the_torch_paths_logits_on_an_s2_image_prompt(folders, name, tmp_path, monkeypatch):
+    """The LLM on llama.cpp (a GGUF export of the Qwen2 / Llama weights), our S2 tower beside it: the first
+    logits after an image prompt agree with the torch path by cosine (llama.cpp's Q8_0 dot products, as in
+    test_llamacpp_backend), and another picture moves both alike, so the per-picture blocks land where the
+    torch path puts them."""
+    from tests.test_internvit_apps import cosine, first_logits
+
+    monkeypatch.setenv("EDGE_VLM_CACHE", str(tmp_path / "cache"))
+    fast = load_model(folders[name][0], device="cpu", progress=False, llm_backend="llama.cpp")
+    ref = load_model(folders[name][0], device="cpu", progress=False, fast_path=False)
+    assert fast.info.llm_backend == "llama.cpp" and fast.gguf_path.is_file()
+    img, other = picture(120, 70, seed=5), picture(60, 130, seed=6)
+    a, b = ChatSession(fast), ChatSession(ref)
+    assert a.engine.name == "llama.cpp"
+    got, want = first_logits(a, "What is in this picture?", [img]), first_logits(b, "What is in this picture?", [img])
+    assert cosine(got, want) > 0.99
+    got2 = first_logits(ChatSession(fast), "What is in this picture?", [other])
+    want2 = first_logits(ChatSession(ref), "What is in this picture?", [other])
+    assert cosine(got2 - got, want2 - want) > 0.9
+
+
+@pytest.mark.parametrize("name", ["nvila", "vila_s2"])
+def test_quantize_calibrates_on_s2_image_tokens_and_loads_back(folders, name, tmp_path):
+    """AWQ of the LLM calibrated on the runtime's own S2 image embeddings (each picture alone, between the
+    image encoder's start/end tokens), the tower and projector copied bit for bit; read back, the first
+    logits after an image prompt stay within int4 noise of the 16-bit model's (< 0.4 relative: the
+    argument of test_quantize_pipeline's InternVL test, ~10-25% through two quantized layers)."""
+    from edge_vlm import GenerationConfig
+    from edge_vlm.formats.checkpoint import TensorStore
+    from edge_vlm.quantize.pipeline import QuantizeSettings, quantize_checkpoint
+    from tests.test_internvit_apps import first_logits
+
+    src, out, imgs = folders[name][0], tmp_path / "awq", tmp_path / "imgs"
+    imgs.mkdir()
+    for i, size in enumerate([(140, 90), (60, 120)]):
+        picture(*size, seed=20 + i).save(imgs / f"{i}.png")
+    summary = quantize_checkpoint(src, out, QuantizeSettings(calib_images=str(imgs), group_size=32, n_samples=4,
+                                                             seqlen=64), progress=False)
+    line = summary.calibration[-1]
+    assert line.startswith("image tokens of 2 images") and ("dynamic S2" if name == "nvila" else "fixed S2") in line
+    ref = load_model(src, device="cpu", progress=False, fast_path=False)
+    counts = [int(n) for n in line.split("(")[1].split(" ")[0].split("+")]
+    if name == "vila_s2":
+        assert counts == [ref.tokens_per_image] * 2
+    else:  # each picture alone, tiled as a one-picture chat tiles it, at the most tiles that fit 64 - 16 tokens
+        assert all(c <= 48 for c in counts) and max(counts) > ref.tokens_per_image
+    for part in ("vision_tower", "mm_projector"):
+        before, after = TensorStore(src / part), TensorStore(out / part)
+        assert before.keys() and sorted(before.keys()) == sorted(after.keys())
+        assert all(torch.equal(before.get(k), after.get(k)) for k in before.keys())
+    model = load_model(out, device="cpu", progress=False, fast_path=False)
+    assert model.info.quantization == "awq w4 g32" and model.s2 == ref.s2
+    img = picture(130, 80, seed=30)
+    got = first_logits(ChatSession(model), "What is in the picture?", [img])
+    want = first_logits(ChatSession(ref), "What is in the picture?", [img])
+    err = float((got - want).norm() / want.norm())
+    assert 0 < err < 0.4, err
+    session = ChatSession(model)
+    session.answer("What is this?", images=[img], gen=GenerationConfig(max_new_tokens=3, temperature=0))
+    assert session.stats.new_tokens >= 1
+
+
+def ref_video(path, vision, proj, kind, frames, pool):
+    """VILA's clip path, read plainly: `frames` frames at linspace(0, n - 1).round() of the decoded clip, each
+    squashed to one tower tile, its features repeated over the 3 scales (one tile: no merge), projected,
+    then TSP: means over runs of t frames and h x w cells of the projected token grid."""
+    import cv2
+    import numpy as np
+
+    cap, decoded = cv2.VideoCapture(str(path)), []
+    while (got := cap.read())[0]:
+        decoded.append(Image.fromarray(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB)))
+    cap.release()
+    picked = [decoded[i] for i in np.linspace(0, len(decoded) - 1, frames).round().astype(int)]
+    proc = image_processor("siglip", TILE)
+    pixels = torch.stack([torch.as_tensor(proc(f, return_tensors="pt")["pixel_values"][0]) for f in picked])
+    feats = hf_features(vision, pixels)
+    maps = torch.stack([place([f], 1, 1, GRID).repeat(3, 1, 1) for f in feats])
+    tokens = ref_project(proj, kind, maps)  # [frames, side*side, H]
+    t, h, w = pool
+    side = math.isqrt(tokens.shape[1])
+    out = []
+    for start in range(0, frames, t):
+        grid = tokens[start:start + t].reshape(t, side, side, -1)
+        cells = [grid[:, i * h:(i + 1) * h, j * w:(j + 1) * w].reshape(-1, grid.shape[-1]).mean(0)
+                 for i in range(side // h) for j in range(side // w)]
+        out.append(torch.stack(cells))
+    return out
+
+
+@pytest.mark.parametrize("pool", [(2, 1, 1), (2, 2, 2)])
+def test_nvila_video_is_sampled_and_pooled_as_the_reference(tmp_path, pool):
+    """An NVILA folder with a TSPVideoEncoder: `num_video_frames` frames are sampled, each seen once, and
+    every run of t frames becomes one block of the pooled grid; `--frames` that do not divide into runs are
+    refused in one line."""
+    import json
+
+    from edge_vlm.errors import EdgeVLMError
+    from edge_vlm.imaging.video import sample_frames
+    from tests.test_vlm import write_video
+
+    encoder = json.dumps({"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [list(pool)]})
+    llm, vision, proj = make_nvila(tmp_path / "nvila", seed=4, video_encoder=encoder, num_video_frames=4)
+    model = load_model(tmp_path / "nvila", fast_path=False, progress=False)
+    assert model.video_frames == 4
+    clip = write_video(tmp_path / "clip.mp4", frames=13, size=(80, 48))
+    pictures = model.video_pictures(sample_frames(clip, model.video_frames))
+    assert len(pictures) == 2 and not model.lone_image(pictures)
+    side = math.isqrt(model.tokens_per_image)
+    assert model.image_tokens(pictures) == 2 * (side // pool[1]) * (side // pool[2])
+    ours = model.encode_images(pictures)
+    ref = ref_video(clip, vision, proj, "mlp_downsample_2x2_fix", 4, pool)
+    assert [b.shape for b in ours] == [r.shape for r in ref]
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)  # fp32 both: summation order only
+    # one image beside the clip is still its message's only image: dynamic S2 tiles it
+    photo = picture(130, 70, seed=9)
+    both = model.encode_images([photo] + pictures)
+    assert both[0].shape[0] == model.image_tokens([photo]) > model.tokens_per_image
+    with pytest.raises(EdgeVLMError, match="multiple of 2 frames"):
+        model.video_pictures(sample_frames(clip, 3))
+
+
+def test_vision_int8_runs_the_s2_tower_in_int8_within_its_bound(folders):
+    """`--vision-int8` on NVILA: the SigLIP Linears int8 (one scale a row), the projector as loaded; the S2
+    embeddings (every tile through the int8 tower, merged, projected) stay within int8 rounding of fp32's:
+    each weight off by at most max|row|/254 (~0.5% of a Gaussian row's weight), independent over the tower's
+    Linears and damped by the residual stream, so < 2% relative (a wrong scale gives ~100%), and > 1e-4
+    shows the weights really are int8."""
+    from edge_vlm.formats.int8_rows import Int8Linear
+
+    folder = folders["nvila"][0]
+    ref = load_model(folder, device="cpu", progress=False, fast_path=False)
+    q = load_model(folder, device="cpu", progress=False, fast_path=False, vision_int8=True)
+    assert q.info.vision_quantization == "int8" and q.s2 == ref.s2
+    linears = [m for m in q.vision.modules() if isinstance(m, (Int8Linear, torch.nn.Linear))]
+    assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    assert not any(isinstance(m, Int8Linear) for m in q.projector.modules())
+    for pictures in ([picture(130, 70, seed=11)], [picture(60, 90, seed=12), picture(90, 60, seed=13)]):
+        for a, b in zip(q.encode_images(pictures), ref.encode_images(pictures)):
+            assert a.shape == b.shape
+            err = float((a - b).norm() / b.norm())
+            assert 1e-4 < err < 0.02, err

@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from edge_vlm import load_model
 from edge_vlm.backends.onnx import (
-    OnnxFallbackWarning, OnnxInt8RefusedWarning, OnnxVisionEncoder, attach_onnx_vision, export_vision, release_torch_tower)
+    OnnxFallbackWarning, OnnxInt8RefusedWarning, OnnxVisionEncoder, export_vision, release_torch_tower, with_onnx_vision)
 from edge_vlm.cli import build_parser
 from edge_vlm.backends.onnx import cache, choice, export, int8, providers
 from edge_vlm.errors import EdgeVLMError
@@ -158,20 +158,22 @@ def count(caught, category=Warning) -> int:
 
 
 def attach(model, mode="onnx", **kw):
+    """(what runs the tower, the warnings, the model with that vision path); `model` is left as it was."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chosen = attach_onnx_vision(model, mode, **kw)
-    return chosen, caught
+        chosen = with_onnx_vision(model, mode, **kw)
+    assert chosen is not model and model.info.vision_backend == "torch" and model.encoder is None
+    return chosen.info.vision_backend, caught, chosen
 
 
 def test_onnx_mode_exports_once_into_the_cache_and_encodes_through_the_model(tiny_vila, cache_root, monkeypatch):
     model = load(tiny_vila)
     images = fresh_images(2, seed=11)
     ref = model.encode_images(images)
-    chosen, caught = attach(model, "onnx", precision="fp32")
+    chosen, caught, onnx = attach(model, "onnx", precision="fp32")
     assert chosen == "onnxruntime CPU fp32" and count(caught) == 0
-    assert model.encoder.provider == providers.CPU
-    assert rel_err(model.encode_images(images), ref) <= FP32_REL  # the model's own entry point uses it
+    assert onnx.encoder.provider == providers.CPU
+    assert rel_err(onnx.encode_images(images), ref) <= FP32_REL  # the model's own entry point uses it
     folder = cache.export_dir(model)
     assert folder.is_relative_to(cache_root) and (folder / "vision-fp32.onnx").is_file()
 
@@ -188,7 +190,7 @@ def test_cpu_onnx_mode_uses_int8_unless_its_features_moved_too_far(tiny_llava, m
     low = dict(export.read_manifest(cache.export_dir(model)))
     low["int8"] = {**low["int8"], "cosine": 0.5}
     monkeypatch.setattr(cache, "read_manifest", lambda folder: low)
-    chosen, caught = attach(model, "onnx")
+    chosen, caught, attached = attach(model, "onnx")
     assert chosen == "onnxruntime CPU fp32 (int8 refused: cosine 0.5000 < bound 0.99)"
     assert count(caught, OnnxFallbackWarning) == 0 and count(caught) == 1  # one line, and it says why
     assert [str(w.message) for w in caught if issubclass(w.category, OnnxInt8RefusedWarning)] == ["ONNX vision: the int8 tower's features have cosine 0.5000 to fp32, below the bound 0.99; "
@@ -198,18 +200,18 @@ def test_cpu_onnx_mode_uses_int8_unless_its_features_moved_too_far(tiny_llava, m
     assert "vision on onnxruntime CPU fp32 (int8 refused: cosine 0.5000 < bound 0.99)" in stats.summary()
     # an int8 file above the bound: no warning, no note
     monkeypatch.setattr(cache, "read_manifest", lambda folder: {**low, "int8": {**low["int8"], "cosine": 0.995}})
-    chosen, caught = attach(model, "onnx")
+    chosen, caught, attached = attach(model, "onnx")
     assert chosen == "onnxruntime CPU int8" and not caught
 
 
 def test_torch_mode_and_text_only_models_keep_the_torch_path(tiny_vila, tmp_path):
     model = load(tiny_vila)
-    assert attach(model, "torch") == ("torch", [])
-    assert model.encoder is None
+    assert attach(model, "torch")[:2] == ("torch", [])
+    assert attach(model, "torch")[2].encoder is None
     make_llm(tmp_path / "llm")
-    assert attach(load(tmp_path / "llm"), "onnx") == ("torch", [])
+    assert attach(load(tmp_path / "llm"), "onnx")[:2] == ("torch", [])
     with pytest.raises(ValueError, match="vision backend"):
-        attach_onnx_vision(model, "tensorrt")
+        with_onnx_vision(model, "tensorrt")
 
 
 def test_auto_follows_the_measured_int8_speedup(tiny_vila, monkeypatch):
@@ -219,7 +221,8 @@ def test_auto_follows_the_measured_int8_speedup(tiny_vila, monkeypatch):
     monkeypatch.setattr(choice, "cpu_int8_speedup", lambda *a: choice.AUTO_MIN_SPEEDUP)
     assert attach(model, "auto")[0] == "onnxruntime CPU int8"
     monkeypatch.setattr(choice, "cpu_int8_speedup", lambda *a: choice.AUTO_MIN_SPEEDUP * 0.9)
-    assert attach(model, "auto") == ("torch", []) and model.encoder is None
+    chosen, caught, kept = attach(model, "auto")
+    assert (chosen, caught) == ("torch", []) and kept.encoder is None
 
 
 def test_load_model_with_onnx_frees_the_torch_tower(tiny_vila, cache_root):
@@ -237,7 +240,8 @@ def test_load_model_with_onnx_frees_the_torch_tower(tiny_vila, cache_root):
     session = ChatSession(model)
     session.answer("what is this?", images=images, gen=GenerationConfig(max_new_tokens=3, temperature=0))
     assert session.stats.vision_backend.startswith("onnxruntime")
-    assert attach_onnx_vision(ref, "torch") == "torch" and release_torch_tower(ref) == 0  # the torch path keeps it
+    kept = with_onnx_vision(ref, "torch")
+    assert kept.info.vision_backend == "torch" and release_torch_tower(kept) == 0  # the torch path keeps it
     assert all(p.device.type == "cpu" for p in ref.vision.parameters())
 
 
@@ -252,10 +256,10 @@ def assert_fell_back(model, caught, reason: str, images):
 def test_missing_onnxruntime_falls_back_with_one_warning(tiny_vila, monkeypatch):
     model = load(tiny_vila)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
-    chosen, caught = attach(model, "onnx")
+    chosen, caught, attached = attach(model, "onnx")
     assert chosen == "torch"
-    assert_fell_back(model, caught, "onnxruntime is not installed", fresh_images(1, 0))
-    assert attach(model, "auto") == ("torch", [])  # auto never asked for it: no warning
+    assert_fell_back(attached, caught, "onnxruntime is not installed", fresh_images(1, 0))
+    assert attach(model, "auto")[:2] == ("torch", [])  # auto never asked for it: no warning
 
 
 def test_failed_export_falls_back_with_one_warning_and_leaves_nothing(tiny_vila, tmp_path, monkeypatch):
@@ -267,9 +271,9 @@ def test_failed_export_falls_back_with_one_warning_and_leaves_nothing(tiny_vila,
         raise RuntimeError("exporter exploded\nwith a long traceback")
 
     monkeypatch.setattr(torch.onnx, "export", broken)
-    chosen, caught = attach(model, "onnx")
+    chosen, caught, attached = attach(model, "onnx")
     assert chosen == "torch"
-    assert_fell_back(model, caught, "export failed: RuntimeError: exporter exploded", fresh_images(1, 0))
+    assert_fell_back(attached, caught, "export failed: RuntimeError: exporter exploded", fresh_images(1, 0))
     out = cache.export_dir(model)
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()]
 
@@ -282,9 +286,9 @@ def test_corrupt_onnx_file_falls_back_with_one_warning(tiny_vila, tmp_path):
     path = cache.export_dir(model) / "vision-int8.onnx"
     path.write_bytes(b"\x08\x07this is not a protobuf" * 10)
     again = load(folder)
-    chosen, caught = attach(again, "onnx")
+    chosen, caught, attached = attach(again, "onnx")
     assert chosen == "torch"
-    assert_fell_back(again, caught, "failed to start", fresh_images(1, 0))
+    assert_fell_back(attached, caught, "failed to start", fresh_images(1, 0))
     assert str(path.parent) in str(caught[0].message)  # says which folder to delete
 
 
@@ -297,9 +301,9 @@ def test_provider_that_raises_at_session_start_falls_back_with_one_warning(tiny_
         raise RuntimeError("CUDA failure 100: no CUDA-capable device is detected")
 
     monkeypatch.setattr(ort, "InferenceSession", failing)
-    chosen, caught = attach(model, "onnx")
+    chosen, caught, attached = attach(model, "onnx")
     assert chosen == "torch"
-    assert_fell_back(model, caught, "CUDA failure 100", fresh_images(1, 0))
+    assert_fell_back(attached, caught, "CUDA failure 100", fresh_images(1, 0))
 
 
 def test_a_gpu_model_without_a_gpu_provider_stays_on_torch():

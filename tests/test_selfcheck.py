@@ -56,9 +56,9 @@ def _ids(llm):
     return torch.randint(0, llm.cfg.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(3))
 
 
-def greedy(llm, ids, engine=None) -> list[int]:
-    """Greedy tokens after `ids` from the engine the runtime would build for `llm`."""
-    engine = engine or make_engine(llm, 16)
+def greedy(llm, ids, engine=None, report=None) -> list[int]:
+    """Greedy tokens after `ids` from the engine the runtime would build for `llm` (`report`: its self-check's)."""
+    engine = engine or make_engine(llm, 16, report=report)
     with torch.inference_mode():
         logits = engine.prefill(llm.embed(ids))
         tokens = []
@@ -73,19 +73,19 @@ def reference_tokens(llama):
     return greedy(llama, _ids(llama), TorchEngine(llama, 16))  # the plain torch model, dequantize + matmul
 
 
-def _optimize(llm, backend="triton"):
+def _optimize(llm, backend="triton", kv_cache_int8=False):
     """optimize_for_device on a copy of `llm`; returns (copy, its report, the warnings raised)."""
     fast = copy.deepcopy(llm)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        optimize_for_device(fast, backend=backend)
-    return fast, fast.selfcheck_report, caught
+        report = optimize_for_device(fast, backend=backend, kv_cache_int8=kv_cache_int8).report
+    return fast, report, caught
 
 
-def _tokens_and_warnings(llm):
+def _tokens_and_warnings(llm, report):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tokens = greedy(llm, _ids(llm))
+        tokens = greedy(llm, _ids(llm), report=report)
     return tokens, caught
 
 
@@ -151,8 +151,8 @@ def test_all_kernels_pass_and_serve_the_whole_cuda_path(llama, reference_tokens)
     assert (report.linear, report.fused_mlp, report.fused_norm, report.fused_decode) == ("triton", True, True, True)
     assert report.cuda_graph
     assert report.counts == {"fused_gated_mlp": 1, "w4a16_linear": 4, "fused_norm": 3}
-    assert isinstance(make_engine(fast, 16), CUDAGraphEngine)
-    tokens, caught = _tokens_and_warnings(fast)
+    assert isinstance(make_engine(fast, 16, report=report), CUDAGraphEngine)
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == reference_tokens and caught == []
 
 
@@ -169,7 +169,7 @@ def test_a_failing_int4_kernel_falls_back_to_torchs_int4_matmul(llama, reference
     assert report.linear == "torch_int4" and not report.fused_mlp  # the fused MLPs need the Triton layout
     assert report.counts["torch_int4_linear"] == 7 and "w4a16_linear" not in report.counts
     assert report.fused_decode  # the fused step runs over whatever linears passed
-    tokens, caught = _tokens_and_warnings(fast)
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == reference_tokens and caught == [] and faulty.launches == 1
 
 
@@ -183,7 +183,7 @@ def test_triton_and_torch_int4_both_failing_leave_the_reference_linears(llama, r
     assert len(texts) == 2 and "w4a16_gemv failed (NaN" in texts[0] and "torch_int4 failed (1 row(s): mismatch" in texts[1]
     assert report.linear == "reference" and "dequantize + matmul" in texts[1]
     assert not any("linear" in kind for kind in report.counts)  # the loaded WQLinears stay
-    assert greedy(fast, _ids(fast)) == reference_tokens
+    assert greedy(fast, _ids(fast), report=report) == reference_tokens
 
 
 def test_a_failing_epilogue_unfuses_the_mlps_only(llama, reference_tokens, monkeypatch):
@@ -192,7 +192,7 @@ def test_a_failing_epilogue_unfuses_the_mlps_only(llama, reference_tokens, monke
     _one_warning(caught, "epilogue", "NaN")
     assert report.linear == "triton" and not report.fused_mlp and report.fused_decode
     assert report.counts == {"w4a16_linear": 7, "fused_norm": 3}  # gate, up and down as plain W4A16 linears
-    tokens, caught = _tokens_and_warnings(fast)
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == reference_tokens and caught == []
 
 
@@ -202,7 +202,7 @@ def test_a_failing_relu2_epilogue_unfuses_nemotrons_mlps(nemotron, monkeypatch):
     fast, report, caught = _optimize(nemotron)
     _one_warning(caught, "epilogue", "mismatch")
     assert report.linear == "triton" and not report.fused_mlp
-    tokens, caught = _tokens_and_warnings(fast)
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == want and caught == []
 
 
@@ -219,8 +219,8 @@ def test_a_failing_decode_kernel_turns_off_the_fused_step(llama, reference_token
     assert report.linear == "triton" and not report.fused_decode
     assert report.fused_norm == (op != "fused_norm")
     assert "fused_decode_step" not in [c.op for c in report.checks]  # not tried on a part known broken
-    assert type(make_engine(fast, 16)) is TorchEngine
-    tokens, caught = _tokens_and_warnings(fast)
+    assert type(make_engine(fast, 16, report=report)) is TorchEngine
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == reference_tokens and caught == []
 
 
@@ -239,8 +239,8 @@ def test_a_wrong_fused_step_turns_off_the_fused_decode(llama, reference_tokens, 
     monkeypatch.setattr(FusedDecoder, "forward", off_by_one)
     fast, report, caught = _optimize(llama)
     _one_warning(caught, "fused_decode_step", "mismatch")
-    assert report.fused_norm and not report.fused_decode and type(make_engine(fast, 16)) is TorchEngine
-    tokens, caught = _tokens_and_warnings(fast)
+    assert report.fused_norm and not report.fused_decode and type(make_engine(fast, 16, report=report)) is TorchEngine
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == reference_tokens and caught == []
 
 
@@ -253,8 +253,8 @@ def test_a_failing_capture_at_load_decodes_with_plain_steps(llama, reference_tok
     monkeypatch.setattr(cuda_graph, "recorder_for", lambda device: _capture_fails)
     fast, report, caught = _optimize(llama)
     _one_warning(caught, "cuda_graph", "recording failed: CUDA graph capture failed (RuntimeError")
-    assert report.fused_decode and not report.cuda_graph and type(make_engine(fast, 16)) is TorchEngine
-    tokens, caught = _tokens_and_warnings(fast)
+    assert report.fused_decode and not report.cuda_graph and type(make_engine(fast, 16, report=report)) is TorchEngine
+    tokens, caught = _tokens_and_warnings(fast, report)
     assert tokens == reference_tokens and caught == []
 
 
@@ -275,22 +275,20 @@ def test_cuda_without_triton_uses_torchs_int4_matmul(llama, reference_tokens):
     fast, report, caught = _optimize(llama, backend="cuda_int4")
     assert caught == [] and [c.op for c in report.checks] == ["torch_int4"]
     assert report.linear == "torch_int4" and report.counts == {"torch_int4_linear": 7} and not report.fused_decode
-    assert type(make_engine(fast, 16)) is TorchEngine
-    assert greedy(fast, _ids(fast)) == reference_tokens
+    assert type(make_engine(fast, 16, report=report)) is TorchEngine
+    assert greedy(fast, _ids(fast), report=report) == reference_tokens
 
 
 def test_unchecked_conversion_trusts_every_fast_path(llama):
     fast = copy.deepcopy(llama)
-    optimize_for_device(fast, backend="triton", check=False)
-    report = fast.selfcheck_report
+    report = optimize_for_device(fast, backend="triton", check=False).report
     assert report.checks == [] and not report.checked
     assert (report.linear, report.fused_mlp, report.fused_norm, report.fused_decode) == ("triton", True, True, True)
 
 
 def test_the_report_is_plain_data(llama):
     fast = copy.deepcopy(llama)
-    optimize_for_device(fast, backend="cuda_int4")
-    d = fast.selfcheck_report.to_dict()
+    d = optimize_for_device(fast, backend="cuda_int4").report.to_dict()
     assert d["linear"] == "torch_int4" and d["checks"][0]["op"] == "torch_int4" and d["checks"][0]["passed"]
     import json
 
@@ -375,16 +373,14 @@ def test_fp16_norm_rotary_and_attention_checks_pass_on_the_real_kernels(llama):
 def test_int8_cache_model_checks_the_int8_kernels(llama, monkeypatch):
     """A model that decodes over an int8 KV cache is checked with the int8 variants; a cache kind
     changed after loading is checked when make_engine builds the engine for it."""
-    int8 = copy.deepcopy(llama)
-    int8.kv_cache_int8 = True
-    fast, report, caught = _optimize(int8)
+    fast, report, caught = _optimize(llama, kv_cache_int8=True)
     assert caught == [] and report.kv_cache_int8 and report.fused_decode
-    assert isinstance(make_engine(fast, 16), CUDAGraphEngine)
-    fast.kv_cache_int8 = False  # changed after the check; now the fp32 cache's attention is broken
+    assert isinstance(make_engine(fast, 16, kv_cache_int8=True, report=report), CUDAGraphEngine)
+    # an engine over the fp32 cache, not the checked one; and now the fp32 cache's attention is broken
     _inject(monkeypatch, decode_attention, "_decode_attention", "nan", 8, when=lambda kw: not kw["QUANT"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        engine = make_engine(fast, 16)
+        engine = make_engine(fast, 16, report=report)
     _one_warning(caught, "decode_attention", "NaN")
     assert type(engine) is TorchEngine and not report.kv_cache_int8 and not report.fused_decode
 

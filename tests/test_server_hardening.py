@@ -54,6 +54,12 @@ BAD_ROWS = [  # (name, body, param, code): each a 400 in OpenAI's error shape
     ("max_tokens true", {"messages": MSG, "max_tokens": True}, "max_tokens", "int_type"),
     ("stream 'yes'", {"messages": MSG, "stream": "yes"}, "stream", "bool_type"),
     ("temperature true", {"messages": MSG, "temperature": True}, "temperature", "value_error"),
+    # ranges are GenerationConfig's own checks (one path with the CLI's), reported under the request's field
+    ("temperature NaN", {"messages": MSG, "temperature": float("nan")}, "temperature", "invalid_value"),
+    ("max_completion_tokens 0", {"messages": MSG, "max_tokens": 3, "max_completion_tokens": 0},
+     "max_completion_tokens", "invalid_value"),
+    ("seed 10**30", {"messages": MSG, "seed": 10**30}, "seed", "invalid_value"),
+    ("empty stop string", {"messages": MSG, "stop": ["x", ""]}, "stop", "invalid_value"),
     ("bad detail", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": TINY_PNG, "detail": "ultra"}}]}]},
      "messages.0.content.0.image_url.detail", "literal_error"),

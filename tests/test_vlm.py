@@ -180,3 +180,31 @@ def test_cpu_vision_runs_in_bf16_only_where_that_is_faster(tiny_vila, monkeypatc
         assert 0 < rel_err(got, want) <= 2**-4
     else:
         assert torch.equal(got, want)
+
+
+def test_how_a_model_runs_is_fixed_at_construction(tiny_vila):
+    """The run settings are the frozen spec's (read-only on the model); another setting is another
+    model object over the same weights, and the loaded one is unchanged."""
+    import dataclasses
+
+    from edge_vlm.errors import EdgeVLMError
+    from edge_vlm.run_spec import RunSpec
+
+    model = load_model(tiny_vila, device="cpu", progress=False, max_context=256, kv_cache="int8")
+    spec = model.spec
+    assert (spec.max_context, spec.kv_cache_int8, spec.gguf_path, spec.llm_backend) == (256, True, None, "torch")
+    assert (model.max_context, model.device, model.gguf_path) == (256, torch.device("cpu"), None)
+    for name in ("max_context", "tiling", "gguf_path", "llm_threads", "s2", "image_format"):
+        with pytest.raises(AttributeError):
+            setattr(model, name, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(spec, "max_context", 8)  # frozen
+    small = model.with_run(max_context=64, kv_cache_int8=False)
+    assert small is not model and small.llm is model.llm and small.vision is model.vision
+    assert small.new_engine().max_context == 64 and not small.new_engine().cache.quantized
+    assert model.new_engine().max_context == 256 and model.new_engine().cache.quantized
+    images = [Image.new("RGB", (40, 30), (200, 30, 90))]
+    assert torch.equal(small.encode_images(images), model.encode_images(images))
+    for bad in (dict(max_context=0), dict(llm_threads=0)):
+        with pytest.raises(EdgeVLMError):
+            RunSpec(**bad)

@@ -1,6 +1,7 @@
 """The HTTP API: routes, request checks and responses (non-streaming JSON or server-sent events).
 
-    request -> limits (Host, key, content type, body size and read time) -> pydantic -> field checks
+    request -> limits (Host, key, content type, body size and read time) -> pydantic (shapes)
+            -> field checks -> ChatRequest.to_generation_config (values, checked by GenerationConfig)
             -> a place in the worker queue -> media read and decoded -> the job
             -> text pieces -> chat.completion | chat.completion.chunk events
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -236,29 +238,21 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
                 template.check_tools([{}], [])
             except EdgeVLMError as e:
                 raise APIError(400, f"tools: {e}", "tools", "unsupported_field") from None
-        plan = body.tool_plan()
+        plan = body.tool_plan(template.tool_format)
         context = body.context if isinstance(body.context, list) else [body.context] if body.context else []
         if context:
             try:
                 template.check_tools([], context)
             except EdgeVLMError as e:
                 raise APIError(400, f"context: {e}", "context", "context_not_supported") from None
-        constraint = body.constraint() if plan is None else plan.constraint(template.tool_format)
-        if constraint is not None:  # a schema the grammar compiler refuses is the request's fault: 400 now
+        gen = body.to_generation_config(config.gen_defaults, plan)
+        if gen.constraint is not None:  # a schema the grammar compiler refuses is the request's fault: 400 now
             try:  # compiled (then cached for the answer) and its first mask computed, before any decoding
-                mask = compile_constraint(constraint, worker.model.tokenizer, worker.model.eos_token_ids)
+                mask = compile_constraint(gen.constraint, worker.model.tokenizer, worker.model.eos_token_ids)
                 mask.allowed(mask.vocab_size)
             except (EdgeVLMError, ValueError, RuntimeError) as e:
-                param = "tools" if plan is not None else body.constraint_field
+                param = body.field_of("constraint", plan)
                 raise APIError(400, f"{param}: {e}", param, "invalid_value") from None
-        d = config.gen_defaults
-        gen = GenerationConfig(
-            max_new_tokens=body.max_completion_tokens or body.max_tokens or d.max_new_tokens,
-            temperature=d.temperature if body.temperature is None else body.temperature,
-            top_p=d.top_p if body.top_p is None else body.top_p,
-            top_k=d.top_k if body.top_k is None else body.top_k,
-            repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,
-            seed=body.seed if body.seed is not None else d.seed, stop=body.stops, constraint=constraint)
         try:
             place = worker.admit()  # before any media is read or decoded
         except QueueFull as e:
@@ -293,8 +287,6 @@ def create_app(worker: ModelWorker, config: ServerConfig, metrics: Metrics | Non
 
     app.add_middleware(Limits, config=config, metrics=metrics)
     if config.cors_origins:  # added last: the outermost, so the limits' own errors get CORS headers too
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type", "X-Api-Key"])
     return app

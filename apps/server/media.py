@@ -113,8 +113,7 @@ class Fit:
     MIN_GAIN = 1.5  # shrink only when it saves more than this factor per side
 
     def __init__(self, model):
-        self.image_cfg = getattr(model, "image_cfg", None)
-        self.tiling = getattr(model, "tiling", None)
+        self.image_cfg, self.tiling = model.image_cfg, model.tiling
 
     def room(self, size: tuple[int, int], video_frame: bool = False) -> float:
         """How many times larger than the model's working size the picture is (on its tighter axis)."""

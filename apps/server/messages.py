@@ -12,9 +12,10 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
-from edge_vlm.text.templates import IMAGE_MARK
 from edge_vlm.errors import EdgeVLMError
 from edge_vlm.session import Message
+from edge_vlm.text.templates import IMAGE_MARK
+from edge_vlm.text.tools import arguments_dict
 from edge_vlm.vlm import VisionLanguageModel
 
 from .errors import APIError
@@ -173,8 +174,6 @@ def _message(m, text: str, images: list) -> Message:
 
 def _check_tool_fields(m, i: int) -> None:
     """400s for tool fields where they cannot stand (and a missing content)."""
-    from edge_vlm.text.tools import arguments_dict
-
     if m.role == "tool" and not m.tool_call_id:
         raise APIError(400, f"messages.{i}.tool_call_id: a tool message needs the id of the call it answers",
                        f"messages.{i}.tool_call_id", "invalid_value")

@@ -1,8 +1,12 @@
 """The request and response shapes: OpenAI's chat completions, with NIM VILA's extra field.
 
-pydantic checks every field (types, ranges) and the OpenAPI schema at /openapi.json comes from these models.
-Fields that would change the answer but that the runtime cannot honour (n > 1, logprobs, ...)
-are refused by name; harmless ones clients always send (`user`, `n: 1`) are accepted.
+pydantic checks the shape of every field (types, required fields) and the OpenAPI schema at
+/openapi.json comes from these models. A request becomes the runtime's `GenerationConfig` in one
+place, `ChatRequest.to_generation_config` (vLLM's `to_sampling_params` is the pattern), and the
+values' ranges are checked there once, by `GenerationConfig` itself, whose error becomes a 400
+naming the request's field. Fields that would change the answer but that the runtime cannot
+honour (n > 1, logprobs, ...) are refused by name; harmless ones clients always send (`user`,
+`n: 1`) are accepted.
 
 Function calling: `tools` and `tool_choice` become a `ToolPlan` (which tools the prompt offers,
 whether the answer may, must or must not call one); a forced call is a grammar over the model's
@@ -18,6 +22,12 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt
+
+from edge_vlm.errors import EdgeVLMError
+from edge_vlm.text.constrained import Constraint
+from edge_vlm.text.sampling import GenerationConfig, GenerationConfigError
+from edge_vlm.text.templates import TOOL_CALL_SYNTAX
+from edge_vlm.text.tools import tool_spec, tool_specs
 
 from .errors import APIError
 
@@ -105,19 +115,20 @@ class ChatRequest(BaseModel):
 
     model: str | None = Field(None, description="the loaded model's id, or any alias of it (e.g. nvidia/vila)")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Int | None = Field(None, ge=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
-    temperature: Number | None = Field(None, ge=0, le=2)
-    top_p: Number | None = Field(None, gt=0, le=1)
-    top_k: Int | None = Field(None, ge=0)
-    seed: Int | None = Field(None, ge=-2**63, lt=2**63)
-    stop: str | list[str] | None = None
+    # the sampling fields' ranges are GenerationConfig's (see to_generation_config); here only their types
+    max_tokens: Int | None = Field(None, description="the answer's length in tokens (at least 1)")
+    max_completion_tokens: Int | None = Field(None, description="the same as max_tokens; wins when both are given")
+    temperature: Number | None = Field(None, description="0 (greedy) to 2")
+    top_p: Number | None = Field(None, description="above 0, at most 1")
+    top_k: Int | None = Field(None, description="0 (no limit) or more")
+    seed: Int | None = Field(None, description="a signed 64-bit integer: the same seed gives the same answer")
+    stop: str | list[str] | None = Field(None, description="up to 16 non-empty strings that end the answer")
     stream: Bool = False
     stream_options: StreamOptions | None = None
     num_frames_per_inference: Int = Field(8, ge=1, le=32, description="frames sampled evenly from a video")
-    repetition_penalty: Number | None = Field(None, gt=0, le=10)
-    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
-    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    repetition_penalty: Number | None = Field(None, description="above 0, at most 10 (1: off)")
+    frequency_penalty: Number | None = Field(None, description="only 0 (use repetition_penalty)")
+    presence_penalty: Number | None = Field(None, description="only 0 (use repetition_penalty)")
     n: Int | None = None
     logprobs: Bool | None = None
     user: str | None = None
@@ -154,18 +165,43 @@ class ChatRequest(BaseModel):
             if getattr(self, name):  # additive penalties are not what the sampler has: refuse, don't approximate
                 raise APIError(400, f"{name}: only 0 is supported; use repetition_penalty (multiplicative, "
                                     ">1 makes repeated tokens less likely)", name, "unsupported_value")
-        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 16 or any(not s for s in stops):
-            raise APIError(400, "stop: up to 16 non-empty strings", "stop", "invalid_value")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options: only with stream=true", "stream_options", "invalid_value")
+
+    def to_generation_config(self, defaults: GenerationConfig, plan: "ToolPlan | None" = None) -> GenerationConfig:
+        """The answer this request asks for (the one place a request becomes a GenerationConfig):
+        each of its length, sampling and stop fields where given, else the server's `defaults`;
+        its constraint (response_format / nvext) or, with tools, the one `plan` implies (the
+        request's alone: the server has no default constraint). The values are checked by
+        GenerationConfig itself; a bad one is a 400 naming the request's field."""
+
+        def given(value, default):
+            return default if value is None else value
+
+        constraint = self.constraint() if plan is None else plan.constraint()
+        try:
+            return GenerationConfig(
+                max_new_tokens=given(self.max_completion_tokens, given(self.max_tokens, defaults.max_new_tokens)),
+                temperature=given(self.temperature, defaults.temperature), top_p=given(self.top_p, defaults.top_p),
+                top_k=given(self.top_k, defaults.top_k),
+                repetition_penalty=given(self.repetition_penalty, defaults.repetition_penalty),
+                seed=given(self.seed, defaults.seed), stop=list(defaults.stop) if self.stop is None else self.stops,
+                constraint=constraint)
+        except GenerationConfigError as e:
+            param = self.field_of(e.field, plan)
+            raise APIError(400, f"{param}: {e.reason}", param, "invalid_value") from None
+
+    def field_of(self, name: str, plan: "ToolPlan | None") -> str:
+        """The request's field that a GenerationConfig field came from (where its errors are reported)."""
+        if name == "max_new_tokens":
+            return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        if name == "constraint":
+            return "tools" if plan is not None else self.constraint_field
+        return name
 
     def constraint(self):
         """What the answer must match (edge_vlm.text.constrained), from `response_format` or NIM's
         `nvext.guided_json` / `guided_choice`; None for free text. A bad one is a 400 naming its field."""
-        from edge_vlm.text.constrained import Constraint
-        from edge_vlm.errors import EdgeVLMError
-
         ext = dict(self.nvext or {})
         guided = {k: ext.pop(k) for k in ("guided_json", "guided_choice") if k in ext}
         if ext:
@@ -198,12 +234,10 @@ class ChatRequest(BaseModel):
         return "nvext.guided_json" if "guided_json" in ext else "nvext.guided_choice" if "guided_choice" in ext \
             else "nvext"
 
-    def tool_plan(self) -> "ToolPlan | None":
-        """The request's tools (checked, OpenAI's shape) and what `tool_choice` asks; None without
-        tools. A malformed tool, an unknown function, tools with response_format: 400s naming the field."""
-        from edge_vlm.errors import EdgeVLMError
-        from edge_vlm.text.tools import tool_spec, tool_specs
-
+    def tool_plan(self, fmt: str | None) -> "ToolPlan | None":
+        """The request's tools (checked, OpenAI's shape) and what `tool_choice` asks, for a model
+        that writes calls in tool format `fmt`; None without tools. A malformed tool, an unknown
+        function, tools with response_format: 400s naming the field."""
         if not self.tools:
             if self.tool_choice not in (None, "none"):
                 raise APIError(400, "tool_choice: only allowed when tools are given", "tool_choice", "invalid_value")
@@ -245,7 +279,7 @@ class ChatRequest(BaseModel):
             if value and not (name == "response_format" and value == {"type": "text"}):
                 raise APIError(400, f"{name}: cannot be combined with tools (a tool call is itself constrained)",
                                name, "invalid_value")
-        return ToolPlan(specs, choice if isinstance(choice, str) else choice["function"]["name"])
+        return ToolPlan(specs, choice if isinstance(choice, str) else choice["function"]["name"], fmt)
 
     @property
     def stops(self) -> list[str]:
@@ -279,24 +313,22 @@ class ToolPlan:
     decides; its calls are parsed out of the text), "none" (tools shown as with auto, so the prompt
     and its cache are the same, but the answer is constrained never to open a call), "required"
     (exactly one call, to any of the tools: a small model asked for "one or more" repeats its call
-    until max_tokens), or a function's name (one call to it)."""
+    until max_tokens), or a function's name (one call to it). fmt: the model's tool-call format
+    (edge_vlm.text.templates.TOOL_CALL_SYNTAX), the syntax those calls are written in."""
 
     tools: list
     choice: str
+    fmt: str | None
 
-    def constraint(self, fmt: str):
+    def constraint(self):
         """The answer's grammar (edge_vlm.text.constrained): a forced call, or no call; None for auto."""
-        from edge_vlm.text.constrained import Constraint
-
         if self.choice == "auto":
             return None
         if self.choice == "none":
-            from edge_vlm.text.templates import TOOL_CALL_SYNTAX
-
-            return Constraint.without(TOOL_CALL_SYNTAX[fmt].opening)
+            return Constraint.without(TOOL_CALL_SYNTAX[self.fmt].opening)
         if self.choice == "required":
-            return Constraint.tool_calls(fmt, self.tools)
-        return Constraint.tool_calls(fmt, [t for t in self.tools if t["function"]["name"] == self.choice])
+            return Constraint.tool_calls(self.fmt, self.tools)
+        return Constraint.tool_calls(self.fmt, [t for t in self.tools if t["function"]["name"] == self.choice])
 
 
 class ContentFilter:

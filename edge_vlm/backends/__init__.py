@@ -22,6 +22,8 @@ assembly, the session, loading or the CLI (tests/test_layout.py).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .torch_engine import TorchEngine
@@ -33,7 +35,7 @@ from .triton import triton_available
 
 BACKENDS = ("triton", "cuda_int4", "cpu")
 
-__all__ = ["BACKENDS", "FirstRunWarning", "SelfCheckReport", "SelfCheckWarning", "choose_backend", "make_engine",
+__all__ = ["BACKENDS", "FastPath", "FirstRunWarning", "SelfCheckReport", "SelfCheckWarning", "choose_backend", "make_engine",
            "optimize_for_device"]
 
 
@@ -45,64 +47,72 @@ def choose_backend(device: torch.device) -> str | None:
     return None
 
 
-def optimize_for_device(model, backend: str | None = None, check: bool = True, child_check: bool | None = None,
-                        recheck: bool = False) -> dict[str, int]:
-    """Swap modules of `model` (a VisionLanguageModel or a DecoderLM) in place for the fast path.
+class FastPath(NamedTuple):
+    """What `optimize_for_device` did: modules swapped per kind (empty: the plain torch path kept),
+    and on the CUDA backends the self-check's report (which fast ops passed; `make_engine` reads it)."""
+
+    counts: dict[str, int]
+    report: SelfCheckReport | None = None
+
+
+def optimize_for_device(llm, vision=None, projector=None, *, backend: str | None = None, check: bool = True,
+                        child_check: bool | None = None, recheck: bool = False,
+                        kv_cache_int8: bool = False) -> FastPath:
+    """Swap modules of a model's parts in place for the device's fast path: `llm` (a DecoderLM, or None
+    or a meta-device shape when llama.cpp runs the language model), and the vision tower and projector.
 
     `backend` overrides the choice ("triton" on CPU runs the kernels through Triton's
     interpreter: that is how the tests exercise the CUDA path without a GPU). On the CUDA
-    backends each op kind is self-checked first (`check=False` trusts them unchecked) and the
-    outcome is kept as `llm.selfcheck_report`. `child_check`: run the first-run check in a child
-    process first (None: on CUDA only; True also on CPU tensors, through the interpreter, as the
-    tests do); `recheck` discards its kept verdict for this model first. Returns how many modules
-    of each kind were swapped: empty when the plain torch path is kept.
+    backends each op kind is self-checked first (`check=False` trusts them unchecked), with the
+    KV-cache kind the engines will use (`kv_cache_int8`), and the report is returned.
+    `child_check`: run the first-run check in a child process first (None: on CUDA only; True also
+    on CPU tensors, through the interpreter, as the tests do); `recheck` discards its kept verdict
+    for this model first.
     """
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    llm = getattr(model, "llm", model)
     first = next(iter(llm.parameters()), None) if llm is not None else None
     if first is None or first.device.type == "meta":  # no torch LLM here (llama.cpp holds it, or a shape only)
-        return _vision_only(model)
+        return FastPath(_vision_only(vision, projector))
     backend = backend or choose_backend(first.device)
     if backend in ("triton", "cuda_int4"):
         triton = backend == "triton"
-        family = shape_family(llm, triton)
+        family = shape_family(llm, triton, kv_cache_int8)
         isolate = check and first_run.needs_check(family) and (
             first.device.type == "cuda" if child_check is None else child_check)
         gate = first_run.gate_for(family, first.device, recheck) if isolate else None
-        return gpu_path.convert(llm, triton=triton, check=check, gate=gate).counts
+        report = gpu_path.convert(llm, triton=triton, check=check, gate=gate, kv_cache_int8=kv_cache_int8)
+        return FastPath(report.counts, report)
     if backend == "cpu":
-        return cpu.convert(llm, getattr(model, "vision", None), getattr(model, "projector", None))
-    return {}
+        return FastPath(cpu.convert(llm, vision, projector))
+    return FastPath({})
 
 
-def _vision_only(model) -> dict[str, int]:
+def _vision_only(vision, projector) -> dict[str, int]:
     """The vision side's CPU choice (bf16 where faster) when the LLM is not a torch module of ours."""
-    vision = getattr(model, "vision", None)
     first = next(iter(vision.parameters()), None) if vision is not None else None
     if first is None or first.device.type != "cpu":
         return {}
-    return cpu.convert(None, vision, getattr(model, "projector", None))
+    return cpu.convert(None, vision, projector)
 
 
-def make_engine(llm, max_context: int) -> TorchEngine:
-    """The engine `llm` passed the self-check for: CUDA-graph decode over the fused step (built
-    to be the fastest; its speed is unmeasured, no GPU has run it in this project) when
-    `optimize_for_device` checked that step and its recording, else the plain one. A
-    KV-cache kind changed since the check (e.g. `kv_cache_int8` set after loading) has its fused
-    step checked now (first in a child process, when the load's check was made in one)."""
-    report = getattr(llm, "selfcheck_report", None)
+def make_engine(llm, max_context: int, kv_cache_int8: bool = False,
+                report: SelfCheckReport | None = None) -> TorchEngine:
+    """The engine `llm` passed the self-check for (`report`, from `optimize_for_device`): CUDA-graph
+    decode over the fused step (built to be the fastest; its speed is unmeasured, no GPU has run it
+    in this project) when that step and its recording passed, else the plain one. A KV-cache kind
+    other than the one checked has its fused step checked now (first in a child process, when the
+    load's check was made in one); the report records the new outcome."""
     if report is None or not report.triton:
-        return TorchEngine(llm, max_context)
-    int8 = bool(getattr(llm, "kv_cache_int8", False))
-    if report.checked and report.kv_cache_int8 != int8:
+        return TorchEngine(llm, max_context, kv_cache_int8)
+    if report.checked and report.kv_cache_int8 != kv_cache_int8:
         gate = None
         if report.first_run is not None:
-            gate = first_run.gate_for(dict(report.first_run["family"], kv_cache_int8=int8), llm.device)
-        gpu_path.check_decode(llm, report, gate)
+            gate = first_run.gate_for(dict(report.first_run["family"], kv_cache_int8=kv_cache_int8), llm.device)
+        gpu_path.check_decode(llm, report, gate, kv_cache_int8)
     if report.fused_decode and report.cuda_graph:
         # optional: needs triton (the gpu extra)
         from .triton.cuda_graph import CUDAGraphEngine
 
-        return CUDAGraphEngine(llm, max_context)
-    return TorchEngine(llm, max_context)
+        return CUDAGraphEngine(llm, max_context, kv_cache_int8=kv_cache_int8)
+    return TorchEngine(llm, max_context, kv_cache_int8)

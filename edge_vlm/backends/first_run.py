@@ -336,7 +336,8 @@ def child_main() -> None:
         device = torch.device(request["device"])
         llm = stand_in.build(request["family"], device)
         gate.emit(event="ready")
-        gpu_path.convert(llm, triton=request["family"]["triton"], gate=gate)
+        gpu_path.convert(llm, triton=request["family"]["triton"], gate=gate,
+                         kv_cache_int8=request["family"]["kv_cache_int8"])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     except Exception as e:  # noqa: BLE001 - outside any check: reported, then the parent decides

@@ -20,7 +20,7 @@ the fast modules are swapped in, each kind of op the model will use is checked o
 - `cuda_graph` (the fused step recorded, then replayed, vs the plain engine): -> the fused step
   is not used; plain decode. (A recording that fails later, at a shape not checked, is handled
   by the engine itself: one warning, plain steps.)
-The outcome is kept on the LLM as `selfcheck_report` (`make_engine` and `edge-vlm doctor` read it).
+The outcome is returned as a `SelfCheckReport` (the model keeps it: `make_engine` and `edge-vlm doctor` read it).
 
 Who runs each check is a `Gate`'s call: by default every check runs here, in this process. The
 first-run check (first_run.py) runs them all first in a child process, where a crash or a hang
@@ -194,7 +194,8 @@ def _choose_linear(run: _Run, triton: bool) -> str:
     return "torch_int4" if run.passes("torch_int4", torch_int4) else "reference"
 
 
-def convert(llm: nn.Module, triton: bool, check: bool = True, gate: Gate | None = None) -> SelfCheckReport:
+def convert(llm: nn.Module, triton: bool, check: bool = True, gate: Gate | None = None,
+            kv_cache_int8: bool = False) -> SelfCheckReport:
     """Check each op kind on `llm` (a DecoderLM), swap in the paths that passed; returns the report.
 
     `triton`: whether the Triton kernels may be used (CUDA with Triton, or the interpreter on CPU
@@ -222,25 +223,25 @@ def convert(llm: nn.Module, triton: bool, check: bool = True, gate: Gate | None 
         report.fused_norm = norm is not None and run.passes("fused_norm", lambda: selfcheck.check_norm(norm, ins))
     report.counts = _swap(llm, report, triton)
     if triton:
-        check_decode(llm, report, gate)
+        check_decode(llm, report, gate, kv_cache_int8)
     report.seconds = time.perf_counter() - start
-    llm.selfcheck_report = report
     return report
 
 
-def check_decode(llm: nn.Module, report: SelfCheckReport, gate: Gate | None = None) -> bool:
+def check_decode(llm: nn.Module, report: SelfCheckReport, gate: Gate | None = None,
+                 kv_cache_int8: bool = False) -> bool:
     """Check the fused decode step's own kernels, the whole step and its CUDA-graph replay, over
     `llm` as converted and with the KV-cache kind it uses now; records (and returns) whether the
     step may serve. `make_engine` calls it again when the cache kind changed after loading."""
     run = _Run(llm, report, report.checked, gate or InProcess())
     ins = run.ins
-    int8 = report.kv_cache_int8 = bool(getattr(llm, "kv_cache_int8", False))
+    int8 = report.kv_cache_int8 = kv_cache_int8
     report.fused_decode = report.fused_norm and run.passes(
         "rotary_kv", lambda: selfcheck.check_rotary_kv(llm, int8, ins)) and run.passes(
         "decode_attention", lambda: selfcheck.check_decode_attention(llm, int8, ins)) and run.passes(
-        "fused_decode_step", lambda: selfcheck.check_fused_step(llm, ins))
+        "fused_decode_step", lambda: selfcheck.check_fused_step(llm, int8, ins))
     report.cuda_graph = report.fused_decode and run.passes(
-        "cuda_graph", lambda: selfcheck.check_graph_replay(llm, ins))
+        "cuda_graph", lambda: selfcheck.check_graph_replay(llm, int8, ins))
     return report.fused_decode
 
 

@@ -263,7 +263,7 @@ def check_decode_attention(llm, quantized: bool, ins: Inputs) -> str | None:
     return mismatch(out, want, tolerance(ins.dtype))
 
 
-def check_fused_step(llm, ins: Inputs) -> str | None:
+def check_fused_step(llm, quantized: bool, ins: Inputs) -> str | None:
     """One fused decode step (what the CUDA graph replays) after a 3-token prefill, against one
     step of the model's own forward from a copy of the same cache: logits, and every cache slot
     (the new one written right, the others untouched). The modules both share (linears, MLPs)
@@ -274,7 +274,7 @@ def check_fused_step(llm, ins: Inputs) -> str | None:
 
     prompt = 3
     ids = ins.randint(0, llm.cfg.vocab_size, 1, prompt + 1)
-    ref_cache = llm.new_cache(prompt + 4)
+    ref_cache = llm.new_cache(prompt + 4, quantized=quantized)
     llm(llm.embed(ids[:, :prompt]), ref_cache)
     fused_cache = copy.deepcopy(ref_cache)
     want = llm(llm.embed(ids[:, prompt:]), ref_cache)[0, -1]
@@ -294,7 +294,7 @@ def check_fused_step(llm, ins: Inputs) -> str | None:
     return None
 
 
-def check_graph_replay(llm, ins: Inputs) -> str | None:
+def check_graph_replay(llm, quantized: bool, ins: Inputs) -> str | None:
     """The CUDA-graph engine over `llm` as converted (the fused step recorded once, then replayed)
     against the plain engine over the same model: logits of two steps after a 3-token prefill;
     the second replay reads its token and position from the device, as every later token does.
@@ -304,7 +304,8 @@ def check_graph_replay(llm, ins: Inputs) -> str | None:
 
     prompt, steps = 3, 2
     ids = ins.randint(0, llm.cfg.vocab_size, 1, prompt + steps)
-    plain, graph = TorchEngine(llm, prompt + steps + 3), CUDAGraphEngine(llm, prompt + steps + 3)
+    size = prompt + steps + 3
+    plain, graph = TorchEngine(llm, size, quantized), CUDAGraphEngine(llm, size, kv_cache_int8=quantized)
     embeds = llm.embed(ids[:, :prompt])
     plain.prefill(embeds)
     graph.prefill(embeds)

@@ -26,7 +26,7 @@ STAND_IN_POSITIONS = 64  # the checks use at most 48 cache positions
 _LAYER = re.compile(r"^layers\.\d+\.")
 
 
-def shape_family(llm: nn.Module, triton: bool) -> dict:
+def shape_family(llm: nn.Module, triton: bool, kv_cache_int8: bool = False) -> dict:
     """What the fast ops' shapes depend on, as plain data: the config without the layer count,
     the int4 modules (one decoder layer's names) and their group sizes, the embedding kind, the
     dtype, the KV-cache kind, and whether the Triton kernels are allowed."""
@@ -38,7 +38,7 @@ def shape_family(llm: nn.Module, triton: bool) -> dict:
     return {"llm": cfg, "int4": dict(sorted(int4.items())),
             "int8_embedding": isinstance(llm.embed_tokens, Int8Embedding),
             "dtype": str(llm.dtype).replace("torch.", ""),
-            "kv_cache_int8": bool(getattr(llm, "kv_cache_int8", False)), "triton": bool(triton)}
+            "kv_cache_int8": bool(kv_cache_int8), "triton": bool(triton)}
 
 
 def build(family: dict, device: torch.device, seed: int = 0) -> DecoderLM:
@@ -56,7 +56,6 @@ def build(family: dict, device: torch.device, seed: int = 0) -> DecoderLM:
             llm.embed_tokens = Int8Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
     llm = llm.to_empty(device=device)
     fill_random(llm, seed)
-    llm.kv_cache_int8 = family["kv_cache_int8"]
     return llm.eval()
 
 

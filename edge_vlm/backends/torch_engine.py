@@ -14,9 +14,10 @@ class TorchEngine:
 
     name = "torch"
 
-    def __init__(self, llm: DecoderLM, max_context: int):
+    def __init__(self, llm: DecoderLM, max_context: int, kv_cache_int8: bool = False):
+        """`kv_cache_int8`: the cache holds K and V in int8, one scale per row (models/kv_cache.py)."""
         self.llm = llm
-        self.cache = llm.new_cache(max_context)
+        self.cache = llm.new_cache(max_context, quantized=kv_cache_int8)
 
     @property
     def device(self) -> torch.device:

@@ -4,23 +4,32 @@ One command a Jetson or laptop user runs before (or after) a failed chat: torch 
 GPU or the CPU and its vector flags, Triton and whether each kernel passes the same self-check
 `load_model` runs (on a small stand-in model, so no download is needed; on a GPU first in a child
 process, as at load), torch's int4 matmul, the first-run verdicts kept for this machine
-(`--recheck` discards them), llama.cpp and ONNX Runtime when installed, OpenCV's GStreamer
-support and the cameras it opens, free disk in the model cache, and the backend `chat` would use.
-Progress goes to stderr as it goes; the report to stdout, for people or (`--json`) programs.
-Exit status 1 when `chat` would find nothing usable on its default device.
+(`--recheck` discards them), llama.cpp and ONNX Runtime when installed, free disk in the model
+cache, and the backend `chat` would use. Progress goes to stderr as it goes; the report to stdout,
+for people or (`--json`) programs. Exit status 1 when `chat` would find nothing usable on its
+default device.
+
+The tools built on the runtime add their own parts (the apps: OpenCV and the cameras it opens) as
+`DoctorSection`s in the `edge_vlm.doctor` entry-point group, so the runtime checks them without
+importing them; a section that fails to load or to run is one line of the report, not a crash.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -36,29 +45,132 @@ from ..loading import default_device, default_dtype
 from ..models.llm import DecoderLM
 from ..models.quant_linear import prepare_quantized
 
-CAMERA_PROBE_SECONDS = 3.0  # per index: opening a missing camera can block on some drivers
 STAND_IN = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2,
                 head_dim=64, norm_eps=1e-5, max_position_embeddings=64)
+
+
+SECTIONS = "edge_vlm.doctor"  # the entry-point group of the parts tools add (see pyproject.toml)
+# the report's own keys: a section named like one of them would overwrite it
+OWN_KEYS = ("python", "platform", "torch", "gpus", "cpu", "triton", "torch_int4", "first_run", "llama_cpp",
+            "onnxruntime", "disk", "chat")
+
+
+@runtime_checkable
+class DoctorSection(Protocol):
+    """A part of the report that a tool built on the runtime adds (the apps: OpenCV and cameras).
+    An entry point of the `edge_vlm.doctor` group names an object with these members."""
+
+    name: str  # its key in the report (and in `--json`)
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Its own options of `edge-vlm doctor` (with defaults: `collect` without a command line uses them)."""
+
+    def collect(self, options: argparse.Namespace, progress: Callable[[str], None]) -> dict:
+        """Its part of the report, as plain data (JSON types); `progress` says what it is checking."""
+
+    def lines(self, data: dict) -> list[str]:
+        """Its lines of the human-readable report, from what `collect` returned."""
+
+
+@dataclass(frozen=True)
+class FailedSection:
+    """A section that could not be loaded or set up, kept so the report says so in its place."""
+
+    name: str
+    reason: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        pass
+
+    def collect(self, options: argparse.Namespace, progress: Callable[[str], None]) -> dict:
+        return {"section_error": self.reason}
+
+    def lines(self, data: dict) -> list[str]:
+        return [failure_line(self.name, data.get("section_error", self.reason))]
+
+
+def failure_line(name: str, reason: str) -> str:
+    return f"  {name:<11} section failed: {reason}"
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def load_sections() -> list[DoctorSection]:
+    """The installed sections by entry-point name; one that fails to import, or is not a section,
+    becomes a `FailedSection` saying why."""
+    sections = []
+    for ep in sorted(entry_points(group=SECTIONS), key=lambda e: e.name):
+        try:
+            section = ep.load()
+        except Exception as e:  # noqa: BLE001 - any fault in a tool's import is its line, not the doctor's crash
+            sections.append(FailedSection(ep.name, f"cannot load {ep.value} ({_why(e)})"))
+            continue
+        if not isinstance(section, DoctorSection):
+            sections.append(FailedSection(ep.name, f"{ep.value} is not a doctor section (needs name, "
+                                                   "add_arguments, collect and lines)"))
+        elif section.name in OWN_KEYS:
+            sections.append(FailedSection(ep.name, f"{ep.value} is named {section.name!r}, a key of the report"))
+        else:
+            sections.append(section)
+    return sections
+
+
+def with_options(sections: Sequence[DoctorSection], parser: argparse.ArgumentParser) -> list[DoctorSection]:
+    """Each section's options added to `parser`; one whose options cannot be added becomes a `FailedSection`."""
+    kept = []
+    for section in sections:
+        try:
+            section.add_arguments(parser)
+        except Exception as e:  # noqa: BLE001 - e.g. an option that clashes with one of the doctor's
+            section = FailedSection(section.name, f"cannot add its options ({_why(e)})")
+        kept.append(section)
+    return kept
+
+
+def collect_section(section: DoctorSection, options: argparse.Namespace, progress: Callable[[str], None]) -> dict:
+    """A section's part of the report; if it raises, `{"section_error": why}` in its place."""
+    try:
+        data = section.collect(options, progress)
+        if not isinstance(data, dict):
+            raise TypeError(f"collect returned {type(data).__name__}, not a dict")
+        json.dumps(data)  # plain data, or `--json` would fail after everything else was checked
+    except Exception as e:  # noqa: BLE001 - a tool's fault is its line of the report, not the doctor's crash
+        return {"section_error": f"collect raised {_why(e)}"}
+    return data
+
+
+def section_lines(section: DoctorSection, data: dict) -> list[str]:
+    """A section's lines, or the one line that says why there are none."""
+    if "section_error" in data:
+        return [failure_line(section.name, data["section_error"])]
+    try:
+        return list(section.lines(data))
+    except Exception as e:  # noqa: BLE001
+        return [failure_line(section.name, f"lines raised {_why(e)}")]
 
 
 def register(sub) -> None:
     p = sub.add_parser("doctor", help="what works on this machine: GPU, kernels, int4 paths, cameras, disk",
                        description="Check torch, the GPU or CPU, the Triton kernels, torch's int4 matmul, "
-                                   "llama.cpp, ONNX Runtime, OpenCV and its cameras, and free disk; say which "
-                                   "backend `chat` would use. Exit status 1 when nothing usable is found.")
+                                   "llama.cpp, ONNX Runtime and free disk, and what the installed tools add "
+                                   "(OpenCV and its cameras); say which backend `chat` would use. Exit status 1 "
+                                   "when nothing usable is found.")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--cameras", type=int, default=4, metavar="N", help="camera indices to try (default 4: 0-3)")
     p.add_argument("--interpreter", action="store_true",
                    help="without a CUDA GPU, check the Triton kernels through Triton's interpreter (slow)")
     p.add_argument("--recheck", action="store_true",
                    help="discard the first-run verdicts kept for this machine (which GPU kernels passed their "
                         "check in a child process) first, so the doctor and the next load check again")
-    p.set_defaults(func=run_doctor)
+    sections = with_options(load_sections(), p)
+    p.set_defaults(func=functools.partial(run_doctor, sections=sections))
 
 
-def run_doctor(args) -> int:
-    report = collect(cameras=args.cameras, interpreter=args.interpreter, recheck=args.recheck, progress=_progress)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+def run_doctor(args, sections: Sequence[DoctorSection] = ()) -> int:
+    report = collect(interpreter=args.interpreter, recheck=args.recheck, progress=_progress, sections=sections,
+                     options=args)
+    print(json.dumps(report, indent=2) if args.json else format_report(report, sections))
     return 0 if report["chat"]["usable"] else 1
 
 
@@ -66,9 +178,18 @@ def _progress(message: str) -> None:
     print(f"doctor: {message}", file=sys.stderr, flush=True)
 
 
-def collect(cameras: int = 4, interpreter: bool = False, recheck: bool = False,
-            progress=lambda message: None) -> dict:
-    """The whole report as plain data (what `--json` prints)."""
+def collect(interpreter: bool = False, recheck: bool = False, progress=lambda message: None,
+            sections: Sequence[DoctorSection] | None = None, options: argparse.Namespace | None = None,
+            **overrides) -> dict:
+    """The whole report as plain data (what `--json` prints). `sections` default to the installed
+    ones; they read their options from `options` (the parsed command line), else from their own
+    defaults with `overrides` on top (`collect(cameras=0)`)."""
+    if sections is None:
+        sections = load_sections()
+    if options is None:
+        defaults = argparse.ArgumentParser(add_help=False)
+        sections = with_options(sections, defaults)
+        options = argparse.Namespace(**{**vars(defaults.parse_args([])), **overrides})
     discarded = 0
     if recheck:
 
@@ -86,8 +207,8 @@ def collect(cameras: int = 4, interpreter: bool = False, recheck: bool = False,
     report["first_run"] = first_run_info(discarded)
     progress("llama.cpp and ONNX Runtime")
     report["llama_cpp"], report["onnxruntime"] = llama_cpp_info(), onnxruntime_info()
-    progress(f"OpenCV and cameras 0-{cameras - 1}" if cameras > 0 else "OpenCV")
-    report["opencv"] = opencv_info(cameras)
+    for section in sections:
+        report[section.name] = collect_section(section, options, progress)
     report["disk"] = disk_info()
     progress("the backend chat would use")
     report["chat"] = chat_info(report)
@@ -178,8 +299,7 @@ def triton_info(device: torch.device, run_checks: bool) -> dict:
         llm = stand_in_llm(arch, device, dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SelfCheckWarning)  # reported below instead (first-run ones too)
-            optimize_for_device(llm, backend="triton")  # on CUDA: the child-process check first, as at load
-        report = llm.selfcheck_report
+            report = optimize_for_device(llm, backend="triton").report  # on CUDA: the child check first, as at load
         for c in report.checks:
             key = c.op if c.op in ("w4a16_gemv", "w4a16_gemm", "rotary_kv", "decode_attention") else f"{c.op} ({arch})"
             old = info["kernels"].get(key)
@@ -243,7 +363,7 @@ def family_summary(family: dict) -> str:
             + ("" if family.get("triton", True) else ", without Triton"))
 
 
-# ---------------------------------------------------------------- other runtimes, cameras, disk
+# ---------------------------------------------------------------- other runtimes, disk
 
 def llama_cpp_info() -> dict:
     try:
@@ -265,56 +385,6 @@ def onnxruntime_info() -> dict:
     except Exception as e:  # noqa: BLE001
         return {"installed": False, "reason": type(e).__name__}
     return {"installed": True, "version": onnxruntime.__version__, "providers": onnxruntime.get_available_providers()}
-
-
-_CAMERA_PROBE = r"""
-import json, sys
-import cv2
-for i in range(int(sys.argv[1])):
-    cap = cv2.VideoCapture(i)
-    opened, frame = cap.isOpened(), None
-    if opened:
-        ok, image = cap.read()
-        frame = list(image.shape[1::-1]) if ok else None
-    cap.release()
-    print(json.dumps({"index": i, "opened": opened, "frame": frame}), flush=True)
-"""
-
-
-def opencv_info(cameras: int) -> dict:
-    try:
-        # probed: doctor reports whether it imports
-        import cv2
-    except Exception as e:  # noqa: BLE001
-        return {"installed": False, "reason": type(e).__name__}
-    build = cv2.getBuildInformation()
-    line = next((x for x in build.splitlines() if x.strip().startswith("GStreamer:")), "")
-    gst = line.split(":", 1)[1].strip() if line else "unknown"
-    return {"installed": True, "version": cv2.__version__, "gstreamer": gst.upper().startswith("YES"),
-            "gstreamer_detail": gst, "cameras": probe_cameras(cameras)}
-
-
-def probe_cameras(count: int, seconds_each: float = CAMERA_PROBE_SECONDS) -> dict:
-    """Try camera indices 0..count-1 in a child process that is killed if a driver blocks."""
-    if count <= 0:
-        return {"probed": 0, "opened": [], "note": "not probed"}
-    if no_video_devices():
-        return {"probed": 0, "opened": [], "note": "no /dev/video* device"}
-    env = {**os.environ, "OPENCV_LOG_LEVEL": "ERROR", "OPENCV_VIDEOIO_DEBUG": "0"}
-    try:
-        done = subprocess.run([sys.executable, "-c", _CAMERA_PROBE, str(count)], capture_output=True, text=True,
-                              timeout=seconds_each * count + 5, env=env)
-        out, note = done.stdout, None if done.returncode == 0 else f"probe exited with status {done.returncode}"
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        note = "probe timed out (a camera driver blocked)"
-    results = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
-    return {"probed": len(results), "opened": [r for r in results if r["opened"]], "note": note}
-
-
-def no_video_devices() -> bool:
-    """Linux lists its cameras as /dev/video*: none there means none to open (other OSes: try)."""
-    return sys.platform.startswith("linux") and not list(Path("/dev").glob("video*"))
 
 
 def disk_info() -> dict:
@@ -398,7 +468,8 @@ def _first_run_lines(fr: dict | None) -> list[str]:
     return lines
 
 
-def format_report(r: dict) -> str:
+def format_report(r: dict, sections: Sequence[DoctorSection] | None = None) -> str:
+    """The report for people; the sections (default: the installed ones) render their own parts."""
     t, cpu = r["torch"], r["cpu"]
     flags = ", ".join(f"{name.upper().replace('_', '-')} {_yes(v)}" for name, v in cpu["flags"].items())
     lines = [
@@ -436,16 +507,9 @@ def format_report(r: dict) -> str:
                  + (f", GPU offload {_yes(lc.get('gpu_offload'))}" if lc["installed"] else ""))
     ort = r["onnxruntime"]
     lines.append(f"  ONNX RT     {ort['version'] + ': ' + ', '.join(ort['providers']) if ort['installed'] else 'not installed'}")
-    cv = r["opencv"]
-    if cv["installed"]:
-        cams = cv["cameras"]
-        opened = ", ".join(f"{c['index']}" + (f" ({c['frame'][0]}x{c['frame'][1]})" if c["frame"] else " (no frame)")
-                           for c in cams["opened"]) or "none"
-        note = f"; {cams['note']}" if cams.get("note") else ""
-        lines.append(f"  OpenCV      {cv['version']}, GStreamer {_yes(cv['gstreamer'])}; cameras opened: {opened} "
-                     f"(of {cams['probed']} tried{note})")
-    else:
-        lines.append("  OpenCV      not installed")
+    for section in load_sections() if sections is None else sections:
+        if section.name in r:
+            lines.extend(section_lines(section, r[section.name]))
     d = r["disk"]
     lines.append(f"  disk        {d['free_gib']:.1f} GiB free of {d['total_gib']:.1f} at {d['model_cache']}")
     c = r["chat"]

@@ -141,15 +141,18 @@ class VideoEncoderConfig:
     start_tokens: str | None = None
     end_tokens: str | None = "\n"
     sep_tokens: str | None = None
+    frames: int = 8  # frames sampled from a clip unless the user says (the checkpoint's num_video_frames)
 
     def __post_init__(self):
         if not self.pool_sizes or any(len(p) != 3 or any(not isinstance(v, int) or v < 1 for v in p)
                                       for p in self.pool_sizes):
             raise UnsupportedModelError(f"pool_sizes must be [frames, rows, columns] triples of positive integers, "
                                         f"not {[list(p) for p in self.pool_sizes]}")
+        if not isinstance(self.frames, int) or isinstance(self.frames, bool) or not 1 <= self.frames <= 1024:
+            raise UnsupportedModelError(f"num_video_frames must be a whole number from 1 to 1024, not {self.frames!r}")
 
     @classmethod
-    def from_vila(cls, value) -> "VideoEncoderConfig":
+    def from_vila(cls, value, frames: int = 8) -> "VideoEncoderConfig":
         tokens = {"start_tokens", "end_tokens"}
         name, args = _parse(value, "video_encoder", {"BasicVideoEncoder": tokens,
                                                      "TSPVideoEncoder": tokens | {"pool_sizes", "sep_tokens"}})
@@ -161,4 +164,4 @@ class VideoEncoderConfig:
         except TypeError:
             raise UnsupportedModelError(f"pool_sizes {args['pool_sizes']!r} is not a list of triples")
         return cls(pools, _text(args["start_tokens"], "start_tokens"), _text(args["end_tokens"], "end_tokens"),
-                   _text(args["sep_tokens"], "sep_tokens"))
+                   _text(args["sep_tokens"], "sep_tokens"), frames)

@@ -16,7 +16,7 @@ from .image_processor_config import (
     vila_preparation,
 )
 from .layout import CheckpointLayout
-from .vila_encoders import ImageEncoderConfig, S2Config
+from .vila_encoders import ImageEncoderConfig, S2Config, VideoEncoderConfig
 
 NVILA_KEYS = ("dynamic_s2", "image_encoder", "video_encoder")  # written by VILA's NVILA-era code only
 
@@ -30,6 +30,7 @@ class VisionConfigs(NamedTuple):
     image_format: str | None = None  # how tiled images are written in the prompt ("internvl", "nvlm")
     s2: S2Config | None = None  # VILA's S2 multi-scale features (dynamic: NVILA, fixed: VILA1.5-*-s2)
     image_encoder: ImageEncoderConfig | None = None  # NVILA-era VILA: the text tokens around each image
+    video_encoder: VideoEncoderConfig | None = None  # NVILA-era VILA: frames, their pooling and tokens
 
     @property
     def image(self) -> ImageConfig:
@@ -52,11 +53,16 @@ def vision_configs(layout: CheckpointLayout) -> VisionConfigs:
         s2 = S2Config.from_vila(layout.config)
         if s2 is not None:
             prep = _s2_preparation(prep, s2, vision.image_size)
-        encoder = None
+        encoder = video = None
         if any(k in layout.config for k in NVILA_KEYS):
             encoder = ImageEncoderConfig.from_vila(layout.config.get("image_encoder"))
+            video = VideoEncoderConfig.from_vila(layout.config.get("video_encoder"),
+                                                 layout.config.get("num_video_frames", 8))
+            if video.sep_tokens is not None:
+                raise UnsupportedModelError("video_encoder with sep_tokens is not supported yet (TSPVideoEncoder "
+                                            "without sep_tokens is)")
         fmt = "vila" if prep.tiling is not None else None  # one "<image>\n" per tile of a lone picture
-        return VisionConfigs(vision, projector, prep, fmt, s2, encoder)
+        return VisionConfigs(vision, projector, prep, fmt, s2, encoder, video)
     else:
         vision = VisionConfig.from_llava(layout.config)
         projector = ProjectorConfig.from_llava(layout.config, vision.hidden_size, layout.llm.hidden_size)

@@ -114,8 +114,6 @@ class DecoderLM(nn.Module):
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.kv_cache_int8 = False  # what new_cache builds by default (load_model(kv_cache="int8"))
-        self.selfcheck_report = None  # on CUDA: which fast ops passed their load-time check (backends/gpu_path.py)
 
     @property
     def device(self) -> torch.device:
@@ -132,10 +130,10 @@ class DecoderLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def new_cache(self, max_context: int, dtype: torch.dtype | None = None,
-                  quantized: bool | None = None) -> StaticKVCache:
+                  quantized: bool = False) -> StaticKVCache:
+        """A KV cache for `max_context` positions; `quantized`: int8 K/V with one scale per row."""
         return StaticKVCache(self.cfg.num_layers, self.cfg.num_kv_heads, max_context, self.cfg.head_dim,
-                             dtype or self.dtype, self.device,
-                             quantized=self.kv_cache_int8 if quantized is None else quantized)
+                             dtype or self.dtype, self.device, quantized=quantized)
 
     def rope(self, max_positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope is None or self._rope[0].shape[0] < max_positions or self._rope[0].device != torch.device(device):

@@ -1,15 +1,40 @@
 """Next-token selection: greedy, or temperature / top-k / top-p sampling with a repetition penalty.
 
 A seeded `torch.Generator` makes sampled answers reproducible: same seed, same text. An optional
-mask of allowed tokens (constrained decoding, edge_vlm/constrained.py) removes the others before
-anything else, so the same seed draws the same token whenever the mask allows every token.
+mask of allowed tokens (constrained decoding, edge_vlm/text/constrained.py) removes the others
+before anything else, so the same seed draws the same token whenever the mask allows every token.
+`GenerationConfig`, what one answer asks for, checks its own values when it is made: the CLI's
+flags and the server's request fields meet the same ranges in one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
+
+from ..errors import EdgeVLMError
+
+MAX_STOPS = 16  # stop strings are looked for after every token: a bounded few
+SEED_RANGE = (-2**63, 2**63)  # what torch.Generator.manual_seed takes as a signed 64-bit seed
+
+
+class GenerationConfigError(EdgeVLMError):
+    """A GenerationConfig value out of its range. `field` names it (the server reports it under
+    the request's own field name); `reason` is the message without the name."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def _shown(value) -> str:
+    """A short repr for an error message (a client's value may be a 10**4000 integer or a long text)."""
+    if isinstance(value, Integral) and not isinstance(value, bool) and abs(value) >= 10**20:
+        return f"a {int(value).bit_length()}-bit integer"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass
@@ -24,7 +49,10 @@ class SamplingParams:
 @dataclass
 class GenerationConfig:
     """What one answer is asked for: its length, sampling, stop strings and constraint (the one
-    record every app and the server build; `sampling()` is the sampler's part of it)."""
+    record every app and the server build; `sampling()` is the sampler's part of it).
+
+    Its values are checked here, once, when it is made (the CLI, the apps and the server all build
+    one): a bad one is a `GenerationConfigError` naming the field."""
 
     max_new_tokens: int = 512
     temperature: float = 0.2  # 0 = greedy
@@ -36,6 +64,30 @@ class GenerationConfig:
     # the answer must match: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}},
     # a JSON schema dict (NIM's guided_json), a list of choices, or a constrained.Constraint (None: free text)
     constraint: object = None
+
+    def __post_init__(self):
+        def number(name, ok, why):
+            value = getattr(self, name)
+            # `not ok(...)` rather than a negated range: NaN fails every comparison and so is refused
+            if isinstance(value, bool) or not isinstance(value, Real) or not ok(value):
+                raise GenerationConfigError(name, f"{why}, not {_shown(value)}")
+
+        number("max_new_tokens", lambda v: isinstance(v, Integral) and v >= 1, "a whole number of at least 1")
+        number("temperature", lambda v: 0 <= v <= 2, "a number from 0 (greedy) to 2")
+        number("top_p", lambda v: 0 < v <= 1, "a number above 0 and at most 1 (1: no limit)")
+        number("top_k", lambda v: isinstance(v, Integral) and v >= 0, "a whole number of at least 0 (0: no limit)")
+        number("repetition_penalty", lambda v: 0 < v <= 10,
+               "a number above 0 and at most 10 (1: off, above 1: repeats less likely)")
+        if self.seed is not None:
+            number("seed", lambda v: isinstance(v, Integral) and SEED_RANGE[0] <= v < SEED_RANGE[1],
+                   "a whole number from -2**63 to 2**63 - 1")
+        if isinstance(self.stop, str) or not isinstance(self.stop, (list, tuple)):
+            raise GenerationConfigError("stop", f"a list of strings, not {type(self.stop).__name__}")
+        if len(self.stop) > MAX_STOPS:
+            raise GenerationConfigError("stop", f"up to {MAX_STOPS} strings, not {len(self.stop)}")
+        for i, s in enumerate(self.stop):
+            if not (isinstance(s, str) and s):
+                raise GenerationConfigError("stop", f"non-empty strings (number {i + 1} is {_shown(s)})")
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(self.temperature, self.top_p, self.top_k, self.repetition_penalty, self.seed)

@@ -309,7 +309,7 @@ def batched_context(model, slots: int, max_context: int) -> BatchedContext:
         raise EdgeVLMError("batched decoding (--parallel) needs the LLM on llama.cpp: use --backend llama.cpp, "
                            "or --backend auto on a CPU with llama-cpp-python installed")
     return BatchedContext(model.gguf_path, slots, max_context, n_gpu_layers=-1 if model.device.type == "cuda" else 0,
-                          n_threads=model.llm_threads, kv_cache_int8=getattr(model.llm, "kv_cache_int8", False))
+                          n_threads=model.llm_threads, kv_cache_int8=model.spec.kv_cache_int8)
 
 
 class SlotEngine:

@@ -38,6 +38,41 @@ _init_lock = threading.Lock()
 _initialised = False
 
 
+class _SharedModels:
+    """The llama.cpp models this process holds, one per (file, GPU layers, repacked weights), counted by the
+    contexts using them: every session and lane of one loaded model decodes over the same weights in memory
+    (each with its own KV cache), instead of one copy of the weights per context."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held: dict[tuple, list] = {}  # key -> [model pointer, contexts using it]
+
+    def acquire(self, lib, path: Path, mparams) -> tuple[tuple, object]:
+        key = (str(path.resolve()), path.stat().st_mtime_ns, int(mparams.n_gpu_layers), bool(mparams.use_extra_bufts))
+        with self.lock:
+            entry = self.held.get(key)
+            if entry is None:
+                model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+                if not model:
+                    raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
+                entry = self.held[key] = [model, 0]
+            entry[1] += 1
+            return key, entry[0]
+
+    def release(self, lib, key: tuple) -> None:
+        with self.lock:
+            entry = self.held.get(key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.held[key]
+                lib.llama_model_free(entry[0])
+
+
+SHARED_MODELS = _SharedModels()
+
+
 def llama_cpp_module():
     """llama-cpp-python's bindings, or one clear line on how to get them.
 
@@ -65,7 +100,8 @@ def default_threads() -> int:
 
 class LlamaContext:
     """A GGUF model in llama.cpp with one context of `n_seq` sequences of `seq_cells` KV cells
-    each, and its two batches (token ids, embeddings rows): what both engines decode through."""
+    each, and its two batches (token ids, embeddings rows): what both engines decode through. Contexts
+    over the same file share one copy of its weights (`SHARED_MODELS`)."""
 
     def __init__(self, gguf_path: str | Path, seq_cells: int, n_seq: int = 1, n_gpu_layers: int = 0,
                  n_threads: int | None = None, batch_size: int = 512, kv_cache_int8: bool = False):
@@ -85,9 +121,7 @@ class LlamaContext:
         mparams.n_gpu_layers = n_gpu_layers
         if n_gpu_layers == 0:  # AMX / repacked CPU weights crash on some machines: asked once in a child
             mparams.use_extra_bufts = extra_buffers_safe(path)
-        self.model = lib.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self.model:
-            raise EdgeVLMError(f"llama.cpp cannot load {path}: not a GGUF file it reads, or corrupt")
+        self.model_key, self.model = SHARED_MODELS.acquire(lib, path, mparams)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = n_seq * seq_cells  # split evenly between the sequences
         cparams.n_seq_max = n_seq
@@ -99,7 +133,7 @@ class LlamaContext:
             cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
-            lib.llama_model_free(self.model)
+            SHARED_MODELS.release(lib, self.model_key)
             self.model = None
             what = f"a context of {seq_cells} tokens" if n_seq == 1 else f"{n_seq} sequences of {seq_cells} tokens"
             raise EdgeVLMError(f"llama.cpp could not create {what} for {path}")
@@ -138,7 +172,7 @@ class LlamaContext:
             lib.llama_free(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
-            lib.llama_model_free(self.model)
+            SHARED_MODELS.release(lib, self.model_key)
             self.model = None
 
     def __del__(self):

@@ -46,7 +46,7 @@ def model_cache_dir(model_path) -> Path:
     return beside if _writable(beside) else cache_root() / digest
 
 
-def fingerprint(model_path, vision_cfg, projector_cfg, vision_weights: str = "none") -> str:
+def fingerprint(model_path, vision_cfg, projector_cfg, vision_weights: str = "none", tower_only: bool = False) -> str:
     """What the exported graph depends on, hashed: configs, checkpoint file stats, torch, the export format,
     and how the tower's weights were held when it was exported (`vision_weights`: "int8" for
     `load_model(vision_int8=True)`, whose rounded weights the graph then carries)."""
@@ -57,14 +57,31 @@ def fingerprint(model_path, vision_cfg, projector_cfg, vision_weights: str = "no
            "torch": torch.__version__.split("+")[0], "format": FORMAT_VERSION}
     if vision_weights != "none":  # keyed only then: the 16-bit exports keep their folders
         key["vision_weights"] = vision_weights
+    if tower_only:  # S2 models: the graph holds the tower alone
+        key["graph"] = "tower"
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def export_dir(model) -> Path:
     """The folder of this loaded model's ONNX export (it may not exist yet)."""
     return model_cache_dir(model.info.path) / "onnx" / fingerprint(model.info.path, model.vision.cfg,
-                                                                    model.projector.cfg,
-                                                                    getattr(model.info, "vision_quantization", "none"))
+                                                                    model.projector.cfg, model.info.vision_quantization,
+                                                                    tower_only(model))
+
+
+def tower_only(model) -> bool:
+    """S2 models export the tower alone: their tiles' features are merged across scales before the projector."""
+    return model.s2 is not None
+
+
+def graph_image_config(model):
+    """How a picture is prepared for the exported graph's input: the model's own steps, at the tower's side
+    (fixed S2 prepares pictures at its largest scale and cuts them into tower-sized tiles after)."""
+    side = model.vision.cfg.image_size
+    im = model.image_cfg
+    if im.size == side:
+        return im
+    return dataclasses.replace(im, size=side, resize_to=side, squash_first=side if im.squash_first else None)
 
 
 def ensure_exported(model, precision: str, progress: bool = False) -> tuple[Path, dict]:
@@ -77,6 +94,7 @@ def ensure_exported(model, precision: str, progress: bool = False) -> tuple[Path
     have = set(manifest.get("precisions", [])) if manifest else set()
     if precision not in have or not (folder / file_name(precision)).is_file():
         want = sorted(have | {precision} | ({"fp32"} if precision == "int8" else set()))
-        export_parts(model.vision, model.projector, model.image_cfg, folder, want, progress=progress)
+        export_parts(model.vision, None if tower_only(model) else model.projector, graph_image_config(model),
+                     folder, want, progress=progress)
         manifest = read_manifest(folder)
     return folder / file_name(precision), manifest

@@ -1,6 +1,6 @@
 """Whether the vision tower runs on ONNX Runtime or in torch, and attaching the chosen encoder.
 
-`attach_onnx_vision(model, mode)`:
+`with_onnx_vision(model, mode)`:
 - "torch": the torch tower as loaded.
 - "onnx": the ONNX graph on the best provider present (providers.py); the export happens on first use.
 - "auto": "onnx" on the CPU where ONNX Runtime's int8 matmul is measured faster than the torch
@@ -13,6 +13,7 @@ that raises at session start) leaves the torch tower in place with one warning l
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cache import ensure_exported, export_dir
+from .cache import ensure_exported, export_dir, graph_image_config, tower_only
 from .encoder import OnnxVisionEncoder
 from .int8 import MIN_COSINE, quiet_quantizer
 from .providers import plan as provider_plan
@@ -116,45 +117,51 @@ def _auto_prefers_onnx(model) -> bool:
                             _param_dtype(model.vision)) >= AUTO_MIN_SPEEDUP
 
 
-def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, progress: bool = False) -> str:
-    """Choose the vision path of `model` (a loaded VisionLanguageModel) and set `model.encoder` for it.
+def with_onnx_vision(model, mode: str = "auto", precision: str | None = None, progress: bool = False):
+    """`model` (a loaded VisionLanguageModel) with its vision path chosen: a new model object whose
+    `encoder` is ONNX Runtime's (None on the torch path) and whose `info.vision_backend` says what runs
+    the tower, e.g. "torch" or "onnxruntime CPU int8". `precision` forces the file (fp32 / fp16 / int8)
+    instead of the provider's own choice."""
+    encoder, described = choose_onnx_vision(model, mode, precision, progress)
+    return model.replace(encoder=encoder, info=dataclasses.replace(model.info, vision_backend=described))
 
-    Returns what runs the tower, e.g. "torch" or "onnxruntime CPU int8". `precision` forces the file
-    (fp32 / fp16 / int8) instead of the provider's own choice. `model.encoder` is None on the torch path.
-    """
+
+def choose_onnx_vision(model, mode: str = "auto", precision: str | None = None,
+                       progress: bool = False) -> tuple[OnnxVisionEncoder | None, str]:
+    """The encoder ONNX Runtime gives `model`'s tower and projector (None: the torch path), and what
+    runs the tower in words. Falls back to torch with one warning where ONNX was asked and fails."""
     if mode not in MODES:
         raise ValueError(f"vision backend must be one of {', '.join(MODES)}, not {mode!r}")
-    model.encoder = None
     device = model.device
     if mode == "torch" or not model.is_multimodal or device.type == "meta":
-        return "torch"
+        return None, "torch"
     try:
         # optional: onnxruntime (the onnx extra)
         import onnxruntime as ort
     except ImportError:
         if mode == "auto":
-            return "torch"  # nothing asked for ONNX: no warning for an extra that was never installed
-        return _fallback("onnxruntime is not installed: pip install 'edge-vlm[onnx]' (or [onnx-gpu])")
+            return None, "torch"  # nothing asked for ONNX: no warning for an extra that was never installed
+        return None, _fallback("onnxruntime is not installed: pip install 'edge-vlm[onnx]' (or [onnx-gpu])")
     if mode == "auto":
         try:
             if device.type != "cpu" or not _auto_prefers_onnx(model):
-                return "torch"
+                return None, "torch"
         except Exception as e:  # noqa: BLE001 - a probe that fails leaves the path that works
-            return _fallback(f"timing ONNX Runtime failed: {_one_line(e)}")
+            return None, _fallback(f"timing ONNX Runtime failed: {_one_line(e)}")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # engines beside the export they were built from: new weights, new export, new engines
     plan = provider_plan(device, ort.get_available_providers(), export_dir(model), model.vision.cfg.image_size,
                          precision or "int8", name, ort.__version__)
     if plan is None:
-        return _fallback(f"onnxruntime has no execution provider for {device.type} "
+        return None, _fallback(f"onnxruntime has no execution provider for {device.type} "
                          f"(available: {', '.join(ort.get_available_providers())}; pip install onnxruntime-gpu)")
     if precision:
         plan.precision = precision
     try:
         path, manifest = ensure_exported(model, plan.precision, progress)
     except Exception as e:  # noqa: BLE001 - exporter, checker or quantizer: the torch tower still works
-        return _fallback(f"export failed: {_one_line(e)}")
+        return None, _fallback(f"export failed: {_one_line(e)}")
     if plan.precision == "int8" and precision is None and manifest["int8"]["cosine"] < MIN_COSINE:
         plan.precision = "fp32"  # int8 moved these features too far: the fp32 file, still ONNX Runtime's speed
         path = path.with_name(path.name.replace("int8", "fp32"))
@@ -165,14 +172,14 @@ def attach_onnx_vision(model, mode: str = "auto", precision: str | None = None, 
         note = ""
 
     try:
-        encoder = OnnxVisionEncoder.open(path, model.image_cfg, plan, device, model.dtype, note)
+        encoder = OnnxVisionEncoder.open(path, graph_image_config(model), plan, device, model.dtype, note,
+                                         tower_only=tower_only(model))
         if device.type != "cpu":  # GPU providers may fail only at the first run (engine build, kernels)
             encoder.encode_pixels(torch.zeros(1, 3, model.vision.cfg.image_size, model.vision.cfg.image_size))
     except Exception as e:  # noqa: BLE001 - a corrupt file or a provider that fails to start
-        return _fallback(f"{plan.provider} failed to start on {path}: {_one_line(e)}; delete {path.parent} "
+        return None, _fallback(f"{plan.provider} failed to start on {path}: {_one_line(e)}; delete {path.parent} "
                          "to export again")
-    model.encoder = encoder
-    return encoder.describe()
+    return encoder, encoder.describe()
 
 
 def release_torch_tower(model) -> int:
@@ -183,7 +190,8 @@ def release_torch_tower(model) -> int:
     """
     if model.encoder is None or model.vision is None:
         return 0
-    parts = [m for m in (model.vision, model.projector) if m is not None]
+    # S2 models keep the projector: it runs in torch after the scales are merged
+    parts = [m for m in (model.vision, None if tower_only(model) else model.projector) if m is not None]
     freed = sum(t.numel() * t.element_size() for m in parts for t in (*m.parameters(), *m.buffers())
                 if t.device.type != "meta")
     for m in parts:

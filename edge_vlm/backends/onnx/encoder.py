@@ -33,9 +33,12 @@ class OnnxVisionEncoder:
     """Callable like `encode_images`; `provider` names the execution provider that runs the graph."""
 
     def __init__(self, session, image_cfg, precision: str, device, dtype: torch.dtype, max_batch: int | None = None,
-                 note: str = ""):
-        """`note`: why this precision and not the provider's first choice (shown by `describe`)."""
+                 note: str = "", tower_only: bool = False):
+        """`note`: why this precision and not the provider's first choice (shown by `describe`).
+        `tower_only`: the graph is the tower alone (S2 models): `encode_pixels` gives the tower's features of
+        each tile, which the model merges across scales and projects itself."""
         self.session, self.image_cfg, self.precision, self.note = session, image_cfg, precision, note
+        self.tower_only = tower_only
         self.device, self.dtype = torch.device(device), dtype
         self.max_batch = max_batch
         inp = session.get_inputs()[0]
@@ -43,8 +46,9 @@ class OnnxVisionEncoder:
 
     @classmethod
     def open(cls, path: Path, image_cfg, plan: ProviderPlan, device, dtype: torch.dtype,
-             note: str = "") -> "OnnxVisionEncoder":
-        return cls(open_session(path, plan), image_cfg, plan.precision, device, dtype, plan.max_batch, note)
+             note: str = "", tower_only: bool = False) -> "OnnxVisionEncoder":
+        return cls(open_session(path, plan), image_cfg, plan.precision, device, dtype, plan.max_batch, note,
+                   tower_only)
 
     @property
     def provider(self) -> str:
@@ -54,7 +58,8 @@ class OnnxVisionEncoder:
         """For `edge-vlm info` and the stats line, e.g. "onnxruntime CPU int8", or
         "onnxruntime CPU fp32 (int8 refused: cosine 0.9815 < bound 0.99)"."""
         text = f"onnxruntime {SHORT_NAMES.get(self.provider, self.provider)} {self.precision}"
-        return f"{text} ({self.note})" if self.note else text
+        notes = [n for n in (self.note, "tower only: S2 merge and projector in torch" if self.tower_only else "") if n]
+        return f"{text} ({'; '.join(notes)})" if notes else text
 
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Preprocessed pixels [N, 3, S, S] -> [N, tokens, hidden] in the LLM's dtype, on its device."""
@@ -65,4 +70,6 @@ class OnnxVisionEncoder:
         return feats.to(self.device, self.dtype)
 
     def __call__(self, images) -> torch.Tensor:
+        if self.tower_only:
+            raise TypeError("a tower-only graph gives tile features, not embeddings: the model calls encode_pixels")
         return self.encode_pixels(preprocess(images, self.image_cfg))

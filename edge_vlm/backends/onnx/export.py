@@ -41,14 +41,17 @@ def file_name(precision: str) -> str:
 
 
 class VisionGraph(nn.Module):
-    """The modules one ONNX file holds: the tower's selected layer feeds the projector."""
+    """The modules one ONNX file holds: the tower's selected layer feeds the projector, or the tower alone
+    (`projector` None: S2 models, whose tiles' features are merged across scales before the projector,
+    in torch)."""
 
-    def __init__(self, tower: nn.Module, projector: nn.Module):
+    def __init__(self, tower: nn.Module, projector: nn.Module | None):
         super().__init__()
         self.tower, self.projector = tower, projector
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.tower(pixels))
+        feats = self.tower(pixels)
+        return feats if self.projector is None else self.projector(feats)
 
 
 @contextlib.contextmanager
@@ -82,16 +85,18 @@ def export_graph(graph: VisionGraph, path: Path, image_size: int, dtype: torch.d
     return path
 
 
-def _graph_in(tower: nn.Module, projector: nn.Module, dtype: torch.dtype) -> VisionGraph:
+def _graph_in(tower: nn.Module, projector: nn.Module | None, dtype: torch.dtype) -> VisionGraph:
     """The modules in `dtype`, copied only when they are not in it already (the CPU backend may run them in bf16)."""
-    mods = [m if next(m.parameters()).dtype == dtype else copy.deepcopy(m).to(dtype) for m in (tower, projector)]
+    mods = [m if m is None or next(m.parameters()).dtype == dtype else copy.deepcopy(m).to(dtype)
+            for m in (tower, projector)]
     return VisionGraph(*mods)
 
 
-def export_parts(tower: nn.Module, projector: nn.Module, image_cfg, out_dir, precisions=PRECISIONS,
+def export_parts(tower: nn.Module, projector: nn.Module | None, image_cfg, out_dir, precisions=PRECISIONS,
                  int8_method: str | None = None, calibration=None, progress: bool = False,
                  extra_manifest: dict | None = None) -> dict[str, Path]:
-    """Export `tower` + `projector` into `out_dir` in each of `precisions`; returns precision -> file.
+    """Export `tower` + `projector` (None: the tower alone) into `out_dir` in each of `precisions`; returns
+    precision -> file. `image_cfg` prepares pictures for the graph's input (the tower's side).
 
     `calibration`: images (anything `preprocess` takes) for the int8 step (static calibration and the
     feature check); None uses synthetic ones. `out_dir/manifest.json` records what was written,
@@ -107,9 +112,11 @@ def export_parts(tower: nn.Module, projector: nn.Module, image_cfg, out_dir, pre
     size = tower.cfg.image_size
     steps = [p for p in ("fp32", "fp16") if p in precisions or (p == "fp32" and "int8" in precisions)]
     steps += ["int8"] if "int8" in precisions else []
+    tokens = tower.num_tokens if projector is None else projector.num_tokens(tower.num_tokens)
     manifest = {"format": FORMAT_VERSION, "opset": OPSET, "image_size": size, "arch": tower.cfg.arch,
-                "projector": projector.cfg.kind, "tokens": projector.num_tokens(tower.num_tokens),
-                "hidden": projector.cfg.out_dim, "torch": torch.__version__, "precisions": list(precisions),
+                "projector": "none (tower only)" if projector is None else projector.cfg.kind, "tokens": tokens,
+                "hidden": tower.cfg.hidden_size if projector is None else projector.cfg.out_dim,
+                "torch": torch.__version__, "precisions": list(precisions),
                 **(extra_manifest or {})}
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:

@@ -66,8 +66,9 @@ def recorder_for(device: torch.device) -> Callable[[FusedDecoder], Replay]:
 class CUDAGraphEngine(TorchEngine):
     name = "torch + CUDA graphs"
 
-    def __init__(self, llm, max_context: int, record: Callable[[FusedDecoder], Replay] | None = None):
-        super().__init__(llm, max_context)
+    def __init__(self, llm, max_context: int, record: Callable[[FusedDecoder], Replay] | None = None,
+                 kv_cache_int8: bool = False):
+        super().__init__(llm, max_context, kv_cache_int8)
         self.decoder = FusedDecoder(llm, self.cache)
         self.record = record or recorder_for(self.cache.k.device)
         self.replay: Replay | None | bool = None  # None: not recorded yet; False: recording failed, plain steps
