@@ -12,38 +12,14 @@ from __future__ import annotations
 import resource
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from .contracts import Engine, Prompt
+from .contracts import Engine, GenerationStats, Prompt
 from .text.constrained import compile_constraint
 from .text.sampling import GenerationConfig, Sampler
 from .text.tokenizer import StreamDecoder
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    ttft_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    total_s: float = 0.0
-    peak_memory_bytes: int = 0
-    # eos | stop_string | max_new_tokens | context_full | stopped. Under a constraint, "eos" means the
-    # answer is a complete match (the grammar ended it, or the model chose EOS where the grammar may end);
-    # any other reason means the answer was cut short and may not parse (a half-written JSON object)
-    stop_reason: str = ""
-    cached_prompt_tokens: int = 0  # tokens of earlier turns reused from the KV cache, not run again
-    backend: str = "torch"  # what ran the language model (torch, llama.cpp)
-    vision_backend: str = ""  # what ran the vision tower, for multimodal models (torch, onnxruntime ...)
-
-    def summary(self) -> str:
-        return (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} generated; time to first token "
-                f"{self.ttft_s * 1000:.0f} ms, decode {self.decode_tokens_per_s:.1f} tok/s, "
-                f"peak memory {self.peak_memory_bytes / 2**30:.2f} GiB; LLM on {self.backend}"
-                + (f", vision on {self.vision_backend}" if self.vision_backend else ""))
 
 
 def peak_memory_bytes(device: torch.device) -> int:

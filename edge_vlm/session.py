@@ -3,7 +3,9 @@
 media -> preprocessing -> vision tower -> projector -> merged embeddings -> LLM -> sampler -> text stream.
 The KV cache keeps every earlier turn, so a new question only runs its own tokens. The session
 is the only owner of that state: apps rewind, regenerate, restore and continue conversations
-through the methods below, never by touching the cache or the message list.
+through the methods below, never by touching the cache or the exchanges. The conversation
+itself is a value (conversation.py: its `Exchange`s and the pure functions over them); the
+session builds the prompts and runs them.
 
 Function calling and RAG: a session may carry `tools` (OpenAI specs) and `context` (documents
 for Nemovision's `<context>` block); both are part of the system turn. After an answer,
@@ -14,98 +16,52 @@ conversation with `role: "tool"` messages goes to `chat`.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import replace
+from typing import Iterator, NamedTuple, Sequence
 
 from PIL import Image
 
-from .text.templates import _ANSWER_SENTINEL, IMAGE_MARK
+from .contracts import KEEP, GenerationStats, ImageEncoder, Keep, Prompt
+from .conversation import (Exchange, Message, documents, reply, shared_turns, split_conversation,
+                           template_messages, user_content)
 from .errors import ContextOverflowError, EdgeVLMError
-from .text.tools import arguments_dict, parse_tool_calls, result_text, template_call, tool_specs
-from .generate import AnswerText, GenerationConfig, GenerationStats, generate
-from .contracts import Prompt
+from .generate import AnswerText, GenerationConfig, generate
 from .imaging.preprocess import load_image
 from .imaging.video import sample_frames
+from .text.templates import ANSWER_SENTINEL, IMAGE_MARK
+from .text.tools import parse_tool_calls, result_text, template_call, tool_specs
 from .vlm import VisionLanguageModel
 
-_KEEP = object()  # reset(): keep the current system prompt
+__all__ = ["ChatSession", "Message"]
 
 
-@dataclass
-class Turn:
-    """One question (and/or tool results) and its answer, with where the turn starts in the KV cache."""
+class _Question(NamedTuple):
+    """A question's prompt before its pictures are encoded."""
 
-    question: str | None  # the user message as the template sees it (images as <image> marks); None: tool results only
-    images: list[Image.Image]  # decoded once, kept for regenerate()
-    answer: str  # the model's text as generated (tool-call blocks included)
-    start: int  # cache position before the question's tokens
-    pending_before: list[int]  # sampled-but-unfed tokens of the turn before (they lead this prompt)
-    tool_results: tuple[dict, ...] = ()  # role "tool" messages before the question
-    tool_calls: list[dict] = field(default_factory=list)  # parsed from the answer (OpenAI's structure)
-    _image_keys: tuple[str, ...] | None = field(default=None, repr=False)
-
-    @property
-    def inputs(self) -> list[dict]:
-        """The template messages this turn adds before its answer."""
-        user = [] if self.question is None else [{"role": "user", "content": self.question}]
-        return list(self.tool_results) + user
-
-    @property
-    def image_keys(self) -> tuple[str, ...]:
-        if self._image_keys is None:
-            self._image_keys = tuple(image_key(im) for im in self.images)
-        return self._image_keys
-
-
-@dataclass
-class Message:
-    """A message of a whole conversation handed to `ChatSession.chat` (the server's request shape)."""
-
-    role: str  # system | user | assistant | tool
-    content: str | None  # text; images of a user message go where <image> marks stand, or before the text
-    images: Sequence = ()  # paths, PIL images or RGB arrays (user messages only)
-    tool_calls: Sequence[dict] = ()  # assistant messages: OpenAI tool calls (arguments a JSON string or a dict)
-    tool_call_id: str | None = None  # tool messages: the call they answer
-    name: str | None = None  # tool messages: the function's name (optional)
-
-
-def image_key(image: Image.Image) -> str:
-    """Content hash of a decoded image: equal pixels, equal key (matches resent images)."""
-    h = hashlib.sha256(f"{image.mode}{image.size}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
-
-
-def documents(context) -> list[dict]:
-    """RAG context as template documents: a string or a list of strings (or {"text": ...})."""
-    if not context:
-        return []
-    items = [context] if isinstance(context, (str, dict)) else list(context)
-    out = []
-    for d in items:
-        text = d.get("text") if isinstance(d, dict) else d
-        if not isinstance(text, str):
-            raise EdgeVLMError("context documents must be strings (or {\"text\": ...})")
-        out.append({"text": text})
-    return out
+    content: str | None  # the user message as the template sees it (None: tool results only)
+    chunks: list[list[int]]  # token ids, one chunk before each picture and one after the last
+    need: int  # context tokens it takes, pictures included
 
 
 class ChatSession:
+    """A conversation on a model here (provides contracts.Session)."""
+
     def __init__(self, model: VisionLanguageModel, system: str | None = None, max_context: int | None = None,
-                 tools: Sequence[dict] | None = None, context=None, engine=None):
+                 tools: Sequence[dict] | None = None, context=None, engine=None, encoder: ImageEncoder | None = None):
         """`engine`: run on this prefill/step engine (e.g. one slot of a batched llama.cpp
-        context, the server's --parallel) instead of a fresh one of the model's."""
+        context, the server's --parallel) instead of a fresh one of the model's. `encoder`: what
+        turns pictures into embeddings (e.g. the server's cache of them) instead of the model's own."""
         self.model = model
         self.system = system
         self._set_tools(tools, context)
         self.engine = engine if engine is not None else model.new_engine(max_context)  # CUDA graphs, or llama.cpp
-        self._turns: list[Turn] = []
+        self.encoder: ImageEncoder = encoder if encoder is not None else model.encode_images
+        self._exchanges: list[Exchange] = []
         self._pending: list[int] = []  # sampled tokens not yet fed to the model (lead the next prompt)
         self._results: list[dict] = []  # tool results given since the last answer, not yet asked
-        self.stats = GenerationStats()
+        self._stats = GenerationStats()
 
     def _set_tools(self, tools, context) -> None:
         specs, docs = tool_specs(tools), documents(context)
@@ -115,28 +71,30 @@ class ChatSession:
     # ---- state -------------------------------------------------------------------------
 
     @property
-    def turns(self) -> list[Turn]:
+    def stats(self) -> GenerationStats:
+        """What the last answer cost and why it ended."""
+        return self._stats
+
+    @property
+    def turns(self) -> list[Exchange]:
         """The conversation so far (a copy: change it through rewind/restore/chat)."""
-        return list(self._turns)
+        return list(self._exchanges)
 
     @property
     def messages(self) -> list[dict]:
         """The conversation as chat-template messages (without the system prompt)."""
-        out = []
-        for t in self._turns:
-            out += t.inputs + [{"role": "assistant", "content": t.answer}]
-        return out
+        return template_messages(self._exchanges)
 
     @property
     def tool_calls(self) -> list[dict]:
         """The tool calls of the last answer (OpenAI's structure; empty without tools)."""
-        return list(self._turns[-1].tool_calls) if self._turns else []
+        return list(self._exchanges[-1].tool_calls) if self._exchanges else []
 
     @property
     def reply(self) -> dict | None:
         """The last answer as an OpenAI assistant message: `content` (None when only calls are
         left) and, when it called tools, `tool_calls`."""
-        return _reply(self._turns[-1], self.model.template.tool_format) if self._turns else None
+        return reply(self._exchanges[-1], self.model.template.tool_format) if self._exchanges else None
 
     @property
     def position(self) -> int:
@@ -147,12 +105,12 @@ class ChatSession:
     def max_context(self) -> int:
         return self.engine.max_context
 
-    def reset(self, system=_KEEP, tools=_KEEP, context=_KEEP) -> None:
+    def reset(self, system: str | None | Keep = KEEP, tools=KEEP, context=KEEP) -> None:
         """Start a new conversation (the cache buffers are reused); optionally a new system prompt,
         tools or context."""
-        if tools is not _KEEP or context is not _KEEP:
-            self._set_tools(self.tools if tools is _KEEP else tools, self.documents if context is _KEEP else context)
-        if system is not _KEEP:
+        if tools is not KEEP or context is not KEEP:
+            self._set_tools(self.tools if tools is KEEP else tools, self.documents if context is KEEP else context)
+        if system is not KEEP:
             self.system = system
         self.rewind(0)
         self._results = []
@@ -160,27 +118,17 @@ class ChatSession:
     def rewind(self, turns: int) -> None:
         """Keep only the first `turns` turns: the cache, the messages and the unfed tokens go back
         to how they were before turn `turns` was asked."""
-        if turns < 0 or turns > len(self._turns):
-            raise ValueError(f"cannot rewind to turn {turns}: the conversation has {len(self._turns)}")
-        if turns == len(self._turns):
+        if turns < 0 or turns > len(self._exchanges):
+            raise ValueError(f"cannot rewind to turn {turns}: the conversation has {len(self._exchanges)}")
+        if turns == len(self._exchanges):
             return
-        cut = self._turns[turns] if turns else None
+        cut = self._exchanges[turns] if turns else None
         self.engine.rewind(cut.start if cut else 0)
         self._pending = list(cut.pending_before) if cut else []
-        del self._turns[turns:]
+        del self._exchanges[turns:]
         self._results = []
 
     # ---- prompt building -------------------------------------------------------------
-
-    def _user_content(self, text: str | None, n_images: int) -> str | None:
-        if text is None:
-            if n_images:
-                raise EdgeVLMError("images need a question: a turn of tool results alone cannot carry them")
-            return None
-        marks = text.count(IMAGE_MARK)
-        if marks and marks != n_images:
-            raise EdgeVLMError(f"the question has {marks} {IMAGE_MARK} marks but {n_images} images were given")
-        return text if marks else (IMAGE_MARK + self.model.image_mark_suffix) * n_images + text
 
     def _head(self) -> list[dict]:
         return [{"role": "system", "content": self.system}] if self.system else []
@@ -193,7 +141,7 @@ class ChatSession:
         # becomes control tokens, never "<|im_end|>" written by a user or a tool (tokenizer.py)
         tok = self.model.tokenizer
         tpl, kw = self.model.template, {"tools": tok.quote(self.tools), "documents": tok.quote(self.documents)}
-        if not self._turns:
+        if not self._exchanges:
             text = tpl.render(tok.quote(self._head() + new), **kw)
         else:
             text = tpl.continuation(tok.quote(self.messages), tok.quote(new), **kw)
@@ -208,42 +156,58 @@ class ChatSession:
         chunks[0] = self._pending + chunks[0]
         return chunks
 
-    def _question(self, text: str | None, pictures, results: Sequence[dict] = ()) -> tuple[str, list[list[int]], int]:
-        """(user content, prompt chunks, tokens needed) for a question with `pictures` (decoded
-        images, or only their number: then tiled models count the most tiles a picture can take),
-        after the tool `results`."""
+    def _question(self, text: str | None, pictures, results: Sequence[dict] = ()) -> _Question:
+        """The prompt of a question with `pictures` (decoded images, or only their number: then
+        tiled models count the most tiles a picture can take), after the tool `results`."""
         n_images = pictures if isinstance(pictures, int) else len(pictures)
         if n_images and not self.model.is_multimodal:
             raise EdgeVLMError("this model is text-only: it cannot take images or video")
-        content = self._user_content(text, n_images)
+        content = user_content(text, n_images, self.model.image_mark_suffix)
         if content is None and not results:
             raise EdgeVLMError("nothing to answer: no question and no tool results")
         tiles = self.model.mark_counts(pictures)
         user = [] if content is None else [{"role": "user", "content": content}]
         chunks = self._prompt_chunks(list(results) + user, tiles)
-        return content, chunks, sum(len(c) for c in chunks) + self.model.image_tokens(pictures)
+        return _Question(content, chunks, sum(len(c) for c in chunks) + self.model.image_tokens(pictures))
 
     def tokens_needed(self, text: str, n_images: int = 0, images=None) -> int:
         """How many context tokens asking `text` with `n_images` images (or video frames) takes now.
         Tiled models (InternVL, NVLM-D) count each image at its most tiles unless `images` (the
         images themselves) are given."""
         if images is not None:
-            return self._question(text, [load_image(im) for im in images], self._results)[2]
-        return self._question(text, n_images, self._results)[2]
+            return self._question(text, [load_image(im) for im in images], self._results).need
+        return self._question(text, n_images, self._results).need
 
-    def _check_fits(self, need: int, n_images: int) -> None:
+    def _check_fits(self, need: int, n_images: int, saved: bool = False) -> None:
+        """ContextOverflowError unless `need` prompt tokens and one answer token fit after the cache;
+        `saved`: the prompt is an earlier exchange of a conversation put back (restore, chat)."""
         free = self.max_context - self.position
-        if need + 1 > free:
-            per = "tokens per tile" if self.model.tiling is not None else "tokens"
-            what = f" ({n_images} images x {self.model.tokens_per_image} {per})" if n_images else ""
-            raise ContextOverflowError(
-                f"prompt needs {need} tokens{what} but only {free - 1} fit in the context "
-                f"({self.max_context} tokens, {self.position} used by earlier turns): "
-                f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
+        if need + 1 <= free:
+            return
+        per = "tokens per tile" if self.model.tiling is not None else "tokens"
+        what = f" ({n_images} images x {self.model.tokens_per_image} {per})" if n_images else ""
+        head = "the conversation is longer than the context: an earlier turn of it needs" if saved else "prompt needs"
+        raise ContextOverflowError(
+            f"{head} {need} tokens{what} but only {free - 1} fit in the context "
+            f"({self.max_context} tokens, {self.position} used by earlier turns): "
+            f"over by {need + 1 - free}; shorten it, use fewer images/frames, /reset, or raise --max-context")
 
-    def _prompt(self, chunks: list[list[int]], images: list[Image.Image]) -> Prompt:
+    def _prompt(self, chunks: list[list[int]], images: Sequence[Image.Image],
+                stats: GenerationStats | None = None) -> Prompt:
+        """The prompt with its pictures encoded; the encoder's time is added to `stats.vision_s`."""
         tiles = self.model.message_tiles(images)  # tiled models: every tile
-        return Prompt(chunks, self.model.encode_images(tiles) if tiles else None)
+        if not tiles:
+            return Prompt(chunks, None)
+        t0 = time.perf_counter()
+        embeddings = self.encoder(tiles)
+        if stats is not None:
+            stats.vision_s += time.perf_counter() - t0
+        return Prompt(chunks, embeddings)
+
+    def _new_stats(self, cached: int) -> GenerationStats:
+        """The stats of an answer about to be prepared, `cached` of its prompt tokens in the cache."""
+        return GenerationStats(cached_prompt_tokens=cached, backend=self.engine.name,
+                               vision_backend=self.model.info.vision_backend if self.model.is_multimodal else "")
 
     def _pictures(self, images, video, frames: int) -> list[Image.Image]:
         pictures = [load_image(im) for im in images]  # each image is decoded here, once
@@ -253,8 +217,8 @@ class ChatSession:
 
     # ---- asking ------------------------------------------------------------------------
 
-    def ask(self, text: str, images=(), video=None, frames: int = 8, gen: GenerationConfig | None = None,
-            stop_event: threading.Event | None = None) -> Iterator[str]:
+    def ask(self, text: str, images=(), gen: GenerationConfig | None = None,
+            stop_event: threading.Event | None = None, video=None, frames: int = 8) -> Iterator[str]:
         """Stream the answer to `text` about `images` (paths, PIL images or arrays) and/or a video
         (tool results given with `tool_result` go first)."""
         t0 = time.perf_counter()
@@ -282,37 +246,40 @@ class ChatSession:
             raise EdgeVLMError("no tool results to answer: give them with tool_result(call, content)")
         return self._ask(None, [], gen, stop_event, time.perf_counter(), results=self._results)
 
-    def _ask(self, text: str | None, pictures: list[Image.Image], gen: GenerationConfig | None,
-             stop_event: threading.Event | None, t0: float, cached: int | None = None,
-             results: Sequence[dict] = ()) -> Iterator[str]:
+    def _ask(self, text: str | None, pictures: Sequence[Image.Image], gen: GenerationConfig | None,
+             stop_event: threading.Event | None, t0: float, results: Sequence[dict] = (),
+             stats: GenerationStats | None = None) -> Iterator[str]:
+        """Generate the answer to one question. `stats`: this answer's so far (chat: the earlier
+        exchanges it ran; default: new ones, every token before the question cached)."""
         gen = gen or GenerationConfig()
         results = tuple(results)
-        content, chunks, need = self._question(text, pictures, results)
-        self._check_fits(need, len(pictures))
-        prompt = self._prompt(chunks, pictures)
-        turn = Turn(content, pictures, "", self.position, self._pending, results)
+        start = self.position
+        stats = stats if stats is not None else self._new_stats(start)
+        cached = stats.cached_prompt_tokens
+        q = self._question(text, pictures, results)
+        self._check_fits(q.need, len(pictures))
+        prompt = self._prompt(q.chunks, pictures, stats)
+        exchange = Exchange(q.content, tuple(pictures), "", start, tuple(self._pending), results)
         self._pending = []
         self._results = []
-        self.stats = GenerationStats(cached_prompt_tokens=self.position if cached is None else cached,
-                                     backend=self.engine.name,
-                                     vision_backend=self.model.info.vision_backend if self.model.is_multimodal else "")
+        self._stats = stats
         answer = AnswerText(self.model.tokenizer, self.model.eos_token_ids,
                             list(gen.stop) + self.model.template.stop_strings)
-        prompt_end = self.position + len(prompt)
-        self._turns.append(turn)
+        prompt_end = start + len(prompt)
+        self._exchanges.append(exchange)
         try:
-            yield from generate(self.engine, prompt, gen, answer, stop_event, self.stats, t0)
+            yield from generate(self.engine, prompt, gen, answer, stop_event, stats, t0)
         finally:
             if self.position < prompt_end:  # the prompt never reached the cache (prefill failed): no turn
-                self._turns.pop()
-                self.engine.rewind(turn.start)
-                self._pending = turn.pending_before
+                self._exchanges.pop()
+                self.engine.rewind(start)
+                self._pending = list(exchange.pending_before)
                 self._results = list(results)
             else:  # the answer so far stays in the conversation, also when the consumer stops early
                 self._pending = answer.tokens[self.position - prompt_end:]  # sampled, never fed: leads the next prompt
-                turn.answer = answer.text
-                if self.tools:
-                    turn.tool_calls = parse_tool_calls(answer.text, self.model.template.tool_format)[1]
+                stats.prompt_tokens = prompt_end - cached  # with the earlier exchanges this call ran (chat)
+                calls = parse_tool_calls(answer.text, self.model.template.tool_format)[1] if self.tools else []
+                self._exchanges[-1] = replace(exchange, answer=answer.text, tool_calls=tuple(calls))
 
     def answer(self, text: str, **kw) -> str:
         """The whole answer as one string (non-streaming convenience)."""
@@ -321,13 +288,13 @@ class ChatSession:
     def regenerate(self, gen: GenerationConfig | None = None,
                    stop_event: threading.Event | None = None) -> Iterator[str]:
         """Forget the last answer and answer its question (with its images) again."""
-        if not self._turns:
+        if not self._exchanges:
             raise EdgeVLMError("nothing to regenerate: no question has been asked yet")
-        last = self._turns[-1]
-        self.rewind(len(self._turns) - 1)
+        last = self._exchanges[-1]
+        self.rewind(len(self._exchanges) - 1)
         return self._ask(last.question, last.images, gen, stop_event, time.perf_counter(), results=last.tool_results)
 
-    def restore(self, exchanges: Sequence[tuple[str, Sequence, str]], system=_KEEP) -> None:
+    def restore(self, exchanges: Sequence[tuple[str, Sequence, str]], system: str | None | Keep = KEEP) -> None:
         """Put a saved conversation, [(question, images, answer), ...], back into the context so
         it can be continued: each question is prefilled as if just asked, and its saved answer
         goes in as the tokens the model "sampled". Nothing is generated. If it does not fit, the
@@ -340,21 +307,24 @@ class ChatSession:
             self.reset()
             raise
 
-    def _prefill_exchange(self, question: str | None, pictures: list[Image.Image], answer: str,
-                          results: Sequence[dict] = (), calls: Sequence[dict] = ()) -> None:
+    def _prefill_exchange(self, question: str | None, pictures: Sequence[Image.Image], answer: str,
+                          results: Sequence[dict] = (), calls: Sequence[dict] = (),
+                          stats: GenerationStats | None = None) -> None:
         """Prefill one saved exchange; an answer that called tools (`calls`, with `answer` the text
-        beside them) goes in as the template writes such a message."""
-        content, chunks, need = self._question(question, pictures, results)
-        if need + 1 > self.max_context - self.position:
-            raise ContextOverflowError(f"the conversation is longer than the context ({self.max_context} tokens)")
-        user = [] if content is None else [{"role": "user", "content": content}]
+        beside them) goes in as the template writes such a message. `stats`: of the answer this
+        prefill prepares (chat), its vision time added there."""
+        q = self._question(question, pictures, results)
+        self._check_fits(q.need, len(pictures), saved=True)
+        user = [] if q.content is None else [{"role": "user", "content": q.content}]
+        calls = [dict(c) for c in calls]
         text = self._answer_text(list(results) + user, answer, calls) if calls else answer
-        turn = Turn(content, pictures, text, self.position, self._pending, tuple(results), [dict(c) for c in calls])
-        self.engine.prefill(self._prompt(chunks, pictures))
+        exchange = Exchange(q.content, tuple(pictures), text, self.position, tuple(self._pending), tuple(results),
+                            tuple(calls))
+        self.engine.prefill(self._prompt(q.chunks, pictures, stats))
         tok = self.model.tokenizer  # the client's text as plain text; with calls, the template's markup around it
         self._pending = tok.encode_prompt(self._answer_text(tok.quote(list(results) + user), tok.quote(answer),
                                                             tok.quote(calls))) if calls else tok.encode_text(answer)
-        self._turns.append(turn)
+        self._exchanges.append(exchange)
 
     def _answer_text(self, new: list[dict], content: str | None, calls: Sequence[dict]) -> str:
         """The text the template writes for an assistant message with tool calls after `new`
@@ -365,122 +335,42 @@ class ChatSession:
         msg = {"role": "assistant", "content": content or None, "tool_calls": [template_call(c) for c in calls]}
         full = tpl.render(before + [msg], add_generation_prompt=False, **kw)
         prompt = tpl.render(before, add_generation_prompt=True, **kw)
-        marked = tpl.render(before + [{"role": "assistant", "content": _ANSWER_SENTINEL}], add_generation_prompt=False, **kw)
-        end = marked[marked.rfind(_ANSWER_SENTINEL) + len(_ANSWER_SENTINEL):]
+        marked = tpl.render(before + [{"role": "assistant", "content": ANSWER_SENTINEL}], add_generation_prompt=False, **kw)
+        end = marked[marked.rfind(ANSWER_SENTINEL) + len(ANSWER_SENTINEL):]
         if not (full.startswith(prompt) and full.endswith(end)) or len(full) < len(prompt) + len(end):
             raise EdgeVLMError(f"chat template {tpl.name!r} does not write tool calls after its assistant prompt")
         return full[len(prompt):len(full) - len(end)].strip()
 
     def chat(self, messages: Sequence[Message], gen: GenerationConfig | None = None,
-             stop_event: threading.Event | None = None, tools=_KEEP, context=_KEEP) -> Iterator[str]:
+             stop_event: threading.Event | None = None, tools=KEEP, context=KEEP) -> Iterator[str]:
         """Answer the last (user or tool) message of a whole conversation, reusing the cache.
 
         When `messages` extend the conversation already in the cache (same system prompt, tools
         and context, same earlier questions, images, tool results and answers), only the new part
         is run; otherwise the session keeps the longest shared prefix of turns and runs the rest.
-        `stats.cached_prompt_tokens` says how many prompt tokens came from the cache. Assistant
+        `stats.cached_prompt_tokens` says how many prompt tokens came from the cache, and
+        `stats.prompt_tokens` how many were run (the earlier turns run again included). Assistant
         messages may carry `tool_calls` and `role: "tool"` messages their results (OpenAI's
         shapes); `tools` / `context` replace the session's (the default keeps them).
         """
         t0 = time.perf_counter()
-        system, exchanges, (question, pictures, results) = _split_conversation(messages)
-        if (results or any(e[2] or e[4] for e in exchanges)) and self.model.template.tool_format is None:
-            self.model.template.check_tools([{}], [])  # says why this template has no tool format
-        new_tools = self.tools if tools is _KEEP else tool_specs(tools)
-        new_docs = self.documents if context is _KEEP else documents(context)
-        if system != self.system or new_tools != self.tools or new_docs != self.documents:
-            self.reset(system, new_tools, new_docs)
+        history = split_conversation(messages)
         fmt = self.model.template.tool_format
-        keep = 0
-        for turn, (q, pics, res, a, calls) in zip(self._turns, exchanges):
-            if turn.question != self._user_content(q, len(pics)) or turn.image_keys != tuple(image_key(p) for p in pics) \
-                    or _results_key(turn.tool_results) != _results_key(res) \
-                    or not _same_answer(turn, a, calls, fmt):
-                break
-            keep += 1
+        if history.uses_tools and fmt is None:
+            self.model.template.check_tools([{}], [])  # says why this template has no tool format
+        new_tools = self.tools if tools is KEEP else tool_specs(tools)
+        new_docs = self.documents if context is KEEP else documents(context)
+        if history.system != self.system or new_tools != self.tools or new_docs != self.documents:
+            self.reset(history.system, new_tools, new_docs)
+        keep = shared_turns(self._exchanges, history.answered, self.model.image_mark_suffix, fmt)
         self.rewind(keep)
-        cached = self.position
+        stats = self._new_stats(self.position)
         try:
-            for q, pics, res, a, calls in exchanges[keep:]:
-                self._prefill_exchange(q, pics, a, res, calls)
+            for sent in history.answered[keep:]:
+                self._prefill_exchange(sent.question, sent.pictures, sent.answer, sent.tool_results, sent.tool_calls,
+                                       stats)
         except BaseException:
             self.rewind(keep)
             raise
-        return self._ask(question, pictures, gen, stop_event, t0, cached, results)
-
-
-def _reply(turn: Turn, fmt: str | None) -> dict:
-    content = turn.answer
-    if turn.tool_calls and fmt is not None:
-        content = parse_tool_calls(turn.answer, fmt)[0]
-    out = {"role": "assistant", "content": content if content or not turn.tool_calls else None}
-    if turn.tool_calls:
-        out["tool_calls"] = [dict(c) for c in turn.tool_calls]
-    return out
-
-
-def _calls_key(calls) -> list:
-    return [(c.get("id"), c.get("function", c)["name"], arguments_dict(c)) for c in calls]
-
-
-def _results_key(results) -> list:
-    return [(r.get("tool_call_id"), r["content"]) for r in results]
-
-
-def _same_answer(turn: Turn, content: str | None, calls, fmt) -> bool:
-    """Whether an assistant message of the client is the answer this turn holds (its text, or
-    the reply we gave: text beside the calls, and the calls with their ids)."""
-    if not calls:
-        return not turn.tool_calls and turn.answer == (content or "")
-    mine = _reply(turn, fmt)
-    return (mine["content"] or "") == (content or "") and _calls_key(mine.get("tool_calls", [])) == _calls_key(calls)
-
-
-def _tool_message(m: Message) -> dict:
-    if not m.tool_call_id:
-        raise EdgeVLMError("a tool message needs the tool_call_id of the call it answers")
-    if m.images:
-        raise EdgeVLMError("only user messages can carry images")
-    out = {"role": "tool", "tool_call_id": m.tool_call_id, "content": result_text(m.content or "")}
-    if m.name:
-        out["name"] = m.name
-    return out
-
-
-def _split_conversation(messages: Sequence[Message]):
-    """(system, [(question, pictures, tool results, answer, its tool calls), ...],
-    (last question, its pictures, tool results before it)). A turn's input is zero or more tool
-    messages and then at most one user message; an assistant message ends it."""
-    msgs = list(messages)
-    system = None
-    if msgs and msgs[0].role == "system":
-        system, msgs = msgs[0].content, msgs[1:]
-    if not msgs or msgs[-1].role not in ("user", "tool"):
-        raise EdgeVLMError("the conversation must end with a user message (or tool results)")
-    exchanges, results, user = [], [], None
-    for i, m in enumerate(msgs):
-        where = f"message {i + 1 + (system is not None)}"
-        if m.role == "tool":
-            if user is not None:
-                raise EdgeVLMError(f"tool results must come before the user's message in a turn ({where})")
-            results.append(_tool_message(m))
-        elif m.role == "user":
-            if user is not None:
-                raise EdgeVLMError("messages after the system prompt must alternate user, assistant, ..., user "
-                                   f"({where} is 'user', after 'user')")
-            user = m
-        elif m.role == "assistant":
-            if user is None and not results:
-                prev = msgs[i - 1].role if i else "the system prompt"
-                raise EdgeVLMError("messages after the system prompt must alternate user, assistant, ..., user "
-                                   f"({where} is 'assistant', after {prev!r})")
-            if m.images:
-                raise EdgeVLMError("only user messages can carry images")
-            exchanges.append((None if user is None else user.content,
-                              [] if user is None else [load_image(im) for im in user.images],
-                              tuple(results), m.content or "", list(m.tool_calls)))
-            results, user = [], None
-        else:
-            raise EdgeVLMError(f"unknown message role {m.role!r} ({where}); known: system, user, assistant, tool")
-    return system, exchanges, (None if user is None else user.content,
-                               [] if user is None else [load_image(im) for im in user.images], tuple(results))
+        last = history.question
+        return self._ask(last.question, last.pictures, gen, stop_event, t0, last.tool_results, stats)

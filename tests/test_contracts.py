@@ -15,7 +15,10 @@ from edge_vlm.backends.onnx.encoder import OnnxVisionEncoder
 from edge_vlm.backends.torch_engine import TorchEngine
 from edge_vlm.backends.triton.cuda_graph import CUDAGraphEngine
 from edge_vlm.cli.doctor import stand_in_llm
-from edge_vlm.contracts import ChatFormatter, Engine, ImageEncoder, Prompt
+from edge_vlm.apps.camera.remote import RemoteSession
+from edge_vlm.apps.server.image_cache import CachedImages
+from edge_vlm.contracts import ChatFormatter, Engine, GenerationStats, ImageEncoder, Prompt, Session
+from edge_vlm.session import ChatSession
 from edge_vlm.text.templates import ChatTemplate
 
 
@@ -63,9 +66,68 @@ def test_every_engine_provides_the_engine_contract(cls):
     assert breaches(cls, Engine) == []
 
 
-@pytest.mark.parametrize("cls", [OnnxVisionEncoder])
+@pytest.mark.parametrize("cls", [OnnxVisionEncoder, CachedImages])
 def test_every_image_encoder_provides_the_encoder_contract(cls):
     assert breaches(cls, ImageEncoder) == []
+
+
+@pytest.mark.parametrize("cls", [ChatSession, RemoteSession])
+def test_every_session_provides_the_session_contract(cls):
+    assert breaches(cls, Session) == []
+
+
+def test_a_remote_session_is_a_session_with_the_servers_stats():
+    remote = RemoteSession("http://127.0.0.1:9", system="Be brief.")
+    try:
+        assert isinstance(remote, Session) and isinstance(remote.stats, GenerationStats)
+        remote.reset()
+        assert remote.system == "Be brief."  # KEEP, the default, keeps it
+        remote.reset(system=None)
+        assert remote.system is None
+    finally:
+        remote.close()
+
+
+def test_a_remote_session_answers_and_counts_as_the_local_session_does(model, served):
+    """The same greedy question through the server: the same text, and the server's usage and
+    timings as the stats (the whole prompt, the answer's tokens, why it ended)."""
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from edge_vlm import GenerationConfig
+
+    app, _ = served()
+    picture = Image.new("RGB", (64, 48), (30, 120, 200))
+    gen = GenerationConfig(max_new_tokens=5, temperature=0)
+    local = ChatSession(model, system="Be brief.")
+    want = "".join(local.ask("What is this?", images=[picture], gen=gen))
+    with TestClient(app) as http:
+        remote = RemoteSession("http://testserver", system="Be brief.", http=http)
+        got = "".join(remote.ask("What is this?", images=[picture], gen=gen))
+    s, r = local.stats, remote.stats
+    assert got == want
+    assert r.prompt_tokens + r.cached_prompt_tokens == s.prompt_tokens + s.cached_prompt_tokens > 0
+    assert (r.new_tokens, r.stop_reason) == (s.new_tokens, s.stop_reason) and r.ttft_s > 0 and r.vision_s > 0
+
+
+def test_the_image_cache_encodes_each_picture_once_and_hands_back_what_the_encoder_gave():
+    from PIL import Image
+
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        return torch.stack([torch.full((2, 3), float(im.getpixel((0, 0))[0])) for im in images])
+
+    cache = CachedImages(encode, per_picture_blocks=False, capacity=2)
+    assert isinstance(cache, ImageEncoder)
+    red, blue = Image.new("RGB", (4, 4), (200, 0, 0)), Image.new("RGB", (4, 4), (7, 0, 255))
+    first = cache([red, blue])
+    again = cache([Image.new("RGB", (4, 4), (200, 0, 0)), blue])  # equal pixels, another object: a hit
+    assert calls == [2] and torch.equal(first, again) and (cache.hits, cache.misses) == (2, 2)
+    cache([Image.new("RGB", (4, 4), (1, 1, 1))])  # a third picture: the oldest (red) leaves
+    cache([red])
+    assert calls == [2, 1, 1] and len(cache) == 2
 
 
 def test_the_chat_template_provides_the_formatter_contract():

@@ -120,7 +120,7 @@ FLOORS = [
     ["edge_vlm.imaging"],
     ["edge_vlm.models"],
     ["edge_vlm.backends", "edge_vlm.run_spec"],
-    ["edge_vlm.generate", "edge_vlm.vlm"],
+    ["edge_vlm.generate", "edge_vlm.vlm", "edge_vlm.conversation"],
     ["edge_vlm.session", "edge_vlm.loading"],
     ["edge_vlm.cli"],
     ["edge_vlm"],

@@ -327,14 +327,14 @@ def test_the_servers_image_cache_keeps_a_pictures_embeddings_apart_by_its_tiling
     from edge_vlm.apps.server.image_cache import CachedImages
 
     model = load_model(folders["nvila"][0], fast_path=False, progress=False)
-    cached = CachedImages(model, capacity=8)
+    cached = CachedImages(model.encode_images, model.images_vary_in_length, capacity=8)
     a, b = picture(100, 60, seed=1), picture(40, 90, seed=2)
     for images in ([a], [a, b], [a], [a, b]):
-        got, want = cached.encode_images(images), model.encode_images(images)
+        got, want = cached(images), model.encode_images(images)
         assert isinstance(got, list) and [g.shape for g in got] == [w.shape for w in want]
         assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert cached.hits == 3 and cached.misses == 3  # the second [a] and [a, b] came from the cache
-    assert cached.encode_images([a])[0].shape[0] > cached.encode_images([a, b])[0].shape[0]
+    assert cached([a])[0].shape[0] > cached([a, b])[0].shape[0]
 
 
 @pytest.mark.parametrize("name", ["nvila", "vila_s2", "nvila_lite"])

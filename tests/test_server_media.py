@@ -119,9 +119,8 @@ def test_the_server_wide_budget_refuses_while_others_decode_and_is_given_back(se
 def test_a_big_picture_reaches_the_model_reduced_and_its_memory_is_freed(served, model, monkeypatch):
     app, worker = served()
     seen = []
-    real = worker.model._model.encode_images
-    monkeypatch.setattr(worker.model._model, "encode_images", lambda ims: seen.extend(im.size for im in ims) or
-                        real(ims))
+    real = worker.image_cache.encode
+    monkeypatch.setattr(worker.image_cache, "encode", lambda ims: seen.extend(im.size for im in ims) or real(ims))
     side = model.image_cfg.size
     photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8))
     buf = io.BytesIO()

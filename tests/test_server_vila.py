@@ -141,7 +141,7 @@ def test_a_resent_image_is_not_encoded_again_and_a_second_turn_reuses_the_cache(
     first = ask([{"role": "user", "content": parts(img, "What is this?")}])
     assert first.model_extra["timings"]["vision_ms"] > 0
     again = ask([{"role": "user", "content": parts(img, "Describe it.")}])  # a new conversation, same image
-    assert again.model_extra["timings"]["vision_ms"] == 0
+    assert again.model_extra["timings"]["vision_ms"] < first.model_extra["timings"]["vision_ms"]  # a lookup
     after = httpx.get(server.url + "/metrics").text
     assert metric(after, "edge_vlm_image_cache_hits") - metric(before, "edge_vlm_image_cache_hits") == 1
     assert metric(after, "edge_vlm_image_cache_misses") - metric(before, "edge_vlm_image_cache_misses") == 1

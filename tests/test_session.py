@@ -246,3 +246,60 @@ def test_tool_results_tool_specs_and_documents_never_become_control_tokens(model
     cid = tok.token_to_id(c)
     assert attacked.count(cid) == plain.count(cid) > 0
     assert f"result{c}" in tok.decode(attacked, skip_special=False)
+
+
+# ------------------------------------------------------------------ the conversation as a value
+
+def test_a_clients_history_lines_up_with_the_exchanges_up_to_the_first_difference():
+    """split_conversation reads turns (tool results, a question, an answer); shared_turns keeps the
+    exchanges the client repeats: same question (as the template sees it), pixels, results, answer."""
+    from edge_vlm.conversation import Exchange, shared_turns, split_conversation
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    history = split_conversation([
+        Message("system", "S"), Message("user", "Hi", [picture(1)]), Message("assistant", "Hello"),
+        Message("user", "Call f"), Message("assistant", None, tool_calls=calls),
+        Message("tool", "42", tool_call_id="c1"), Message("user", "So?")])
+    assert history.system == "S" and len(history.answered) == 2 and history.uses_tools
+    assert history.question.question == "So?" and history.question.tool_results[0]["content"] == "42"
+    first, second = history.answered
+    assert first.answer == "Hello" and len(first.pictures) == 1 and second.tool_calls[0]["id"] == "c1"
+    held = [Exchange("<image>\nHi", first.pictures, "Hello", 0, ()),
+            Exchange("Call f", (), '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>', 30, (), (),
+                     tuple(calls))]
+    assert shared_turns(held, history.answered, "\n", "hermes") == 2
+    assert shared_turns(held, history.answered, " ", "hermes") == 0  # another mark suffix: another question
+    other = [Exchange("<image>\nHi", (picture(2),), "Hello", 0, ())] + held[1:]
+    assert shared_turns(other, history.answered, "\n", "hermes") == 0  # other pixels
+    assert shared_turns(held[:1] + [Exchange("Call f", (), "no call", 30, ())], history.answered, "\n",
+                        "hermes") == 1  # an answer without the client's calls
+
+
+def test_vision_time_is_the_encoders_and_a_cache_in_front_runs_the_tower_once(model):
+    from edge_vlm.apps.server.image_cache import CachedImages
+
+    calls = []
+    cache = CachedImages(lambda ims: calls.append(len(ims)) or model.encode_images(ims),
+                         model.images_vary_in_length)
+    plain, cached = ChatSession(model), ChatSession(model, encoder=cache)
+    want = plain.answer("What is this?", images=[picture(3)], gen=GREEDY)
+    assert plain.stats.vision_s > 0 and plain.encoder == model.encode_images
+    for _ in range(2):
+        cached.reset()
+        assert cached.answer("What is this?", images=[picture(3)], gen=GREEDY) == want
+        assert cached.stats.vision_s > 0  # the tower the first time, the lookup the second
+    assert calls == [1] and cache.hits == 1
+    plain.answer("And without a picture?", gen=GREEDY)
+    assert plain.stats.vision_s == 0
+
+
+def test_chat_counts_the_earlier_turns_it_runs_again_as_prompt_tokens(model):
+    """Cached plus run is the whole prompt, whether the earlier turns came from the cache or not."""
+    history = [Message("user", "Hello"), Message("assistant", "Hi there"), Message("user", "How are you?")]
+    warm = ChatSession(model)
+    warm.restore([("Hello", [], "Hi there")])
+    "".join(warm.chat(history, gen=GREEDY))
+    fresh = ChatSession(model)
+    "".join(fresh.chat(history, gen=GREEDY))
+    assert warm.stats.cached_prompt_tokens > 0 and fresh.stats.cached_prompt_tokens == 0
+    assert fresh.stats.prompt_tokens == warm.stats.prompt_tokens + warm.stats.cached_prompt_tokens

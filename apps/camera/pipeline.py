@@ -25,7 +25,9 @@ from PIL import Image
 
 from edge_vlm.apps.media.frame_sources import FrameSource, PacedSource
 from edge_vlm.apps.media.latest_frame import Frame, LatestFrameBuffer
+from edge_vlm.contracts import Session
 from edge_vlm.generate import GenerationConfig
+from edge_vlm.vlm import VisionLanguageModel
 
 from .alerts import Alerter
 from .capture import CaptureThread
@@ -62,7 +64,7 @@ class PipelineStats:
 
 @dataclass
 class CameraPipeline:
-    session: object  # edge_vlm.ChatSession
+    session: Session  # a ChatSession on a model here, or a RemoteSession on a server (--server)
     source: FrameSource  # already open
     prompts: list[str]
     trigger: Trigger
@@ -154,9 +156,8 @@ class CameraPipeline:
 
     def answer(self, frame: Frame, reason: str, score: float | None) -> None:
         images = self._context_images(frame.image)
-        model = getattr(self.session, "model", None)  # None: a server's session (--server), which tiles there
-        if len(images) > 1 and model is not None and model.tiling is not None:  # a clip: one tile a frame (InternVL)
-            images = [model.mark_video_frame(Image.fromarray(im)) for im in images]
+        if len(images) > 1:  # a clip: tiled models give each frame one tile (InternVL); others ignore the mark
+            images = [VisionLanguageModel.mark_video_frame(Image.fromarray(im)) for im in images]
         self.stats.frames_answered += 1
         for prompt in self.prompts:
             if self.stop.is_set():
@@ -174,13 +175,12 @@ class CameraPipeline:
                 "trigger": reason,
                 "images": len(images),
             }
-            stats = getattr(self.session, "stats", None)  # a server's session (--server) reports none
-            if stats is not None:
-                record["prompt_tokens"] = stats.prompt_tokens + stats.cached_prompt_tokens
+            stats = self.session.stats
+            record["prompt_tokens"] = stats.prompt_tokens + stats.cached_prompt_tokens
             if score is not None:
                 record["change_score"] = round(score, 4)
             if self.structured:
-                record.update(structured_value(answer, self.structured, self.session.stats.stop_reason))
+                record.update(structured_value(answer, self.structured, stats.stop_reason))
             record["alert"] = bool(self.alerter and self.alerter.maybe_fire(record, frame.timestamp))
             self.stats.alerts += record["alert"]
             self.stats.answers += 1

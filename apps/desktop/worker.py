@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from edge_vlm import EdgeVLMError, GenerationConfig
+from edge_vlm import ChatSession, EdgeVLMError, GenerationConfig, load_model
 
 
 @dataclass
@@ -60,7 +60,7 @@ class ModelWorker(QObject):
         super().__init__()
         self.stop_event = threading.Event()
         self.model = None
-        self.session = None
+        self.session: ChatSession | None = None  # rewinds, regenerates, restores: a conversation held here
 
     def stop(self) -> None:
         """Thread-safe: end the current answer after the token being computed.
@@ -71,8 +71,6 @@ class ModelWorker(QObject):
     @Slot(object)
     def load(self, req: LoadRequest) -> None:
         import torch
-
-        from edge_vlm import ChatSession, load_model
 
         try:
             self.session = self.model = None  # free the old model before loading the next

@@ -36,20 +36,21 @@ class Metrics:
         self.decoded_rows = Gauge("edge_vlm_batched_rows", "rows (tokens, image embeddings) those decodes carried",
                                   registry=r)
 
-    def observe(self, result) -> None:
-        self.prompt_tokens.inc(result.prompt_tokens)
-        self.cached_prompt_tokens.inc(result.cached_prompt_tokens)
-        self.generated_tokens.inc(result.completion_tokens)
-        self.ttft.observe(result.ttft_s)
-        if result.decode_tokens_per_s > 0:
-            self.per_token.observe(1 / result.decode_tokens_per_s)
+    def observe(self, stats) -> None:
+        """Count one answered request (its GenerationStats)."""
+        self.prompt_tokens.inc(stats.cached_prompt_tokens + stats.prompt_tokens)
+        self.cached_prompt_tokens.inc(stats.cached_prompt_tokens)
+        self.generated_tokens.inc(stats.new_tokens)
+        self.ttft.observe(stats.ttft_s)
+        if stats.decode_tokens_per_s > 0:
+            self.per_token.observe(1 / stats.decode_tokens_per_s)
 
     def render(self, worker) -> bytes:
         self.ready.set(1 if worker.ready else 0)
         self.queue_depth.set(worker.waiting)
-        if worker.model is not None:
-            self.image_hits.set(worker.model.hits)
-            self.image_misses.set(worker.model.misses)
+        if worker.image_cache is not None:
+            self.image_hits.set(worker.image_cache.hits)
+            self.image_misses.set(worker.image_cache.misses)
         batched = getattr(worker, "context", None)  # --parallel: the lanes' shared llama.cpp context
         if batched is not None:
             self.decodes.set(batched.decodes)

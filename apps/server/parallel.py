@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from edge_vlm import ChatSession
 from edge_vlm.backends.llamacpp.batched import batched_context
 
-from .image_cache import CachedImages
 from .worker import Job, ModelWorker
 
 
@@ -57,10 +56,10 @@ class ParallelWorker(ModelWorker):
 
     def attach(self, model) -> None:
         """Serve `model` on `parallel` lanes (its LLM must run on llama.cpp)."""
-        self.model = CachedImages(model, self.image_cache_size)
+        self.model, self.image_cache = model, self._new_image_cache(model)
         ctx = self.max_context or model.max_context
         self.context = batched_context(model, self.parallel, ctx)
-        self._lanes = [_Lane(ChatSession(self.model, engine=e)) for e in self.context.engines]
+        self._lanes = [_Lane(ChatSession(model, engine=e, encoder=self.image_cache)) for e in self.context.engines]
         for i, lane in enumerate(self._lanes):
             t = threading.Thread(target=self._lane_loop, args=(lane,), name=f"edge-vlm-lane-{i}", daemon=True)
             t.start()

@@ -379,19 +379,20 @@ FINISH = {"eos": "stop", "stop_string": "stop", "max_new_tokens": "length", "con
 
 
 def usage(result) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens}}
+    s = result.stats  # the whole prompt: what came from the KV cache and what ran
+    prompt = s.cached_prompt_tokens + s.prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": s.new_tokens, "total_tokens": prompt + s.new_tokens,
+            "prompt_tokens_details": {"cached_tokens": s.cached_prompt_tokens}}
 
 
 def timings(result) -> dict:
-    return {"vision_ms": round(result.vision_s * 1000, 2), "ttft_ms": round(result.ttft_s * 1000, 2),
-            "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
-            "cached_prompt_tokens": result.cached_prompt_tokens}
+    s = result.stats
+    return {"vision_ms": round(s.vision_s * 1000, 2), "ttft_ms": round(s.ttft_s * 1000, 2),
+            "decode_tokens_per_s": round(s.decode_tokens_per_s, 2), "cached_prompt_tokens": s.cached_prompt_tokens}
 
 
 def finish_reason(result) -> str:
-    return "tool_calls" if result.tool_calls else FINISH.get(result.stop_reason, "stop")
+    return "tool_calls" if result.tool_calls else FINISH.get(result.stats.stop_reason, "stop")
 
 
 def completion(cid: str, created: int, model: str, text: str | None, result) -> dict:

@@ -6,7 +6,8 @@ events (`started`, text pieces, then `done` or `error`) from an asyncio queue th
 thread-safely. A job's `stop` event (client gone, timeout) ends its generation at the next token;
 a job stopped while still waiting gives its place back at once and is skipped, so the model is
 free for the next one. One `ChatSession` serves all requests: a request that extends the
-conversation in its KV cache reuses that prefix.
+conversation in its KV cache reuses that prefix. Its pictures go through the server's cache of
+image embeddings (image_cache.py), the session's encoder.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-from edge_vlm import ChatSession, EdgeVLMError, GenerationConfig
+from edge_vlm import ChatSession, EdgeVLMError, GenerationConfig, GenerationStats
 
 from .errors import APIError
 from .image_cache import CachedImages
@@ -46,17 +47,12 @@ class Place:
                 self._worker._admitted -= 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
-    """What a finished generation reports (usage and timings of the response)."""
+    """What a finished generation reports: the session's stats of it (usage, timings, why it
+    ended), and what the answer holds beside its streamed text."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    ttft_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    vision_s: float = 0.0
-    stop_reason: str = ""
+    stats: GenerationStats
     tool_calls: list = field(default_factory=list)  # parsed from the answer when tools were offered
     content: str | None = None  # the answer's text beside its calls (the session's reply)
 
@@ -96,7 +92,8 @@ class ModelWorker:
         self.image_cache_size = image_cache
         self.max_context = max_context
         self.metrics = metrics
-        self.model = None  # CachedImages around the loaded model
+        self.model = None  # the loaded model (attach)
+        self.image_cache: CachedImages | None = None  # the sessions' image encoder
         self.session: ChatSession | None = None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -114,10 +111,13 @@ class ModelWorker:
 
     def attach(self, model) -> None:
         """Serve `model` (loaded elsewhere): the worker thread starts here."""
-        self.model = CachedImages(model, self.image_cache_size)
-        self.session = ChatSession(self.model, max_context=self.max_context)
+        self.model, self.image_cache = model, self._new_image_cache(model)
+        self.session = ChatSession(model, max_context=self.max_context, encoder=self.image_cache)
         self._thread = threading.Thread(target=self._run, name="edge-vlm-model", daemon=True)
         self._thread.start()
+
+    def _new_image_cache(self, model) -> CachedImages:
+        return CachedImages(model.encode_images, model.images_vary_in_length, self.image_cache_size)
 
     def admit(self) -> Place:
         """A place in the queue, or QueueFull (with a Retry-After estimate) when all are taken."""
@@ -169,7 +169,6 @@ class ModelWorker:
 
     def _generate(self, job: Job, session: ChatSession) -> tuple[str, object]:
         """Stream the job's pieces; its last event (`done` with the Result, or `error`) is returned."""
-        self.model.encode_s = 0.0
         try:
             for piece in session.chat(job.messages, job.gen, job.stop, tools=job.tools, context=job.context):
                 job.emit("piece", piece)
@@ -189,11 +188,7 @@ class ModelWorker:
             if self.metrics is not None:
                 self.metrics.generated_tokens.inc(s.new_tokens)
             return "error", None  # the HTTP side says why (timeout, client gone)
-        turn = session.turns[-1]
-        result = Result(prompt_tokens=turn.start + s.prompt_tokens, completion_tokens=s.new_tokens,
-                        cached_prompt_tokens=s.cached_prompt_tokens, ttft_s=s.ttft_s,
-                        decode_tokens_per_s=s.decode_tokens_per_s, vision_s=self.model.encode_s,
-                        stop_reason=s.stop_reason, tool_calls=session.tool_calls, content=session.reply["content"])
+        result = Result(s, tool_calls=session.tool_calls, content=session.reply["content"])
         if self.metrics is not None:
-            self.metrics.observe(result)
+            self.metrics.observe(s)
         return "done", result

@@ -29,7 +29,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import EdgeVLMError
 
 IMAGE_MARK = "<image>"
-_ANSWER_SENTINEL = "\uE000ANSWER\uE001"
+ANSWER_SENTINEL = "\uE000ANSWER\uE001"  # stands for an answer in a render, to find the text around it
 
 
 
@@ -223,12 +223,12 @@ class ChatTemplate:
         """
         assert history and history[-1]["role"] == "assistant"
         new = [user] if isinstance(user, dict) else list(user)
-        marked = history[:-1] + [{"role": "assistant", "content": _ANSWER_SENTINEL}] + new
+        marked = history[:-1] + [{"role": "assistant", "content": ANSWER_SENTINEL}] + new
         text = self.render(marked, add_generation_prompt=True, tools=tools, documents=documents)
-        at = text.rfind(_ANSWER_SENTINEL)
+        at = text.rfind(ANSWER_SENTINEL)
         if at < 0:
             raise ValueError(f"chat template {self.name!r} drops earlier answers; cannot continue a chat")
-        return text[at + len(_ANSWER_SENTINEL):]
+        return text[at + len(ANSWER_SENTINEL):]
 
 
 def default_template_name(llm_arch: str, tokenizer) -> str:
