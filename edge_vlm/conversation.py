@@ -17,6 +17,7 @@ from PIL import Image
 
 from .errors import EdgeVLMError
 from .imaging.preprocess import load_image
+from .imaging.video import FRAME_POOL, frames_of, picture_info
 from .text.templates import IMAGE_MARK
 from .text.tools import arguments_dict, parse_tool_calls, result_text
 
@@ -82,9 +83,14 @@ class History:
 
 
 def image_key(image: Image.Image) -> str:
-    """Content hash of a decoded image: equal pixels, equal key (matches resent images)."""
+    """Content hash of a decoded image: equal pixels, equal key (matches resent images); a pooled run of video
+    frames hashes every frame it stands for and its pool."""
     h = hashlib.sha256(f"{image.mode}{image.size}".encode())
-    h.update(image.tobytes())
+    frames = frames_of(image)
+    if len(frames) > 1 or frames[0] is not image:
+        h.update(f"{len(frames)} frames pooled {picture_info(image).get(FRAME_POOL)}".encode())
+    for frame in frames:
+        h.update(frame.tobytes())
     return h.hexdigest()
 
 

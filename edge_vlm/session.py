@@ -133,10 +133,11 @@ class ChatSession:
     def _head(self) -> list[dict]:
         return [{"role": "system", "content": self.system}] if self.system else []
 
-    def _prompt_chunks(self, new: list[dict], tiles: Sequence[int] = ()) -> list[list[int]]:
+    def _prompt_chunks(self, new: list[dict], tiles: Sequence[int] = (), pictures=None) -> list[list[int]]:
         """Token-id chunks of the next prompt (the unfed tokens first), to interleave with the
         encoded pictures; `new` are the turn's messages (tool results, the user's question);
-        `tiles[i]` is how many tiles picture i takes (tiled models)."""
+        `tiles[i]` is how many tiles picture i takes (tiled models); `pictures` the pictures themselves,
+        when known (NVILA-Lite writes a message's only image, video frames aside, as its tiles' lines)."""
         # every text of the messages, tools and documents is quoted: only the template's markup
         # becomes control tokens, never "<|im_end|>" written by a user or a tool (tokenizer.py)
         tok = self.model.tokenizer
@@ -147,7 +148,7 @@ class ChatSession:
             text = tpl.continuation(tok.quote(self.messages), tok.quote(new), **kw)
         pieces = text.split(IMAGE_MARK)
         if self.model.tiling is not None and len(pieces) > 1:  # each picture's mark -> its tiles' marks
-            alone = len(tiles) == 1
+            alone = self.model.lone_image(len(tiles)) if pictures is None else self.model.lone_image(pictures)
             text = pieces[0] + "".join(self.model.image_text(n, alone) + rest for n, rest in zip(tiles, pieces[1:]))
             pieces = text.split(IMAGE_MARK)
         chunks = [tok.encode_prompt(c) for c in pieces]
@@ -167,7 +168,7 @@ class ChatSession:
             raise EdgeVLMError("nothing to answer: no question and no tool results")
         tiles = self.model.mark_counts(pictures)
         user = [] if content is None else [{"role": "user", "content": content}]
-        chunks = self._prompt_chunks(list(results) + user, tiles)
+        chunks = self._prompt_chunks(list(results) + user, tiles, None if isinstance(pictures, int) else pictures)
         return _Question(content, chunks, sum(len(c) for c in chunks) + self.model.image_tokens(pictures))
 
     def tokens_needed(self, text: str, n_images: int = 0, images=None) -> int:
@@ -212,15 +213,16 @@ class ChatSession:
     def _pictures(self, images, video, frames: int) -> list[Image.Image]:
         pictures = [load_image(im) for im in images]  # each image is decoded here, once
         if video is not None:
-            pictures += [self.model.mark_video_frame(f) for f in sample_frames(video, frames)]
+            pictures += self.model.video_pictures(sample_frames(video, frames or self.model.video_frames))
         return pictures
 
     # ---- asking ------------------------------------------------------------------------
 
     def ask(self, text: str, images=(), gen: GenerationConfig | None = None,
-            stop_event: threading.Event | None = None, video=None, frames: int = 8) -> Iterator[str]:
-        """Stream the answer to `text` about `images` (paths, PIL images or arrays) and/or a video
-        (tool results given with `tool_result` go first)."""
+            stop_event: threading.Event | None = None, video=None, frames: int | None = None) -> Iterator[str]:
+        """Stream the answer to `text` about `images` (paths, PIL images or arrays) and/or a video, of which
+        `frames` are sampled (None: the model's own count, e.g. NVILA's num_video_frames; else 8). Tool
+        results given with `tool_result` go first."""
         t0 = time.perf_counter()
         return self._ask(text, self._pictures(images, video, frames), gen, stop_event, t0, results=self._results)
 

@@ -17,6 +17,8 @@ import torch
 
 from edge_vlm.contracts import ImageEncoder
 from edge_vlm.conversation import image_key
+from edge_vlm.imaging.video import is_video_frame
+from edge_vlm.vlm import VisionLanguageModel
 
 
 class CachedImages:
@@ -36,10 +38,12 @@ class CachedImages:
         return len(self._lru)
 
     def _keys(self, images) -> list[str]:
-        """One key per image: its pixels, and for dynamic S2 (NVILA) whether it is alone in its
-        message, which decides its tiling and so its embeddings."""
-        alone = f":alone={len(images) == 1}" if self.per_picture_blocks else ""
-        return [image_key(im) + alone for im in images]
+        """One key per image: its pixels, and for dynamic S2 (NVILA) whether it is its message's only
+        image (video frames aside), which decides its tiling and so its embeddings."""
+        if not self.per_picture_blocks:
+            return [image_key(im) for im in images]
+        lone = VisionLanguageModel.lone_image(images)
+        return [f"{image_key(im)}:alone={lone and not is_video_frame(im)}" for im in images]
 
     def __call__(self, images: Sequence) -> torch.Tensor | list[torch.Tensor]:
         """As the inner encoder: a [N, tokens, hidden] tensor, or one block per picture."""

@@ -1,4 +1,5 @@
-"""Video input: sample N frames evenly across a clip with OpenCV."""
+"""Video input: sample N frames evenly across a clip with OpenCV; and what a picture's PIL info says
+about it as a part of a clip (set by the model: `VisionLanguageModel.video_pictures`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,24 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MediaError
+
+VIDEO_FRAME = "edge_vlm_video_frame"  # a frame of a clip
+FRAME_GROUP = "edge_vlm_frame_group"  # a pooled run of frames (NVILA's TSP): the frames it stands for
+FRAME_POOL = "edge_vlm_frame_pool"  # and the (rows, columns) its token grid is averaged over
+
+
+def picture_info(picture) -> dict:
+    """A picture's PIL info (arrays and tensors carry none)."""
+    return getattr(picture, "info", None) or {}
+
+
+def is_video_frame(picture) -> bool:
+    return bool(picture_info(picture).get(VIDEO_FRAME))
+
+
+def frames_of(picture) -> tuple:
+    """The frames a picture stands for: a pooled run's frames, else the picture itself."""
+    return picture_info(picture).get(FRAME_GROUP, (picture,))
 
 
 def sample_frames(path, num_frames: int = 8) -> list[Image.Image]:
