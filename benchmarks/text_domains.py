@@ -6,7 +6,7 @@ here reads only other third-party packages that an edge-vlm install already has 
 dependencies: numpy, torch, jinja2, tqdm, safetensors, tokenizers, huggingface_hub, Pillow, and
 the test/optional extras for READMEs), so they install offline and no evaluation text can come
 from a calibration source
-(tests/test_quality_domains.py checks both the modules and the text itself):
+(tests/quantize/test_quality_domains.py checks both the modules and the text itself):
 
 - docs: numpy's API reference (the docstrings of its public functions) - technical prose with
   examples, written by other people in another style than Python's reference;

@@ -1,7 +1,7 @@
 """The runtime's roles, as named contracts: what the generation loop needs from an engine, what
 the model needs from an image encoder, what a session needs from a chat template, and what the
 apps need from a session (one on a model here, or a server's). Every implementation is checked
-against these in tests/test_contracts.py (methods and their parameters), so a new backend knows
+against these in tests/runtime/test_contracts.py (methods and their parameters), so a new backend knows
 exactly what to provide.
 
 Also the data that cross them: a `Prompt` (token-id chunks with image embedding blocks between

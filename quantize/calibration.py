@@ -2,7 +2,7 @@
 
 The built-in set is a mix of four formats, all from what every install already has (it works
 offline) and none from a package that an evaluation domain reads (benchmarks/text_domains.py;
-tests/test_quality_domains.py checks the sources and the text):
+tests/quantize/test_quality_domains.py checks the sources and the text):
 
 - prose: the language reference prose of `pydoc_data.topics` (its first 80%; the last 20% is
   kept as an in-domain check for benchmarks/quality.py);

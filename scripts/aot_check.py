@@ -4,7 +4,7 @@ Triton can lower a kernel to PTX and a cubin for a named target with no device p
 catches what the interpreter cannot: constructs the compiler rejects (non-constexpr globals,
 type mismatches in loops), and it reports registers and spills per kernel from ptxas. A developer
 tool, not part of the installed runtime: `python scripts/aot_check.py` prints the table of
-benchmarks/RESULTS.md, and tests/test_kernels_compile.py checks the same compiles.
+benchmarks/RESULTS.md, and tests/backends/test_kernels_compile.py checks the same compiles.
 """
 
 from __future__ import annotations

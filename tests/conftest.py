@@ -73,7 +73,7 @@ def model(tiny_vila):
 @pytest.fixture
 def served(model):
     """make(**config) -> (app, worker): the server in-process over `model`; workers closed after the test."""
-    from tests.test_server_support import in_process  # the server's extra: only tests that serve need it
+    from tests.apps.test_server_support import in_process  # the server's extra: only tests that serve need it
 
     made = []
 

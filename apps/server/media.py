@@ -107,7 +107,7 @@ class Fit:
     reads: its preprocessing resizes to the tower's side (or, tiled, to a grid of tiles), so an
     image far larger than that is resized (bicubic, antialiased) to twice the side the model
     then resizes to on its tighter axis. The model's input then differs from the full-size
-    path's by at most a few grey levels (tests/test_server_media.py measures it)."""
+    path's by at most a few grey levels (tests/apps/test_server_media.py measures it)."""
 
     OVERSAMPLE = 2.0
     MIN_GAIN = 1.5  # shrink only when it saves more than this factor per side

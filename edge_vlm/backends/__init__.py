@@ -17,7 +17,7 @@ Modules are swapped by type (WQLinear, MLP, RMSNorm, LayerNorm1P), never by name
 here provides `contracts.Engine`; `torch_engine.TorchEngine` is the reference.
 
 May import the floors below it (contracts, formats, text, imaging, models); never the model
-assembly, the session, loading or the CLI (tests/test_layout.py).
+assembly, the session, loading or the CLI (tests/runtime/test_layout.py).
 """
 
 from __future__ import annotations

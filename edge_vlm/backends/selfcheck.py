@@ -7,7 +7,7 @@ compares it with a reference computed in float32 (float64 for a float32 model) f
 weights: a compile error, a launch error, a NaN or a mismatch fails it, with the reason.
 backends/gpu_path.py decides what a failure switches to.
 
-Tolerances. The kernel tests (tests/test_kernels_*.py) bound every element by its worst case,
+Tolerances. The kernel tests (tests/backends/test_kernels_*.py) bound every element by its worst case,
 a few roundings of the dtype times the sum of |terms|; such bounds grow with K, the number of
 terms summed, so on a real layer (K in the thousands) they would let a packing error through.
 Here an op passes when its relative L2 error is below 16 unit roundoffs of the coarser of its

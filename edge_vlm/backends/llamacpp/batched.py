@@ -15,7 +15,7 @@ for it. `close()` ends the thread and frees llama.cpp's memory.
 
 Batching changes which rows share a `llama_decode`, not what a row computes: each sequence
 attends only to its own cells, so a slot's logits match a lone engine's to llama.cpp's
-rounding (tests/test_llamacpp_batched.py).
+rounding (tests/backends/test_llamacpp_batched.py).
 
 Drawing in the decode thread: a slot given a `plan` (the answer's sampling settings and seed,
 `SlotEngine.plan`) has its tokens drawn by the decode thread itself, right after each decode,

@@ -1,0 +1,1 @@
+"""Tests of the apps: server, desktop app, camera pipeline, Jetson tools."""

@@ -1,0 +1,1 @@
+"""Tests of edge-vlm quantize: AWQ/GPTQ pipeline, formats, quality."""

@@ -1,0 +1,1 @@
+"""Tests of the runtime: loading, models, preprocessing, templates, sessions, the CLI."""
