@@ -550,3 +550,25 @@ def photo_image():
     from PIL import Image
 
     return Image.fromarray(photo())
+
+
+@pytest.mark.parametrize("kind", ["nvila", "nvila_lite"])
+def test_an_nvila_model_answers_about_a_photo_like_its_session(qtbot, tmp_path, kind):
+    """NVILA (dynamic S2) and NVILA-Lite (tiles of a lone image) folders, tiny and random, in the window:
+    the streamed answer is the runtime's own for the same photo."""
+    from edge_vlm import ChatSession, load_model
+    from tests.nvila_factory import make_nvila, make_nvila_lite
+
+    folder = tmp_path / kind
+    (make_nvila if kind == "nvila" else make_nvila_lite)(folder, seed=6)
+    win = make_window(qtbot, tmp_path)
+    try:
+        load(qtbot, win, folder)
+        _, pieces = ask(qtbot, win, "What is in this picture?", [photo()], max_new_tokens=8, seed=4)
+        model = load_model(folder, device="cpu", progress=False)
+        assert model.image_tokens([photo_image()]) > model.tokens_per_image  # the photo is tiled
+        reference = ChatSession(model).answer("What is in this picture?", images=[photo()], gen=GenerationConfig(
+            max_new_tokens=8, temperature=0.2, top_p=0.9, seed=4))
+        assert "".join(pieces) == win.chat.conversation.turns[1].text == reference
+    finally:
+        win.shutdown()

@@ -1,4 +1,13 @@
-"""`CpuInt4Linear`: an AWQ `WQLinear` repacked for torch's int4 CPU matmul."""
+"""`CpuInt4Linear`: an AWQ `WQLinear` repacked for torch's int4 CPU matmul.
+
+Why it is kept beside llama.cpp (the CPU default): it is the int4 path when llama-cpp-python is not
+installed, when llama.cpp refuses a model, and under `--backend torch`, and there it is close to
+llama.cpp rather than to the reference. Measured 2026-12-07 on the 2-core Xeon with AVX512-BF16 (load
+~1, benchmarks/RESULTS.md "torch int4 on the CPU: kept"): decode of the VILA1.5-3B widths (2 layers)
+41.3 tok/s against llama.cpp's 50.8 on the same int4 weights (0.81x) and 26.0 for fp32; one decode
+GEMV 0.16 ms against 28.2 ms for `WQLinear`'s dequantize + matmul (q_proj, 2560 x 2560). Without BF16
+instructions it takes fp32 activations and only inputs of a few rows (CPU_INT4_MAX_ROWS_FP32).
+"""
 
 from __future__ import annotations
 
