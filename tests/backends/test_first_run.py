@@ -183,6 +183,7 @@ FAULT_CASES = {
 # the hang cases wait out the child's time limit: in the full run, not the fast tier
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in ("hang", "double") else c
                                   for c in FAULT_CASES])
+@pytest.mark.slow  # child processes: the whole suite (CI) runs it, the edit loop's tier does not
 def test_a_fault_in_the_child_turns_off_exactly_the_failing_ops(llama, reference_tokens, children, monkeypatch, case):
     faults, off, child_count = FAULT_CASES[case]
     monkeypatch.setenv(FAULTS, ",".join(f"{op}={kind}" for op, kind in faults.items()))
@@ -292,6 +293,7 @@ def test_a_corrupt_verdict_file_is_ignored_and_rewritten(llama, children, monkey
     assert not saved["ops"]["rotary_kv"]["passed"] and saved["ops"]["w4a16_gemv"]["passed"]
 
 
+@pytest.mark.slow  # child processes: the whole suite (CI) runs it, the edit loop's tier does not
 def test_a_verdict_made_under_other_versions_is_ignored_and_rewritten(llama, children, monkeypatch):
     """A kept verdict says w4a16_gemv crashed, but under another torch: it is checked again (and
     passes now), and the file is rewritten for the versions installed now."""

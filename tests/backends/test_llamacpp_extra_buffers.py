@@ -46,6 +46,7 @@ def no_child(monkeypatch):
     monkeypatch.setattr(extra_buffers.subprocess, "run", refuse)
 
 
+@pytest.mark.slow  # child processes: the whole suite (CI) runs it, the edit loop's tier does not
 def test_a_crashing_child_turns_them_off_once_and_the_verdict_is_reused(cache, gguf, monkeypatch):
     with pytest.warns(extra_buffers.LlamaCppCpuWarning, match=r"crashed \(signal 6\)"):
         assert extra_buffers.extra_buffers_safe(gguf, child=ABORT) is False
@@ -58,6 +59,7 @@ def test_a_crashing_child_turns_them_off_once_and_the_verdict_is_reused(cache, g
         assert extra_buffers.extra_buffers_safe(gguf) is False  # read from the file: no child
 
 
+@pytest.mark.slow  # child processes: the whole suite (CI) runs it, the edit loop's tier does not
 def test_a_passing_child_keeps_them_on_without_a_warning(cache, gguf, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -82,6 +84,7 @@ def stale_verdict(key: dict) -> str:
     return json.dumps(verdicts.Verdict(old, {extra_buffers.OP: verdicts.OpResult(False, "old")}).to_dict())
 
 
+@pytest.mark.slow  # child processes: the whole suite (CI) runs it, the edit loop's tier does not
 @pytest.mark.parametrize("content", ["{not json", "stale", json.dumps({"key": None})])
 def test_a_corrupt_or_stale_verdict_is_ignored_and_rewritten(cache, gguf, content):
     key = extra_buffers.verdict_key(gguf)
@@ -103,6 +106,7 @@ def test_the_key_follows_the_weight_types_and_a_bad_file_gets_no_verdict(cache, 
     assert not verdicts.folder().exists() or not list(verdicts.folder().glob("*.json"))
 
 
+@pytest.mark.slow  # child processes: the whole suite (CI) runs it, the edit loop's tier does not
 def test_two_processes_checking_at_once_leave_one_whole_file(cache, gguf):
     code = ("import sys; from edge_vlm.backends.llamacpp import extra_buffers as e; "
             "print(e.extra_buffers_safe(sys.argv[1], child=[sys.executable, '-c', 'raise SystemExit(0)']))")
