@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import sys
 import threading
@@ -162,8 +163,7 @@ def run(args) -> int:
         kind = None if constraint is None else "choice" if constraint.kind == "choice" else "json"
         alerter = (Alerter(AlertRule(args.alert, kind), args.cooldown, args.alert_cmd, args.webhook, log=_log)
                    if args.alert is not None else None)
-        gen = generation_config(args)
-        gen.constraint = constraint
+        gen = dataclasses.replace(generation_config(args), constraint=constraint)
         pipeline = CameraPipeline(
             session=_session(args), source=source,
             prompts=args.prompt or ["Describe what you see in one sentence."], trigger=trigger,

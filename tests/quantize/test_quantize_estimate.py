@@ -68,17 +68,11 @@ def test_bf16_where_measured_faster_and_its_checkpoint_matches_the_float32_one(s
 
 
 def test_a_resumed_run_keeps_the_precision_it_started_with(src, tmp_path, monkeypatch):
+    from tests.quantize.test_quantize_pipeline import dies_on_layer_1
+
     real = pipeline.quantize_layer_awq
-    calls = {"n": 0}
-
-    def dies_on_layer_1(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
     _rates(monkeypatch, AMX)
-    monkeypatch.setattr(pipeline, "quantize_layer_awq", dies_on_layer_1)
+    monkeypatch.setattr(pipeline, "quantize_layer_awq", dies_on_layer_1(real))
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(src, tmp_path / "out", QuantizeSettings(**TINY), progress=False, log=lambda m: None)
     monkeypatch.setattr(pipeline, "quantize_layer_awq", real)

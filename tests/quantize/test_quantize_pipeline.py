@@ -209,6 +209,20 @@ def test_existing_output_is_refused_unless_force(tiny_pair, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
 
 
+def dies_on_layer_1(layer_step):
+    """`layer_step` (quantize_layer_awq) that raises KeyboardInterrupt on its second call, as Ctrl-C
+    during layer 1 would: the run keeps layer 0 for --resume."""
+    calls = {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return layer_step(*a, **k)
+
+    return step
+
+
 def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     import edge_vlm.quantize.awq as awq
     import edge_vlm.quantize.pipeline as pipeline
@@ -218,15 +232,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, monkeypatch):
     quantize_checkpoint(tmp_path / "src", tmp_path / "whole", settings, progress=False)
 
     real = awq.quantize_layer_awq
-    calls = {"n": 0}
-
-    def dies_on_layer_1(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pipeline, "quantize_layer_awq", dies_on_layer_1)
+    monkeypatch.setattr(pipeline, "quantize_layer_awq", dies_on_layer_1(real))
     with pytest.raises(KeyboardInterrupt):
         quantize_checkpoint(tmp_path / "src", tmp_path / "out", settings, progress=False)
     assert not (tmp_path / "out").exists()  # never a half checkpoint under the real name

@@ -29,6 +29,18 @@ def _embeds(store, tok, text, n):
     return torch.nn.functional.embedding(ids, store.get("model.embed_tokens.weight").float())
 
 
+def _layers_and_rtn(store, cfg, opts):
+    """The first LAYERS real decoder layers in fp32, each with its RTN-rounded copy beside it."""
+    for i in range(LAYERS):
+        with torch.device("meta"):
+            layer = DecoderLayer(cfg)
+        p = f"model.layers.{i}."
+        load_into(layer, store, lambda k: k[len(p):] if k.startswith(p) else None, torch.float32, "cpu")
+        rtn = copy.deepcopy(layer)
+        quantize_layer_rtn(rtn, opts)
+        yield layer, rtn
+
+
 @pytest.mark.slow  # ~30 s on 2 cores: loads real weights, runs the full per-layer search
 def test_awq_beats_rtn_on_real_smollm2_layers(smollm2):
     import json
@@ -41,13 +53,7 @@ def test_awq_beats_rtn_on_real_smollm2_layers(smollm2):
     runner = LayerRunner(cfg, SEQ, "cpu")
     opts = AWQOptions(group_size=64, search_tokens=1024, batch_tokens=1024)
     err = {"awq": 0.0, "rtn": 0.0}
-    for i in range(LAYERS):
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg)
-        p = f"model.layers.{i}."
-        load_into(layer, store, lambda k: k[len(p):] if k.startswith(p) else None, torch.float32, "cpu")
-        rtn = copy.deepcopy(layer)
-        quantize_layer_rtn(rtn, opts)
+    for layer, rtn in _layers_and_rtn(store, cfg, opts):
         want = runner(layer, held)  # 16-bit output on text never used for calibration
         _, calib = quantize_layer_awq(layer, cfg, calib, runner, opts)  # next layer calibrates on these
         for name, q in (("awq", layer), ("rtn", rtn)):
@@ -109,13 +115,7 @@ def test_awq_on_the_builtin_mix_beats_rtn_on_foreign_readmes_and_chat(smollm2):
     runner = LayerRunner(cfg, SEQ, "cpu")
     opts = AWQOptions(group_size=64, search_tokens=1024, batch_tokens=1024)
     err = {(d, m): 0.0 for d in held for m in ("awq", "rtn")}
-    for i in range(LAYERS):
-        with torch.device("meta"):
-            layer = DecoderLayer(cfg)
-        p = f"model.layers.{i}."
-        load_into(layer, store, lambda k: k[len(p):] if k.startswith(p) else None, torch.float32, "cpu")
-        rtn = copy.deepcopy(layer)
-        quantize_layer_rtn(rtn, opts)
+    for layer, rtn in _layers_and_rtn(store, cfg, opts):
         want = {d: runner(layer, h) for d, h in held.items()}
         _, calib = quantize_layer_awq(layer, cfg, calib, runner, opts)
         for d, h in held.items():
