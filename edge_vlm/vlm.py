@@ -36,7 +36,7 @@ from .imaging.s2_tiling import (
     plan_dynamic_s2,
 )
 from .imaging.tiling import TilingConfig, split_tiles, tile_count
-from .imaging.video import FRAME_GROUP, FRAME_POOL, VIDEO_FRAME, picture_info
+from .imaging.video import FRAME_GROUP, FRAME_POOL, VIDEO_FRAME, frames_of, is_frame_group, is_video_frame, picture_info
 from .models.kv_cache import kv_cache_bytes
 from .models.llm import DecoderLM
 from .models.media_encoders import pool_frames
@@ -166,7 +166,7 @@ class VisionLanguageModel:
                                    f"do not divide into them; ask for a multiple of {t} frames")
             for i in range(0, len(marked), t):
                 group = marked[i].copy()
-                group.info.update({VIDEO_FRAME: True, FRAME_GROUP: tuple(marked[i:i + t]), FRAME_POOL: (h, w)})
+                group.info.update({FRAME_GROUP: tuple(marked[i:i + t]), FRAME_POOL: (h, w)})  # a copy: a video frame too
                 out.append(group)
         return out
 
@@ -176,10 +176,10 @@ class VisionLanguageModel:
         image (dynamic S2, NVILA-Lite) only then (`pictures` an int: that many images)."""
         if isinstance(pictures, int):
             return pictures == 1
-        return sum(not picture_info(p).get(VIDEO_FRAME) for p in pictures) == 1
+        return sum(not is_video_frame(p) for p in pictures) == 1
 
     def _tiling_for(self, picture: Image.Image) -> TilingConfig:
-        return self.tiling.with_max_tiles(1) if picture_info(picture).get(VIDEO_FRAME) else self.tiling
+        return self.tiling.with_max_tiles(1) if is_video_frame(picture) else self.tiling
 
     def image_tiles(self, picture: Image.Image) -> list[Image.Image]:
         """What the vision tower encodes for one picture: its tiles, or the picture itself."""
@@ -192,16 +192,16 @@ class VisionLanguageModel:
         if picture is None:
             cfg = self.tiling
             return cfg.max_tiles + (1 if cfg.thumbnail and cfg.max_tiles > 1 else 0)
-        if FRAME_GROUP in picture_info(picture):
+        if is_frame_group(picture):
             return 1
         return tile_count(*picture.size, self._tiling_for(picture))
 
     def _tiled(self, picture: Image.Image, lone: bool) -> bool:
         """Whether `picture` is written as its tiles' marks: every picture of tiled models (InternVL, NVLM-D),
         a lone image of NVILA-Lite (image_format "vila"); never a pooled run of video frames or an S2 picture."""
-        if self.tiling is None or self.s2 is not None or FRAME_GROUP in picture_info(picture):
+        if self.tiling is None or self.s2 is not None or is_frame_group(picture):
             return False
-        return self.image_format != "vila" or (lone and not picture_info(picture).get(VIDEO_FRAME))
+        return self.image_format != "vila" or (lone and not is_video_frame(picture))
 
     def message_tiles(self, pictures) -> list[Image.Image]:
         """What `encode_images` gets for one message's pictures: one entry per prompt mark (S2 models: the
@@ -230,11 +230,11 @@ class VisionLanguageModel:
         return sum(self._picture_tokens(p, lone) for p in pictures)
 
     def _picture_tokens(self, picture: Image.Image, lone: bool) -> int:
-        if FRAME_GROUP in picture_info(picture):  # a pooled run of frames: the pooled token grid
+        if is_frame_group(picture):  # a pooled run of frames: the pooled token grid
             h, w = picture_info(picture)[FRAME_POOL]
             side = math.isqrt(self.tokens_per_image)
             return (side // h) * (side // w)
-        if self.s2 is not None and self.s2.dynamic and lone and not picture_info(picture).get(VIDEO_FRAME) \
+        if self.s2 is not None and self.s2.dynamic and lone and not is_video_frame(picture) \
                 and self.s2.tile_single_image:
             return self._s2_tokens(*picture.size, alone=True)
         return (self.tile_count(picture) if self._tiled(picture, lone) else 1) * self.tokens_per_image
@@ -309,18 +309,17 @@ class VisionLanguageModel:
         video frames (`video_pictures`) is its frames' embeddings averaged over time and its pool's rows
         and columns (VILA's TSPVideoEncoder)."""
         images = list(images)
-        if not any(FRAME_GROUP in picture_info(p) for p in images):
+        if not any(is_frame_group(p) for p in images):
             return self._encode(images, self.lone_image(images))
-        flat = [f for p in images for f in picture_info(p).get(FRAME_GROUP, (p,))]
+        flat = [f for p in images for f in frames_of(p)]
         blocks = iter(list(self._encode(flat, self.lone_image(images))))
         out = []
         for p in images:
-            group = picture_info(p).get(FRAME_GROUP)
-            if group is None:
+            if not is_frame_group(p):
                 out.append(next(blocks))
                 continue
-            frames = torch.stack([next(blocks) for _ in group])
-            out.append(pool_frames(frames, (len(group), *picture_info(p)[FRAME_POOL]))[0])
+            frames = torch.stack([next(blocks) for _ in frames_of(p)])
+            out.append(pool_frames(frames, (len(frames), *picture_info(p)[FRAME_POOL]))[0])
         same = len({tuple(o.shape) for o in out}) == 1
         return torch.stack(out) if same and not self.images_vary_in_length else out
 
@@ -330,21 +329,18 @@ class VisionLanguageModel:
         if self.images_vary_in_length:
             return self._encode_dynamic_s2(images, lone)
         pixels = preprocess(images, self.image_cfg).to(self.device)
-        if self.s2 is not None:
-            feats = fixed_s2_features(self._tower, pixels, self.s2)
-            return self.projector(feats.to(_param_dtype(self.projector))).to(self.dtype)
-        # the tower may run in another dtype than the LLM (bf16 on CPUs where that is faster)
-        feats = self.vision(pixels.to(_param_dtype(self.vision)))
+        feats = fixed_s2_features(self._tower, pixels, self.s2) if self.s2 is not None else self._tower(pixels)
         return self.projector(feats.to(_param_dtype(self.projector))).to(self.dtype)
 
     def _tower(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Tiles' tower features; S2 models on ONNX Runtime run its tower-only graph here (`encoder`)."""
+        """Tiles' tower features; S2 models on ONNX Runtime run its tower-only graph here (`encoder`). The
+        torch tower may run in another dtype than the LLM (bf16 on CPUs where that is faster)."""
         if self.encoder is not None:
             return self.encoder.encode_pixels(pixels).float()
         return self.vision(pixels.to(_param_dtype(self.vision)))
 
     def _encode_dynamic_s2(self, pictures, lone: bool) -> list[torch.Tensor]:
-        plans = [plan_dynamic_s2(*p.size, self.s2, lone and not picture_info(p).get(VIDEO_FRAME)) for p in pictures]
+        plans = [plan_dynamic_s2(*p.size, self.s2, lone and not is_video_frame(p)) for p in pictures]
         tiles = [t for p, plan in zip(pictures, plans) for t in cut_dynamic_s2(p, plan, self.image_cfg.resample)]
         pixels = preprocess(tiles, self.image_cfg).to(self.device)
         project = lambda x: self.projector(x.to(_param_dtype(self.projector)))  # noqa: E731

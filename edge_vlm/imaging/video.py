@@ -25,6 +25,11 @@ def is_video_frame(picture) -> bool:
     return bool(picture_info(picture).get(VIDEO_FRAME))
 
 
+def is_frame_group(picture) -> bool:
+    """Whether a picture stands for a pooled run of frames (`frames_of` gives them)."""
+    return FRAME_GROUP in picture_info(picture)
+
+
 def frames_of(picture) -> tuple:
     """The frames a picture stands for: a pooled run's frames, else the picture itself."""
     return picture_info(picture).get(FRAME_GROUP, (picture,))
