@@ -399,6 +399,11 @@ class ImageConfig:
     def with_pad_to_square(self) -> "ImageConfig":
         return replace(self, pad_to_square=True)
 
+    def at_side(self, side: int) -> "ImageConfig":
+        """The same steps ending at `side` px: S2 models prepare pictures at the scale they are cut from
+        (dynamic S2: the tile; fixed S2: the largest scale), and their tower graph takes `side`-px tiles."""
+        return replace(self, size=side, resize_to=side, squash_first=side if self.squash_first else None)
+
     def describe(self) -> str:
         """One readable line: the steps, the mean and std."""
         steps = ["pad to a square with the mean colour"] if self.pad_to_square else []

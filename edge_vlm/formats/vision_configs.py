@@ -78,8 +78,7 @@ def _s2_preparation(prep: ImagePreparation, s2: S2Config, tower_size: int) -> Im
                                     f"{tower_size} px")
     if not s2.dynamic and s2.max_split_size != tower_size:
         raise UnsupportedModelError(f"s2_max_split_size {s2.max_split_size} does not match the tower's {tower_size} px")
-    im = prep.image
-    image = dataclasses.replace(im, size=size, resize_to=size, squash_first=size if im.squash_first else None)
+    image = prep.image.at_side(size)
     kind = "dynamic" if s2.dynamic else "fixed"
     return dataclasses.replace(prep, image=image,
                                source=prep.source + f"; {kind} S2 scales {','.join(map(str, s2.scales))}")

@@ -78,10 +78,7 @@ def graph_image_config(model):
     """How a picture is prepared for the exported graph's input: the model's own steps, at the tower's side
     (fixed S2 prepares pictures at its largest scale and cuts them into tower-sized tiles after)."""
     side = model.vision.cfg.image_size
-    im = model.image_cfg
-    if im.size == side:
-        return im
-    return dataclasses.replace(im, size=side, resize_to=side, squash_first=side if im.squash_first else None)
+    return model.image_cfg if model.image_cfg.size == side else model.image_cfg.at_side(side)
 
 
 def ensure_exported(model, precision: str, progress: bool = False) -> tuple[Path, dict]:
