@@ -234,14 +234,16 @@ def _model_info(layout: CheckpointLayout, q: dict | None, store: TensorStore, ll
     prep = configs.preparation
     if spec.tiling is not None:
         prep = dataclasses.replace(prep, tiling=spec.tiling)
+    if spec.s2 is not None:
+        max_tiles = spec.s2.max_tiles if spec.s2.dynamic else None
+    else:
+        max_tiles = spec.tiling.max_tiles if spec.tiling is not None else None
     return dataclasses.replace(
         info, vision_arch=configs.vision.arch, projector=configs.projector.kind,
         vision_quantization="int8" if vision_int8 else "none",
         params={**info.params, "vision": _count(parts.tower), "projector": _count(parts.projector)},
         weight_bytes=info.weight_bytes + parts.weight_bytes, image_preparation=prep.describe(),
-        max_tiles=(spec.s2.max_tiles if spec.s2.dynamic else None) if spec.s2 is not None
-        else spec.tiling.max_tiles if spec.tiling is not None else None,
-        s2=spec.s2.describe() if spec.s2 is not None else None)
+        max_tiles=max_tiles, s2=spec.s2.describe() if spec.s2 is not None else None)
 
 
 def _internvl_template(top: dict) -> str:

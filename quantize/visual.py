@@ -107,7 +107,7 @@ def _s2_sequences(layout: CheckpointLayout, configs: VisionConfigs, images, devi
                 if len(start) + fitted.image_tokens([img]) + len(end) <= max_tokens:
                     break
         block = fitted.encode_images([img])[0].to(dtype)
-        seqs.append(torch.cat([embed(start), block, embed(end)]) if start else torch.cat([block, embed(end)]))
+        seqs.append(torch.cat([embed(start), block, embed(end)]))  # embed([]) is an empty [0, hidden] block
         counts.append(block.shape[0])
     kind = "dynamic S2" if configs.s2.dynamic else "fixed S2"
     return seqs, (f"{'+'.join(map(str, counts))} tokens ({kind} at scales {','.join(map(str, configs.s2.scales))}), "
