@@ -152,7 +152,11 @@ class MediaReader:
                     if p.kind == "image":
                         pics = [decode_image(p, self.fit)]
                     else:
-                        pics = self.model.video_pictures(decode_video(p, self.fit))
+                        try:
+                            pics = self.model.video_pictures(decode_video(p, self.fit))
+                        except EdgeVLMError as e:  # frames that do not divide into the model's pooled runs
+                            raise APIError(400, f"num_frames_per_inference: {e}", "num_frames_per_inference",
+                                           "invalid_value") from None
                     decoded += p.pixels
                     images += pics
                     texts.append(IMAGE_MARK * len(pics) if isinstance(m.content, str) else

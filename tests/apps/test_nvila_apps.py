@@ -91,6 +91,22 @@ def test_a_clip_takes_num_video_frames_pooled_in_chat_and_in_the_server(folders,
     body = ask_server(torch_model(folders["nvila"]), [video, {"type": "text", "text": "What happens?"}],
                       num_frames_per_inference=6)
     assert body["usage"]["prompt_tokens"] == six.stats.prompt_tokens > session.stats.prompt_tokens
+    # frames that do not divide into the pooled runs: a 400 naming the field, and the server answers after
+    from fastapi.testclient import TestClient
+
+    from tests.apps.test_server_support import in_process
+
+    app, worker = in_process(torch_model(folders["nvila"]))
+    try:
+        with TestClient(app) as http:
+            request = {"messages": [{"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}],
+                       "max_tokens": 2, "temperature": 0}
+            r = http.post("/v1/chat/completions", json={**request, "num_frames_per_inference": 3})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "num_frames_per_inference"
+            assert "multiple of 2 frames" in r.json()["error"]["message"]
+            assert http.post("/v1/chat/completions", json=request).status_code == 200
+    finally:
+        worker.close()
 
 
 def test_chat_cli_frames_default_follows_the_checkpoint(folders, tmp_path, capsys):
